@@ -1,0 +1,249 @@
+//! The HTTP API of imgclf, compatible with the service it replaces. The router is built here so
+//! tests can drive it without a socket; `main.rs` only reads configuration and serves it.
+
+mod error;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::multipart::{Field, MultipartRejection};
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::{Bytes, BytesMut};
+use imgclf::{Pipeline, TaskId, Upload};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+pub use error::ApiError;
+
+/// The OpenAPI 3 description of this API.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// Most bytes of `metadata` (JSON) and of the other small form fields.
+const MAX_FIELD_BYTES: usize = 16 * 1024;
+
+/// Most classes a client may ask for.
+const MAX_TOP_K: usize = 100;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub pipeline: Arc<Pipeline>,
+    /// Most bytes of one uploaded image (413 beyond).
+    pub max_upload_bytes: usize,
+}
+
+/// The whole API; `request_timeout` bounds each request so draining at shutdown cannot hang.
+pub fn router(state: AppState, request_timeout: Duration) -> Router {
+    // Room for the multipart framing and the small fields around the image.
+    let body_limit = state.max_upload_bytes + 2 * MAX_FIELD_BYTES + 64 * 1024;
+    Router::new()
+        .route("/api/upload-image", post(upload_image))
+        .route("/api/task-status/{task_id}", get(task_status))
+        .route("/api/classify", post(classify))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, request_timeout))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Fields accepted both in the query string and in the form.
+#[derive(Debug, Default, Deserialize)]
+pub struct FormParams {
+    callback_url: Option<String>,
+    metadata: Option<String>,
+    top_k: Option<String>,
+}
+
+/// A parsed upload form.
+struct Form {
+    bytes: Bytes,
+    filename: Option<String>,
+    callback_url: Option<String>,
+    metadata: Map<String, Value>,
+    top_k: Option<usize>,
+}
+
+async fn upload_image(
+    State(state): State<AppState>,
+    Query(query): Query<FormParams>,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Result<Response, ApiError> {
+    let form = read_form(multipart?, query, state.max_upload_bytes).await?;
+    if form.top_k.is_some() {
+        return Err(ApiError::unprocessable("top_k applies to /api/classify; uploads use the configured top_k"));
+    }
+    let upload = Upload {
+        bytes: form.bytes,
+        filename: form.filename,
+        metadata: form.metadata,
+        callback_url: form.callback_url,
+    };
+    let task_id = state.pipeline.submit(upload).await?;
+    let body = json!({
+        "task_id": task_id,
+        "status_url": format!("/api/task-status/{task_id}"),
+    });
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+async fn task_status(
+    State(state): State<AppState>,
+    Path(task_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let unknown = || ApiError::new(StatusCode::NOT_FOUND, format!("unknown task id {task_id:?}"));
+    let id: TaskId = task_id.parse().map_err(|_| unknown())?;
+    let record = state.pipeline.status(id).await.map_err(ApiError::unavailable)?;
+    record.map(|r| Json(r.status())).ok_or_else(unknown)
+}
+
+async fn classify(
+    State(state): State<AppState>,
+    Query(query): Query<FormParams>,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let form = read_form(multipart?, query, state.max_upload_bytes).await?;
+    if form.callback_url.is_some() {
+        return Err(ApiError::unprocessable("callback_url applies to /api/upload-image only"));
+    }
+    let pipeline = &state.pipeline;
+    let top_k = form.top_k.unwrap_or(pipeline.config().top_k);
+    let classification = pipeline.classify_now(form.bytes, top_k).await?;
+    let mut metadata = form.metadata;
+    if let Some(filename) = form.filename {
+        metadata.insert("filename".into(), filename.into());
+    }
+    Ok(Json(json!({
+        "metadata": metadata,
+        "classification": classification,
+        "model": pipeline.classifier().spec().name,
+    })))
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Ready when the model has run once and every backend answers.
+async fn ready(State(state): State<AppState>) -> Response {
+    let ports = state.pipeline.ports();
+    let (storage, queue, results) =
+        tokio::join!(ports.storage.check(), ports.queue.check(), ports.results.check());
+    let mut problems = Vec::new();
+    if !state.pipeline.classifier().is_ready() {
+        problems.push("model not loaded yet".to_string());
+    }
+    for (port, failed) in [
+        ("storage", storage.err().map(|e| e.to_string())),
+        ("queue", queue.err().map(|e| e.to_string())),
+        ("results", results.err().map(|e| e.to_string())),
+    ] {
+        if let Some(error) = failed {
+            tracing::warn!(port, %error, "readiness check failed");
+            problems.push(format!("{port} unreachable"));
+        }
+    }
+    if problems.is_empty() {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        let body = json!({"status": "not ready", "detail": problems.join("; ")});
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let pipeline = &state.pipeline;
+    match pipeline.ports().queue.depth().await {
+        Ok(depth) => pipeline.metrics().queue_depth.set(depth.try_into().unwrap_or(i64::MAX)),
+        Err(error) => tracing::warn!(%error, "queue depth unavailable"),
+    }
+    let content_type = [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")];
+    (content_type, pipeline.metrics().render()).into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn read_form(
+    mut multipart: Multipart,
+    query: FormParams,
+    max_upload_bytes: usize,
+) -> Result<Form, ApiError> {
+    let mut params = query;
+    let mut file: Option<(Bytes, Option<String>)> = None;
+    while let Some(field) = multipart.next_field().await? {
+        match field.name().unwrap_or_default() {
+            "file" => {
+                if file.is_some() {
+                    return Err(ApiError::unprocessable("send exactly one field named 'file'"));
+                }
+                let filename = field.file_name().map(str::to_string);
+                file = Some((read_field(field, max_upload_bytes, "the image").await?, filename));
+            }
+            name @ ("callback_url" | "metadata" | "top_k") => {
+                let name = name.to_string();
+                let bytes = read_field(field, MAX_FIELD_BYTES, &name).await?;
+                let text = String::from_utf8(bytes.to_vec())
+                    .map_err(|_| ApiError::unprocessable(format!("'{name}' is not UTF-8 text")))?;
+                match name.as_str() {
+                    "callback_url" => params.callback_url = Some(text),
+                    "metadata" => params.metadata = Some(text),
+                    _ => params.top_k = Some(text),
+                }
+            }
+            // Unknown fields are skipped, as the replaced service did.
+            _ => {}
+        }
+    }
+    let Some((bytes, filename)) = file else {
+        return Err(ApiError::unprocessable("missing multipart field 'file' with the image"));
+    };
+    let metadata = match params.metadata.as_deref().map(str::trim) {
+        None | Some("") => Map::new(),
+        Some(text) if text.len() > MAX_FIELD_BYTES => {
+            return Err(ApiError::unprocessable(format!("'metadata' is over {MAX_FIELD_BYTES} bytes")))
+        }
+        Some(text) => match serde_json::from_str(text) {
+            Ok(Value::Object(map)) => map,
+            Ok(_) => return Err(ApiError::unprocessable("'metadata' must be a JSON object")),
+            Err(e) => return Err(ApiError::unprocessable(format!("'metadata' is not valid JSON: {e}"))),
+        },
+    };
+    let top_k = match params.top_k.as_deref().map(str::trim) {
+        None => None,
+        Some(text) => match text.parse::<usize>() {
+            Ok(k) if (1..=MAX_TOP_K).contains(&k) => Some(k),
+            _ => {
+                return Err(ApiError::unprocessable(format!(
+                    "'top_k' must be a whole number from 1 to {MAX_TOP_K}"
+                )))
+            }
+        },
+    };
+    let callback_url = params.callback_url.map(|u| u.trim().to_string()).filter(|u| !u.is_empty());
+    Ok(Form { bytes, filename, callback_url, metadata, top_k })
+}
+
+/// Reads a field, refusing it with 413 as soon as it passes `max` bytes.
+async fn read_field(mut field: Field<'_>, max: usize, what: &str) -> Result<Bytes, ApiError> {
+    let mut buffer = BytesMut::new();
+    while let Some(chunk) = field.chunk().await? {
+        if buffer.len() + chunk.len() > max {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("{what} is larger than the limit of {max} bytes"),
+            ));
+        }
+        buffer.extend_from_slice(&chunk);
+    }
+    Ok(buffer.freeze())
+}

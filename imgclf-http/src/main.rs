@@ -1,0 +1,72 @@
+//! `imgclf-http`: configuration in, the API out. With an in-memory queue (the default) it also
+//! runs the worker, so one command serves the whole pipeline.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use imgclf::{shutdown_signal, Settings};
+use imgclf_http::{router, AppState};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "imgclf HTTP API: upload, task status, health, readiness, metrics")]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "IMGCLF_ADDR", default_value = "127.0.0.1:8000")]
+    addr: SocketAddr,
+    /// Most bytes of one uploaded image (413 beyond).
+    #[arg(long, env = "IMGCLF_MAX_UPLOAD_BYTES", default_value_t = 20 * 1024 * 1024)]
+    max_upload_bytes: usize,
+    /// Seconds one request may take.
+    #[arg(long, env = "IMGCLF_REQUEST_TIMEOUT", default_value_t = 60)]
+    request_timeout: u64,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    dotenvy::dotenv().ok();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    let settings = &args.settings;
+
+    let pipeline = Arc::new(settings.build_pipeline().await.context("building the pipeline")?);
+    tracing::info!(
+        model = %pipeline.classifier().spec().name,
+        storage = %imgclf::config::redact(&settings.storage_url()),
+        queue = %imgclf::config::redact(&settings.queue),
+        results = %imgclf::config::redact(&settings.results_url()),
+        "pipeline ready"
+    );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let worker = if settings.embedded_queue() {
+        let requeued = pipeline.requeue_unfinished().await.map_err(anyhow::Error::msg)?;
+        if requeued > 0 {
+            tracing::info!(requeued, "unfinished tasks from the last run queued again");
+        }
+        Some(tokio::spawn(pipeline.clone().run_worker(stopped)))
+    } else {
+        None
+    };
+
+    let state = AppState { pipeline, max_upload_bytes: args.max_upload_bytes };
+    let app = router(state, Duration::from_secs(args.request_timeout.max(1)));
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .with_context(|| format!("binding {}", args.addr))?;
+    tracing::info!("listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+
+    let _ = stop.send(true);
+    if let Some(worker) = worker {
+        worker.await?;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

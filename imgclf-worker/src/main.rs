@@ -1,0 +1,40 @@
+//! `imgclf-worker`: takes jobs from the shared queue, classifies them in batches, stores the
+//! results and calls the webhooks, until ctrl-c or SIGTERM.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use imgclf::{shutdown_signal, Settings};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "imgclf worker: consume jobs, classify in batches, persist, notify")]
+struct Args {
+    #[command(flatten)]
+    settings: Settings,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    dotenvy::dotenv().ok();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let settings = Args::parse().settings;
+    if settings.embedded_queue() {
+        tracing::warn!(
+            "IMGCLF_QUEUE is memory://: this worker only sees jobs queued in its own process; \
+             run imgclf-http for the embedded pipeline, or point both at a shared queue"
+        );
+    }
+    let pipeline = Arc::new(settings.build_pipeline().await.context("building the pipeline")?);
+    tracing::info!(model = %pipeline.classifier().spec().name, "worker started");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let worker = tokio::spawn(pipeline.run_worker(stopped));
+    shutdown_signal().await;
+    let _ = stop.send(true);
+    worker.await?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,74 @@
+//! The `Notifier` port: tells a client's callback that its task finished. Its failure never
+//! changes the task's outcome.
+
+#[cfg(feature = "webhook")]
+mod webhook;
+
+#[cfg(feature = "webhook")]
+pub use webhook::WebhookNotifier;
+
+use async_trait::async_trait;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NotifyError {
+    #[error("callback URL refused: {0}")]
+    Refused(String),
+    #[error("callback failed after {attempts} attempts: {message}")]
+    Failed { attempts: u32, message: String },
+}
+
+#[async_trait]
+pub trait Notifier: Send + Sync + 'static {
+    /// Delivers `payload` (JSON) to `url`.
+    async fn notify(&self, url: &str, payload: &serde_json::Value) -> Result<(), NotifyError>;
+}
+
+/// Drops every notification: for deployments without callbacks.
+pub struct NoopNotifier;
+
+#[async_trait]
+impl Notifier for NoopNotifier {
+    async fn notify(&self, _url: &str, _payload: &serde_json::Value) -> Result<(), NotifyError> {
+        Ok(())
+    }
+}
+
+/// Only absolute http(s) URLs with a host are callbacks; checked at upload.
+pub fn validate_callback_url(url: &str) -> Result<(), NotifyError> {
+    let refused = |why: &str| Err(NotifyError::Refused(why.to_string()));
+    if url.len() > 2048 {
+        return refused("longer than 2048 characters");
+    }
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return refused("not an absolute URL");
+    };
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return refused("only http and https callbacks are allowed");
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.contains('@') {
+        return refused("credentials in callback URLs are not allowed");
+    }
+    if authority.is_empty() || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return refused("not a valid URL");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::validate_callback_url as check;
+
+    #[test]
+    fn only_plain_http_urls_are_callbacks() {
+        assert!(check("https://example.com/hook").is_ok());
+        assert!(check("http://example.com:8080/hook?x=1").is_ok());
+        assert!(check("ftp://example.com/").is_err());
+        assert!(check("file:///etc/passwd").is_err());
+        assert!(check("example.com/hook").is_err());
+        assert!(check("http:///nohost").is_err());
+        assert!(check("http://user:pw@example.com/").is_err());
+        assert!(check("http://exa mple.com/").is_err());
+    }
+}

@@ -1,0 +1,418 @@
+//! Where the ports meet: `submit` accepts an image, `run_worker` turns queued jobs into results.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::classifier::{ClassifierHandle, ClassifyError};
+use crate::metrics::Metrics;
+use crate::notify::{validate_callback_url, Notifier, NotifyError};
+use crate::preprocess::{self, ImageError};
+use crate::queue::{Delivery, Queue};
+use crate::results::ResultStore;
+use crate::storage::Storage;
+use crate::task::{now_ms, Prediction, TaskId, TaskRecord, TaskResult};
+
+/// The backends a pipeline runs on.
+#[derive(Clone)]
+pub struct Ports {
+    pub storage: Arc<dyn Storage>,
+    pub queue: Arc<dyn Queue>,
+    pub results: Arc<dyn ResultStore>,
+    pub notifier: Arc<dyn Notifier>,
+}
+
+#[derive(Clone, Debug)]
+pub struct PipelineConfig {
+    /// Most images per inference batch.
+    pub max_batch: usize,
+    /// Most decoded pixels per image.
+    pub max_pixels: u64,
+    /// Classes returned per image.
+    pub top_k: usize,
+    /// Deliveries of one job before it is given up on.
+    pub max_attempts: u32,
+    /// First retry delay; doubles with each attempt.
+    pub retry_backoff: Duration,
+    /// Threads decoding and preprocessing at once.
+    pub preprocess_threads: usize,
+    /// How long a stopping worker waits for the jobs it holds.
+    pub drain_timeout: Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 8,
+            max_pixels: preprocess::DEFAULT_MAX_PIXELS,
+            top_k: 5,
+            max_attempts: 5,
+            retry_backoff: Duration::from_secs(1),
+            preprocess_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One image as uploaded.
+#[derive(Clone, Debug, Default)]
+pub struct Upload {
+    pub bytes: Bytes,
+    pub filename: Option<String>,
+    pub metadata: Map<String, Value>,
+    pub callback_url: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Callback(#[from] NotifyError),
+    /// A backend could not take the task; nothing was kept.
+    #[error("the service cannot accept tasks right now: {0}")]
+    Unavailable(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClassifyNowError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Classify(#[from] Arc<ClassifyError>),
+}
+
+/// Why a job did not produce a result this time.
+enum Failure {
+    /// Trying again cannot help (the image is broken): fail the task now.
+    Permanent(String),
+    /// A backend hiccup: retry later, up to `max_attempts`.
+    Temporary(String),
+}
+
+pub struct Pipeline {
+    ports: Ports,
+    classifier: ClassifierHandle,
+    metrics: Arc<Metrics>,
+    config: PipelineConfig,
+    preprocess_slots: Arc<Semaphore>,
+}
+
+impl Pipeline {
+    pub fn new(ports: Ports, classifier: ClassifierHandle, config: PipelineConfig) -> Self {
+        let preprocess_slots = Arc::new(Semaphore::new(config.preprocess_threads.max(1)));
+        Self { ports, classifier, metrics: Arc::new(Metrics::new()), config, preprocess_slots }
+    }
+
+    pub fn ports(&self) -> &Ports {
+        &self.ports
+    }
+
+    pub fn classifier(&self) -> &ClassifierHandle {
+        &self.classifier
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn config(&self) -> &PipelineConfig {
+        &self.config
+    }
+
+    /// Checks, stores, records and queues an image; returns its task id. On any failure nothing
+    /// is left behind.
+    pub async fn submit(&self, upload: Upload) -> Result<TaskId, SubmitError> {
+        let info = preprocess::inspect(&upload.bytes, self.config.max_pixels)?;
+        if let Some(url) = &upload.callback_url {
+            validate_callback_url(url)?;
+        }
+        let task_id = TaskId::new();
+        let key = format!("images/{task_id}.{}", info.extension());
+        let mut metadata = upload.metadata;
+        if let Some(filename) = upload.filename {
+            metadata.insert("filename".into(), filename.into());
+        }
+        metadata.insert("object_name".into(), key.clone().into());
+        let record = TaskRecord::pending(task_id, key.clone(), metadata, upload.callback_url);
+
+        let Ports { storage, queue, results, .. } = &self.ports;
+        let unavailable = |what: &str, e: &dyn std::fmt::Display| {
+            tracing::error!(%task_id, error = %e, "{what} failed; upload refused");
+            SubmitError::Unavailable(format!("{what} failed"))
+        };
+        storage.put(&key, upload.bytes).await.map_err(|e| unavailable("storing the image", &e))?;
+        if let Err(e) = results.create(&record).await {
+            let _ = storage.delete(&key).await;
+            return Err(unavailable("recording the task", &e));
+        }
+        if let Err(e) = queue.enqueue(&record.job()).await {
+            let _ = results.delete(task_id).await;
+            let _ = storage.delete(&key).await;
+            return Err(unavailable("queueing the task", &e));
+        }
+        tracing::debug!(%task_id, %key, "task accepted");
+        Ok(task_id)
+    }
+
+    pub async fn status(&self, id: TaskId) -> Result<Option<TaskRecord>, crate::ResultsError> {
+        self.ports.results.get(id).await
+    }
+
+    /// Classifies an image now, without a task: the synchronous API.
+    pub async fn classify_now(
+        &self,
+        bytes: Bytes,
+        top_k: usize,
+    ) -> Result<Vec<Prediction>, ClassifyNowError> {
+        let tensor = self.tensor(bytes).await?;
+        let logits = self.classifier.logits(tensor).await?;
+        Ok(self.classifier.spec().top_k(&logits, top_k))
+    }
+
+    /// Decodes and preprocesses on the bounded blocking pool, never on a runtime worker.
+    async fn tensor(&self, bytes: Bytes) -> Result<Vec<f32>, ImageError> {
+        let _slot = self.preprocess_slots.acquire().await.expect("never closed");
+        let transform = self.classifier.spec().transform.clone();
+        let max_pixels = self.config.max_pixels;
+        let started = Instant::now();
+        let tensor =
+            tokio::task::spawn_blocking(move || transform.tensor_from_bytes(&bytes, max_pixels))
+                .await
+                .unwrap_or_else(|e| Err(ImageError::Undecodable(format!("decoder crashed: {e}"))));
+        self.observe("preprocess", started);
+        tensor
+    }
+
+    /// Re-enqueues every task that is not final: after a restart of the embedded service, whose
+    /// in-memory queue died with the process, the result store is the record of what was
+    /// accepted. Do not use with a durable queue, which still holds those jobs.
+    pub async fn requeue_unfinished(&self) -> Result<usize, String> {
+        let open = self.ports.results.unfinished(usize::MAX).await.map_err(|e| e.to_string())?;
+        for record in &open {
+            self.ports.queue.enqueue(&record.job()).await.map_err(|e| e.to_string())?;
+        }
+        Ok(open.len())
+    }
+
+    /// Takes jobs from the queue until `shutdown` turns true (or its sender drops), then waits
+    /// up to `drain_timeout` for the jobs in hand. Jobs still unfinished then are dropped
+    /// unacknowledged, so the queue delivers them again.
+    pub async fn run_worker(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        // Two batches in flight: one in the model, the next being fetched and preprocessed.
+        let slots = Arc::new(Semaphore::new(2 * self.config.max_batch.max(1)));
+        let mut running = JoinSet::new();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let first = tokio::select! {
+                permit = slots.clone().acquire_owned() => permit.expect("never closed"),
+                _ = shutdown.changed() => continue,
+            };
+            let max = (1 + slots.available_permits()).min(self.config.max_batch.max(1));
+            let received = tokio::select! {
+                received = self.ports.queue.receive(max, Duration::from_secs(1)) => received,
+                _ = shutdown.changed() => continue,
+            };
+            let deliveries = match received {
+                Ok(deliveries) => {
+                    backoff = Duration::from_millis(100);
+                    deliveries
+                }
+                Err(error) => {
+                    tracing::warn!(%error, ?backoff, "receiving from the queue failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            };
+            if !deliveries.is_empty() {
+                self.metrics.batch_size.observe(deliveries.len() as f64);
+            }
+            let mut first = Some(first);
+            for delivery in deliveries {
+                let permit = match first.take() {
+                    Some(permit) => permit,
+                    None => slots.clone().acquire_owned().await.expect("never closed"),
+                };
+                let pipeline = self.clone();
+                let span = tracing::info_span!(
+                    "task",
+                    task_id = %delivery.job().task_id,
+                    attempt = delivery.attempt()
+                );
+                running.spawn(
+                    async move {
+                        pipeline.process(delivery).await;
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
+            }
+            while running.try_join_next().is_some() {}
+        }
+        tracing::info!(jobs = running.len(), "worker stopping; draining jobs in hand");
+        let drained = tokio::time::timeout(self.config.drain_timeout, async {
+            while running.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(jobs = running.len(), "drain timed out; unfinished jobs return to the queue");
+            running.shutdown().await;
+        }
+    }
+
+    /// One delivery, from fetch to ack. Every path settles the delivery.
+    async fn process(&self, delivery: Box<dyn Delivery>) {
+        let task_id = delivery.job().task_id;
+        let attempt = delivery.attempt();
+        let outcome = self.try_process(delivery.as_ref()).await;
+        let settled = match outcome {
+            Ok(Some(record)) => {
+                let settled = delivery.ack().await;
+                self.metrics.task_success.inc();
+                self.finished(record);
+                settled
+            }
+            Ok(None) => delivery.ack().await,
+            Err(Failure::Temporary(error)) if attempt < self.config.max_attempts => {
+                let after = self.config.retry_backoff * 2u32.saturating_pow(attempt - 1).min(64);
+                tracing::warn!(%task_id, attempt, %error, ?after, "task will be retried");
+                delivery.retry(after).await
+            }
+            Err(Failure::Temporary(error) | Failure::Permanent(error)) => {
+                tracing::warn!(%task_id, attempt, %error, "task failed");
+                match self.ports.results.fail(task_id, &error).await {
+                    Ok(wrote) => {
+                        let settled = delivery.dead_letter(&error).await;
+                        if wrote {
+                            self.metrics.task_failure.inc();
+                            if let Ok(Some(record)) = self.ports.results.get(task_id).await {
+                                self.finished(record);
+                            }
+                        }
+                        settled
+                    }
+                    Err(e) => {
+                        tracing::error!(%task_id, error = %e, "cannot record the failure; retrying");
+                        delivery.retry(self.config.retry_backoff).await
+                    }
+                }
+            }
+        };
+        if let Err(error) = settled {
+            // The queue will deliver it again; the result store keeps that harmless.
+            tracing::warn!(%task_id, %error, "settling the delivery failed");
+        }
+    }
+
+    /// Returns the finished record if this delivery produced the result, `None` if there is
+    /// nothing to do (the task is already final or unknown).
+    async fn try_process(&self, delivery: &dyn Delivery) -> Result<Option<TaskRecord>, Failure> {
+        let job = delivery.job();
+        let results = &self.ports.results;
+        let temporary = |what: &str, e: &dyn std::fmt::Display| Failure::Temporary(format!("{what}: {e}"));
+        let record = match results.start(job.task_id).await {
+            Ok(Some(record)) if record.state.is_final() => return Ok(None),
+            Ok(Some(record)) => record,
+            Ok(None) => {
+                tracing::warn!(task_id = %job.task_id, "job for an unknown task dropped");
+                return Ok(None);
+            }
+            Err(e) => return Err(temporary("starting the task", &e)),
+        };
+        if record.attempts == 1 {
+            let waited = (now_ms() - record.created_at_ms).max(0) as f64 / 1000.0;
+            self.metrics.stage_seconds.with_label_values(&["queue_wait"]).observe(waited);
+        }
+
+        let started = Instant::now();
+        let bytes = match self.ports.storage.get(&job.object_key).await {
+            Ok(bytes) => bytes,
+            Err(e) if e.is_temporary() => return Err(temporary("fetching the image", &e)),
+            Err(e) => return Err(Failure::Permanent(format!("fetching the image: {e}"))),
+        };
+        self.observe("fetch", started);
+
+        let tensor = self.tensor(bytes).await.map_err(|e| Failure::Permanent(e.to_string()))?;
+        let started = Instant::now();
+        let logits = self.classifier.logits(tensor).await.map_err(|e| match *e {
+            ClassifyError::Stopped => temporary("classifying", &e),
+            _ => Failure::Permanent(format!("classifying: {e}")),
+        })?;
+        self.observe("infer", started);
+
+        let spec = self.classifier.spec();
+        let result = TaskResult {
+            task_id: job.task_id,
+            metadata: record.metadata.clone(),
+            classification: spec.top_k(&logits, self.config.top_k),
+            model: spec.name.clone(),
+        };
+        let started = Instant::now();
+        let wrote = results.complete(job.task_id, &result).await.map_err(|e| temporary("storing the result", &e))?;
+        self.observe("persist", started);
+        if !wrote {
+            return Ok(None);
+        }
+        let mut record = record;
+        record.state = crate::TaskState::Success;
+        record.result = Some(result);
+        Ok(Some(record))
+    }
+
+    /// Records the latency of a final task and sends its callback, without holding up the worker.
+    fn finished(&self, record: TaskRecord) {
+        let latency = (now_ms() - record.created_at_ms).max(0) as f64 / 1000.0;
+        self.metrics.task_latency.observe(latency);
+        let Some(url) = record.callback_url.clone() else { return };
+        let notifier = self.ports.notifier.clone();
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            match notifier.notify(&url, &record.status()).await {
+                Ok(()) => metrics.webhook_success.inc(),
+                Err(error) => {
+                    metrics.webhook_failure.inc();
+                    tracing::warn!(task_id = %record.task_id, %error, "callback not delivered");
+                }
+            }
+            metrics.webhook_latency.observe(started.elapsed().as_secs_f64());
+        });
+    }
+
+    fn observe(&self, stage: &str, started: Instant) {
+        let seconds = started.elapsed().as_secs_f64();
+        self.metrics.stage_seconds.with_label_values(&[stage]).observe(seconds);
+    }
+}
+
+/// Resolves on ctrl-c or SIGTERM: what both binaries stop on.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,264 @@
+//! Decoding and preprocessing: bytes in, a normalised NCHW tensor out.
+//!
+//! The transform is torchvision's ImageNet evaluation transform (what the reference results use):
+//! RGB, antialiased bilinear resize of the shorter side (Pillow's convolution, which
+//! `fast_image_resize` reproduces), centre crop, scale to [0, 1], normalise per channel.
+//! Everything here is pure and synchronous; callers run it on a bounded blocking pool.
+
+use std::io::Cursor;
+
+use fast_image_resize::images::Image as FirImage;
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
+use serde::{Deserialize, Serialize};
+
+/// Formats accepted at upload; everything else is refused before it is stored.
+pub const ACCEPTED_FORMATS: [ImageFormat; 6] = [
+    ImageFormat::Jpeg,
+    ImageFormat::Png,
+    ImageFormat::WebP,
+    ImageFormat::Gif,
+    ImageFormat::Bmp,
+    ImageFormat::Tiff,
+];
+
+/// Default cap on decoded pixels: stops decompression bombs before any pixel is allocated.
+pub const DEFAULT_MAX_PIXELS: u64 = 50_000_000;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ImageError {
+    #[error("the upload is empty")]
+    Empty,
+    #[error("unsupported image format: accepted are JPEG, PNG, WebP, GIF, BMP and TIFF")]
+    UnsupportedFormat,
+    #[error("the image cannot be decoded: {0}")]
+    Undecodable(String),
+    #[error("the image is {width}x{height} pixels, more than the limit of {max} pixels")]
+    TooManyPixels { width: u32, height: u32, max: u64 },
+}
+
+/// What a header read tells about an upload, without decoding the pixels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub format: ImageFormat,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl ImageInfo {
+    pub fn mime_type(&self) -> &'static str {
+        self.format.to_mime_type()
+    }
+
+    pub fn extension(&self) -> &'static str {
+        self.format.extensions_str().first().copied().unwrap_or("bin")
+    }
+}
+
+/// Checks the magic bytes and reads the header: cheap enough for every upload.
+pub fn inspect(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, ImageError> {
+    let (format, decoder) = open(bytes)?;
+    let (width, height) = decoder.dimensions();
+    check_pixels(width, height, max_pixels)?;
+    Ok(ImageInfo { format, width, height })
+}
+
+/// Fully decodes an image, applies its EXIF orientation and returns 8-bit RGB
+/// (alpha dropped, grey replicated, 16-bit scaled down, first frame of an animation).
+pub fn decode_rgb8(bytes: &[u8], max_pixels: u64) -> Result<image::RgbImage, ImageError> {
+    let (_, mut decoder) = open(bytes)?;
+    let (width, height) = decoder.dimensions();
+    check_pixels(width, height, max_pixels)?;
+    let orientation = decoder.orientation().ok();
+    let mut image = DynamicImage::from_decoder(decoder).map_err(undecodable)?;
+    if let Some(orientation) = orientation {
+        image.apply_orientation(orientation);
+    }
+    Ok(match image {
+        DynamicImage::ImageRgb8(rgb) => rgb,
+        other => other.to_rgb8(),
+    })
+}
+
+fn open(bytes: &[u8]) -> Result<(ImageFormat, Box<dyn ImageDecoder + '_>), ImageError> {
+    if bytes.is_empty() {
+        return Err(ImageError::Empty);
+    }
+    let format = image::guess_format(bytes).map_err(|_| ImageError::UnsupportedFormat)?;
+    if !ACCEPTED_FORMATS.contains(&format) {
+        return Err(ImageError::UnsupportedFormat);
+    }
+    let reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let decoder = reader.into_decoder().map_err(undecodable)?;
+    Ok((format, Box::new(decoder)))
+}
+
+fn check_pixels(width: u32, height: u32, max: u64) -> Result<(), ImageError> {
+    if width == 0 || height == 0 {
+        return Err(ImageError::Undecodable(format!("the image has no pixels ({width}x{height})")));
+    }
+    if u64::from(width) * u64::from(height) > max {
+        return Err(ImageError::TooManyPixels { width, height, max });
+    }
+    Ok(())
+}
+
+fn undecodable(error: image::ImageError) -> ImageError {
+    ImageError::Undecodable(error.to_string())
+}
+
+/// A model's input transform, read from its manifest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Transform {
+    /// The shorter side is resized to this many pixels.
+    pub resize: u32,
+    /// Then a centred square of this size is cut out.
+    pub crop: u32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Default for Transform {
+    /// torchvision's ImageNet evaluation transform.
+    fn default() -> Self {
+        Self {
+            resize: 256,
+            crop: 224,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        }
+    }
+}
+
+impl Transform {
+    /// Number of f32 values in one image's tensor (3 x crop x crop).
+    pub fn tensor_len(&self) -> usize {
+        3 * self.crop as usize * self.crop as usize
+    }
+
+    /// Decodes and transforms one image into a CHW tensor.
+    pub fn tensor_from_bytes(&self, bytes: &[u8], max_pixels: u64) -> Result<Vec<f32>, ImageError> {
+        let rgb = decode_rgb8(bytes, max_pixels)?;
+        Ok(self.tensor_from_rgb(&rgb))
+    }
+
+    /// Resizes, crops and normalises an RGB image into a CHW tensor.
+    pub fn tensor_from_rgb(&self, rgb: &image::RgbImage) -> Vec<f32> {
+        let (width, height) = rgb.dimensions();
+        let (new_w, new_h) = resized_size(width, height, self.resize);
+        let crop = self.crop;
+        let resized = if (new_w, new_h) == (width, height) {
+            rgb.as_raw().clone()
+        } else {
+            resize_rgb8(rgb.as_raw(), width, height, new_w, new_h)
+        };
+        // torchvision pads when the image is smaller than the crop; with resize >= crop it never is.
+        let (crop_w, crop_h) = (crop.min(new_w), crop.min(new_h));
+        let left = centre_offset(new_w, crop_w) as usize;
+        let top = centre_offset(new_h, crop_h) as usize;
+
+        let luts: [[f32; 256]; 3] = std::array::from_fn(|c| {
+            std::array::from_fn(|v| (v as f32 / 255.0 - self.mean[c]) / self.std[c])
+        });
+        let plane = crop as usize * crop as usize;
+        let mut out = vec![0.0f32; 3 * plane];
+        let (r, rest) = out.split_at_mut(plane);
+        let (g, b) = rest.split_at_mut(plane);
+        let stride = new_w as usize * 3;
+        for y in 0..crop_h as usize {
+            let row = &resized[(top + y) * stride + left * 3..][..crop_w as usize * 3];
+            let at = y * crop as usize;
+            for (x, px) in row.chunks_exact(3).enumerate() {
+                r[at + x] = luts[0][px[0] as usize];
+                g[at + x] = luts[1][px[1] as usize];
+                b[at + x] = luts[2][px[2] as usize];
+            }
+        }
+        out
+    }
+}
+
+/// torchvision's `Resize(size)` for an int size: shorter side to `size`, longer side truncated.
+pub fn resized_size(width: u32, height: u32, size: u32) -> (u32, u32) {
+    let (short, long) = if width <= height { (width, height) } else { (height, width) };
+    let new_long = ((u64::from(size) * u64::from(long)) / u64::from(short)) as u32;
+    if width <= height {
+        (size, new_long)
+    } else {
+        (new_long, size)
+    }
+}
+
+/// torchvision's centre-crop offset: `int(round((size - crop) / 2))`, where Python rounds
+/// halves to even.
+pub fn centre_offset(size: u32, crop: u32) -> u32 {
+    let diff = size.saturating_sub(crop);
+    let half = diff / 2;
+    if diff % 2 == 1 && half % 2 == 1 {
+        half + 1
+    } else {
+        half
+    }
+}
+
+fn resize_rgb8(src: &[u8], width: u32, height: u32, new_w: u32, new_h: u32) -> Vec<u8> {
+    let src = FirImage::from_vec_u8(width, height, src.to_vec(), PixelType::U8x3)
+        .expect("an RgbImage buffer always fits its dimensions");
+    let mut dst = FirImage::new(new_w, new_h, PixelType::U8x3);
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    Resizer::new().resize(&src, &mut dst, &options).expect("same pixel type, non-empty images");
+    dst.into_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resize_keeps_torchvision_rounding() {
+        assert_eq!(resized_size(768, 576, 256), (341, 256));
+        assert_eq!(resized_size(300, 451, 256), (256, 384));
+        assert_eq!(resized_size(256, 256, 256), (256, 256));
+    }
+
+    #[test]
+    fn centre_offset_rounds_half_to_even() {
+        assert_eq!(centre_offset(256, 224), 16);
+        assert_eq!(centre_offset(293, 224), 34); // 34.5 -> 34
+        assert_eq!(centre_offset(295, 224), 36); // 35.5 -> 36
+        assert_eq!(centre_offset(224, 224), 0);
+    }
+
+    #[test]
+    fn refuses_what_is_not_an_image() {
+        assert_eq!(inspect(b"", 100), Err(ImageError::Empty));
+        assert_eq!(inspect(b"hello, world", 100), Err(ImageError::UnsupportedFormat));
+        // PNG magic bytes with nothing behind them.
+        assert!(matches!(inspect(b"\x89PNG\r\n\x1a\n", 100), Err(ImageError::Undecodable(_))));
+    }
+
+    #[test]
+    fn caps_pixels_before_decoding() {
+        let mut png = Vec::new();
+        image::RgbImage::new(100, 100)
+            .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
+            .unwrap();
+        assert!(inspect(&png, 10_000).is_ok());
+        assert_eq!(
+            inspect(&png, 9_999),
+            Err(ImageError::TooManyPixels { width: 100, height: 100, max: 9_999 })
+        );
+    }
+
+    #[test]
+    fn tensor_has_model_shape_and_normalised_values() {
+        let white = image::RgbImage::from_pixel(300, 500, image::Rgb([255, 255, 255]));
+        let t = Transform::default();
+        let tensor = t.tensor_from_rgb(&white);
+        assert_eq!(tensor.len(), 3 * 224 * 224);
+        let expected_r = (1.0 - 0.485) / 0.229;
+        assert!((tensor[0] - expected_r).abs() < 1e-5);
+        let expected_b = (1.0 - 0.406) / 0.225;
+        assert!((tensor[3 * 224 * 224 - 1] - expected_b).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,89 @@
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use super::{ResultStore, ResultsError};
+use crate::task::{now_ms, TaskId, TaskRecord, TaskResult, TaskState};
+
+/// Task records in a map: for tests, examples and benches.
+#[derive(Default)]
+pub struct MemoryResults {
+    tasks: Mutex<HashMap<TaskId, TaskRecord>>,
+}
+
+impl MemoryResults {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Applies `change` to a task that is not final; true if it did.
+    fn finish(&self, id: TaskId, change: impl FnOnce(&mut TaskRecord)) -> bool {
+        let mut tasks = self.tasks.lock().unwrap();
+        match tasks.get_mut(&id) {
+            Some(record) if !record.state.is_final() => {
+                change(record);
+                record.updated_at_ms = now_ms();
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+#[async_trait]
+impl ResultStore for MemoryResults {
+    async fn create(&self, record: &TaskRecord) -> Result<(), ResultsError> {
+        let mut tasks = self.tasks.lock().unwrap();
+        if tasks.contains_key(&record.task_id) {
+            return Err(ResultsError::Conflict(record.task_id));
+        }
+        tasks.insert(record.task_id, record.clone());
+        Ok(())
+    }
+
+    async fn get(&self, id: TaskId) -> Result<Option<TaskRecord>, ResultsError> {
+        Ok(self.tasks.lock().unwrap().get(&id).cloned())
+    }
+
+    async fn start(&self, id: TaskId) -> Result<Option<TaskRecord>, ResultsError> {
+        self.finish(id, |record| {
+            record.state = TaskState::Started;
+            record.attempts += 1;
+        });
+        self.get(id).await
+    }
+
+    async fn complete(&self, id: TaskId, result: &TaskResult) -> Result<bool, ResultsError> {
+        Ok(self.finish(id, |record| {
+            record.state = TaskState::Success;
+            record.result = Some(result.clone());
+            record.error = None;
+        }))
+    }
+
+    async fn fail(&self, id: TaskId, error: &str) -> Result<bool, ResultsError> {
+        Ok(self.finish(id, |record| {
+            record.state = TaskState::Failure;
+            record.error = Some(error.to_string());
+        }))
+    }
+
+    async fn unfinished(&self, limit: usize) -> Result<Vec<TaskRecord>, ResultsError> {
+        let tasks = self.tasks.lock().unwrap();
+        let mut open: Vec<TaskRecord> =
+            tasks.values().filter(|r| !r.state.is_final()).cloned().collect();
+        open.sort_by_key(|r| (r.created_at_ms, r.task_id));
+        open.truncate(limit);
+        Ok(open)
+    }
+
+    async fn delete(&self, id: TaskId) -> Result<(), ResultsError> {
+        self.tasks.lock().unwrap().remove(&id);
+        Ok(())
+    }
+
+    async fn check(&self) -> Result<(), ResultsError> {
+        Ok(())
+    }
+}

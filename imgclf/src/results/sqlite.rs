@@ -1,0 +1,180 @@
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
+use sqlx::{Row, SqlitePool};
+
+use super::{ResultStore, ResultsError};
+use crate::task::{now_ms, TaskId, TaskRecord, TaskResult, TaskState};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+const COLUMNS: &str = "task_id, state, object_key, metadata, callback_url, result, error, \
+                       attempts, created_at_ms, updated_at_ms";
+
+/// Task records in SQLite: the embedded default, one file under the data directory.
+pub struct SqliteResults {
+    pool: SqlitePool,
+}
+
+impl SqliteResults {
+    /// Opens (creating if needed) the database at a `sqlite://` URL and applies migrations.
+    pub async fn connect(url: &str) -> Result<Self, ResultsError> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|e| permanent(format!("invalid SQLite URL: {e}")))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(10));
+        if let Some(parent) = options.get_filename().parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| permanent(format!("cannot create {}: {e}", parent.display())))?;
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(backend)?;
+        MIGRATOR.run(&pool).await.map_err(|e| permanent(format!("migrations: {e}")))?;
+        Ok(Self { pool })
+    }
+
+    async fn finish(&self, sql: &str, id: TaskId, value: &str) -> Result<bool, ResultsError> {
+        let done = sqlx::query(sql)
+            .bind(value)
+            .bind(now_ms())
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+fn permanent(message: String) -> ResultsError {
+    ResultsError::Backend { message, temporary: false }
+}
+
+fn backend(error: sqlx::Error) -> ResultsError {
+    let temporary = matches!(
+        error,
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
+    ) || matches!(&error, sqlx::Error::Database(db) if db.message().contains("locked"));
+    ResultsError::Backend { message: error.to_string(), temporary }
+}
+
+fn codec(error: impl std::fmt::Display) -> ResultsError {
+    ResultsError::Codec(error.to_string())
+}
+
+fn record(row: &SqliteRow) -> Result<TaskRecord, ResultsError> {
+    let text = |name: &str| row.try_get::<String, _>(name).map_err(codec);
+    let result: Option<String> = row.try_get("result").map_err(codec)?;
+    Ok(TaskRecord {
+        task_id: text("task_id")?.parse().map_err(codec)?,
+        state: text("state")?.parse::<TaskState>().map_err(codec)?,
+        object_key: text("object_key")?,
+        metadata: serde_json::from_str(&text("metadata")?).map_err(codec)?,
+        callback_url: row.try_get("callback_url").map_err(codec)?,
+        result: result.map(|r| serde_json::from_str(&r)).transpose().map_err(codec)?,
+        error: row.try_get("error").map_err(codec)?,
+        attempts: row.try_get::<i64, _>("attempts").map_err(codec)? as u32,
+        created_at_ms: row.try_get("created_at_ms").map_err(codec)?,
+        updated_at_ms: row.try_get("updated_at_ms").map_err(codec)?,
+    })
+}
+
+#[async_trait]
+impl ResultStore for SqliteResults {
+    async fn create(&self, r: &TaskRecord) -> Result<(), ResultsError> {
+        let sql = format!("INSERT INTO tasks ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+        let result = r.result.as_ref().map(serde_json::to_string).transpose().map_err(codec)?;
+        let inserted = sqlx::query(&sql)
+            .bind(r.task_id.to_string())
+            .bind(r.state.as_str())
+            .bind(&r.object_key)
+            .bind(serde_json::to_string(&r.metadata).map_err(codec)?)
+            .bind(&r.callback_url)
+            .bind(result)
+            .bind(&r.error)
+            .bind(i64::from(r.attempts))
+            .bind(r.created_at_ms)
+            .bind(r.updated_at_ms)
+            .execute(&self.pool)
+            .await;
+        match inserted {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                Err(ResultsError::Conflict(r.task_id))
+            }
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    async fn get(&self, id: TaskId) -> Result<Option<TaskRecord>, ResultsError> {
+        let sql = format!("SELECT {COLUMNS} FROM tasks WHERE task_id = ?");
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        row.as_ref().map(record).transpose()
+    }
+
+    async fn start(&self, id: TaskId) -> Result<Option<TaskRecord>, ResultsError> {
+        let sql = format!(
+            "UPDATE tasks SET state = 'STARTED', attempts = attempts + 1, updated_at_ms = ? \
+             WHERE task_id = ? AND state IN ('PENDING', 'STARTED') RETURNING {COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(now_ms())
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        match row {
+            Some(row) => record(&row).map(Some),
+            None => self.get(id).await,
+        }
+    }
+
+    async fn complete(&self, id: TaskId, result: &TaskResult) -> Result<bool, ResultsError> {
+        let payload = serde_json::to_string(result).map_err(codec)?;
+        let sql = "UPDATE tasks SET state = 'SUCCESS', result = ?, error = NULL, updated_at_ms = ? \
+                   WHERE task_id = ? AND state IN ('PENDING', 'STARTED')";
+        self.finish(sql, id, &payload).await
+    }
+
+    async fn fail(&self, id: TaskId, error: &str) -> Result<bool, ResultsError> {
+        let sql = "UPDATE tasks SET state = 'FAILURE', error = ?, updated_at_ms = ? \
+                   WHERE task_id = ? AND state IN ('PENDING', 'STARTED')";
+        self.finish(sql, id, error).await
+    }
+
+    async fn unfinished(&self, limit: usize) -> Result<Vec<TaskRecord>, ResultsError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM tasks WHERE state IN ('PENDING', 'STARTED') \
+             ORDER BY created_at_ms, task_id LIMIT ?"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(record).collect()
+    }
+
+    async fn delete(&self, id: TaskId) -> Result<(), ResultsError> {
+        sqlx::query("DELETE FROM tasks WHERE task_id = ?")
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn check(&self) -> Result<(), ResultsError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(backend)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,178 @@
+//! The nouns every port shares: task ids, states, jobs, predictions and task records.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Identifies one uploaded image from acceptance to result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TaskId(Uuid);
+
+impl TaskId {
+    pub fn new() -> Self {
+        Self(Uuid::new_v4())
+    }
+}
+
+impl Default for TaskId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+impl FromStr for TaskId {
+    type Err = uuid::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s).map(Self)
+    }
+}
+
+/// The states of the API contract (Celery's names, kept for compatibility).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum TaskState {
+    Pending,
+    Started,
+    Success,
+    Failure,
+}
+
+impl TaskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Started => "STARTED",
+            Self::Success => "SUCCESS",
+            Self::Failure => "FAILURE",
+        }
+    }
+
+    /// A final state never changes again.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Success | Self::Failure)
+    }
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TaskState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "PENDING" => Ok(Self::Pending),
+            "STARTED" => Ok(Self::Started),
+            "SUCCESS" => Ok(Self::Success),
+            "FAILURE" => Ok(Self::Failure),
+            other => Err(format!("unknown task state {other:?}")),
+        }
+    }
+}
+
+/// The queue message: small on purpose, the image itself stays in storage.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub task_id: TaskId,
+    pub object_key: String,
+}
+
+/// One class of the model's answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    pub label: String,
+    pub class_id: usize,
+    pub probability: f32,
+}
+
+/// The result payload, in the shape the replaced service returned.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub task_id: TaskId,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub classification: Vec<Prediction>,
+    /// Which model produced the classification.
+    pub model: String,
+}
+
+/// Everything the result store knows about one task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub task_id: TaskId,
+    pub state: TaskState,
+    pub object_key: String,
+    /// Client metadata plus `filename` and `object_name`.
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub callback_url: Option<String>,
+    pub result: Option<TaskResult>,
+    pub error: Option<String>,
+    /// How many times a worker has started this task.
+    pub attempts: u32,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+impl TaskRecord {
+    /// A freshly accepted task, in state `PENDING`.
+    pub fn pending(
+        task_id: TaskId,
+        object_key: String,
+        metadata: serde_json::Map<String, serde_json::Value>,
+        callback_url: Option<String>,
+    ) -> Self {
+        let now = now_ms();
+        Self {
+            task_id,
+            state: TaskState::Pending,
+            object_key,
+            metadata,
+            callback_url,
+            result: None,
+            error: None,
+            attempts: 0,
+            created_at_ms: now,
+            updated_at_ms: now,
+        }
+    }
+
+    pub fn job(&self) -> Job {
+        Job { task_id: self.task_id, object_key: self.object_key.clone() }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl TaskRecord {
+    /// The task-status document of the API, also the webhook payload.
+    pub fn status(&self) -> serde_json::Value {
+        let mut status = serde_json::json!({
+            "task_id": self.task_id,
+            "state": self.state,
+            "attempts": self.attempts,
+            "created_at_ms": self.created_at_ms,
+            "updated_at_ms": self.updated_at_ms,
+        });
+        if let Some(result) = &self.result {
+            status["result"] = serde_json::to_value(result).unwrap_or_default();
+        }
+        if let Some(error) = &self.error {
+            status["error"] = error.as_str().into();
+        }
+        status
+    }
+}

@@ -1,0 +1,61 @@
+//! Support shared by the top-level tests, examples and benches: where the shared test images and
+//! models are, and the reference results computed for them by an independent implementation.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+/// `../shared` beside the repository, or `IMGCLF_SHARED_DIR`.
+pub fn shared_dir() -> PathBuf {
+    std::env::var_os("IMGCLF_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared")))
+}
+
+/// The shipped default model.
+pub fn default_model_dir() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/models/efficientnet-lite0"))
+}
+
+/// The random-weight ResNet18 graph in the shared models.
+pub fn resnet18_dir() -> PathBuf {
+    shared_dir().join("models/resnet18-random-init")
+}
+
+/// One reference prediction.
+#[derive(Clone, Debug)]
+pub struct Expected {
+    pub class_id: usize,
+    pub label: String,
+    pub probability: f32,
+}
+
+/// Image file name -> reference top-5, for `reference-<model>.json`.
+pub fn reference(model: &str) -> BTreeMap<String, Vec<Expected>> {
+    let path = shared_dir().join(format!("images/reference-{model}.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let json: Value = serde_json::from_str(&text).expect("reference JSON");
+    let top5 = json["top5"].as_object().expect("top5 object");
+    top5.iter()
+        .map(|(image, predictions)| {
+            let predictions = predictions
+                .as_array()
+                .expect("a list of predictions")
+                .iter()
+                .map(|p| Expected {
+                    class_id: p["class_id"].as_u64().expect("class_id") as usize,
+                    label: p["label"].as_str().expect("label").to_string(),
+                    probability: p["probability"].as_f64().expect("probability") as f32,
+                })
+                .collect();
+            (image.clone(), predictions)
+        })
+        .collect()
+}
+
+/// The bytes of a shared test image.
+pub fn image(name: &str) -> Vec<u8> {
+    let path = shared_dir().join("images").join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}

@@ -1,0 +1,345 @@
+//! The HTTP contract, driven through the router without a socket, on the real model with
+//! in-memory backends.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use imgclf::classifier::{self, ClassifierHandle};
+use imgclf::notify::NoopNotifier;
+use imgclf::queue::MemoryQueue;
+use imgclf::results::MemoryResults;
+use imgclf::storage::MemoryStorage;
+use imgclf::{ModelSpec, Pipeline, PipelineConfig, Ports, ResultStore};
+use imgclf_http::{router, AppState};
+use imgclf_suite::{default_model_dir, image, reference};
+use serde_json::Value;
+use tower::ServiceExt;
+
+const MAX_UPLOAD: usize = 2 * 1024 * 1024;
+const MAX_PIXELS: u64 = 4_200_000;
+
+/// One model for every test in this file: loading and compiling it is the slow part.
+fn classifier() -> ClassifierHandle {
+    static HANDLE: OnceLock<ClassifierHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let spec = ModelSpec::load(default_model_dir()).expect("model");
+            ClassifierHandle::spawn(classifier::build("tract", spec).expect("tract"), 4)
+        })
+        .clone()
+}
+
+struct Service {
+    app: Router,
+    storage: Arc<MemoryStorage>,
+    results: Arc<MemoryResults>,
+    queue: Arc<MemoryQueue>,
+    pipeline: Arc<Pipeline>,
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+fn service_with(notifier: Arc<dyn imgclf::Notifier>) -> Service {
+    let storage = Arc::new(MemoryStorage::new());
+    let results = Arc::new(MemoryResults::new());
+    let queue = Arc::new(MemoryQueue::default());
+    let ports = Ports {
+        storage: storage.clone(),
+        queue: queue.clone(),
+        results: results.clone(),
+        notifier,
+    };
+    let config = PipelineConfig {
+        max_batch: 4,
+        max_pixels: MAX_PIXELS,
+        max_attempts: 2,
+        retry_backoff: Duration::from_millis(50),
+        ..PipelineConfig::default()
+    };
+    let pipeline = Arc::new(Pipeline::new(ports, classifier(), config));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(pipeline.clone().run_worker(stopped));
+    let state = AppState { pipeline: pipeline.clone(), max_upload_bytes: MAX_UPLOAD };
+    let app = router(state, Duration::from_secs(30));
+    Service { app, storage, results, queue, pipeline, _stop: stop }
+}
+
+fn service() -> Service {
+    service_with(Arc::new(NoopNotifier))
+}
+
+enum Part<'a> {
+    File(&'a str, &'a [u8]),
+    Text(&'a str, &'a str),
+}
+
+fn multipart(uri: &str, parts: &[Part]) -> Request<Body> {
+    let boundary = "imgclf-test-boundary-7d1f";
+    let mut body = Vec::new();
+    for part in parts {
+        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        match part {
+            Part::File(filename, bytes) => {
+                body.extend_from_slice(
+                    format!("Content-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
+                );
+                body.extend_from_slice(bytes);
+            }
+            Part::Text(name, value) => {
+                body.extend_from_slice(
+                    format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}").as_bytes(),
+                );
+            }
+        }
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    Request::post(uri)
+        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .body(Body::from(body))
+        .unwrap()
+}
+
+async fn call(app: &Router, request: Request<Body>) -> (StatusCode, Value) {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, value)
+}
+
+async fn get(app: &Router, uri: &str) -> (StatusCode, Value) {
+    call(app, Request::get(uri).body(Body::empty()).unwrap()).await
+}
+
+/// Polls a task until it is final.
+async fn wait_final(app: &Router, task_id: &str) -> Value {
+    for _ in 0..600 {
+        let (status, body) = get(app, &format!("/api/task-status/{task_id}")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        if body["state"] == "SUCCESS" || body["state"] == "FAILURE" {
+            return body;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("task {task_id} did not finish");
+}
+
+fn top1(name: &str) -> String {
+    reference("efficientnet-lite0")[name][0].label.clone()
+}
+
+#[tokio::test]
+async fn upload_then_poll_returns_the_reference_classification() {
+    let s = service();
+    let names = ["opencv_apple.jpg", "skimage_chelsea.png", "darknet_eagle.jpg", "skimage_coffee.png"];
+    let mut ids = Vec::new();
+    for name in names {
+        let bytes = image(name);
+        let request = multipart(
+            "/api/upload-image",
+            &[Part::File(name, &bytes), Part::Text("metadata", r#"{"user": "ada", "n": 1}"#)],
+        );
+        let (status, body) = call(&s.app, request).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        let id = body["task_id"].as_str().expect("task_id").to_string();
+        assert_eq!(body["status_url"], format!("/api/task-status/{id}"));
+        ids.push(id);
+    }
+    for (name, id) in names.iter().zip(&ids) {
+        let done = wait_final(&s.app, id).await;
+        assert_eq!(done["state"], "SUCCESS", "{done}");
+        assert_eq!(done["task_id"], id.as_str());
+        let result = &done["result"];
+        assert_eq!(result["task_id"], id.as_str());
+        let classification = result["classification"].as_array().expect("classification");
+        assert_eq!(classification.len(), 5, "top 5 by default");
+        assert_eq!(classification[0]["label"], top1(name), "{name}");
+        let p: Vec<f64> = classification.iter().map(|c| c["probability"].as_f64().unwrap()).collect();
+        assert!(p.windows(2).all(|w| w[0] >= w[1]), "sorted by probability");
+        assert!(classification[0]["class_id"].is_u64());
+        let metadata = &result["metadata"];
+        assert_eq!(metadata["user"], "ada");
+        assert_eq!(metadata["n"], 1);
+        assert_eq!(metadata["filename"], *name);
+        let object = metadata["object_name"].as_str().expect("object_name");
+        assert!(object.contains(id.as_str()), "the object is named after the task");
+        assert!(s.storage.len() >= names.len(), "images are kept in storage");
+    }
+}
+
+#[tokio::test]
+async fn query_parameters_are_accepted_like_form_fields() {
+    let s = service();
+    let bytes = image("opencv_fruits.jpg");
+    let uri = "/api/upload-image?metadata=%7B%22batch%22%3A%227%22%7D";
+    let (status, body) = call(&s.app, multipart(uri, &[Part::File("f.jpg", &bytes)])).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let done = wait_final(&s.app, body["task_id"].as_str().unwrap()).await;
+    assert_eq!(done["result"]["metadata"]["batch"], "7");
+}
+
+#[tokio::test]
+async fn the_webhook_receives_the_final_status() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    let hook = Router::new().route(
+        "/hook",
+        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+            let tx = tx.clone();
+            async move {
+                tx.send(body).unwrap();
+                StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, hook).await.unwrap() });
+
+    let notifier = imgclf::notify::WebhookNotifier::new(Duration::from_secs(5), 3, Duration::from_millis(50)).unwrap();
+    let s = service_with(Arc::new(notifier));
+    let bytes = image("skimage_chelsea.png");
+    let request = multipart("/api/upload-image", &[Part::File("cat.png", &bytes), Part::Text("callback_url", &url)]);
+    let (status, body) = call(&s.app, request).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let delivered = tokio::time::timeout(Duration::from_secs(60), rx.recv()).await.expect("a callback").unwrap();
+    assert_eq!(delivered["task_id"], body["task_id"]);
+    assert_eq!(delivered["state"], "SUCCESS");
+    assert_eq!(delivered["result"]["classification"][0]["label"], top1("skimage_chelsea.png"));
+    let (_, metrics) = get(&s.app, "/metrics").await;
+    assert!(metrics.as_str().unwrap().contains("webhook_success_total 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn an_image_that_breaks_after_its_header_fails_cleanly() {
+    let s = service();
+    let png = image("skimage_coffee.png");
+    // The header is intact, so the upload is accepted; the pixels are cut off.
+    let truncated = &png[..png.len() / 3];
+    let (status, body) = call(&s.app, multipart("/api/upload-image", &[Part::File("cut.png", truncated)])).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let done = wait_final(&s.app, body["task_id"].as_str().unwrap()).await;
+    assert_eq!(done["state"], "FAILURE");
+    assert!(done["error"].as_str().unwrap().contains("cannot be decoded"), "{done}");
+    assert!(done.get("result").is_none());
+    assert_eq!(s.queue.dead_letter_jobs().len(), 1, "a broken image is dead-lettered at once");
+    let (_, metrics) = get(&s.app, "/metrics").await;
+    assert!(metrics.as_str().unwrap().contains("image_task_failure_total 1"));
+}
+
+#[tokio::test]
+async fn bad_uploads_get_a_clear_4xx_and_leave_nothing_behind() {
+    let s = service();
+    let jpeg = image("opencv_apple.jpg");
+    let mut huge_header = Vec::new();
+    // 4000x4000 of black PNG: small on the wire, over the 4.2 MP cap.
+    image::GrayImage::new(4000, 4000)
+        .write_to(&mut std::io::Cursor::new(&mut huge_header), image::ImageFormat::Png)
+        .unwrap();
+    let oversize = vec![0xFFu8; MAX_UPLOAD + 1];
+    let big_metadata = format!(r#"{{"x": "{}"}}"#, "a".repeat(20_000));
+    let cases: Vec<(&str, Request<Body>, StatusCode, &str)> = vec![
+        ("no file field", multipart("/api/upload-image", &[Part::Text("metadata", "{}")]), StatusCode::UNPROCESSABLE_ENTITY, "missing multipart field 'file'"),
+        ("empty file", multipart("/api/upload-image", &[Part::File("a.jpg", b"")]), StatusCode::UNPROCESSABLE_ENTITY, "empty"),
+        ("text named .jpg", multipart("/api/upload-image", &[Part::File("a.jpg", b"just some text, honest")]), StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported image format"),
+        ("PNG magic only", multipart("/api/upload-image", &[Part::File("a.png", b"\x89PNG\r\n\x1a\n")]), StatusCode::UNPROCESSABLE_ENTITY, "cannot be decoded"),
+        ("JPEG magic only", multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg[..4])]), StatusCode::UNPROCESSABLE_ENTITY, "cannot be decoded"),
+        ("too many pixels", multipart("/api/upload-image", &[Part::File("bomb.png", &huge_header)]), StatusCode::UNPROCESSABLE_ENTITY, "more than the limit"),
+        ("oversize body", multipart("/api/upload-image", &[Part::File("big.jpg", &oversize)]), StatusCode::PAYLOAD_TOO_LARGE, "limit"),
+        ("metadata not JSON", multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg), Part::Text("metadata", "{nope")]), StatusCode::UNPROCESSABLE_ENTITY, "not valid JSON"),
+        ("metadata not an object", multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg), Part::Text("metadata", "[1, 2]")]), StatusCode::UNPROCESSABLE_ENTITY, "JSON object"),
+        ("huge metadata", multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg), Part::Text("metadata", &big_metadata)]), StatusCode::PAYLOAD_TOO_LARGE, "metadata"),
+        ("ftp callback", multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg), Part::Text("callback_url", "ftp://example.com/x")]), StatusCode::UNPROCESSABLE_ENTITY, "only http and https"),
+        ("relative callback", multipart("/api/upload-image?callback_url=/hook", &[Part::File("a.jpg", &jpeg)]), StatusCode::UNPROCESSABLE_ENTITY, "callback URL refused"),
+        ("two files", multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg), Part::File("b.jpg", &jpeg)]), StatusCode::UNPROCESSABLE_ENTITY, "exactly one"),
+        ("not multipart", Request::post("/api/upload-image").header("content-type", "application/json").body(Body::from("{}")).unwrap(), StatusCode::BAD_REQUEST, "multipart"),
+        ("broken multipart", Request::post("/api/upload-image").header("content-type", "multipart/form-data; boundary=x").body(Body::from("--x\r\nnonsense")).unwrap(), StatusCode::BAD_REQUEST, "malformed multipart"),
+        ("bad top_k", multipart("/api/classify?top_k=0", &[Part::File("a.jpg", &jpeg)]), StatusCode::UNPROCESSABLE_ENTITY, "top_k"),
+        ("top_k not a number", multipart("/api/classify", &[Part::File("a.jpg", &jpeg), Part::Text("top_k", "five")]), StatusCode::UNPROCESSABLE_ENTITY, "top_k"),
+        ("classify text", multipart("/api/classify", &[Part::File("a.gif", b"GIF89a")]), StatusCode::UNPROCESSABLE_ENTITY, "cannot be decoded"),
+    ];
+    for (what, request, expected, message) in cases {
+        let (status, body) = call(&s.app, request).await;
+        assert_eq!(status, expected, "{what}: {body}");
+        let detail = body["detail"].as_str().unwrap_or_else(|| panic!("{what}: no detail in {body}"));
+        assert!(detail.contains(message), "{what}: {detail:?} should mention {message:?}");
+    }
+    assert!(s.storage.is_empty(), "rejected uploads store nothing");
+    assert!(s.results.unfinished(usize::MAX).await.unwrap().is_empty(), "and record nothing");
+    let (status, _) = get(&s.app, "/health").await;
+    assert_eq!(status, StatusCode::OK, "the service keeps serving");
+}
+
+#[tokio::test]
+async fn unknown_tasks_are_404() {
+    let s = service();
+    for id in ["0b0e1c1e-5f5f-4c4c-8d8d-000000000000", "not-a-uuid", "1"] {
+        let (status, body) = get(&s.app, &format!("/api/task-status/{id}")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{id}");
+        assert!(body["detail"].as_str().unwrap().contains("unknown task id"));
+    }
+}
+
+#[tokio::test]
+async fn classify_answers_synchronously() {
+    let s = service();
+    let bytes = image("darknet_dog.jpg");
+    let request = multipart("/api/classify?top_k=3", &[Part::File("dog.jpg", &bytes), Part::Text("metadata", r#"{"k": true}"#)]);
+    let (status, body) = call(&s.app, request).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let classification = body["classification"].as_array().unwrap();
+    assert_eq!(classification.len(), 3);
+    assert_eq!(classification[0]["label"], top1("darknet_dog.jpg"));
+    assert_eq!(body["metadata"]["filename"], "dog.jpg");
+    assert_eq!(body["model"], "efficientnet-lite0");
+    assert!(s.storage.is_empty(), "synchronous classification stores nothing");
+}
+
+#[tokio::test]
+async fn health_ready_metrics_and_openapi() {
+    let s = service();
+    let (status, _) = get(&s.app, "/health").await;
+    assert_eq!(status, StatusCode::OK);
+    let mut ready = StatusCode::SERVICE_UNAVAILABLE;
+    for _ in 0..600 {
+        ready = get(&s.app, "/ready").await.0;
+        if ready == StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready, StatusCode::OK, "ready once the model is warm");
+
+    // A queued job shows in the depth gauge; stop the worker first so it stays queued.
+    let bytes = image("opencv_apple.jpg");
+    let _ = s._stop.send(true);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (status, _) = call(&s.app, multipart("/api/upload-image", &[Part::File("a.jpg", &bytes)])).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (status, metrics) = get(&s.app, "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    let metrics = metrics.as_str().unwrap();
+    for name in [
+        "image_task_success_total",
+        "image_task_failure_total",
+        "image_task_latency_seconds_bucket",
+        "webhook_success_total",
+        "webhook_failure_total",
+        "webhook_latency_seconds_bucket",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    assert!(metrics.contains("image_queue_depth 1"), "queue depth is real: {metrics}");
+
+    let (status, doc) = get(&s.app, "/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    for path in ["/api/upload-image", "/api/task-status/{task_id}", "/api/classify", "/health", "/ready", "/metrics"] {
+        assert!(doc["paths"].get(path).is_some(), "{path} documented");
+    }
+    drop(s.pipeline);
+}

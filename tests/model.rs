@@ -1,0 +1,83 @@
+//! The real models on the real images, against the reference results of an independent
+//! implementation (Pillow + onnxruntime).
+
+use imgclf::classifier::{Classifier, TractClassifier};
+use imgclf::ModelSpec;
+use imgclf_suite::{image, reference, resnet18_dir, default_model_dir};
+
+/// Preprocesses every reference image and classifies them in batches of `batch`.
+fn classify_all(classifier: &mut dyn Classifier, names: &[&String], batch: usize) -> Vec<Vec<f32>> {
+    let transform = classifier.spec().transform.clone();
+    let mut logits = Vec::new();
+    for chunk in names.chunks(batch) {
+        let mut tensor = Vec::new();
+        for name in chunk {
+            tensor.extend(transform.tensor_from_bytes(&image(name), 50_000_000).expect("decodes"));
+        }
+        logits.extend(classifier.classify(&tensor, chunk.len()).expect("classifies"));
+    }
+    logits
+}
+
+fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+    let sum: f32 = exp.iter().sum();
+    exp.into_iter().map(|e| e / sum).collect()
+}
+
+#[test]
+fn efficientnet_lite0_agrees_with_the_reference_on_every_image() {
+    let spec = ModelSpec::load(default_model_dir()).expect("the shipped model loads");
+    let mut classifier = TractClassifier::new(spec.clone()).expect("tract compiles it");
+    let expected = reference("efficientnet-lite0");
+    assert!(expected.len() >= 20, "the reference covers the shared images");
+    let names: Vec<&String> = expected.keys().collect();
+    let logits = classify_all(&mut classifier, &names, 4);
+    let mut worst = 0.0f32;
+    for (name, logits) in names.iter().zip(&logits) {
+        let reference = &expected[*name];
+        let top = spec.top_k(logits, 5);
+        assert_eq!(
+            top[0].class_id, reference[0].class_id,
+            "{name}: top-1 is {:?}, the reference says {:?}",
+            top[0].label, reference[0].label
+        );
+        assert_eq!(top[0].label, reference[0].label, "{name}: labels come from the class list");
+        let probabilities = softmax(logits);
+        for r in reference {
+            let diff = (probabilities[r.class_id] - r.probability).abs();
+            worst = worst.max(diff);
+            assert!(diff < 0.01, "{name}: {} has {} here, {} in the reference", r.label, probabilities[r.class_id], r.probability);
+        }
+    }
+    eprintln!("largest top-5 probability difference from the reference: {worst:.5}");
+}
+
+#[test]
+fn resnet18_graph_gives_the_reference_top5() {
+    let spec = ModelSpec::load(resnet18_dir()).expect("a model directory without manifest loads");
+    let mut classifier = TractClassifier::new(spec.clone()).expect("tract compiles ResNet18");
+    let expected = reference("resnet18-random-init");
+    let names: Vec<&String> = expected.keys().collect();
+    let logits = classify_all(&mut classifier, &names, 8);
+    for (name, logits) in names.iter().zip(&logits) {
+        let ids: Vec<usize> = spec.top_k(logits, 5).iter().map(|p| p.class_id).collect();
+        let reference: Vec<usize> = expected[*name].iter().map(|p| p.class_id).collect();
+        assert_eq!(ids, reference, "{name}: top-5 classes");
+    }
+}
+
+#[test]
+fn a_batch_gives_the_same_logits_as_single_images() {
+    let spec = ModelSpec::load(default_model_dir()).expect("loads");
+    let mut classifier = TractClassifier::new(spec).expect("compiles");
+    let expected = reference("efficientnet-lite0");
+    let names: Vec<&String> = expected.keys().take(3).collect();
+    let batched = classify_all(&mut classifier, &names, 3);
+    let single = classify_all(&mut classifier, &names, 1);
+    for (b, s) in batched.iter().zip(&single) {
+        let diff = b.iter().zip(s).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        assert!(diff < 1e-4, "batched and single logits differ by {diff}");
+    }
+}

@@ -210,8 +210,17 @@ async fn the_webhook_receives_the_final_status() {
     assert_eq!(delivered["task_id"], body["task_id"]);
     assert_eq!(delivered["state"], "SUCCESS");
     assert_eq!(delivered["result"]["classification"][0]["label"], top1("skimage_chelsea.png"));
-    let (_, metrics) = get(&s.app, "/metrics").await;
-    assert!(metrics.as_str().unwrap().contains("webhook_success_total 1"), "{metrics}");
+    // The counter moves once the receiver has answered, just after it saw the payload.
+    let mut counted = false;
+    for _ in 0..100 {
+        let (_, metrics) = get(&s.app, "/metrics").await;
+        counted = metrics.as_str().unwrap().contains("webhook_success_total 1");
+        if counted {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(counted, "webhook_success_total counts the delivery");
 }
 
 #[tokio::test]

@@ -1,16 +1,18 @@
 //! Decoding and preprocessing: bytes in, a normalised NCHW tensor out.
 //!
 //! The transform is torchvision's ImageNet evaluation transform (what the reference results use):
-//! RGB, antialiased bilinear resize of the shorter side (Pillow's convolution, which
-//! `fast_image_resize` reproduces), centre crop, scale to [0, 1], normalise per channel.
+//! RGB, antialiased bilinear resize of the shorter side (Pillow's convolution, reproduced
+//! to the bit in [`resample`]), centre crop, scale to [0, 1], normalise per channel.
 //! Everything here is pure and synchronous; callers run it on a bounded blocking pool.
 
 use std::io::Cursor;
 
-use fast_image_resize::images::Image as FirImage;
-use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
 use serde::{Deserialize, Serialize};
+
+use resample::Window;
+
+mod resample;
 
 /// Formats accepted at upload; everything else is refused before it is stored.
 pub const ACCEPTED_FORMATS: [ImageFormat; 6] = [
@@ -146,28 +148,26 @@ impl Transform {
     pub fn tensor_from_rgb(&self, rgb: &image::RgbImage) -> Vec<f32> {
         let (width, height) = rgb.dimensions();
         let (new_w, new_h) = resized_size(width, height, self.resize);
-        let crop = self.crop;
-        let resized = if (new_w, new_h) == (width, height) {
-            rgb.as_raw().clone()
-        } else {
-            resize_rgb8(rgb.as_raw(), width, height, new_w, new_h)
-        };
         // torchvision pads when the image is smaller than the crop; with resize >= crop it never is.
-        let (crop_w, crop_h) = (crop.min(new_w), crop.min(new_h));
-        let left = centre_offset(new_w, crop_w) as usize;
-        let top = centre_offset(new_h, crop_h) as usize;
+        let (crop_w, crop_h) = (self.crop.min(new_w), self.crop.min(new_h));
+        let window = Window {
+            left: centre_offset(new_w, crop_w) as usize,
+            top: centre_offset(new_h, crop_h) as usize,
+            width: crop_w as usize,
+            height: crop_h as usize,
+        };
+        let pixels = resample::resize_window(rgb.as_raw(), width, height, new_w, new_h, window);
 
         let luts: [[f32; 256]; 3] = std::array::from_fn(|c| {
             std::array::from_fn(|v| (v as f32 / 255.0 - self.mean[c]) / self.std[c])
         });
-        let plane = crop as usize * crop as usize;
+        let side = self.crop as usize;
+        let plane = side * side;
         let mut out = vec![0.0f32; 3 * plane];
         let (r, rest) = out.split_at_mut(plane);
         let (g, b) = rest.split_at_mut(plane);
-        let stride = new_w as usize * 3;
-        for y in 0..crop_h as usize {
-            let row = &resized[(top + y) * stride + left * 3..][..crop_w as usize * 3];
-            let at = y * crop as usize;
+        for (y, row) in pixels.chunks_exact(window.width * 3).enumerate() {
+            let at = y * side;
             for (x, px) in row.chunks_exact(3).enumerate() {
                 r[at + x] = luts[0][px[0] as usize];
                 g[at + x] = luts[1][px[1] as usize];
@@ -199,15 +199,6 @@ pub fn centre_offset(size: u32, crop: u32) -> u32 {
     } else {
         half
     }
-}
-
-fn resize_rgb8(src: &[u8], width: u32, height: u32, new_w: u32, new_h: u32) -> Vec<u8> {
-    let src = FirImage::from_vec_u8(width, height, src.to_vec(), PixelType::U8x3)
-        .expect("an RgbImage buffer always fits its dimensions");
-    let mut dst = FirImage::new(new_w, new_h, PixelType::U8x3);
-    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
-    Resizer::new().resize(&src, &mut dst, &options).expect("same pixel type, non-empty images");
-    dst.into_vec()
 }
 
 #[cfg(test)]

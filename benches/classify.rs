@@ -10,10 +10,18 @@ use imgclf_suite::{default_model_dir, image, resnet18_dir};
 
 fn classify(c: &mut Criterion) {
     let mut group = c.benchmark_group("classify/tract");
-    group.sample_size(10).measurement_time(Duration::from_secs(10));
-    for (model, dir) in [("efficientnet-lite0", default_model_dir()), ("resnet18", resnet18_dir())] {
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10));
+    for (model, dir) in [
+        ("efficientnet-lite0", default_model_dir()),
+        ("resnet18", resnet18_dir()),
+    ] {
         let spec = ModelSpec::load(dir).unwrap();
-        let tensor = spec.transform.tensor_from_bytes(&image("darknet_dog.jpg"), u64::MAX).unwrap();
+        let tensor = spec
+            .transform
+            .tensor_from_bytes(&image("darknet_dog.jpg"), u64::MAX)
+            .unwrap();
         let mut classifier = classifier::build("tract", spec).unwrap();
         for batch in [1usize, 4, 8, 16] {
             let input = tensor.repeat(batch);
@@ -40,13 +48,19 @@ fn pipeline(c: &mut Criterion) {
     runtime.spawn(pipeline.clone().run_worker(stopped));
     let bytes: bytes::Bytes = image("darknet_dog.jpg").into();
     let mut group = c.benchmark_group("pipeline/memory");
-    group.sample_size(10).measurement_time(Duration::from_secs(20)).throughput(Throughput::Elements(32));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(20))
+        .throughput(Throughput::Elements(32));
     group.bench_function("upload-to-success/32", |b| {
         b.iter(|| {
             runtime.block_on(async {
                 let mut ids = Vec::new();
                 for _ in 0..32 {
-                    let upload = Upload { bytes: bytes.clone(), ..Upload::default() };
+                    let upload = Upload {
+                        bytes: bytes.clone(),
+                        ..Upload::default()
+                    };
                     ids.push(pipeline.submit(upload).await.unwrap());
                 }
                 for id in ids {

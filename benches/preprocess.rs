@@ -7,12 +7,19 @@ use imgclf_suite::image;
 fn preprocess(c: &mut Criterion) {
     let transform = Transform::default();
     let mut group = c.benchmark_group("preprocess");
-    for name in ["skimage_chelsea.png", "opencv_left01.jpg", "darknet_dog.jpg", "kde_coldripple_2560x1600.jpg"] {
+    for name in [
+        "skimage_chelsea.png",
+        "opencv_left01.jpg",
+        "darknet_dog.jpg",
+        "kde_coldripple_2560x1600.jpg",
+    ] {
         let bytes = image(name);
         group.throughput(Throughput::Elements(1));
-        group.bench_with_input(BenchmarkId::new("decode+transform", name), &bytes, |b, bytes| {
-            b.iter(|| transform.tensor_from_bytes(bytes, u64::MAX).unwrap())
-        });
+        group.bench_with_input(
+            BenchmarkId::new("decode+transform", name),
+            &bytes,
+            |b, bytes| b.iter(|| transform.tensor_from_bytes(bytes, u64::MAX).unwrap()),
+        );
         let rgb = decode_rgb8(&bytes, u64::MAX).unwrap();
         group.bench_with_input(BenchmarkId::new("transform", name), &rgb, |b, rgb| {
             b.iter(|| transform.tensor_from_rgb(rgb))

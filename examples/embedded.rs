@@ -33,7 +33,10 @@ async fn main() -> anyhow::Result<()> {
     }
     for (path, id) in tasks {
         let record = loop {
-            let record = pipeline.status(id).await?.expect("accepted tasks are recorded");
+            let record = pipeline
+                .status(id)
+                .await?
+                .expect("accepted tasks are recorded");
             if record.state.is_final() {
                 break record;
             }
@@ -43,7 +46,12 @@ async fn main() -> anyhow::Result<()> {
             (TaskState::Success, Some(result), _) => {
                 println!("{path}:");
                 for p in result.classification {
-                    println!("  {:>6.2}%  {} ({})", p.probability * 100.0, p.label, p.class_id);
+                    println!(
+                        "  {:>6.2}%  {} ({})",
+                        p.probability * 100.0,
+                        p.label,
+                        p.class_id
+                    );
                 }
             }
             (_, _, error) => println!("{path}: failed: {}", error.unwrap_or_default()),

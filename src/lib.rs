@@ -15,7 +15,10 @@ pub fn shared_dir() -> PathBuf {
 
 /// The shipped default model.
 pub fn default_model_dir() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/models/efficientnet-lite0"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/models/efficientnet-lite0"
+    ))
 }
 
 /// The random-weight ResNet18 graph in the shared models.

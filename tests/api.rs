@@ -62,9 +62,19 @@ fn service_with(notifier: Arc<dyn imgclf::Notifier>) -> Service {
     let pipeline = Arc::new(Pipeline::new(ports, classifier(), config));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(pipeline.clone().run_worker(stopped));
-    let state = AppState { pipeline: pipeline.clone(), max_upload_bytes: MAX_UPLOAD };
+    let state = AppState {
+        pipeline: pipeline.clone(),
+        max_upload_bytes: MAX_UPLOAD,
+    };
     let app = router(state, Duration::from_secs(30));
-    Service { app, storage, results, queue, pipeline, _stop: stop }
+    Service {
+        app,
+        storage,
+        results,
+        queue,
+        pipeline,
+        _stop: stop,
+    }
 }
 
 fn service() -> Service {
@@ -90,7 +100,8 @@ fn multipart(uri: &str, parts: &[Part]) -> Request<Body> {
             }
             Part::Text(name, value) => {
                 body.extend_from_slice(
-                    format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}").as_bytes(),
+                    format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}")
+                        .as_bytes(),
                 );
             }
         }
@@ -98,7 +109,10 @@ fn multipart(uri: &str, parts: &[Part]) -> Request<Body> {
     }
     body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
     Request::post(uri)
-        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
         .body(Body::from(body))
         .unwrap()
 }
@@ -136,13 +150,21 @@ fn top1(name: &str) -> String {
 #[tokio::test]
 async fn upload_then_poll_returns_the_reference_classification() {
     let s = service();
-    let names = ["opencv_apple.jpg", "skimage_chelsea.png", "darknet_eagle.jpg", "skimage_coffee.png"];
+    let names = [
+        "opencv_apple.jpg",
+        "skimage_chelsea.png",
+        "darknet_eagle.jpg",
+        "skimage_coffee.png",
+    ];
     let mut ids = Vec::new();
     for name in names {
         let bytes = image(name);
         let request = multipart(
             "/api/upload-image",
-            &[Part::File(name, &bytes), Part::Text("metadata", r#"{"user": "ada", "n": 1}"#)],
+            &[
+                Part::File(name, &bytes),
+                Part::Text("metadata", r#"{"user": "ada", "n": 1}"#),
+            ],
         );
         let (status, body) = call(&s.app, request).await;
         assert_eq!(status, StatusCode::ACCEPTED, "{body}");
@@ -159,7 +181,10 @@ async fn upload_then_poll_returns_the_reference_classification() {
         let classification = result["classification"].as_array().expect("classification");
         assert_eq!(classification.len(), 5, "top 5 by default");
         assert_eq!(classification[0]["label"], top1(name), "{name}");
-        let p: Vec<f64> = classification.iter().map(|c| c["probability"].as_f64().unwrap()).collect();
+        let p: Vec<f64> = classification
+            .iter()
+            .map(|c| c["probability"].as_f64().unwrap())
+            .collect();
         assert!(p.windows(2).all(|w| w[0] >= w[1]), "sorted by probability");
         assert!(classification[0]["class_id"].is_u64());
         let metadata = &result["metadata"];
@@ -167,7 +192,10 @@ async fn upload_then_poll_returns_the_reference_classification() {
         assert_eq!(metadata["n"], 1);
         assert_eq!(metadata["filename"], *name);
         let object = metadata["object_name"].as_str().expect("object_name");
-        assert!(object.contains(id.as_str()), "the object is named after the task");
+        assert!(
+            object.contains(id.as_str()),
+            "the object is named after the task"
+        );
         assert!(s.storage.len() >= names.len(), "images are kept in storage");
     }
 }
@@ -200,21 +228,38 @@ async fn the_webhook_receives_the_final_status() {
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, hook).await.unwrap() });
 
-    let notifier = imgclf::notify::WebhookNotifier::new(Duration::from_secs(5), 3, Duration::from_millis(50)).unwrap();
+    let notifier =
+        imgclf::notify::WebhookNotifier::new(Duration::from_secs(5), 3, Duration::from_millis(50))
+            .unwrap();
     let s = service_with(Arc::new(notifier));
     let bytes = image("skimage_chelsea.png");
-    let request = multipart("/api/upload-image", &[Part::File("cat.png", &bytes), Part::Text("callback_url", &url)]);
+    let request = multipart(
+        "/api/upload-image",
+        &[
+            Part::File("cat.png", &bytes),
+            Part::Text("callback_url", &url),
+        ],
+    );
     let (status, body) = call(&s.app, request).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    let delivered = tokio::time::timeout(Duration::from_secs(60), rx.recv()).await.expect("a callback").unwrap();
+    let delivered = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+        .await
+        .expect("a callback")
+        .unwrap();
     assert_eq!(delivered["task_id"], body["task_id"]);
     assert_eq!(delivered["state"], "SUCCESS");
-    assert_eq!(delivered["result"]["classification"][0]["label"], top1("skimage_chelsea.png"));
+    assert_eq!(
+        delivered["result"]["classification"][0]["label"],
+        top1("skimage_chelsea.png")
+    );
     // The counter moves once the receiver has answered, just after it saw the payload.
     let mut counted = false;
     for _ in 0..100 {
         let (_, metrics) = get(&s.app, "/metrics").await;
-        counted = metrics.as_str().unwrap().contains("webhook_success_total 1");
+        counted = metrics
+            .as_str()
+            .unwrap()
+            .contains("webhook_success_total 1");
         if counted {
             break;
         }
@@ -229,15 +274,32 @@ async fn an_image_that_breaks_after_its_header_fails_cleanly() {
     let png = image("skimage_coffee.png");
     // The header is intact, so the upload is accepted; the pixels are cut off.
     let truncated = &png[..png.len() / 3];
-    let (status, body) = call(&s.app, multipart("/api/upload-image", &[Part::File("cut.png", truncated)])).await;
+    let (status, body) = call(
+        &s.app,
+        multipart("/api/upload-image", &[Part::File("cut.png", truncated)]),
+    )
+    .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     let done = wait_final(&s.app, body["task_id"].as_str().unwrap()).await;
     assert_eq!(done["state"], "FAILURE");
-    assert!(done["error"].as_str().unwrap().contains("cannot be decoded"), "{done}");
+    assert!(
+        done["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be decoded"),
+        "{done}"
+    );
     assert!(done.get("result").is_none());
-    assert_eq!(s.queue.dead_letter_jobs().len(), 1, "a broken image is dead-lettered at once");
+    assert_eq!(
+        s.queue.dead_letter_jobs().len(),
+        1,
+        "a broken image is dead-lettered at once"
+    );
     let (_, metrics) = get(&s.app, "/metrics").await;
-    assert!(metrics.as_str().unwrap().contains("image_task_failure_total 1"));
+    assert!(metrics
+        .as_str()
+        .unwrap()
+        .contains("image_task_failure_total 1"));
 }
 
 #[tokio::test]
@@ -247,38 +309,178 @@ async fn bad_uploads_get_a_clear_4xx_and_leave_nothing_behind() {
     let mut huge_header = Vec::new();
     // 4000x4000 of black PNG: small on the wire, over the 4.2 MP cap.
     image::GrayImage::new(4000, 4000)
-        .write_to(&mut std::io::Cursor::new(&mut huge_header), image::ImageFormat::Png)
+        .write_to(
+            &mut std::io::Cursor::new(&mut huge_header),
+            image::ImageFormat::Png,
+        )
         .unwrap();
     let oversize = vec![0xFFu8; MAX_UPLOAD + 1];
     let big_metadata = format!(r#"{{"x": "{}"}}"#, "a".repeat(20_000));
     let cases: Vec<(&str, Request<Body>, StatusCode, &str)> = vec![
-        ("no file field", multipart("/api/upload-image", &[Part::Text("metadata", "{}")]), StatusCode::UNPROCESSABLE_ENTITY, "missing multipart field 'file'"),
-        ("empty file", multipart("/api/upload-image", &[Part::File("a.jpg", b"")]), StatusCode::UNPROCESSABLE_ENTITY, "empty"),
-        ("text named .jpg", multipart("/api/upload-image", &[Part::File("a.jpg", b"just some text, honest")]), StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported image format"),
-        ("PNG magic only", multipart("/api/upload-image", &[Part::File("a.png", b"\x89PNG\r\n\x1a\n")]), StatusCode::UNPROCESSABLE_ENTITY, "cannot be decoded"),
-        ("JPEG magic only", multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg[..4])]), StatusCode::UNPROCESSABLE_ENTITY, "cannot be decoded"),
-        ("too many pixels", multipart("/api/upload-image", &[Part::File("bomb.png", &huge_header)]), StatusCode::UNPROCESSABLE_ENTITY, "more than the limit"),
-        ("oversize body", multipart("/api/upload-image", &[Part::File("big.jpg", &oversize)]), StatusCode::PAYLOAD_TOO_LARGE, "limit"),
-        ("metadata not JSON", multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg), Part::Text("metadata", "{nope")]), StatusCode::UNPROCESSABLE_ENTITY, "not valid JSON"),
-        ("metadata not an object", multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg), Part::Text("metadata", "[1, 2]")]), StatusCode::UNPROCESSABLE_ENTITY, "JSON object"),
-        ("huge metadata", multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg), Part::Text("metadata", &big_metadata)]), StatusCode::PAYLOAD_TOO_LARGE, "metadata"),
-        ("ftp callback", multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg), Part::Text("callback_url", "ftp://example.com/x")]), StatusCode::UNPROCESSABLE_ENTITY, "only http and https"),
-        ("relative callback", multipart("/api/upload-image?callback_url=/hook", &[Part::File("a.jpg", &jpeg)]), StatusCode::UNPROCESSABLE_ENTITY, "callback URL refused"),
-        ("two files", multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg), Part::File("b.jpg", &jpeg)]), StatusCode::UNPROCESSABLE_ENTITY, "exactly one"),
-        ("not multipart", Request::post("/api/upload-image").header("content-type", "application/json").body(Body::from("{}")).unwrap(), StatusCode::BAD_REQUEST, "multipart"),
-        ("broken multipart", Request::post("/api/upload-image").header("content-type", "multipart/form-data; boundary=x").body(Body::from("--x\r\nnonsense")).unwrap(), StatusCode::BAD_REQUEST, "malformed multipart"),
-        ("bad top_k", multipart("/api/classify?top_k=0", &[Part::File("a.jpg", &jpeg)]), StatusCode::UNPROCESSABLE_ENTITY, "top_k"),
-        ("top_k not a number", multipart("/api/classify", &[Part::File("a.jpg", &jpeg), Part::Text("top_k", "five")]), StatusCode::UNPROCESSABLE_ENTITY, "top_k"),
-        ("classify text", multipart("/api/classify", &[Part::File("a.gif", b"GIF89a")]), StatusCode::UNPROCESSABLE_ENTITY, "cannot be decoded"),
+        (
+            "no file field",
+            multipart("/api/upload-image", &[Part::Text("metadata", "{}")]),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "missing multipart field 'file'",
+        ),
+        (
+            "empty file",
+            multipart("/api/upload-image", &[Part::File("a.jpg", b"")]),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "empty",
+        ),
+        (
+            "text named .jpg",
+            multipart(
+                "/api/upload-image",
+                &[Part::File("a.jpg", b"just some text, honest")],
+            ),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported image format",
+        ),
+        (
+            "PNG magic only",
+            multipart(
+                "/api/upload-image",
+                &[Part::File("a.png", b"\x89PNG\r\n\x1a\n")],
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "cannot be decoded",
+        ),
+        (
+            "JPEG magic only",
+            multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg[..4])]),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "cannot be decoded",
+        ),
+        (
+            "too many pixels",
+            multipart("/api/upload-image", &[Part::File("bomb.png", &huge_header)]),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "more than the limit",
+        ),
+        (
+            "oversize body",
+            multipart("/api/upload-image", &[Part::File("big.jpg", &oversize)]),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "limit",
+        ),
+        (
+            "metadata not JSON",
+            multipart(
+                "/api/upload-image",
+                &[Part::File("a.jpg", &jpeg), Part::Text("metadata", "{nope")],
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not valid JSON",
+        ),
+        (
+            "metadata not an object",
+            multipart(
+                "/api/upload-image",
+                &[Part::File("a.jpg", &jpeg), Part::Text("metadata", "[1, 2]")],
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "JSON object",
+        ),
+        (
+            "huge metadata",
+            multipart(
+                "/api/upload-image",
+                &[
+                    Part::File("a.jpg", &jpeg),
+                    Part::Text("metadata", &big_metadata),
+                ],
+            ),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "metadata",
+        ),
+        (
+            "ftp callback",
+            multipart(
+                "/api/upload-image",
+                &[
+                    Part::File("a.jpg", &jpeg),
+                    Part::Text("callback_url", "ftp://example.com/x"),
+                ],
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "only http and https",
+        ),
+        (
+            "relative callback",
+            multipart(
+                "/api/upload-image?callback_url=/hook",
+                &[Part::File("a.jpg", &jpeg)],
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "callback URL refused",
+        ),
+        (
+            "two files",
+            multipart(
+                "/api/upload-image",
+                &[Part::File("a.jpg", &jpeg), Part::File("b.jpg", &jpeg)],
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "exactly one",
+        ),
+        (
+            "not multipart",
+            Request::post("/api/upload-image")
+                .header("content-type", "application/json")
+                .body(Body::from("{}"))
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "multipart",
+        ),
+        (
+            "broken multipart",
+            Request::post("/api/upload-image")
+                .header("content-type", "multipart/form-data; boundary=x")
+                .body(Body::from("--x\r\nnonsense"))
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "malformed multipart",
+        ),
+        (
+            "bad top_k",
+            multipart("/api/classify?top_k=0", &[Part::File("a.jpg", &jpeg)]),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "top_k",
+        ),
+        (
+            "top_k not a number",
+            multipart(
+                "/api/classify",
+                &[Part::File("a.jpg", &jpeg), Part::Text("top_k", "five")],
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "top_k",
+        ),
+        (
+            "classify text",
+            multipart("/api/classify", &[Part::File("a.gif", b"GIF89a")]),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "cannot be decoded",
+        ),
     ];
     for (what, request, expected, message) in cases {
         let (status, body) = call(&s.app, request).await;
         assert_eq!(status, expected, "{what}: {body}");
-        let detail = body["detail"].as_str().unwrap_or_else(|| panic!("{what}: no detail in {body}"));
-        assert!(detail.contains(message), "{what}: {detail:?} should mention {message:?}");
+        let detail = body["detail"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: no detail in {body}"));
+        assert!(
+            detail.contains(message),
+            "{what}: {detail:?} should mention {message:?}"
+        );
     }
     assert!(s.storage.is_empty(), "rejected uploads store nothing");
-    assert!(s.results.unfinished(usize::MAX).await.unwrap().is_empty(), "and record nothing");
+    assert!(
+        s.results.unfinished(usize::MAX).await.unwrap().is_empty(),
+        "and record nothing"
+    );
     let (status, _) = get(&s.app, "/health").await;
     assert_eq!(status, StatusCode::OK, "the service keeps serving");
 }
@@ -297,7 +499,13 @@ async fn unknown_tasks_are_404() {
 async fn classify_answers_synchronously() {
     let s = service();
     let bytes = image("darknet_dog.jpg");
-    let request = multipart("/api/classify?top_k=3", &[Part::File("dog.jpg", &bytes), Part::Text("metadata", r#"{"k": true}"#)]);
+    let request = multipart(
+        "/api/classify?top_k=3",
+        &[
+            Part::File("dog.jpg", &bytes),
+            Part::Text("metadata", r#"{"k": true}"#),
+        ],
+    );
     let (status, body) = call(&s.app, request).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let classification = body["classification"].as_array().unwrap();
@@ -305,7 +513,10 @@ async fn classify_answers_synchronously() {
     assert_eq!(classification[0]["label"], top1("darknet_dog.jpg"));
     assert_eq!(body["metadata"]["filename"], "dog.jpg");
     assert_eq!(body["model"], "efficientnet-lite0");
-    assert!(s.storage.is_empty(), "synchronous classification stores nothing");
+    assert!(
+        s.storage.is_empty(),
+        "synchronous classification stores nothing"
+    );
 }
 
 #[tokio::test]
@@ -327,7 +538,11 @@ async fn health_ready_metrics_and_openapi() {
     let bytes = image("opencv_apple.jpg");
     let _ = s._stop.send(true);
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let (status, _) = call(&s.app, multipart("/api/upload-image", &[Part::File("a.jpg", &bytes)])).await;
+    let (status, _) = call(
+        &s.app,
+        multipart("/api/upload-image", &[Part::File("a.jpg", &bytes)]),
+    )
+    .await;
     assert_eq!(status, StatusCode::ACCEPTED);
     let (status, metrics) = get(&s.app, "/metrics").await;
     assert_eq!(status, StatusCode::OK);
@@ -342,12 +557,22 @@ async fn health_ready_metrics_and_openapi() {
     ] {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }
-    assert!(metrics.contains("image_queue_depth 1"), "queue depth is real: {metrics}");
+    assert!(
+        metrics.contains("image_queue_depth 1"),
+        "queue depth is real: {metrics}"
+    );
 
     let (status, doc) = get(&s.app, "/openapi.json").await;
     assert_eq!(status, StatusCode::OK);
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
-    for path in ["/api/upload-image", "/api/task-status/{task_id}", "/api/classify", "/health", "/ready", "/metrics"] {
+    for path in [
+        "/api/upload-image",
+        "/api/task-status/{task_id}",
+        "/api/classify",
+        "/health",
+        "/ready",
+        "/metrics",
+    ] {
         assert!(doc["paths"].get(path).is_some(), "{path} documented");
     }
     drop(s.pipeline);

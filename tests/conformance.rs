@@ -27,11 +27,18 @@ async fn queue_memory() {
 async fn queue_memory_lease_expiry_redelivers() {
     // A worker that hangs forever holds its job only for the lease.
     let queue = MemoryQueue::new(Duration::from_millis(300));
-    let job = imgclf::Job { task_id: imgclf::TaskId::new(), object_key: "images/x.jpg".into() };
+    let job = imgclf::Job {
+        task_id: imgclf::TaskId::new(),
+        object_key: "images/x.jpg".into(),
+    };
     imgclf::Queue::enqueue(&queue, &job).await.unwrap();
-    let held = imgclf::Queue::receive(&queue, 1, Duration::from_secs(1)).await.unwrap();
+    let held = imgclf::Queue::receive(&queue, 1, Duration::from_secs(1))
+        .await
+        .unwrap();
     assert_eq!(held.len(), 1);
-    let again = imgclf::Queue::receive(&queue, 1, Duration::from_secs(2)).await.unwrap();
+    let again = imgclf::Queue::receive(&queue, 1, Duration::from_secs(2))
+        .await
+        .unwrap();
     assert_eq!(again.len(), 1, "the job comes back after the lease");
     assert_eq!((again[0].job(), again[0].attempt()), (&job, 2));
 }
@@ -45,7 +52,9 @@ async fn results_memory() {
 async fn results_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("nested/imgclf.db").display());
-    let store = SqliteResults::connect(&url).await.expect("creates the database and migrates");
+    let store = SqliteResults::connect(&url)
+        .await
+        .expect("creates the database and migrates");
     conformance::results::run(&store).await;
     drop(store);
     // Migrations are idempotent: reopening the same file works.

@@ -15,7 +15,10 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, detail: impl Into<String>) -> Self {
-        Self { status, detail: detail.into() }
+        Self {
+            status,
+            detail: detail.into(),
+        }
     }
 
     pub fn unprocessable(detail: impl Into<String>) -> Self {
@@ -25,7 +28,10 @@ impl ApiError {
     /// A backend failed: the details go to the log, the client gets a 503 it may retry.
     pub fn unavailable(error: impl std::fmt::Display) -> Self {
         tracing::error!(%error, "backend unavailable");
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "the service is temporarily unavailable")
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the service is temporarily unavailable",
+        )
     }
 }
 
@@ -52,9 +58,10 @@ impl From<SubmitError> for ApiError {
         match error {
             SubmitError::Image(e) => e.into(),
             SubmitError::Callback(e) => Self::unprocessable(e.to_string()),
-            SubmitError::Unavailable(_) => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "the service cannot accept tasks right now")
-            }
+            SubmitError::Unavailable(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the service cannot accept tasks right now",
+            ),
         }
     }
 }
@@ -67,7 +74,10 @@ impl From<ClassifyNowError> for ApiError {
                 ClassifyError::Stopped => Self::unavailable(&e),
                 _ => {
                     tracing::error!(error = %e, "classification failed");
-                    Self::new(StatusCode::UNPROCESSABLE_ENTITY, "the image could not be classified")
+                    Self::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "the image could not be classified",
+                    )
                 }
             },
         }
@@ -76,7 +86,13 @@ impl From<ClassifyNowError> for ApiError {
 
 impl From<MultipartRejection> for ApiError {
     fn from(rejection: MultipartRejection) -> Self {
-        Self::new(rejection.status(), format!("expected a multipart/form-data body: {}", rejection.body_text()))
+        Self::new(
+            rejection.status(),
+            format!(
+                "expected a multipart/form-data body: {}",
+                rejection.body_text()
+            ),
+        )
     }
 }
 

@@ -50,7 +50,10 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, request_timeout))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            request_timeout,
+        ))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -79,7 +82,9 @@ async fn upload_image(
 ) -> Result<Response, ApiError> {
     let form = read_form(multipart?, query, state.max_upload_bytes).await?;
     if form.top_k.is_some() {
-        return Err(ApiError::unprocessable("top_k applies to /api/classify; uploads use the configured top_k"));
+        return Err(ApiError::unprocessable(
+            "top_k applies to /api/classify; uploads use the configured top_k",
+        ));
     }
     let upload = Upload {
         bytes: form.bytes,
@@ -99,9 +104,18 @@ async fn task_status(
     State(state): State<AppState>,
     Path(task_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let unknown = || ApiError::new(StatusCode::NOT_FOUND, format!("unknown task id {task_id:?}"));
+    let unknown = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("unknown task id {task_id:?}"),
+        )
+    };
     let id: TaskId = task_id.parse().map_err(|_| unknown())?;
-    let record = state.pipeline.status(id).await.map_err(ApiError::unavailable)?;
+    let record = state
+        .pipeline
+        .status(id)
+        .await
+        .map_err(ApiError::unavailable)?;
     record.map(|r| Json(r.status())).ok_or_else(unknown)
 }
 
@@ -112,7 +126,9 @@ async fn classify(
 ) -> Result<Json<Value>, ApiError> {
     let form = read_form(multipart?, query, state.max_upload_bytes).await?;
     if form.callback_url.is_some() {
-        return Err(ApiError::unprocessable("callback_url applies to /api/upload-image only"));
+        return Err(ApiError::unprocessable(
+            "callback_url applies to /api/upload-image only",
+        ));
     }
     let pipeline = &state.pipeline;
     let top_k = form.top_k.unwrap_or(pipeline.config().top_k);
@@ -135,8 +151,11 @@ async fn health() -> Json<Value> {
 /// Ready when the model has run once and every backend answers.
 async fn ready(State(state): State<AppState>) -> Response {
     let ports = state.pipeline.ports();
-    let (storage, queue, results) =
-        tokio::join!(ports.storage.check(), ports.queue.check(), ports.results.check());
+    let (storage, queue, results) = tokio::join!(
+        ports.storage.check(),
+        ports.queue.check(),
+        ports.results.check()
+    );
     let mut problems = Vec::new();
     if !state.pipeline.classifier().is_ready() {
         problems.push("model not loaded yet".to_string());
@@ -162,10 +181,16 @@ async fn ready(State(state): State<AppState>) -> Response {
 async fn metrics(State(state): State<AppState>) -> Response {
     let pipeline = &state.pipeline;
     match pipeline.ports().queue.depth().await {
-        Ok(depth) => pipeline.metrics().queue_depth.set(depth.try_into().unwrap_or(i64::MAX)),
+        Ok(depth) => pipeline
+            .metrics()
+            .queue_depth
+            .set(depth.try_into().unwrap_or(i64::MAX)),
         Err(error) => tracing::warn!(%error, "queue depth unavailable"),
     }
-    let content_type = [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")];
+    let content_type = [(
+        header::CONTENT_TYPE,
+        "text/plain; version=0.0.4; charset=utf-8",
+    )];
     (content_type, pipeline.metrics().render()).into_response()
 }
 
@@ -184,10 +209,15 @@ async fn read_form(
         match field.name().unwrap_or_default() {
             "file" => {
                 if file.is_some() {
-                    return Err(ApiError::unprocessable("send exactly one field named 'file'"));
+                    return Err(ApiError::unprocessable(
+                        "send exactly one field named 'file'",
+                    ));
                 }
                 let filename = field.file_name().map(str::to_string);
-                file = Some((read_field(field, max_upload_bytes, "the image").await?, filename));
+                file = Some((
+                    read_field(field, max_upload_bytes, "the image").await?,
+                    filename,
+                ));
             }
             name @ ("callback_url" | "metadata" | "top_k") => {
                 let name = name.to_string();
@@ -205,17 +235,25 @@ async fn read_form(
         }
     }
     let Some((bytes, filename)) = file else {
-        return Err(ApiError::unprocessable("missing multipart field 'file' with the image"));
+        return Err(ApiError::unprocessable(
+            "missing multipart field 'file' with the image",
+        ));
     };
     let metadata = match params.metadata.as_deref().map(str::trim) {
         None | Some("") => Map::new(),
         Some(text) if text.len() > MAX_FIELD_BYTES => {
-            return Err(ApiError::unprocessable(format!("'metadata' is over {MAX_FIELD_BYTES} bytes")))
+            return Err(ApiError::unprocessable(format!(
+                "'metadata' is over {MAX_FIELD_BYTES} bytes"
+            )))
         }
         Some(text) => match serde_json::from_str(text) {
             Ok(Value::Object(map)) => map,
             Ok(_) => return Err(ApiError::unprocessable("'metadata' must be a JSON object")),
-            Err(e) => return Err(ApiError::unprocessable(format!("'metadata' is not valid JSON: {e}"))),
+            Err(e) => {
+                return Err(ApiError::unprocessable(format!(
+                    "'metadata' is not valid JSON: {e}"
+                )))
+            }
         },
     };
     let top_k = match params.top_k.as_deref().map(str::trim) {
@@ -229,8 +267,17 @@ async fn read_form(
             }
         },
     };
-    let callback_url = params.callback_url.map(|u| u.trim().to_string()).filter(|u| !u.is_empty());
-    Ok(Form { bytes, filename, callback_url, metadata, top_k })
+    let callback_url = params
+        .callback_url
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty());
+    Ok(Form {
+        bytes,
+        filename,
+        callback_url,
+        metadata,
+        top_k,
+    })
 }
 
 /// Reads a field, refusing it with 413 as soon as it passes `max` bytes.

@@ -12,7 +12,10 @@ use imgclf_http::{router, AppState};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
-#[command(version, about = "imgclf HTTP API: upload, task status, health, readiness, metrics")]
+#[command(
+    version,
+    about = "imgclf HTTP API: upload, task status, health, readiness, metrics"
+)]
 struct Args {
     /// Address to listen on.
     #[arg(long, env = "IMGCLF_ADDR", default_value = "127.0.0.1:8000")]
@@ -36,7 +39,12 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let settings = &args.settings;
 
-    let pipeline = Arc::new(settings.build_pipeline().await.context("building the pipeline")?);
+    let pipeline = Arc::new(
+        settings
+            .build_pipeline()
+            .await
+            .context("building the pipeline")?,
+    );
     tracing::info!(
         model = %pipeline.classifier().spec().name,
         storage = %imgclf::config::redact(&settings.storage_url()),
@@ -46,7 +54,10 @@ async fn main() -> anyhow::Result<()> {
     );
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let worker = if settings.embedded_queue() {
-        let requeued = pipeline.requeue_unfinished().await.map_err(anyhow::Error::msg)?;
+        let requeued = pipeline
+            .requeue_unfinished()
+            .await
+            .map_err(anyhow::Error::msg)?;
         if requeued > 0 {
             tracing::info!(requeued, "unfinished tasks from the last run queued again");
         }
@@ -55,13 +66,18 @@ async fn main() -> anyhow::Result<()> {
         None
     };
 
-    let state = AppState { pipeline, max_upload_bytes: args.max_upload_bytes };
+    let state = AppState {
+        pipeline,
+        max_upload_bytes: args.max_upload_bytes,
+    };
     let app = router(state, Duration::from_secs(args.request_timeout.max(1)));
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
         .with_context(|| format!("binding {}", args.addr))?;
     tracing::info!("listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
 
     let _ = stop.send(true);
     if let Some(worker) = worker {

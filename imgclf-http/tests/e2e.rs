@@ -15,7 +15,8 @@ fn shared() -> PathBuf {
 
 /// Image name -> reference top-1 label.
 fn reference_top1() -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(shared().join("images/reference-efficientnet-lite0.json")).unwrap();
+    let text =
+        std::fs::read_to_string(shared().join("images/reference-efficientnet-lite0.json")).unwrap();
     let json: Value = serde_json::from_str(&text).unwrap();
     json["top5"]
         .as_object()
@@ -41,7 +42,10 @@ impl Server {
             .stdout(Stdio::null())
             .spawn()
             .expect("imgclf-http starts");
-        let server = Self { child, base: format!("http://127.0.0.1:{port}") };
+        let server = Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        };
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(180);
         loop {
@@ -50,13 +54,19 @@ impl Server {
                     return server;
                 }
             }
-            assert!(Instant::now() < deadline, "imgclf-http did not become ready");
+            assert!(
+                Instant::now() < deadline,
+                "imgclf-http did not become ready"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
     fn signal(&self, signal: &str) {
-        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap();
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
         assert!(status.success());
     }
 }
@@ -71,9 +81,17 @@ impl Drop for Server {
 async fn upload(client: &reqwest::Client, base: &str, name: &str) -> String {
     let bytes = std::fs::read(shared().join("images").join(name)).unwrap();
     let form = reqwest::multipart::Form::new()
-        .part("file", reqwest::multipart::Part::bytes(bytes).file_name(name.to_string()))
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(bytes).file_name(name.to_string()),
+        )
         .text("metadata", r#"{"source": "e2e"}"#);
-    let response = client.post(format!("{base}/api/upload-image")).multipart(form).send().await.unwrap();
+    let response = client
+        .post(format!("{base}/api/upload-image"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 202);
     let body: Value = response.json().await.unwrap();
     body["task_id"].as_str().unwrap().to_string()
@@ -95,13 +113,20 @@ async fn wait_success(client: &reqwest::Client, base: &str, id: &str) -> Value {
             "FAILURE" => panic!("task {id} failed: {body}"),
             _ => {}
         }
-        assert!(Instant::now() < deadline, "task {id} did not finish: {body}");
+        assert!(
+            Instant::now() < deadline,
+            "task {id} did not finish: {body}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[tokio::test]
@@ -119,7 +144,11 @@ async fn the_embedded_default_classifies_real_photos_and_survives_a_kill() {
     }
     for (id, name, label) in &tasks {
         let done = wait_success(&client, &server.base, id).await;
-        assert_eq!(done["result"]["classification"][0]["label"], label.as_str(), "{name}");
+        assert_eq!(
+            done["result"]["classification"][0]["label"],
+            label.as_str(),
+            "{name}"
+        );
         assert_eq!(done["result"]["metadata"]["source"], "e2e");
     }
 

@@ -9,7 +9,10 @@ use imgclf::{shutdown_signal, Settings};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
-#[command(version, about = "imgclf worker: consume jobs, classify in batches, persist, notify")]
+#[command(
+    version,
+    about = "imgclf worker: consume jobs, classify in batches, persist, notify"
+)]
 struct Args {
     #[command(flatten)]
     settings: Settings,
@@ -28,7 +31,12 @@ async fn main() -> anyhow::Result<()> {
              run imgclf-http for the embedded pipeline, or point both at a shared queue"
         );
     }
-    let pipeline = Arc::new(settings.build_pipeline().await.context("building the pipeline")?);
+    let pipeline = Arc::new(
+        settings
+            .build_pipeline()
+            .await
+            .context("building the pipeline")?,
+    );
     tracing::info!(model = %pipeline.classifier().spec().name, "worker started");
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let worker = tokio::spawn(pipeline.run_worker(stopped));

@@ -17,9 +17,17 @@ use crate::storage::{LocalStorage, MemoryStorage, Storage, StorageError};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{port}: unsupported URL {url:?} ({hint})")]
-    Unsupported { port: &'static str, url: String, hint: &'static str },
+    Unsupported {
+        port: &'static str,
+        url: String,
+        hint: &'static str,
+    },
     #[error("{port}: {url:?} needs the cargo feature {feature:?}, not compiled into this build")]
-    NotCompiled { port: &'static str, url: String, feature: &'static str },
+    NotCompiled {
+        port: &'static str,
+        url: String,
+        feature: &'static str,
+    },
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
     #[error("results: {0}")]
@@ -36,25 +44,37 @@ pub enum ConfigError {
 #[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct Settings {
     /// Directory for the embedded default's images and database.
-    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_DATA_DIR", default_value = "./data"))]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "IMGCLF_DATA_DIR", default_value = "./data")
+    )]
     pub data_dir: PathBuf,
     /// Image storage: `file:///path` or `memory://` [default: file://DATA_DIR/images].
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_STORAGE"))]
     pub storage: Option<String>,
     /// Job queue: `memory://` runs the worker inside the HTTP process.
-    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_QUEUE", default_value = "memory://"))]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "IMGCLF_QUEUE", default_value = "memory://")
+    )]
     pub queue: String,
     /// Result store: `sqlite://path` or `memory://` [default: sqlite://DATA_DIR/imgclf.db].
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_RESULTS"))]
     pub results: Option<String>,
     /// Inference backend.
-    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_CLASSIFIER", default_value = "tract"))]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "IMGCLF_CLASSIFIER", default_value = "tract")
+    )]
     pub classifier: String,
     /// Model directory (with model.json) or manifest [default: the shipped EfficientNet-Lite0].
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_MODEL"))]
     pub model: Option<PathBuf>,
     /// Most images per inference batch.
-    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_MAX_BATCH", default_value_t = 8))]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "IMGCLF_MAX_BATCH", default_value_t = 8)
+    )]
     pub max_batch: usize,
     /// Most decoded pixels per image (stops decompression bombs).
     #[cfg_attr(
@@ -66,16 +86,25 @@ pub struct Settings {
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_TOP_K", default_value_t = 5))]
     pub top_k: usize,
     /// Deliveries of a job before it fails for good.
-    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_MAX_ATTEMPTS", default_value_t = 5))]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "IMGCLF_MAX_ATTEMPTS", default_value_t = 5)
+    )]
     pub max_attempts: u32,
     /// Threads decoding and preprocessing at once [default: one per core].
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_PREPROCESS_THREADS"))]
     pub preprocess_threads: Option<usize>,
     /// Seconds a callback attempt may take.
-    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_WEBHOOK_TIMEOUT", default_value_t = 10))]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "IMGCLF_WEBHOOK_TIMEOUT", default_value_t = 10)
+    )]
     pub webhook_timeout: u64,
     /// Attempts per callback before giving up; 0 turns callbacks off.
-    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_WEBHOOK_ATTEMPTS", default_value_t = 5))]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "IMGCLF_WEBHOOK_ATTEMPTS", default_value_t = 5)
+    )]
     pub webhook_attempts: u32,
 }
 
@@ -106,7 +135,10 @@ pub fn default_model_dir() -> PathBuf {
     if local.join("model.json").is_file() {
         local
     } else {
-        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/efficientnet-lite0"))
+        PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../models/efficientnet-lite0"
+        ))
     }
 }
 
@@ -147,7 +179,9 @@ impl Settings {
             max_pixels: self.max_pixels,
             top_k: self.top_k.max(1),
             max_attempts: self.max_attempts.max(1),
-            preprocess_threads: self.preprocess_threads.unwrap_or(defaults.preprocess_threads),
+            preprocess_threads: self
+                .preprocess_threads
+                .unwrap_or(defaults.preprocess_threads),
             ..defaults
         }
     }
@@ -185,9 +219,15 @@ impl Settings {
         }
         if url.starts_with("sqlite:") {
             #[cfg(feature = "sqlite")]
-            return Ok(Arc::new(crate::results::SqliteResults::connect(&url).await?));
+            return Ok(Arc::new(
+                crate::results::SqliteResults::connect(&url).await?,
+            ));
             #[cfg(not(feature = "sqlite"))]
-            return Err(ConfigError::NotCompiled { port: "results", url, feature: "sqlite" });
+            return Err(ConfigError::NotCompiled {
+                port: "results",
+                url,
+                feature: "sqlite",
+            });
         }
         Err(ConfigError::Unsupported {
             port: "results",
@@ -242,7 +282,10 @@ mod tests {
 
     #[test]
     fn redacts_passwords() {
-        assert_eq!(redact("amqp://guest:guest@localhost:5672/"), "amqp://guest:***@localhost:5672/");
+        assert_eq!(
+            redact("amqp://guest:guest@localhost:5672/"),
+            "amqp://guest:***@localhost:5672/"
+        );
         assert_eq!(redact("memory://"), "memory://");
     }
 }

@@ -60,7 +60,9 @@ pub use config::{ConfigError, Settings};
 pub use metrics::Metrics;
 pub use model::{ModelError, ModelSpec};
 pub use notify::{Notifier, NotifyError};
-pub use pipeline::{shutdown_signal, ClassifyNowError, Pipeline, PipelineConfig, Ports, SubmitError, Upload};
+pub use pipeline::{
+    shutdown_signal, ClassifyNowError, Pipeline, PipelineConfig, Ports, SubmitError, Upload,
+};
 pub use preprocess::{ImageError, Transform};
 pub use queue::{Delivery, Queue, QueueError};
 pub use results::{ResultStore, ResultsError};

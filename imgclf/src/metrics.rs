@@ -31,25 +31,33 @@ impl Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str| {
             let c = IntCounter::new(name, help).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
             let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
                 .expect("valid metric");
-            registry.register(Box::new(h.clone())).expect("unique metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
             h
         };
         let seconds = || exponential_buckets(0.001, 2.0, 16).expect("valid buckets");
-        let queue_depth = IntGauge::new("image_queue_depth", "Jobs waiting in the queue")
-            .expect("valid metric");
-        registry.register(Box::new(queue_depth.clone())).expect("unique metric");
+        let queue_depth =
+            IntGauge::new("image_queue_depth", "Jobs waiting in the queue").expect("valid metric");
+        registry
+            .register(Box::new(queue_depth.clone()))
+            .expect("unique metric");
         let stage_seconds = HistogramVec::new(
             HistogramOpts::new("image_stage_seconds", "Time per pipeline stage").buckets(seconds()),
             &["stage"],
         )
         .expect("valid metric");
-        registry.register(Box::new(stage_seconds.clone())).expect("unique metric");
+        registry
+            .register(Box::new(stage_seconds.clone()))
+            .expect("unique metric");
         Self {
             task_success: counter("image_task_success_total", "Tasks classified successfully"),
             task_failure: counter("image_task_failure_total", "Tasks that ended in FAILURE"),
@@ -79,7 +87,9 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("encoding to a Vec");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding to a Vec");
         String::from_utf8(out).expect("Prometheus text is UTF-8")
     }
 }

@@ -17,11 +17,21 @@ pub const MANIFEST: &str = "model.json";
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid model manifest {path}: {source}")]
-    Manifest { path: PathBuf, source: serde_json::Error },
+    Manifest {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("checksum mismatch for {path}: expected sha256 {expected}, found {found}")]
-    Checksum { path: PathBuf, expected: String, found: String },
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
     #[error("model {name}: {message}")]
     Invalid { name: String, message: String },
 }
@@ -59,12 +69,21 @@ impl ModelSpec {
     /// defaults) or from a manifest file.
     pub fn load(path: impl AsRef<Path>) -> Result<Self, ModelError> {
         let path = path.as_ref();
-        let manifest_path = if path.is_dir() { path.join(MANIFEST) } else { path.to_path_buf() };
-        let dir = manifest_path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let manifest_path = if path.is_dir() {
+            path.join(MANIFEST)
+        } else {
+            path.to_path_buf()
+        };
+        let dir = manifest_path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
         let manifest = if manifest_path.is_file() {
             let text = read(&manifest_path)?;
-            serde_json::from_slice(&text)
-                .map_err(|source| ModelError::Manifest { path: manifest_path.clone(), source })?
+            serde_json::from_slice(&text).map_err(|source| ModelError::Manifest {
+                path: manifest_path.clone(),
+                source,
+            })?
         } else {
             let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
             Manifest {
@@ -79,7 +98,11 @@ impl ModelSpec {
         if let Some(expected) = &manifest.sha256 {
             let found = hex::encode(Sha256::digest(read(&onnx_path)?));
             if !found.eq_ignore_ascii_case(expected) {
-                return Err(ModelError::Checksum { path: onnx_path, expected: expected.clone(), found });
+                return Err(ModelError::Checksum {
+                    path: onnx_path,
+                    expected: expected.clone(),
+                    found,
+                });
             }
         } else if !onnx_path.is_file() {
             return Err(ModelError::Io {
@@ -95,7 +118,12 @@ impl ModelSpec {
             }
             None => parse_labels(IMAGENET_LABELS),
         };
-        let spec = Self { name: manifest.name, onnx_path, labels, transform: manifest.transform };
+        let spec = Self {
+            name: manifest.name,
+            onnx_path,
+            labels,
+            transform: manifest.transform,
+        };
         if spec.transform.crop == 0 || spec.transform.resize < spec.transform.crop {
             return Err(spec.invalid("transform needs 0 < crop <= resize"));
         }
@@ -116,7 +144,11 @@ impl ModelSpec {
             .into_iter()
             .take(k)
             .map(|class_id| Prediction {
-                label: self.labels.get(class_id).cloned().unwrap_or_else(|| class_id.to_string()),
+                label: self
+                    .labels
+                    .get(class_id)
+                    .cloned()
+                    .unwrap_or_else(|| class_id.to_string()),
                 class_id,
                 probability: exp[class_id] / sum,
             })
@@ -124,16 +156,26 @@ impl ModelSpec {
     }
 
     pub(crate) fn invalid(&self, message: impl Into<String>) -> ModelError {
-        ModelError::Invalid { name: self.name.clone(), message: message.into() }
+        ModelError::Invalid {
+            name: self.name.clone(),
+            message: message.into(),
+        }
     }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, ModelError> {
-    std::fs::read(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })
+    std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn parse_labels(text: &str) -> Vec<String> {
-    text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 #[cfg(test)]
@@ -157,8 +199,15 @@ mod tests {
             transform: Transform::default(),
         };
         let top = spec.top_k(&[1.0, 3.0, 2.0], 2);
-        assert_eq!(top.iter().map(|p| p.class_id).collect::<Vec<_>>(), vec![1, 2]);
-        let total: f32 = spec.top_k(&[1.0, 3.0, 2.0], 3).iter().map(|p| p.probability).sum();
+        assert_eq!(
+            top.iter().map(|p| p.class_id).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        let total: f32 = spec
+            .top_k(&[1.0, 3.0, 2.0], 3)
+            .iter()
+            .map(|p| p.probability)
+            .sum();
         assert!((total - 1.0).abs() < 1e-6);
         assert!((top[0].probability - 0.665_240_9).abs() < 1e-6);
     }
@@ -172,6 +221,9 @@ mod tests {
             r#"{"name": "x", "sha256": "00"}"#,
         )
         .unwrap();
-        assert!(matches!(ModelSpec::load(dir.path()), Err(ModelError::Checksum { .. })));
+        assert!(matches!(
+            ModelSpec::load(dir.path()),
+            Err(ModelError::Checksum { .. })
+        ));
     }
 }

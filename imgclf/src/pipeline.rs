@@ -106,7 +106,13 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn new(ports: Ports, classifier: ClassifierHandle, config: PipelineConfig) -> Self {
         let preprocess_slots = Arc::new(Semaphore::new(config.preprocess_threads.max(1)));
-        Self { ports, classifier, metrics: Arc::new(Metrics::new()), config, preprocess_slots }
+        Self {
+            ports,
+            classifier,
+            metrics: Arc::new(Metrics::new()),
+            config,
+            preprocess_slots,
+        }
     }
 
     pub fn ports(&self) -> &Ports {
@@ -141,12 +147,20 @@ impl Pipeline {
         metadata.insert("object_name".into(), key.clone().into());
         let record = TaskRecord::pending(task_id, key.clone(), metadata, upload.callback_url);
 
-        let Ports { storage, queue, results, .. } = &self.ports;
+        let Ports {
+            storage,
+            queue,
+            results,
+            ..
+        } = &self.ports;
         let unavailable = |what: &str, e: &dyn std::fmt::Display| {
             tracing::error!(%task_id, error = %e, "{what} failed; upload refused");
             SubmitError::Unavailable(format!("{what} failed"))
         };
-        storage.put(&key, upload.bytes).await.map_err(|e| unavailable("storing the image", &e))?;
+        storage
+            .put(&key, upload.bytes)
+            .await
+            .map_err(|e| unavailable("storing the image", &e))?;
         if let Err(e) = results.create(&record).await {
             let _ = storage.delete(&key).await;
             return Err(unavailable("recording the task", &e));
@@ -193,9 +207,18 @@ impl Pipeline {
     /// in-memory queue died with the process, the result store is the record of what was
     /// accepted. Do not use with a durable queue, which still holds those jobs.
     pub async fn requeue_unfinished(&self) -> Result<usize, String> {
-        let open = self.ports.results.unfinished(usize::MAX).await.map_err(|e| e.to_string())?;
+        let open = self
+            .ports
+            .results
+            .unfinished(usize::MAX)
+            .await
+            .map_err(|e| e.to_string())?;
         for record in &open {
-            self.ports.queue.enqueue(&record.job()).await.map_err(|e| e.to_string())?;
+            self.ports
+                .queue
+                .enqueue(&record.job())
+                .await
+                .map_err(|e| e.to_string())?;
         }
         Ok(open.len())
     }
@@ -258,13 +281,19 @@ impl Pipeline {
             }
             while running.try_join_next().is_some() {}
         }
-        tracing::info!(jobs = running.len(), "worker stopping; draining jobs in hand");
+        tracing::info!(
+            jobs = running.len(),
+            "worker stopping; draining jobs in hand"
+        );
         let drained = tokio::time::timeout(self.config.drain_timeout, async {
             while running.join_next().await.is_some() {}
         })
         .await;
         if drained.is_err() {
-            tracing::warn!(jobs = running.len(), "drain timed out; unfinished jobs return to the queue");
+            tracing::warn!(
+                jobs = running.len(),
+                "drain timed out; unfinished jobs return to the queue"
+            );
             running.shutdown().await;
         }
     }
@@ -318,7 +347,8 @@ impl Pipeline {
     async fn try_process(&self, delivery: &dyn Delivery) -> Result<Option<TaskRecord>, Failure> {
         let job = delivery.job();
         let results = &self.ports.results;
-        let temporary = |what: &str, e: &dyn std::fmt::Display| Failure::Temporary(format!("{what}: {e}"));
+        let temporary =
+            |what: &str, e: &dyn std::fmt::Display| Failure::Temporary(format!("{what}: {e}"));
         let record = match results.start(job.task_id).await {
             Ok(Some(record)) if record.state.is_final() => return Ok(None),
             Ok(Some(record)) => record,
@@ -330,7 +360,10 @@ impl Pipeline {
         };
         if record.attempts == 1 {
             let waited = (now_ms() - record.created_at_ms).max(0) as f64 / 1000.0;
-            self.metrics.stage_seconds.with_label_values(&["queue_wait"]).observe(waited);
+            self.metrics
+                .stage_seconds
+                .with_label_values(&["queue_wait"])
+                .observe(waited);
         }
 
         let started = Instant::now();
@@ -341,7 +374,10 @@ impl Pipeline {
         };
         self.observe("fetch", started);
 
-        let tensor = self.tensor(bytes).await.map_err(|e| Failure::Permanent(e.to_string()))?;
+        let tensor = self
+            .tensor(bytes)
+            .await
+            .map_err(|e| Failure::Permanent(e.to_string()))?;
         let started = Instant::now();
         let logits = self.classifier.logits(tensor).await.map_err(|e| match *e {
             ClassifyError::Stopped => temporary("classifying", &e),
@@ -357,7 +393,10 @@ impl Pipeline {
             model: spec.name.clone(),
         };
         let started = Instant::now();
-        let wrote = results.complete(job.task_id, &result).await.map_err(|e| temporary("storing the result", &e))?;
+        let wrote = results
+            .complete(job.task_id, &result)
+            .await
+            .map_err(|e| temporary("storing the result", &e))?;
         self.observe("persist", started);
         if !wrote {
             return Ok(None);
@@ -372,7 +411,9 @@ impl Pipeline {
     fn finished(&self, record: TaskRecord) {
         let latency = (now_ms() - record.created_at_ms).max(0) as f64 / 1000.0;
         self.metrics.task_latency.observe(latency);
-        let Some(url) = record.callback_url.clone() else { return };
+        let Some(url) = record.callback_url.clone() else {
+            return;
+        };
         let notifier = self.ports.notifier.clone();
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
@@ -384,13 +425,18 @@ impl Pipeline {
                     tracing::warn!(task_id = %record.task_id, %error, "callback not delivered");
                 }
             }
-            metrics.webhook_latency.observe(started.elapsed().as_secs_f64());
+            metrics
+                .webhook_latency
+                .observe(started.elapsed().as_secs_f64());
         });
     }
 
     fn observe(&self, stage: &str, started: Instant) {
         let seconds = started.elapsed().as_secs_f64();
-        self.metrics.stage_seconds.with_label_values(&[stage]).observe(seconds);
+        self.metrics
+            .stage_seconds
+            .with_label_values(&[stage])
+            .observe(seconds);
     }
 }
 

@@ -148,13 +148,19 @@ impl TaskRecord {
     }
 
     pub fn job(&self) -> Job {
-        Job { task_id: self.task_id, object_key: self.object_key.clone() }
+        Job {
+            task_id: self.task_id,
+            object_key: self.object_key.clone(),
+        }
     }
 }
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl TaskRecord {

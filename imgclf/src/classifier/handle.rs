@@ -99,7 +99,9 @@ impl ClassifierHandle {
     /// Classifies one preprocessed image; returns its logits.
     pub async fn logits(&self, tensor: Vec<f32>) -> Result<Vec<f32>, Arc<ClassifyError>> {
         let (reply, answer) = oneshot::channel();
-        self.tx.send(Request { tensor, reply }).map_err(|_| Arc::new(ClassifyError::Stopped))?;
+        self.tx
+            .send(Request { tensor, reply })
+            .map_err(|_| Arc::new(ClassifyError::Stopped))?;
         answer.await.map_err(|_| Arc::new(ClassifyError::Stopped))?
     }
 }

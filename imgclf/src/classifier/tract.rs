@@ -23,7 +23,11 @@ impl TractClassifier {
         let graph = tract_onnx::onnx()
             .model_for_path(&spec.onnx_path)
             .map_err(|e| spec.invalid(format!("cannot load {}: {e}", spec.onnx_path.display())))?;
-        let mut classifier = Self { spec, graph, plans: HashMap::new() };
+        let mut classifier = Self {
+            spec,
+            graph,
+            plans: HashMap::new(),
+        };
         classifier.plan(1)?;
         Ok(classifier)
     }
@@ -39,7 +43,10 @@ impl TractClassifier {
             .with_input_fact(0, f32::fact([n, 3, side, side]).into())
             .and_then(|m| m.into_optimized())
             .and_then(|m| m.into_runnable())
-            .map_err(|e| self.spec.invalid(format!("cannot compile for batch {n}: {e}")))?;
+            .map_err(|e| {
+                self.spec
+                    .invalid(format!("cannot compile for batch {n}: {e}"))
+            })?;
         self.plans.insert(n, plan.clone());
         Ok(plan)
     }
@@ -55,14 +62,21 @@ impl Classifier for TractClassifier {
         let plan = self.plan(n)?;
         let input = Tensor::from_shape(&[n, 3, side, side], batch)
             .map_err(|e| ClassifyError::Inference(e.to_string()))?;
-        let outputs =
-            plan.run(tvec!(input.into())).map_err(|e| ClassifyError::Inference(e.to_string()))?;
+        let outputs = plan
+            .run(tvec!(input.into()))
+            .map_err(|e| ClassifyError::Inference(e.to_string()))?;
         let inference = |e: TractError| ClassifyError::Inference(e.to_string());
         let view = outputs[0].try_as_plain_ram().map_err(inference)?;
         let logits = view.as_slice::<f32>().map_err(inference)?;
         if n == 0 || logits.len() % n != 0 {
-            return Err(ClassifyError::Inference(format!("{} logits for {n} images", logits.len())));
+            return Err(ClassifyError::Inference(format!(
+                "{} logits for {n} images",
+                logits.len()
+            )));
         }
-        Ok(logits.chunks(logits.len() / n).map(<[f32]>::to_vec).collect())
+        Ok(logits
+            .chunks(logits.len() / n)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 }

@@ -10,18 +10,28 @@ const SHORT: Duration = Duration::from_millis(200);
 /// Every queue check, on an empty queue of its own. `max_attempts` is how many deliveries the
 /// pipeline allows; the suite checks the attempt counts that policy relies on.
 pub async fn run(queue: &dyn Queue) {
-    assert_eq!(queue.depth().await.expect("depth"), 0, "the suite needs an empty queue");
+    assert_eq!(
+        queue.depth().await.expect("depth"),
+        0,
+        "the suite needs an empty queue"
+    );
     every_job_is_delivered_once(queue).await;
     unsettled_deliveries_come_back(queue).await;
     retry_waits_and_counts(queue).await;
     dead_letters_are_counted(queue).await;
     concurrent_consumers_share_nothing(queue).await;
-    queue.check().await.expect("a working queue passes its check");
+    queue
+        .check()
+        .await
+        .expect("a working queue passes its check");
 }
 
 fn job() -> Job {
     let task_id = TaskId::new();
-    Job { task_id, object_key: format!("images/{task_id}.jpg") }
+    Job {
+        task_id,
+        object_key: format!("images/{task_id}.jpg"),
+    }
 }
 
 /// Receives until `n` deliveries are in hand or `WAIT` passes.
@@ -29,7 +39,12 @@ async fn receive_n(queue: &dyn Queue, n: usize) -> Vec<Box<dyn Delivery>> {
     let deadline = tokio::time::Instant::now() + WAIT;
     let mut got = Vec::new();
     while got.len() < n && tokio::time::Instant::now() < deadline {
-        got.extend(queue.receive(n - got.len(), Duration::from_millis(500)).await.expect("receive"));
+        got.extend(
+            queue
+                .receive(n - got.len(), Duration::from_millis(500))
+                .await
+                .expect("receive"),
+        );
     }
     got
 }
@@ -39,20 +54,34 @@ async fn every_job_is_delivered_once(queue: &dyn Queue) {
     for j in &jobs {
         queue.enqueue(j).await.expect("enqueue");
     }
-    assert_eq!(queue.depth().await.expect("depth"), 20, "depth counts waiting jobs");
+    assert_eq!(
+        queue.depth().await.expect("depth"),
+        20,
+        "depth counts waiting jobs"
+    );
     let got = receive_n(queue, 20).await;
     let ids: HashSet<TaskId> = got.iter().map(|d| d.job().task_id).collect();
-    assert_eq!(ids, jobs.iter().map(|j| j.task_id).collect(), "every job, ordering aside");
+    assert_eq!(
+        ids,
+        jobs.iter().map(|j| j.task_id).collect(),
+        "every job, ordering aside"
+    );
     assert_eq!(got.len(), 20, "and each once");
     for d in &got {
         assert_eq!(d.attempt(), 1, "a first delivery is attempt 1");
-        let original = jobs.iter().find(|j| j.task_id == d.job().task_id).expect("known job");
+        let original = jobs
+            .iter()
+            .find(|j| j.task_id == d.job().task_id)
+            .expect("known job");
         assert_eq!(d.job(), original, "the job arrives intact");
     }
     for d in got {
         d.ack().await.expect("ack");
     }
-    assert!(queue.receive(10, SHORT).await.expect("receive").is_empty(), "acked jobs are gone");
+    assert!(
+        queue.receive(10, SHORT).await.expect("receive").is_empty(),
+        "acked jobs are gone"
+    );
     assert_eq!(queue.depth().await.expect("depth"), 0);
 }
 
@@ -76,13 +105,27 @@ async fn retry_waits_and_counts(queue: &dyn Queue) {
     let j = job();
     queue.enqueue(&j).await.expect("enqueue");
     let first = receive_n(queue, 1).await.pop().expect("delivered");
-    first.retry(Duration::from_millis(1500)).await.expect("retry");
+    first
+        .retry(Duration::from_millis(1500))
+        .await
+        .expect("retry");
     assert!(
-        queue.receive(1, Duration::from_millis(300)).await.expect("receive").is_empty(),
+        queue
+            .receive(1, Duration::from_millis(300))
+            .await
+            .expect("receive")
+            .is_empty(),
         "a retried job waits out its delay"
     );
-    assert_eq!(queue.depth().await.expect("depth"), 1, "a delayed job still counts as waiting");
-    let second = receive_n(queue, 1).await.pop().expect("delivered after the delay");
+    assert_eq!(
+        queue.depth().await.expect("depth"),
+        1,
+        "a delayed job still counts as waiting"
+    );
+    let second = receive_n(queue, 1)
+        .await
+        .pop()
+        .expect("delivered after the delay");
     assert_eq!(second.job(), &j);
     assert_eq!(second.attempt(), 2);
     second.ack().await.expect("ack");
@@ -93,9 +136,17 @@ async fn dead_letters_are_counted(queue: &dyn Queue) {
     let j = job();
     queue.enqueue(&j).await.expect("enqueue");
     let d = receive_n(queue, 1).await.pop().expect("delivered");
-    d.dead_letter("cannot be decoded").await.expect("dead-letter");
-    assert_eq!(queue.dead_letters().await.expect("dead letters"), before + 1);
-    assert!(queue.receive(1, SHORT).await.expect("receive").is_empty(), "dead letters stay dead");
+    d.dead_letter("cannot be decoded")
+        .await
+        .expect("dead-letter");
+    assert_eq!(
+        queue.dead_letters().await.expect("dead letters"),
+        before + 1
+    );
+    assert!(
+        queue.receive(1, SHORT).await.expect("receive").is_empty(),
+        "dead letters stay dead"
+    );
 }
 
 async fn concurrent_consumers_share_nothing(queue: &dyn Queue) {
@@ -106,7 +157,10 @@ async fn concurrent_consumers_share_nothing(queue: &dyn Queue) {
     let consume = || async {
         let mut held = Vec::new();
         loop {
-            let got = queue.receive(3, Duration::from_millis(300)).await.expect("receive");
+            let got = queue
+                .receive(3, Duration::from_millis(300))
+                .await
+                .expect("receive");
             if got.is_empty() {
                 break;
             }
@@ -118,7 +172,11 @@ async fn concurrent_consumers_share_nothing(queue: &dyn Queue) {
     let (a, b, c) = tokio::join!(consume(), consume(), consume());
     let mut seen = HashSet::new();
     for d in a.iter().chain(&b).chain(&c) {
-        assert!(seen.insert(d.job().task_id), "job {} delivered twice", d.job().task_id);
+        assert!(
+            seen.insert(d.job().task_id),
+            "job {} delivered twice",
+            d.job().task_id
+        );
     }
     assert_eq!(seen.len(), jobs.len(), "consumers together got every job");
     for d in a.into_iter().chain(b).chain(c) {

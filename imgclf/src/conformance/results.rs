@@ -11,7 +11,10 @@ pub async fn run(store: &dyn ResultStore) {
     failure_is_final(store).await;
     unfinished_lists_open_tasks(store).await;
     concurrent_completions_write_once(store).await;
-    store.check().await.expect("a working store passes its check");
+    store
+        .check()
+        .await
+        .expect("a working store passes its check");
 }
 
 fn record() -> TaskRecord {
@@ -19,14 +22,23 @@ fn record() -> TaskRecord {
     metadata.insert("filename".into(), "cat.jpg".into());
     metadata.insert("nested".into(), serde_json::json!({"a": [1, 2, 3]}));
     let id = TaskId::new();
-    TaskRecord::pending(id, format!("images/{id}.jpg"), metadata, Some("https://example.com/h".into()))
+    TaskRecord::pending(
+        id,
+        format!("images/{id}.jpg"),
+        metadata,
+        Some("https://example.com/h".into()),
+    )
 }
 
 fn result(id: TaskId, label: &str) -> TaskResult {
     TaskResult {
         task_id: id,
         metadata: Map::new(),
-        classification: vec![Prediction { label: label.into(), class_id: 281, probability: 0.75 }],
+        classification: vec![Prediction {
+            label: label.into(),
+            class_id: 281,
+            probability: 0.75,
+        }],
         model: "test-model".into(),
     }
 }
@@ -34,26 +46,62 @@ fn result(id: TaskId, label: &str) -> TaskResult {
 async fn create_and_get(store: &dyn ResultStore) {
     let r = record();
     store.create(&r).await.expect("create");
-    let got = store.get(r.task_id).await.expect("get").expect("created task exists");
+    let got = store
+        .get(r.task_id)
+        .await
+        .expect("get")
+        .expect("created task exists");
     assert_eq!(got, r, "a record reads back exactly as created");
     assert!(matches!(store.create(&r).await, Err(ResultsError::Conflict(id)) if id == r.task_id));
-    assert!(store.get(TaskId::new()).await.expect("get").is_none(), "unknown ids are None");
+    assert!(
+        store.get(TaskId::new()).await.expect("get").is_none(),
+        "unknown ids are None"
+    );
     store.delete(r.task_id).await.expect("delete");
-    assert!(store.get(r.task_id).await.expect("get").is_none(), "deleted tasks are gone");
+    assert!(
+        store.get(r.task_id).await.expect("get").is_none(),
+        "deleted tasks are gone"
+    );
 }
 
 async fn state_machine(store: &dyn ResultStore) {
     let r = record();
     store.create(&r).await.expect("create");
-    let started = store.start(r.task_id).await.expect("start").expect("known task");
+    let started = store
+        .start(r.task_id)
+        .await
+        .expect("start")
+        .expect("known task");
     assert_eq!((started.state, started.attempts), (TaskState::Started, 1));
-    let again = store.start(r.task_id).await.expect("start").expect("known task");
-    assert_eq!((again.state, again.attempts), (TaskState::Started, 2), "a redelivery counts");
-    assert!(store.complete(r.task_id, &result(r.task_id, "tabby")).await.expect("complete"));
-    let late = store.start(r.task_id).await.expect("start").expect("known task");
-    assert_eq!(late.state, TaskState::Success, "a late redelivery cannot undo SUCCESS");
+    let again = store
+        .start(r.task_id)
+        .await
+        .expect("start")
+        .expect("known task");
+    assert_eq!(
+        (again.state, again.attempts),
+        (TaskState::Started, 2),
+        "a redelivery counts"
+    );
+    assert!(store
+        .complete(r.task_id, &result(r.task_id, "tabby"))
+        .await
+        .expect("complete"));
+    let late = store
+        .start(r.task_id)
+        .await
+        .expect("start")
+        .expect("known task");
+    assert_eq!(
+        late.state,
+        TaskState::Success,
+        "a late redelivery cannot undo SUCCESS"
+    );
     assert_eq!(late.attempts, 2, "starting a final task counts nothing");
-    assert!(store.start(TaskId::new()).await.expect("start").is_none(), "unknown ids are None");
+    assert!(
+        store.start(TaskId::new()).await.expect("start").is_none(),
+        "unknown ids are None"
+    );
 }
 
 async fn idempotent_completion(store: &dyn ResultStore) {
@@ -61,21 +109,36 @@ async fn idempotent_completion(store: &dyn ResultStore) {
     store.create(&r).await.expect("create");
     store.start(r.task_id).await.expect("start");
     let first = result(r.task_id, "tabby");
-    assert!(store.complete(r.task_id, &first).await.expect("complete"), "first completion writes");
-    assert!(!store.complete(r.task_id, &result(r.task_id, "other")).await.expect("complete"));
+    assert!(
+        store.complete(r.task_id, &first).await.expect("complete"),
+        "first completion writes"
+    );
+    assert!(!store
+        .complete(r.task_id, &result(r.task_id, "other"))
+        .await
+        .expect("complete"));
     assert!(!store.fail(r.task_id, "late failure").await.expect("fail"));
     let got = store.get(r.task_id).await.expect("get").expect("exists");
     assert_eq!(got.state, TaskState::Success);
     assert_eq!(got.result, Some(first), "the first result stays");
     assert_eq!(got.error, None);
-    assert!(!store.complete(TaskId::new(), &result(r.task_id, "x")).await.expect("complete"));
+    assert!(!store
+        .complete(TaskId::new(), &result(r.task_id, "x"))
+        .await
+        .expect("complete"));
 }
 
 async fn failure_is_final(store: &dyn ResultStore) {
     let r = record();
     store.create(&r).await.expect("create");
-    assert!(store.fail(r.task_id, "the image cannot be decoded").await.expect("fail"));
-    assert!(!store.complete(r.task_id, &result(r.task_id, "x")).await.expect("complete"));
+    assert!(store
+        .fail(r.task_id, "the image cannot be decoded")
+        .await
+        .expect("fail"));
+    assert!(!store
+        .complete(r.task_id, &result(r.task_id, "x"))
+        .await
+        .expect("complete"));
     let got = store.get(r.task_id).await.expect("get").expect("exists");
     assert_eq!(got.state, TaskState::Failure);
     assert_eq!(got.error.as_deref(), Some("the image cannot be decoded"));
@@ -88,12 +151,26 @@ async fn unfinished_lists_open_tasks(store: &dyn ResultStore) {
         store.create(r).await.expect("create");
     }
     store.start(started.task_id).await.expect("start");
-    store.complete(done.task_id, &result(done.task_id, "x")).await.expect("complete");
-    let open: Vec<TaskId> =
-        store.unfinished(usize::MAX).await.expect("unfinished").iter().map(|r| r.task_id).collect();
+    store
+        .complete(done.task_id, &result(done.task_id, "x"))
+        .await
+        .expect("complete");
+    let open: Vec<TaskId> = store
+        .unfinished(usize::MAX)
+        .await
+        .expect("unfinished")
+        .iter()
+        .map(|r| r.task_id)
+        .collect();
     assert!(open.contains(&pending.task_id) && open.contains(&started.task_id));
-    assert!(!open.contains(&done.task_id), "final tasks are not unfinished");
-    assert!(store.unfinished(1).await.expect("unfinished").len() <= 1, "the limit holds");
+    assert!(
+        !open.contains(&done.task_id),
+        "final tasks are not unfinished"
+    );
+    assert!(
+        store.unfinished(1).await.expect("unfinished").len() <= 1,
+        "the limit holds"
+    );
 }
 
 async fn concurrent_completions_write_once(store: &dyn ResultStore) {
@@ -114,5 +191,9 @@ async fn concurrent_completions_write_once(store: &dyn ResultStore) {
         store.complete(r.task_id, &d),
     );
     let wrote = [wrote.0, wrote.1, wrote.2, wrote.3, wrote.4].map(|w| w.expect("finish"));
-    assert_eq!(wrote.iter().filter(|w| **w).count(), 1, "exactly one final write wins");
+    assert_eq!(
+        wrote.iter().filter(|w| **w).count(),
+        1,
+        "exactly one final write wins"
+    );
 }

@@ -19,8 +19,15 @@ impl WebhookNotifier {
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("imgclf/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| NotifyError::Failed { attempts: 0, message: e.to_string() })?;
-        Ok(Self { client, attempts: attempts.max(1), backoff })
+            .map_err(|e| NotifyError::Failed {
+                attempts: 0,
+                message: e.to_string(),
+            })?;
+        Ok(Self {
+            client,
+            attempts: attempts.max(1),
+            backoff,
+        })
     }
 }
 
@@ -47,12 +54,18 @@ impl Notifier for WebhookNotifier {
                     let status = response.status();
                     message = format!("HTTP {status}");
                     if status.is_client_error() && status != 408 && status != 429 {
-                        return Err(NotifyError::Failed { attempts: attempt, message });
+                        return Err(NotifyError::Failed {
+                            attempts: attempt,
+                            message,
+                        });
                     }
                 }
                 Err(error) => message = error.without_url().to_string(),
             }
         }
-        Err(NotifyError::Failed { attempts: self.attempts, message })
+        Err(NotifyError::Failed {
+            attempts: self.attempts,
+            message,
+        })
     }
 }

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use resample::Window;
 
+mod jpeg;
 mod resample;
 
 /// Formats accepted at upload; everything else is refused before it is stored.
@@ -53,7 +54,11 @@ impl ImageInfo {
     }
 
     pub fn extension(&self) -> &'static str {
-        self.format.extensions_str().first().copied().unwrap_or("bin")
+        self.format
+            .extensions_str()
+            .first()
+            .copied()
+            .unwrap_or("bin")
     }
 }
 
@@ -62,17 +67,27 @@ pub fn inspect(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, ImageError> {
     let (format, decoder) = open(bytes)?;
     let (width, height) = decoder.dimensions();
     check_pixels(width, height, max_pixels)?;
-    Ok(ImageInfo { format, width, height })
+    Ok(ImageInfo {
+        format,
+        width,
+        height,
+    })
 }
 
 /// Fully decodes an image, applies its EXIF orientation and returns 8-bit RGB
 /// (alpha dropped, grey replicated, 16-bit scaled down, first frame of an animation).
 pub fn decode_rgb8(bytes: &[u8], max_pixels: u64) -> Result<image::RgbImage, ImageError> {
-    let (_, mut decoder) = open(bytes)?;
+    let (format, mut decoder) = open(bytes)?;
     let (width, height) = decoder.dimensions();
     check_pixels(width, height, max_pixels)?;
     let orientation = decoder.orientation().ok();
-    let mut image = DynamicImage::from_decoder(decoder).map_err(undecodable)?;
+    let mut image = match format {
+        ImageFormat::Jpeg => match jpeg::decode_rgb8(bytes)? {
+            Some(rgb) => DynamicImage::ImageRgb8(rgb),
+            None => DynamicImage::from_decoder(decoder).map_err(undecodable)?,
+        },
+        _ => DynamicImage::from_decoder(decoder).map_err(undecodable)?,
+    };
     if let Some(orientation) = orientation {
         image.apply_orientation(orientation);
     }
@@ -97,7 +112,9 @@ fn open(bytes: &[u8]) -> Result<(ImageFormat, Box<dyn ImageDecoder + '_>), Image
 
 fn check_pixels(width: u32, height: u32, max: u64) -> Result<(), ImageError> {
     if width == 0 || height == 0 {
-        return Err(ImageError::Undecodable(format!("the image has no pixels ({width}x{height})")));
+        return Err(ImageError::Undecodable(format!(
+            "the image has no pixels ({width}x{height})"
+        )));
     }
     if u64::from(width) * u64::from(height) > max {
         return Err(ImageError::TooManyPixels { width, height, max });
@@ -180,7 +197,11 @@ impl Transform {
 
 /// torchvision's `Resize(size)` for an int size: shorter side to `size`, longer side truncated.
 pub fn resized_size(width: u32, height: u32, size: u32) -> (u32, u32) {
-    let (short, long) = if width <= height { (width, height) } else { (height, width) };
+    let (short, long) = if width <= height {
+        (width, height)
+    } else {
+        (height, width)
+    };
     let new_long = ((u64::from(size) * u64::from(long)) / u64::from(short)) as u32;
     if width <= height {
         (size, new_long)
@@ -223,9 +244,15 @@ mod tests {
     #[test]
     fn refuses_what_is_not_an_image() {
         assert_eq!(inspect(b"", 100), Err(ImageError::Empty));
-        assert_eq!(inspect(b"hello, world", 100), Err(ImageError::UnsupportedFormat));
+        assert_eq!(
+            inspect(b"hello, world", 100),
+            Err(ImageError::UnsupportedFormat)
+        );
         // PNG magic bytes with nothing behind them.
-        assert!(matches!(inspect(b"\x89PNG\r\n\x1a\n", 100), Err(ImageError::Undecodable(_))));
+        assert!(matches!(
+            inspect(b"\x89PNG\r\n\x1a\n", 100),
+            Err(ImageError::Undecodable(_))
+        ));
     }
 
     #[test]
@@ -237,7 +264,11 @@ mod tests {
         assert!(inspect(&png, 10_000).is_ok());
         assert_eq!(
             inspect(&png, 9_999),
-            Err(ImageError::TooManyPixels { width: 100, height: 100, max: 9_999 })
+            Err(ImageError::TooManyPixels {
+                width: 100,
+                height: 100,
+                max: 9_999
+            })
         );
     }
 

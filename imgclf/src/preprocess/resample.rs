@@ -57,11 +57,19 @@ fn coefficients(in_size: u32, out_size: u32) -> Coefficients {
         for (x, &w) in k.iter().enumerate().take(xmax) {
             let w = if ww != 0.0 { w / ww } else { w };
             let fixed = w * f64::from(1u32 << PRECISION_BITS);
-            weights[xx * ksize + x] = if w < 0.0 { (fixed - 0.5) as i32 } else { (fixed + 0.5) as i32 };
+            weights[xx * ksize + x] = if w < 0.0 {
+                (fixed - 0.5) as i32
+            } else {
+                (fixed + 0.5) as i32
+            };
         }
         bounds.push((xmin, xmax));
     }
-    Coefficients { bounds, weights, ksize }
+    Coefficients {
+        bounds,
+        weights,
+        ksize,
+    }
 }
 
 fn clip8(sum: i32) -> u8 {
@@ -70,9 +78,21 @@ fn clip8(sum: i32) -> u8 {
 
 /// Resizes a packed RGB8 image to `new_w` x `new_h` and returns the `window` of the result, as
 /// packed RGB8 rows.
-pub(super) fn resize_window(src: &[u8], width: u32, height: u32, new_w: u32, new_h: u32, window: Window) -> Vec<u8> {
+pub(super) fn resize_window(
+    src: &[u8],
+    width: u32,
+    height: u32,
+    new_w: u32,
+    new_h: u32,
+    window: Window,
+) -> Vec<u8> {
     let w = width as usize;
-    let Window { left, top, width: out_w, height: out_h } = window;
+    let Window {
+        left,
+        top,
+        width: out_w,
+        height: out_h,
+    } = window;
 
     // Horizontal pass over just the source rows the vertical pass will read.
     let vertical = (new_h != height).then(|| coefficients(height, new_h));
@@ -134,8 +154,14 @@ mod tests {
         for (from, to) in [(512, 256), (768, 341), (300, 256), (2560, 409), (256, 256)] {
             let c = coefficients(from, to);
             for (x, &(_, len)) in c.bounds.iter().enumerate() {
-                let sum: i64 = c.weights[x * c.ksize..][..len].iter().map(|&w| i64::from(w)).sum();
-                assert!((sum - (1 << PRECISION_BITS)).abs() <= len as i64, "{from}->{to} at {x}");
+                let sum: i64 = c.weights[x * c.ksize..][..len]
+                    .iter()
+                    .map(|&w| i64::from(w))
+                    .sum();
+                assert!(
+                    (sum - (1 << PRECISION_BITS)).abs() <= len as i64,
+                    "{from}->{to} at {x}"
+                );
             }
         }
     }
@@ -143,7 +169,12 @@ mod tests {
     #[test]
     fn a_flat_image_stays_flat() {
         let src = vec![77u8; 500 * 300 * 3];
-        let window = Window { left: 10, top: 5, width: 100, height: 80 };
+        let window = Window {
+            left: 10,
+            top: 5,
+            width: 100,
+            height: 80,
+        };
         let out = resize_window(&src, 500, 300, 426, 256, window);
         assert_eq!(out.len(), 100 * 80 * 3);
         assert!(out.iter().all(|&v| v == 77));

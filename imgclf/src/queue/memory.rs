@@ -51,8 +51,12 @@ impl State {
                 i += 1;
             }
         }
-        let expired: Vec<u64> =
-            self.in_flight.iter().filter(|(_, (until, _))| *until <= now).map(|(t, _)| *t).collect();
+        let expired: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, (until, _))| *until <= now)
+            .map(|(t, _)| *t)
+            .collect();
         for tag in expired {
             if let Some((_, entry)) = self.in_flight.remove(&tag) {
                 self.ready.push_front(entry);
@@ -62,7 +66,9 @@ impl State {
 
     fn next_due(&self) -> Option<Instant> {
         let delayed = self.delayed.iter().map(|(due, _)| *due);
-        delayed.chain(self.in_flight.values().map(|(until, _)| *until)).min()
+        delayed
+            .chain(self.in_flight.values().map(|(until, _)| *until))
+            .min()
     }
 }
 
@@ -93,7 +99,10 @@ impl MemoryQueue {
 #[async_trait]
 impl Queue for MemoryQueue {
     async fn enqueue(&self, job: &Job) -> Result<(), QueueError> {
-        let entry = Entry { job: job.clone(), attempts: 0 };
+        let entry = Entry {
+            job: job.clone(),
+            attempts: 0,
+        };
         self.shared.state.lock().unwrap().ready.push_back(entry);
         self.shared.arrived.notify_waiters();
         Ok(())
@@ -115,7 +124,9 @@ impl Queue for MemoryQueue {
                 state.promote(now);
                 let mut out: Vec<Box<dyn Delivery>> = Vec::new();
                 while out.len() < max.max(1) {
-                    let Some(mut entry) = state.ready.pop_front() else { break };
+                    let Some(mut entry) = state.ready.pop_front() else {
+                        break;
+                    };
                     entry.attempts += 1;
                     state.next_tag += 1;
                     let tag = state.next_tag;
@@ -126,7 +137,9 @@ impl Queue for MemoryQueue {
                         attempt: entry.attempts,
                         settled: false,
                     }));
-                    state.in_flight.insert(tag, (now + self.shared.lease, entry));
+                    state
+                        .in_flight
+                        .insert(tag, (now + self.shared.lease, entry));
                 }
                 if !out.is_empty() || now >= deadline {
                     return Ok(out);

@@ -23,7 +23,13 @@ pub enum QueueError {
 
 impl QueueError {
     pub fn is_temporary(&self) -> bool {
-        matches!(self, Self::Backend { temporary: true, .. })
+        matches!(
+            self,
+            Self::Backend {
+                temporary: true,
+                ..
+            }
+        )
     }
 }
 
@@ -34,8 +40,11 @@ pub trait Queue: Send + Sync + 'static {
     async fn enqueue(&self, job: &Job) -> Result<(), QueueError>;
 
     /// Up to `max` jobs; waits up to `wait` for the first one, returns an empty batch after that.
-    async fn receive(&self, max: usize, wait: Duration)
-        -> Result<Vec<Box<dyn Delivery>>, QueueError>;
+    async fn receive(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Box<dyn Delivery>>, QueueError>;
 
     /// Jobs waiting to be delivered, including delayed retries.
     async fn depth(&self) -> Result<u64, QueueError>;

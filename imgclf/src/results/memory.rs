@@ -71,8 +71,11 @@ impl ResultStore for MemoryResults {
 
     async fn unfinished(&self, limit: usize) -> Result<Vec<TaskRecord>, ResultsError> {
         let tasks = self.tasks.lock().unwrap();
-        let mut open: Vec<TaskRecord> =
-            tasks.values().filter(|r| !r.state.is_final()).cloned().collect();
+        let mut open: Vec<TaskRecord> = tasks
+            .values()
+            .filter(|r| !r.state.is_final())
+            .cloned()
+            .collect();
         open.sort_by_key(|r| (r.created_at_ms, r.task_id));
         open.truncate(limit);
         Ok(open)

@@ -29,7 +29,13 @@ pub enum ResultsError {
 
 impl ResultsError {
     pub fn is_temporary(&self) -> bool {
-        matches!(self, Self::Backend { temporary: true, .. })
+        matches!(
+            self,
+            Self::Backend {
+                temporary: true,
+                ..
+            }
+        )
     }
 }
 

@@ -35,7 +35,10 @@ impl SqliteResults {
             .connect_with(options)
             .await
             .map_err(backend)?;
-        MIGRATOR.run(&pool).await.map_err(|e| permanent(format!("migrations: {e}")))?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| permanent(format!("migrations: {e}")))?;
         Ok(Self { pool })
     }
 
@@ -52,7 +55,10 @@ impl SqliteResults {
 }
 
 fn permanent(message: String) -> ResultsError {
-    ResultsError::Backend { message, temporary: false }
+    ResultsError::Backend {
+        message,
+        temporary: false,
+    }
 }
 
 fn backend(error: sqlx::Error) -> ResultsError {
@@ -60,7 +66,10 @@ fn backend(error: sqlx::Error) -> ResultsError {
         error,
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
     ) || matches!(&error, sqlx::Error::Database(db) if db.message().contains("locked"));
-    ResultsError::Backend { message: error.to_string(), temporary }
+    ResultsError::Backend {
+        message: error.to_string(),
+        temporary,
+    }
 }
 
 fn codec(error: impl std::fmt::Display) -> ResultsError {
@@ -76,7 +85,10 @@ fn record(row: &SqliteRow) -> Result<TaskRecord, ResultsError> {
         object_key: text("object_key")?,
         metadata: serde_json::from_str(&text("metadata")?).map_err(codec)?,
         callback_url: row.try_get("callback_url").map_err(codec)?,
-        result: result.map(|r| serde_json::from_str(&r)).transpose().map_err(codec)?,
+        result: result
+            .map(|r| serde_json::from_str(&r))
+            .transpose()
+            .map_err(codec)?,
         error: row.try_get("error").map_err(codec)?,
         attempts: row.try_get::<i64, _>("attempts").map_err(codec)? as u32,
         created_at_ms: row.try_get("created_at_ms").map_err(codec)?,
@@ -88,7 +100,12 @@ fn record(row: &SqliteRow) -> Result<TaskRecord, ResultsError> {
 impl ResultStore for SqliteResults {
     async fn create(&self, r: &TaskRecord) -> Result<(), ResultsError> {
         let sql = format!("INSERT INTO tasks ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
-        let result = r.result.as_ref().map(serde_json::to_string).transpose().map_err(codec)?;
+        let result = r
+            .result
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(codec)?;
         let inserted = sqlx::query(&sql)
             .bind(r.task_id.to_string())
             .bind(r.state.as_str())
@@ -140,7 +157,8 @@ impl ResultStore for SqliteResults {
 
     async fn complete(&self, id: TaskId, result: &TaskResult) -> Result<bool, ResultsError> {
         let payload = serde_json::to_string(result).map_err(codec)?;
-        let sql = "UPDATE tasks SET state = 'SUCCESS', result = ?, error = NULL, updated_at_ms = ? \
+        let sql =
+            "UPDATE tasks SET state = 'SUCCESS', result = ?, error = NULL, updated_at_ms = ? \
                    WHERE task_id = ? AND state IN ('PENDING', 'STARTED')";
         self.finish(sql, id, &payload).await
     }
@@ -174,7 +192,10 @@ impl ResultStore for SqliteResults {
     }
 
     async fn check(&self) -> Result<(), ResultsError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(backend)?;
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
         Ok(())
     }
 }

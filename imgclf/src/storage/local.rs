@@ -30,8 +30,14 @@ impl LocalStorage {
 }
 
 fn io_error(path: &Path, error: std::io::Error) -> StorageError {
-    let temporary = !matches!(error.kind(), ErrorKind::PermissionDenied | ErrorKind::InvalidInput);
-    StorageError::Backend { message: format!("{}: {error}", path.display()), temporary }
+    let temporary = !matches!(
+        error.kind(),
+        ErrorKind::PermissionDenied | ErrorKind::InvalidInput
+    );
+    StorageError::Backend {
+        message: format!("{}: {error}", path.display()),
+        temporary,
+    }
 }
 
 #[async_trait]
@@ -39,11 +45,17 @@ impl Storage for LocalStorage {
     async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
         let path = self.path(key)?;
         if let Some(parent) = path.parent() {
-            tokio::fs::create_dir_all(parent).await.map_err(|e| io_error(parent, e))?;
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| io_error(parent, e))?;
         }
         let tmp = path.with_file_name(format!(".{}.tmp", uuid::Uuid::new_v4()));
-        tokio::fs::write(&tmp, &bytes).await.map_err(|e| io_error(&tmp, e))?;
-        tokio::fs::rename(&tmp, &path).await.map_err(|e| io_error(&path, e))
+        tokio::fs::write(&tmp, &bytes)
+            .await
+            .map_err(|e| io_error(&tmp, e))?;
+        tokio::fs::rename(&tmp, &path)
+            .await
+            .map_err(|e| io_error(&path, e))
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
@@ -65,7 +77,9 @@ impl Storage for LocalStorage {
     }
 
     async fn check(&self) -> Result<(), StorageError> {
-        let meta = tokio::fs::metadata(&self.root).await.map_err(|e| io_error(&self.root, e))?;
+        let meta = tokio::fs::metadata(&self.root)
+            .await
+            .map_err(|e| io_error(&self.root, e))?;
         if meta.is_dir() {
             Ok(())
         } else {

@@ -37,7 +37,10 @@ impl Storage for MemoryStorage {
     async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
         validate_key(key)?;
         let objects = self.objects.lock().unwrap();
-        objects.get(key).cloned().ok_or_else(|| StorageError::NotFound(key.to_string()))
+        objects
+            .get(key)
+            .cloned()
+            .ok_or_else(|| StorageError::NotFound(key.to_string()))
     }
 
     async fn delete(&self, key: &str) -> Result<(), StorageError> {

@@ -23,7 +23,13 @@ pub enum StorageError {
 
 impl StorageError {
     pub fn is_temporary(&self) -> bool {
-        matches!(self, Self::Backend { temporary: true, .. })
+        matches!(
+            self,
+            Self::Backend {
+                temporary: true,
+                ..
+            }
+        )
     }
 }
 
@@ -44,8 +50,12 @@ pub trait Storage: Send + Sync + 'static {
 pub fn validate_key(key: &str) -> Result<(), StorageError> {
     let ok = !key.is_empty()
         && key.len() <= 512
-        && key.split('/').all(|part| !part.is_empty() && part != "." && part != "..")
-        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+        && key
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..")
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
     if ok {
         Ok(())
     } else {

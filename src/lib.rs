@@ -62,3 +62,31 @@ pub fn image(name: &str) -> Vec<u8> {
     let path = shared_dir().join("images").join(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
+
+/// The URL of a real service for a test, from the environment variable `var`. `None` (the test
+/// is skipped, and says so) when unset, except under CI, where every service must be tested.
+pub fn service_url(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var_os("CI").is_some() => panic!("CI must test every backend: set {var}"),
+        _ => {
+            eprintln!("skipped: set {var} to run this test against a real service");
+            None
+        }
+    }
+}
+
+/// A name no other test run uses: for databases, queues and buckets.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A fresh PostgreSQL database on the server of `base_url`; returns its URL.
+pub async fn fresh_postgres_database(base_url: &str) -> String {
+    use sqlx::Connection;
+    let name = unique_name("imgclf_test").replace('-', "_");
+    let mut conn = sqlx::PgConnection::connect(base_url).await.expect("PostgreSQL reachable");
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.expect("create database");
+    let (server, _) = base_url.rsplit_once('/').expect("a database URL");
+    format!("{server}/{name}")
+}

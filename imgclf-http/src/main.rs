@@ -36,7 +36,8 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let args = Args::parse();
+    let mut args = Args::parse();
+    args.settings.apply_legacy_env();
     let settings = &args.settings;
 
     let pipeline = Arc::new(
@@ -48,7 +49,7 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(
         model = %pipeline.classifier().spec().name,
         storage = %imgclf::config::redact(&settings.storage_url()),
-        queue = %imgclf::config::redact(&settings.queue),
+        queue = %imgclf::config::redact(&settings.queue_url()),
         results = %imgclf::config::redact(&settings.results_url()),
         "pipeline ready"
     );

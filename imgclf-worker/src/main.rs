@@ -24,7 +24,8 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let settings = Args::parse().settings;
+    let mut settings = Args::parse().settings;
+    settings.apply_legacy_env();
     if settings.embedded_queue() {
         tracing::warn!(
             "IMGCLF_QUEUE is memory://: this worker only sees jobs queued in its own process; \

@@ -32,6 +32,8 @@ pub enum ConfigError {
     Storage(#[from] StorageError),
     #[error("results: {0}")]
     Results(#[from] ResultsError),
+    #[error("queue: {0}")]
+    Queue(crate::queue::QueueError),
     #[error("classifier: {0}")]
     Classifier(#[from] ClassifyError),
     #[error("notifier: {0}")]
@@ -49,16 +51,41 @@ pub struct Settings {
         arg(long, env = "IMGCLF_DATA_DIR", default_value = "./data")
     )]
     pub data_dir: PathBuf,
-    /// Image storage: `file:///path` or `memory://` [default: file://DATA_DIR/images].
+    /// Image storage: `s3://bucket`, `file:///path` or `memory://`
+    /// [default: file://DATA_DIR/images].
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_STORAGE"))]
     pub storage: Option<String>,
-    /// Job queue: `memory://` runs the worker inside the HTTP process.
+    /// Job queue: `amqp://…`, `redis://…` or `memory://` (the worker then runs inside the HTTP
+    /// process) [default: memory://].
+    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_QUEUE"))]
+    pub queue: Option<String>,
+    /// Name of the queue (RabbitMQ queue, Redis stream) shared by producers and workers.
+    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_QUEUE_NAME", default_value = "imgclf"))]
+    pub queue_name: String,
+    /// Seconds a worker may hold a job before another gets it (Redis and memory queues).
+    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_QUEUE_LEASE", default_value_t = 120))]
+    pub queue_lease: u64,
+    /// S3 endpoint (`http(s)://host:port`) for `s3://bucket` storage; AWS when unset.
+    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_S3_ENDPOINT"))]
+    pub s3_endpoint: Option<String>,
+    /// S3 access key.
+    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_S3_ACCESS_KEY"))]
+    pub s3_access_key: Option<String>,
+    /// S3 secret key.
+    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_S3_SECRET_KEY", hide_env_values = true))]
+    pub s3_secret_key: Option<String>,
+    /// S3 region.
+    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_S3_REGION", default_value = "us-east-1"))]
+    pub s3_region: String,
+    /// Path-style S3 requests (`endpoint/bucket/key`), as MinIO expects; false for
+    /// virtual-hosted style.
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "IMGCLF_QUEUE", default_value = "memory://")
+        arg(long, env = "IMGCLF_S3_PATH_STYLE", default_value_t = true, action = clap::ArgAction::Set)
     )]
-    pub queue: String,
-    /// Result store: `sqlite://path` or `memory://` [default: sqlite://DATA_DIR/imgclf.db].
+    pub s3_path_style: bool,
+    /// Result store: `postgres://…`, `sqlite://path` or `memory://`
+    /// [default: sqlite://DATA_DIR/imgclf.db].
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_RESULTS"))]
     pub results: Option<String>,
     /// Inference backend.
@@ -114,7 +141,14 @@ impl Default for Settings {
         Self {
             data_dir: "./data".into(),
             storage: None,
-            queue: "memory://".into(),
+            queue: None,
+            queue_name: "imgclf".into(),
+            queue_lease: 120,
+            s3_endpoint: None,
+            s3_access_key: None,
+            s3_secret_key: None,
+            s3_region: "us-east-1".into(),
+            s3_path_style: true,
             results: None,
             classifier: "tract".into(),
             model: None,
@@ -154,6 +188,17 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// Keeps a URL's password out of an error message that may quote the URL.
+#[cfg(any(feature = "amqp", feature = "redis"))]
+fn redact_error(url: &str, error: crate::queue::QueueError) -> crate::queue::QueueError {
+    match error {
+        crate::queue::QueueError::Backend { message, temporary } => {
+            crate::queue::QueueError::Backend { message: message.replace(url, &redact(url)), temporary }
+        }
+        other => other,
+    }
+}
+
 impl Settings {
     pub fn storage_url(&self) -> String {
         self.storage
@@ -167,9 +212,51 @@ impl Settings {
             .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("imgclf.db").display()))
     }
 
+    pub fn queue_url(&self) -> String {
+        self.queue.clone().unwrap_or_else(|| "memory://".into())
+    }
+
     /// The queue lives in this process: the HTTP service then runs the worker too.
     pub fn embedded_queue(&self) -> bool {
-        self.queue.starts_with("memory:")
+        self.queue_url().starts_with("memory:")
+    }
+
+    /// Fills unset settings from the replaced service's environment variables (`MINIO_*`,
+    /// `PG_*`, `CELERY_BROKER_URL`), so its deployment files keep working.
+    pub fn apply_legacy_env(&mut self) {
+        self.apply_legacy(|name| std::env::var(name).ok().filter(|v| !v.is_empty()));
+    }
+
+    fn apply_legacy(&mut self, var: impl Fn(&str) -> Option<String>) {
+        if self.storage.is_none() {
+            if let Some(bucket) = var("MINIO_BUCKET") {
+                self.storage = Some(format!("s3://{bucket}"));
+            }
+        }
+        if self.s3_endpoint.is_none() {
+            self.s3_endpoint = var("MINIO_ENDPOINT").map(|e| {
+                if e.contains("://") {
+                    e
+                } else {
+                    let secure = var("MINIO_SECURE").is_some_and(|s| s.eq_ignore_ascii_case("true"));
+                    format!("{}://{e}", if secure { "https" } else { "http" })
+                }
+            });
+        }
+        self.s3_access_key = self.s3_access_key.take().or_else(|| var("MINIO_ACCESS_KEY"));
+        self.s3_secret_key = self.s3_secret_key.take().or_else(|| var("MINIO_SECRET_KEY"));
+        if self.queue.is_none() {
+            self.queue = var("CELERY_BROKER_URL");
+        }
+        if self.results.is_none() {
+            if let Some(host) = var("PG_HOST") {
+                let user = var("PG_USER").unwrap_or_else(|| "postgres".into());
+                let password = var("PG_PASSWORD").map(|p| format!(":{p}")).unwrap_or_default();
+                let port = var("PG_PORT").unwrap_or_else(|| "5432".into());
+                let db = var("PG_DB").unwrap_or_else(|| "postgres".into());
+                self.results = Some(format!("postgres://{user}{password}@{host}:{port}/{db}"));
+            }
+        }
     }
 
     pub fn pipeline_config(&self) -> PipelineConfig {
@@ -194,21 +281,59 @@ impl Settings {
         if let Some(path) = url.strip_prefix("file://") {
             return Ok(Arc::new(LocalStorage::new(path)?));
         }
+        if let Some(bucket) = url.strip_prefix("s3://") {
+            #[cfg(feature = "s3")]
+            return Ok(Arc::new(
+                crate::storage::S3Storage::connect(crate::storage::S3Config {
+                    bucket: bucket.trim_end_matches('/').to_string(),
+                    endpoint: self.s3_endpoint.clone(),
+                    access_key: self.s3_access_key.clone(),
+                    secret_key: self.s3_secret_key.clone(),
+                    region: self.s3_region.clone(),
+                    path_style: self.s3_path_style,
+                })
+                .await?,
+            ));
+            #[cfg(not(feature = "s3"))]
+            return Err(ConfigError::NotCompiled { port: "storage", url: bucket.into(), feature: "s3" });
+        }
         Err(ConfigError::Unsupported {
             port: "storage",
             url: redact(&url),
-            hint: "use file:///path or memory://",
+            hint: "use s3://bucket, file:///path or memory://",
         })
     }
 
     pub async fn build_queue(&self) -> Result<Arc<dyn Queue>, ConfigError> {
+        let url = self.queue_url();
+        let lease = std::time::Duration::from_secs(self.queue_lease.max(1));
         if self.embedded_queue() {
-            return Ok(Arc::new(MemoryQueue::default()));
+            return Ok(Arc::new(MemoryQueue::new(lease)));
+        }
+        if url.starts_with("amqp://") || url.starts_with("amqps://") {
+            #[cfg(feature = "amqp")]
+            {
+                // Room for one batch in the model and the next being prepared.
+                let prefetch = u16::try_from(2 * self.max_batch.max(1)).unwrap_or(u16::MAX);
+                let queue = crate::queue::AmqpQueue::connect(&url, &self.queue_name, prefetch).await;
+                return Ok(Arc::new(queue.map_err(|e| ConfigError::Queue(redact_error(&url, e)))?));
+            }
+            #[cfg(not(feature = "amqp"))]
+            return Err(ConfigError::NotCompiled { port: "queue", url: redact(&url), feature: "amqp" });
+        }
+        if url.starts_with("redis://") || url.starts_with("rediss://") {
+            #[cfg(feature = "redis")]
+            {
+                let queue = crate::queue::RedisQueue::connect(&url, &self.queue_name, lease).await;
+                return Ok(Arc::new(queue.map_err(|e| ConfigError::Queue(redact_error(&url, e)))?));
+            }
+            #[cfg(not(feature = "redis"))]
+            return Err(ConfigError::NotCompiled { port: "queue", url: redact(&url), feature: "redis" });
         }
         Err(ConfigError::Unsupported {
             port: "queue",
-            url: redact(&self.queue),
-            hint: "use memory://",
+            url: redact(&url),
+            hint: "use amqp://…, redis://… or memory://",
         })
     }
 
@@ -216,6 +341,17 @@ impl Settings {
         let url = self.results_url();
         if url.starts_with("memory:") {
             return Ok(Arc::new(MemoryResults::new()));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            #[cfg(feature = "postgres")]
+            return Ok(Arc::new(crate::results::PostgresResults::connect(&url).await.map_err(|e| {
+                ConfigError::Results(ResultsError::Backend {
+                    message: e.to_string().replace(&url, &redact(&url)),
+                    temporary: e.is_temporary(),
+                })
+            })?));
+            #[cfg(not(feature = "postgres"))]
+            return Err(ConfigError::NotCompiled { port: "results", url: redact(&url), feature: "postgres" });
         }
         if url.starts_with("sqlite:") {
             #[cfg(feature = "sqlite")]
@@ -232,7 +368,7 @@ impl Settings {
         Err(ConfigError::Unsupported {
             port: "results",
             url: redact(&url),
-            hint: "use sqlite://path or memory://",
+            hint: "use postgres://…, sqlite://path or memory://",
         })
     }
 
@@ -278,7 +414,33 @@ impl Settings {
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::{redact, Settings};
+
+    #[test]
+    fn legacy_variables_fill_unset_settings() {
+        let env = [
+            ("MINIO_ENDPOINT", "minio:9000"),
+            ("MINIO_BUCKET", "images"),
+            ("MINIO_ACCESS_KEY", "ak"),
+            ("MINIO_SECRET_KEY", "sk"),
+            ("PG_HOST", "db"),
+            ("PG_USER", "app"),
+            ("PG_PASSWORD", "pw"),
+            ("PG_DB", "results"),
+            ("CELERY_BROKER_URL", "amqp://guest:guest@rabbit:5672//"),
+        ];
+        let mut settings = Settings::default();
+        settings.apply_legacy(|name| env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string()));
+        assert_eq!(settings.storage.as_deref(), Some("s3://images"));
+        assert_eq!(settings.s3_endpoint.as_deref(), Some("http://minio:9000"));
+        assert_eq!(settings.s3_access_key.as_deref(), Some("ak"));
+        assert_eq!(settings.results.as_deref(), Some("postgres://app:pw@db:5432/results"));
+        assert_eq!(settings.queue.as_deref(), Some("amqp://guest:guest@rabbit:5672//"));
+
+        let mut explicit = Settings { queue: Some("redis://r".into()), ..Settings::default() };
+        explicit.apply_legacy(|name| env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string()));
+        assert_eq!(explicit.queue.as_deref(), Some("redis://r"), "explicit settings win");
+    }
 
     #[test]
     fn redacts_passwords() {

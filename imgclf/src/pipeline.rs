@@ -302,7 +302,16 @@ impl Pipeline {
     async fn process(&self, delivery: Box<dyn Delivery>) {
         let task_id = delivery.job().task_id;
         let attempt = delivery.attempt();
-        let outcome = self.try_process(delivery.as_ref()).await;
+        // A job that already used every attempt (its workers kept dying on it) is not run
+        // again: one poisonous image must not take down every worker in turn.
+        let outcome = if attempt > self.config.max_attempts {
+            Err(Failure::Permanent(format!(
+                "gave up after {} attempts (the worker stopped while processing it)",
+                self.config.max_attempts
+            )))
+        } else {
+            self.try_process(delivery.as_ref()).await
+        };
         let settled = match outcome {
             Ok(Some(record)) => {
                 let settled = delivery.ack().await;

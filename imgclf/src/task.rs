@@ -16,6 +16,16 @@ impl TaskId {
     pub fn new() -> Self {
         Self(Uuid::new_v4())
     }
+
+    pub fn as_uuid(&self) -> Uuid {
+        self.0
+    }
+}
+
+impl From<Uuid> for TaskId {
+    fn from(uuid: Uuid) -> Self {
+        Self(uuid)
+    }
 }
 
 impl Default for TaskId {

@@ -1,9 +1,17 @@
 //! The `Queue` port: durable delivery of jobs to workers, with attempts, delayed retries and a
 //! dead-letter queue.
 
+#[cfg(feature = "amqp")]
+mod amqp;
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
+#[cfg(feature = "amqp")]
+pub use amqp::AmqpQueue;
 pub use memory::MemoryQueue;
+#[cfg(feature = "redis")]
+pub use self::redis::RedisQueue;
 
 use std::time::Duration;
 

@@ -4,10 +4,14 @@
 //! never changes: a late redelivery cannot undo a result, and completing twice writes once.
 
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
 pub use memory::MemoryResults;
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresResults;
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteResults;
 

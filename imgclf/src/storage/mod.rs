@@ -2,9 +2,13 @@
 
 mod local;
 mod memory;
+#[cfg(feature = "s3")]
+mod s3;
 
 pub use local::LocalStorage;
 pub use memory::MemoryStorage;
+#[cfg(feature = "s3")]
+pub use s3::{S3Config, S3Storage};
 
 use async_trait::async_trait;
 use bytes::Bytes;

@@ -1,0 +1,362 @@
+//! A queue on RabbitMQ (AMQP 0-9-1).
+//!
+//! - The job queue is a durable quorum queue: persistent messages, publisher confirms, manual
+//!   acks only after the result is committed, and a broker-kept delivery count
+//!   (`x-delivery-count`) that survives worker crashes and reconnects.
+//! - `retry(after)` republishes to a delay queue (`<name>.delay.<ms>`: per-queue TTL, then
+//!   dead-lettered back to the job queue; unused delay queues expire), then acks the original.
+//!   The attempts so far travel in the `x-imgclf-attempt` header.
+//! - `dead_letter` publishes to `<name>.dead` with the reason, then acks.
+//! - The connection is re-established on the next call after it drops; the consumer channel's
+//!   prefetch (`basic_qos`) is applied on every (re)connect. Publishing processes never consume.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex as SyncMutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::acker::Acker;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use tokio::sync::Mutex;
+
+use super::{Delivery, Queue, QueueError};
+use crate::config::redact;
+use crate::task::Job;
+
+const ATTEMPT_HEADER: &str = "x-imgclf-attempt";
+const REASON_HEADER: &str = "x-imgclf-reason";
+
+/// Cheap to share: deliveries hold the same connection state to publish retries.
+pub struct AmqpQueue {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    uri: String,
+    name: String,
+    dead: String,
+    prefetch: u16,
+    session: Mutex<Option<Session>>,
+    /// Delay queues this process has declared, counted in `depth`.
+    delay_queues: SyncMutex<BTreeSet<String>>,
+}
+
+#[derive(Clone)]
+struct Session {
+    connection: Arc<Connection>,
+    /// Confirm-mode channel for every publish.
+    publisher: Channel,
+    /// Created on the first `receive`.
+    consumer: Option<Consumer>,
+}
+
+fn backend(error: lapin::Error) -> QueueError {
+    let temporary = !matches!(error, lapin::Error::ProtocolError(_) | lapin::Error::ParsingError(_));
+    QueueError::Backend { message: error.to_string(), temporary }
+}
+
+fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (key, value) in pairs {
+        table.insert(ShortString::from(*key), value.clone());
+    }
+    table
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() }
+}
+
+fn quorum() -> FieldTable {
+    args(&[("x-queue-type", AMQPValue::LongString("quorum".into()))])
+}
+
+fn header_u32(headers: Option<&FieldTable>, key: &str) -> u32 {
+    let value = headers.and_then(|h| h.inner().get(key));
+    let n = match value {
+        Some(AMQPValue::LongLongInt(n)) => *n,
+        Some(AMQPValue::LongInt(n)) => i64::from(*n),
+        Some(AMQPValue::LongUInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortUInt(n)) => i64::from(*n),
+        Some(AMQPValue::Timestamp(n)) => *n as i64,
+        _ => 0,
+    };
+    n.clamp(0, i64::from(u32::MAX)) as u32
+}
+
+impl AmqpQueue {
+    /// Connects to `amqp://…` and declares queue `name` (and its dead-letter queue).
+    /// `prefetch`: unacked deliveries this process may hold, tie it to the batch size.
+    pub async fn connect(uri: &str, name: &str, prefetch: u16) -> Result<Self, QueueError> {
+        let inner = Inner {
+            uri: uri.to_string(),
+            name: name.to_string(),
+            dead: format!("{name}.dead"),
+            prefetch: prefetch.max(1),
+            session: Mutex::new(None),
+            delay_queues: SyncMutex::new(BTreeSet::new()),
+        };
+        inner.session(false).await?;
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// Closes the connection. The broker returns unacked deliveries to the queue, as it does
+    /// when a worker dies.
+    pub async fn close(&self) {
+        if let Some(session) = self.inner.session.lock().await.take() {
+            let _ = session.connection.close(200, "closing").await;
+        }
+    }
+}
+
+impl Inner {
+    /// The live session, reconnecting if the connection dropped.
+    async fn session(&self, consume: bool) -> Result<Session, QueueError> {
+        let mut guard = self.session.lock().await;
+        if let Some(session) = guard.as_ref() {
+            if session.connection.status().connected() && session.publisher.status().connected() {
+                if consume && session.consumer.is_none() {
+                    let consumer = self.consume(&session.connection).await?;
+                    guard.as_mut().expect("checked above").consumer = Some(consumer);
+                }
+                return Ok(guard.clone().expect("checked above"));
+            }
+            tracing::warn!(uri = %redact(&self.uri), "AMQP connection lost; reconnecting");
+        }
+        *guard = None;
+        let properties = ConnectionProperties::default()
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio);
+        let connection = Connection::connect(&self.uri, properties).await.map_err(backend)?;
+        let publisher = connection.create_channel().await.map_err(backend)?;
+        publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(backend)?;
+        publisher.queue_declare(&self.name, durable(), quorum()).await.map_err(backend)?;
+        publisher.queue_declare(&self.dead, durable(), quorum()).await.map_err(backend)?;
+        let consumer = if consume { Some(self.consume(&connection).await?) } else { None };
+        let session = Session { connection: Arc::new(connection), publisher, consumer };
+        *guard = Some(session.clone());
+        Ok(session)
+    }
+
+    async fn consume(&self, connection: &Connection) -> Result<Consumer, QueueError> {
+        let channel = connection.create_channel().await.map_err(backend)?;
+        channel.basic_qos(self.prefetch, BasicQosOptions::default()).await.map_err(backend)?;
+        channel
+            .basic_consume(&self.name, "", BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .map_err(backend)
+    }
+
+    /// Forgets a broken session so the next call reconnects.
+    async fn reset(&self) {
+        *self.session.lock().await = None;
+    }
+
+    async fn publish(&self, queue: &str, payload: &[u8], headers: FieldTable) -> Result<(), QueueError> {
+        let session = self.session(false).await?;
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_headers(headers);
+        let published = async {
+            session
+                .publisher
+                .basic_publish("", queue, BasicPublishOptions::default(), payload, properties)
+                .await?
+                .await
+        }
+        .await;
+        match published {
+            Ok(confirmation) if confirmation.is_ack() => Ok(()),
+            Ok(_) => Err(QueueError::Backend { message: "the broker refused the message".into(), temporary: true }),
+            Err(e) => {
+                self.reset().await;
+                Err(backend(e))
+            }
+        }
+    }
+
+    /// Declares the delay queue for `after` and returns its name.
+    async fn delay_queue(&self, after: Duration) -> Result<String, QueueError> {
+        let ms = after.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
+        let name = format!("{}.delay.{ms}", self.name);
+        let session = self.session(false).await?;
+        let arguments = args(&[
+            ("x-message-ttl", AMQPValue::LongUInt(ms)),
+            ("x-dead-letter-exchange", AMQPValue::LongString("".into())),
+            ("x-dead-letter-routing-key", AMQPValue::LongString(self.name.clone().into())),
+            ("x-expires", AMQPValue::LongUInt(ms.saturating_add(600_000))),
+        ]);
+        session.publisher.queue_declare(&name, durable(), arguments).await.map_err(backend)?;
+        self.delay_queues.lock().unwrap().insert(name.clone());
+        Ok(name)
+    }
+
+    /// Messages ready in a queue, on a throwaway channel: a passive declare of a missing queue
+    /// closes its channel.
+    async fn count(&self, queue: &str) -> Result<Option<u64>, QueueError> {
+        let session = self.session(false).await?;
+        let channel = session.connection.create_channel().await.map_err(backend)?;
+        let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+        let declared = channel.queue_declare(queue, options, FieldTable::default()).await;
+        let _ = channel.close(200, "done").await;
+        Ok(declared.ok().map(|q| u64::from(q.message_count())))
+    }
+}
+
+#[async_trait]
+impl Queue for AmqpQueue {
+    async fn enqueue(&self, job: &Job) -> Result<(), QueueError> {
+        let payload = serde_json::to_vec(job).map_err(|e| QueueError::Codec(e.to_string()))?;
+        self.inner.publish(&self.inner.name, &payload, FieldTable::default()).await
+    }
+
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Box<dyn Delivery>>, QueueError> {
+        let inner = &self.inner;
+        let session = inner.session(true).await?;
+        let mut consumer = session.consumer.clone().expect("a consuming session");
+        let mut out: Vec<Box<dyn Delivery>> = Vec::new();
+        let mut timeout = wait;
+        while out.len() < max.max(1) {
+            // A zero timeout still polls once: it takes what is already buffered.
+            let next = match tokio::time::timeout(timeout, consumer.next()).await {
+                Ok(next) => next,
+                Err(_) => break,
+            };
+            timeout = Duration::ZERO;
+            let delivery = match next {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(e)) => {
+                    inner.reset().await;
+                    if out.is_empty() {
+                        return Err(backend(e));
+                    }
+                    break;
+                }
+                None => {
+                    inner.reset().await;
+                    if out.is_empty() {
+                        return Err(QueueError::Backend { message: "the consumer was cancelled".into(), temporary: true });
+                    }
+                    break;
+                }
+            };
+            let headers = delivery.properties.headers().as_ref();
+            let attempt = header_u32(headers, ATTEMPT_HEADER) + header_u32(headers, "x-delivery-count") + 1;
+            match serde_json::from_slice::<Job>(&delivery.data) {
+                Ok(job) => out.push(Box::new(AmqpDelivery {
+                    inner: inner.clone(),
+                    acker: Some(delivery.acker),
+                    job,
+                    attempt,
+                })),
+                Err(e) => {
+                    tracing::error!(error = %e, "unreadable message dead-lettered");
+                    let mut headers = FieldTable::default();
+                    headers.insert(REASON_HEADER.into(), AMQPValue::LongString(format!("unreadable: {e}").into()));
+                    inner.publish(&inner.dead, &delivery.data, headers).await?;
+                    delivery.acker.ack(BasicAckOptions::default()).await.map_err(backend)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn depth(&self) -> Result<u64, QueueError> {
+        let inner = &self.inner;
+        let mut total = inner.count(&inner.name).await?.unwrap_or(0);
+        let delays: Vec<String> = inner.delay_queues.lock().unwrap().iter().cloned().collect();
+        for name in delays {
+            match inner.count(&name).await? {
+                Some(n) => total += n,
+                None => {
+                    inner.delay_queues.lock().unwrap().remove(&name);
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    async fn dead_letters(&self) -> Result<u64, QueueError> {
+        Ok(self.inner.count(&self.inner.dead).await?.unwrap_or(0))
+    }
+
+    async fn check(&self) -> Result<(), QueueError> {
+        self.inner.session(false).await.map(|_| ())
+    }
+}
+
+struct AmqpDelivery {
+    inner: Arc<Inner>,
+    /// Taken when the delivery is settled.
+    acker: Option<Acker>,
+    job: Job,
+    attempt: u32,
+}
+
+impl AmqpDelivery {
+    /// Publishes the job to `queue` with this attempt count (and `reason`), then acks.
+    async fn move_to(&mut self, queue: &str, reason: Option<&str>) -> Result<(), QueueError> {
+        let payload = serde_json::to_vec(&self.job).map_err(|e| QueueError::Codec(e.to_string()))?;
+        let mut headers = args(&[(ATTEMPT_HEADER, AMQPValue::LongLongInt(i64::from(self.attempt)))]);
+        if let Some(reason) = reason {
+            headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
+        }
+        self.inner.publish(queue, &payload, headers).await?;
+        self.ack_now().await
+    }
+
+    async fn ack_now(&mut self) -> Result<(), QueueError> {
+        match self.acker.take() {
+            Some(acker) => acker.ack(BasicAckOptions::default()).await.map_err(backend),
+            None => Ok(()),
+        }
+    }
+}
+
+#[async_trait]
+impl Delivery for AmqpDelivery {
+    fn job(&self) -> &Job {
+        &self.job
+    }
+
+    fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    async fn ack(mut self: Box<Self>) -> Result<(), QueueError> {
+        self.ack_now().await
+    }
+
+    async fn retry(mut self: Box<Self>, after: Duration) -> Result<(), QueueError> {
+        let queue = self.inner.delay_queue(after).await?;
+        self.move_to(&queue, None).await
+    }
+
+    async fn dead_letter(mut self: Box<Self>, reason: &str) -> Result<(), QueueError> {
+        let dead = self.inner.dead.clone();
+        self.move_to(&dead, Some(reason)).await
+    }
+}
+
+impl Drop for AmqpDelivery {
+    /// An unsettled delivery goes straight back to the queue (the broker would return it anyway
+    /// when the channel closes, but the process may live on).
+    fn drop(&mut self) {
+        let Some(acker) = self.acker.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        runtime.spawn(async move {
+            let options = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
+            if let Err(error) = acker.nack(options).await {
+                tracing::debug!(%error, "returning a dropped delivery failed; the broker will");
+            }
+        });
+    }
+}

@@ -1,0 +1,201 @@
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{ResultStore, ResultsError};
+use crate::task::{now_ms, TaskId, TaskRecord, TaskResult, TaskState};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+const COLUMNS: &str = "task_id, state, object_key, metadata, callback_url, result, error, \
+                       attempts, created_at_ms, updated_at_ms";
+
+/// Task records in PostgreSQL, shared by every `imgclf-http` and `imgclf-worker`. The pool
+/// reconnects by itself after the server restarts.
+pub struct PostgresResults {
+    pool: PgPool,
+}
+
+impl PostgresResults {
+    /// Connects to a `postgres://` URL and applies migrations (under the migrator's advisory
+    /// lock, so processes starting together do not race).
+    pub async fn connect(url: &str) -> Result<Self, ResultsError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(backend)?;
+        MIGRATOR.run(&pool).await.map_err(|e| ResultsError::Backend {
+            message: format!("migrations: {e}"),
+            temporary: false,
+        })?;
+        Ok(Self { pool })
+    }
+}
+
+fn backend(error: sqlx::Error) -> ResultsError {
+    let temporary = match &error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => true,
+        // Class 08 (connection), 40 (rollback: serialization, deadlock), 53 (resources),
+        // 57P (operator intervention: admin shutdown, cannot connect now).
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || code.starts_with("40") || code.starts_with("53") || code.starts_with("57P")
+        }),
+        _ => false,
+    };
+    ResultsError::Backend { message: error.to_string(), temporary }
+}
+
+fn codec(error: impl std::fmt::Display) -> ResultsError {
+    ResultsError::Codec(error.to_string())
+}
+
+fn record(row: &PgRow) -> Result<TaskRecord, ResultsError> {
+    let state: String = row.try_get("state").map_err(codec)?;
+    let metadata: serde_json::Value = row.try_get("metadata").map_err(codec)?;
+    let result: Option<serde_json::Value> = row.try_get("result").map_err(codec)?;
+    Ok(TaskRecord {
+        task_id: row.try_get::<Uuid, _>("task_id").map_err(codec)?.into(),
+        state: state.parse::<TaskState>().map_err(codec)?,
+        object_key: row.try_get("object_key").map_err(codec)?,
+        metadata: serde_json::from_value(metadata).map_err(codec)?,
+        callback_url: row.try_get("callback_url").map_err(codec)?,
+        result: result.map(serde_json::from_value).transpose().map_err(codec)?,
+        error: row.try_get("error").map_err(codec)?,
+        attempts: row.try_get::<i32, _>("attempts").map_err(codec)? as u32,
+        created_at_ms: row.try_get("created_at_ms").map_err(codec)?,
+        updated_at_ms: row.try_get("updated_at_ms").map_err(codec)?,
+    })
+}
+
+#[async_trait]
+impl ResultStore for PostgresResults {
+    async fn create(&self, r: &TaskRecord) -> Result<(), ResultsError> {
+        let sql = format!(
+            "INSERT INTO tasks ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+        );
+        let result = r.result.as_ref().map(serde_json::to_value).transpose().map_err(codec)?;
+        let inserted = sqlx::query(&sql)
+            .bind(r.task_id.as_uuid())
+            .bind(r.state.as_str())
+            .bind(&r.object_key)
+            .bind(serde_json::Value::Object(r.metadata.clone()))
+            .bind(&r.callback_url)
+            .bind(result)
+            .bind(&r.error)
+            .bind(r.attempts as i32)
+            .bind(r.created_at_ms)
+            .bind(r.updated_at_ms)
+            .execute(&self.pool)
+            .await;
+        match inserted {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                Err(ResultsError::Conflict(r.task_id))
+            }
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    async fn get(&self, id: TaskId) -> Result<Option<TaskRecord>, ResultsError> {
+        let sql = format!("SELECT {COLUMNS} FROM tasks WHERE task_id = $1");
+        let row =
+            sqlx::query(&sql).bind(id.as_uuid()).fetch_optional(&self.pool).await.map_err(backend)?;
+        row.as_ref().map(record).transpose()
+    }
+
+    async fn start(&self, id: TaskId) -> Result<Option<TaskRecord>, ResultsError> {
+        let sql = format!(
+            "UPDATE tasks SET state = 'STARTED', attempts = attempts + 1, updated_at_ms = $1 \
+             WHERE task_id = $2 AND state IN ('PENDING', 'STARTED') RETURNING {COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(now_ms())
+            .bind(id.as_uuid())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        match row {
+            Some(row) => record(&row).map(Some),
+            None => self.get(id).await,
+        }
+    }
+
+    async fn complete(&self, id: TaskId, result: &TaskResult) -> Result<bool, ResultsError> {
+        let payload = serde_json::to_value(result).map_err(codec)?;
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        let done = sqlx::query(
+            "UPDATE tasks SET state = 'SUCCESS', result = $1, model = $2, error = NULL, \
+             updated_at_ms = $3 WHERE task_id = $4 AND state IN ('PENDING', 'STARTED')",
+        )
+        .bind(&payload)
+        .bind(&result.model)
+        .bind(now_ms())
+        .bind(id.as_uuid())
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO results (task_id, payload) VALUES ($1, $2) ON CONFLICT (task_id) DO NOTHING",
+        )
+        .bind(id.to_string())
+        .bind(&payload)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        Ok(true)
+    }
+
+    async fn fail(&self, id: TaskId, error: &str) -> Result<bool, ResultsError> {
+        let done = sqlx::query(
+            "UPDATE tasks SET state = 'FAILURE', error = $1, updated_at_ms = $2 \
+             WHERE task_id = $3 AND state IN ('PENDING', 'STARTED')",
+        )
+        .bind(error)
+        .bind(now_ms())
+        .bind(id.as_uuid())
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn unfinished(&self, limit: usize) -> Result<Vec<TaskRecord>, ResultsError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM tasks WHERE state IN ('PENDING', 'STARTED') \
+             ORDER BY created_at_ms, task_id LIMIT $1"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(record).collect()
+    }
+
+    async fn delete(&self, id: TaskId) -> Result<(), ResultsError> {
+        sqlx::query("DELETE FROM tasks WHERE task_id = $1")
+            .bind(id.as_uuid())
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn check(&self) -> Result<(), ResultsError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(backend)?;
+        Ok(())
+    }
+}

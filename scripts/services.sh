@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Starts what the tests talk to and prints the environment that points the tests at it.
+# PostgreSQL, Redis and RabbitMQ are expected on their standard local ports (started here if
+# their commands exist and they are down); the S3 server (moto, from PyPI) is installed into a
+# virtualenv under $IMGCLF_SERVICES_DIR and started on 127.0.0.1:9000.
+#
+#   eval "$(scripts/services.sh)"
+set -euo pipefail
+
+dir="${IMGCLF_SERVICES_DIR:-/var/tmp/imgclf-services}"
+mkdir -p "$dir"
+log() { echo "services: $*" >&2; }
+
+up() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_for() {
+  local port=$1 name=$2
+  for _ in $(seq 1 120); do
+    if up "$port"; then return 0; fi
+    sleep 0.5
+  done
+  log "$name did not come up on port $port"
+  return 1
+}
+
+if ! up 5432 && command -v pg_ctlcluster >/dev/null; then
+  log "starting PostgreSQL"
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start >&2 || true
+fi
+if ! up 6379 && command -v redis-server >/dev/null; then
+  log "starting Redis"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >&2
+fi
+if ! up 5672 && command -v rabbitmq-server >/dev/null; then
+  log "starting RabbitMQ"
+  rabbitmq-server -detached >&2 || true
+fi
+
+if ! up 9000; then
+  if [ ! -x "$dir/venv/bin/moto_server" ]; then
+    log "installing the S3 server (moto) from PyPI"
+    python3 -m venv "$dir/venv" >&2
+    "$dir/venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]==5.1.*' >&2
+  fi
+  log "starting the S3 server on 127.0.0.1:9000"
+  nohup "$dir/venv/bin/moto_server" -H 127.0.0.1 -p 9000 >"$dir/moto.log" 2>&1 &
+fi
+
+wait_for 5432 PostgreSQL
+wait_for 6379 Redis
+wait_for 5672 RabbitMQ
+wait_for 9000 "the S3 server"
+
+cat <<ENV
+export IMGCLF_TEST_POSTGRES=postgres://postgres@127.0.0.1:5432/test
+export IMGCLF_TEST_REDIS=redis://127.0.0.1:6379
+export IMGCLF_TEST_AMQP=amqp://guest:guest@127.0.0.1:5672/%2f
+export IMGCLF_TEST_S3=http://127.0.0.1:9000
+export IMGCLF_TEST_S3_ACCESS_KEY=test
+export IMGCLF_TEST_S3_SECRET_KEY=testtest
+ENV

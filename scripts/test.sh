@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The whole test suite against real services: starts (and on a fresh machine installs) what the
+# tests need, then runs every test of the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+eval "$(scripts/services.sh)"
+exec cargo test --workspace "$@"

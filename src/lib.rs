@@ -85,8 +85,13 @@ pub fn unique_name(prefix: &str) -> String {
 pub async fn fresh_postgres_database(base_url: &str) -> String {
     use sqlx::Connection;
     let name = unique_name("imgclf_test").replace('-', "_");
-    let mut conn = sqlx::PgConnection::connect(base_url).await.expect("PostgreSQL reachable");
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.expect("create database");
+    let mut conn = sqlx::PgConnection::connect(base_url)
+        .await
+        .expect("PostgreSQL reachable");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .expect("create database");
     let (server, _) = base_url.rsplit_once('/').expect("a database URL");
     format!("{server}/{name}")
 }

@@ -67,9 +67,13 @@ async fn results_sqlite() {
 
 #[tokio::test]
 async fn results_postgres() {
-    let Some(base) = imgclf_suite::service_url("IMGCLF_TEST_POSTGRES") else { return };
+    let Some(base) = imgclf_suite::service_url("IMGCLF_TEST_POSTGRES") else {
+        return;
+    };
     let url = imgclf_suite::fresh_postgres_database(&base).await;
-    let store = imgclf::results::PostgresResults::connect(&url).await.expect("connects and migrates");
+    let store = imgclf::results::PostgresResults::connect(&url)
+        .await
+        .expect("connects and migrates");
     conformance::results::run(&store).await;
     // The replaced service's table holds each success once.
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
@@ -81,75 +85,129 @@ async fn results_postgres() {
     .unwrap();
     assert_eq!(rows, tasks, "one legacy results row per successful task");
     drop(store);
-    let store = imgclf::results::PostgresResults::connect(&url).await.expect("migrations are idempotent");
+    let store = imgclf::results::PostgresResults::connect(&url)
+        .await
+        .expect("migrations are idempotent");
     imgclf::ResultStore::check(&store).await.unwrap();
 }
 
 #[tokio::test]
 async fn queue_redis() {
-    let Some(url) = imgclf_suite::service_url("IMGCLF_TEST_REDIS") else { return };
+    let Some(url) = imgclf_suite::service_url("IMGCLF_TEST_REDIS") else {
+        return;
+    };
     let name = imgclf_suite::unique_name("imgclf-test");
-    let queue = imgclf::queue::RedisQueue::connect(&url, &name, Duration::from_secs(2)).await.expect("connects");
+    let queue = imgclf::queue::RedisQueue::connect(&url, &name, Duration::from_secs(2))
+        .await
+        .expect("connects");
     conformance::queue::run(&queue).await;
 }
 
 #[tokio::test]
 async fn queue_redis_orphans_are_reclaimed_after_the_lease() {
-    let Some(url) = imgclf_suite::service_url("IMGCLF_TEST_REDIS") else { return };
+    let Some(url) = imgclf_suite::service_url("IMGCLF_TEST_REDIS") else {
+        return;
+    };
     let name = imgclf_suite::unique_name("imgclf-test");
     let lease = Duration::from_millis(800);
-    let crashed = imgclf::queue::RedisQueue::connect(&url, &name, lease).await.unwrap();
-    let job = imgclf::Job { task_id: imgclf::TaskId::new(), object_key: "images/x.jpg".into() };
+    let crashed = imgclf::queue::RedisQueue::connect(&url, &name, lease)
+        .await
+        .unwrap();
+    let job = imgclf::Job {
+        task_id: imgclf::TaskId::new(),
+        object_key: "images/x.jpg".into(),
+    };
     imgclf::Queue::enqueue(&crashed, &job).await.unwrap();
-    let held = imgclf::Queue::receive(&crashed, 1, Duration::from_secs(2)).await.unwrap();
+    let held = imgclf::Queue::receive(&crashed, 1, Duration::from_secs(2))
+        .await
+        .unwrap();
     assert_eq!(held.len(), 1);
     // The worker dies: nothing settles or releases its delivery.
     std::mem::forget(held);
     drop(crashed);
-    let survivor = imgclf::queue::RedisQueue::connect(&url, &name, lease).await.unwrap();
-    assert!(imgclf::Queue::receive(&survivor, 1, Duration::from_millis(200)).await.unwrap().is_empty(), "not before the lease");
-    let again = imgclf::Queue::receive(&survivor, 1, Duration::from_secs(3)).await.unwrap();
+    let survivor = imgclf::queue::RedisQueue::connect(&url, &name, lease)
+        .await
+        .unwrap();
+    assert!(
+        imgclf::Queue::receive(&survivor, 1, Duration::from_millis(200))
+            .await
+            .unwrap()
+            .is_empty(),
+        "not before the lease"
+    );
+    let again = imgclf::Queue::receive(&survivor, 1, Duration::from_secs(3))
+        .await
+        .unwrap();
     assert_eq!(again.len(), 1, "reclaimed after the lease");
     assert_eq!((again[0].job(), again[0].attempt()), (&job, 2));
 }
 
 #[tokio::test]
 async fn queue_amqp() {
-    let Some(url) = imgclf_suite::service_url("IMGCLF_TEST_AMQP") else { return };
+    let Some(url) = imgclf_suite::service_url("IMGCLF_TEST_AMQP") else {
+        return;
+    };
     let name = imgclf_suite::unique_name("imgclf-test");
-    let queue = imgclf::queue::AmqpQueue::connect(&url, &name, 64).await.expect("connects");
+    let queue = imgclf::queue::AmqpQueue::connect(&url, &name, 64)
+        .await
+        .expect("connects");
     conformance::queue::run(&queue).await;
 }
 
 #[tokio::test]
 async fn queue_amqp_unacked_jobs_survive_a_dead_connection() {
-    let Some(url) = imgclf_suite::service_url("IMGCLF_TEST_AMQP") else { return };
+    let Some(url) = imgclf_suite::service_url("IMGCLF_TEST_AMQP") else {
+        return;
+    };
     let name = imgclf_suite::unique_name("imgclf-test");
-    let crashed = imgclf::queue::AmqpQueue::connect(&url, &name, 8).await.unwrap();
-    let job = imgclf::Job { task_id: imgclf::TaskId::new(), object_key: "images/x.jpg".into() };
+    let crashed = imgclf::queue::AmqpQueue::connect(&url, &name, 8)
+        .await
+        .unwrap();
+    let job = imgclf::Job {
+        task_id: imgclf::TaskId::new(),
+        object_key: "images/x.jpg".into(),
+    };
     imgclf::Queue::enqueue(&crashed, &job).await.unwrap();
-    let held = imgclf::Queue::receive(&crashed, 1, Duration::from_secs(5)).await.unwrap();
+    let held = imgclf::Queue::receive(&crashed, 1, Duration::from_secs(5))
+        .await
+        .unwrap();
     assert_eq!(held.len(), 1);
     // The worker dies holding the job: no ack, no nack, the connection just goes.
     std::mem::forget(held);
     crashed.close().await;
-    let survivor = imgclf::queue::AmqpQueue::connect(&url, &name, 8).await.unwrap();
-    let again = imgclf::Queue::receive(&survivor, 1, Duration::from_secs(10)).await.unwrap();
+    let survivor = imgclf::queue::AmqpQueue::connect(&url, &name, 8)
+        .await
+        .unwrap();
+    let again = imgclf::Queue::receive(&survivor, 1, Duration::from_secs(10))
+        .await
+        .unwrap();
     assert_eq!(again.len(), 1, "the broker delivers it again");
-    assert_eq!((again[0].job(), again[0].attempt()), (&job, 2), "and counts the attempt");
+    assert_eq!(
+        (again[0].job(), again[0].attempt()),
+        (&job, 2),
+        "and counts the attempt"
+    );
 }
 
 #[tokio::test]
 async fn storage_s3() {
-    let Some(endpoint) = imgclf_suite::service_url("IMGCLF_TEST_S3") else { return };
+    let Some(endpoint) = imgclf_suite::service_url("IMGCLF_TEST_S3") else {
+        return;
+    };
     let config = imgclf::storage::S3Config {
         bucket: imgclf_suite::unique_name("imgclf-test"),
         endpoint: Some(endpoint),
-        access_key: Some(std::env::var("IMGCLF_TEST_S3_ACCESS_KEY").unwrap_or_else(|_| "test".into())),
-        secret_key: Some(std::env::var("IMGCLF_TEST_S3_SECRET_KEY").unwrap_or_else(|_| "testtest".into())),
+        access_key: Some(
+            std::env::var("IMGCLF_TEST_S3_ACCESS_KEY").unwrap_or_else(|_| "test".into()),
+        ),
+        secret_key: Some(
+            std::env::var("IMGCLF_TEST_S3_SECRET_KEY").unwrap_or_else(|_| "testtest".into()),
+        ),
         region: "us-east-1".into(),
         path_style: true,
     };
-    let store = imgclf::storage::S3Storage::connect(config).await.expect("creates the bucket");
+    let store = imgclf::storage::S3Storage::connect(config)
+        .await
+        .expect("creates the bucket");
     conformance::storage::run(&store, "t").await;
 }

@@ -44,24 +44,40 @@ impl Drop for Process {
 
 fn spawn(binary: &Path, env: &[(String, String)], work: &Path) -> Process {
     let mut command = Command::new(binary);
-    command.current_dir(work).env("RUST_LOG", "warn").stdout(Stdio::null());
+    command
+        .current_dir(work)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null());
     for (key, value) in env {
         command.env(key, value);
     }
-    Process(command.spawn().unwrap_or_else(|e| panic!("{}: {e}", binary.display())))
+    Process(
+        command
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e}", binary.display())),
+    )
 }
 
 async fn fresh_database(base: &str) -> String {
     let name = unique("imgclf_e2e").replace('-', "_");
     let mut conn = sqlx::PgConnection::connect(base).await.expect("PostgreSQL");
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
     format!("{}/{name}", base.rsplit_once('/').unwrap().0)
 }
 
 async fn run(queue_url: String) {
-    let (Some(pg), Some(s3)) = (service("IMGCLF_TEST_POSTGRES"), service("IMGCLF_TEST_S3")) else { return };
+    let (Some(pg), Some(s3)) = (service("IMGCLF_TEST_POSTGRES"), service("IMGCLF_TEST_S3")) else {
+        return;
+    };
     let results_url = fresh_database(&pg).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let base = format!("http://127.0.0.1:{port}");
     let work = tempfile::tempdir().unwrap();
     let env: Vec<(String, String)> = [
@@ -71,9 +87,18 @@ async fn run(queue_url: String) {
         ("IMGCLF_RESULTS", results_url.clone()),
         ("IMGCLF_STORAGE", format!("s3://{}", unique("imgclf-e2e"))),
         ("IMGCLF_S3_ENDPOINT", s3),
-        ("IMGCLF_S3_ACCESS_KEY", std::env::var("IMGCLF_TEST_S3_ACCESS_KEY").unwrap_or_else(|_| "test".into())),
-        ("IMGCLF_S3_SECRET_KEY", std::env::var("IMGCLF_TEST_S3_SECRET_KEY").unwrap_or_else(|_| "testtest".into())),
-        ("IMGCLF_DATA_DIR", work.path().join("data").display().to_string()),
+        (
+            "IMGCLF_S3_ACCESS_KEY",
+            std::env::var("IMGCLF_TEST_S3_ACCESS_KEY").unwrap_or_else(|_| "test".into()),
+        ),
+        (
+            "IMGCLF_S3_SECRET_KEY",
+            std::env::var("IMGCLF_TEST_S3_SECRET_KEY").unwrap_or_else(|_| "testtest".into()),
+        ),
+        (
+            "IMGCLF_DATA_DIR",
+            work.path().join("data").display().to_string(),
+        ),
         ("IMGCLF_MAX_BATCH", "4".into()),
         ("IMGCLF_PREPROCESS_THREADS", "1".into()),
     ]
@@ -84,18 +109,34 @@ async fn run(queue_url: String) {
     let http_binary = PathBuf::from(env!("CARGO_BIN_EXE_imgclf-http"));
     // Built by `cargo test --workspace` for imgclf-worker's own tests, beside this one.
     let worker_binary = http_binary.with_file_name("imgclf-worker");
-    assert!(worker_binary.exists(), "{} is built by cargo test --workspace", worker_binary.display());
+    assert!(
+        worker_binary.exists(),
+        "{} is built by cargo test --workspace",
+        worker_binary.display()
+    );
     let _http = spawn(&http_binary, &env, work.path());
-    let _workers = [spawn(&worker_binary, &env, work.path()), spawn(&worker_binary, &env, work.path())];
+    let _workers = [
+        spawn(&worker_binary, &env, work.path()),
+        spawn(&worker_binary, &env, work.path()),
+    ];
 
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(180);
-    while !client.get(format!("{base}/ready")).send().await.is_ok_and(|r| r.status() == 200) {
-        assert!(Instant::now() < deadline, "imgclf-http did not become ready");
+    while !client
+        .get(format!("{base}/ready"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "imgclf-http did not become ready"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let text = std::fs::read_to_string(shared().join("images/reference-efficientnet-lite0.json")).unwrap();
+    let text =
+        std::fs::read_to_string(shared().join("images/reference-efficientnet-lite0.json")).unwrap();
     let reference: Value = serde_json::from_str(&text).unwrap();
     let images: Vec<(String, String, Vec<u8>)> = reference["top5"]
         .as_object()
@@ -103,15 +144,26 @@ async fn run(queue_url: String) {
         .iter()
         .map(|(name, top)| {
             let bytes = std::fs::read(shared().join("images").join(name)).unwrap();
-            (name.clone(), top[0]["label"].as_str().unwrap().to_string(), bytes)
+            (
+                name.clone(),
+                top[0]["label"].as_str().unwrap().to_string(),
+                bytes,
+            )
         })
         .collect();
 
     let mut expected: HashMap<String, String> = HashMap::new();
     for (name, label, bytes) in images.iter().cycle().take(TASKS) {
-        let form = reqwest::multipart::Form::new()
-            .part("file", reqwest::multipart::Part::bytes(bytes.clone()).file_name(name.clone()));
-        let response = client.post(format!("{base}/api/upload-image")).multipart(form).send().await.unwrap();
+        let form = reqwest::multipart::Form::new().part(
+            "file",
+            reqwest::multipart::Part::bytes(bytes.clone()).file_name(name.clone()),
+        );
+        let response = client
+            .post(format!("{base}/api/upload-image"))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 202);
         let body: Value = response.json().await.unwrap();
         expected.insert(body["task_id"].as_str().unwrap().to_string(), label.clone());
@@ -120,35 +172,59 @@ async fn run(queue_url: String) {
     let mut db = sqlx::PgConnection::connect(&results_url).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let (done,): (i64,) = sqlx::query_as("SELECT count(*) FROM tasks WHERE state IN ('SUCCESS', 'FAILURE')")
-            .fetch_one(&mut db)
-            .await
-            .unwrap();
+        let (done,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM tasks WHERE state IN ('SUCCESS', 'FAILURE')")
+                .fetch_one(&mut db)
+                .await
+                .unwrap();
         if done as usize == TASKS {
             break;
         }
-        assert!(Instant::now() < deadline, "only {done} of {TASKS} tasks finished");
+        assert!(
+            Instant::now() < deadline,
+            "only {done} of {TASKS} tasks finished"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     for (id, label) in &expected {
-        let status: Value =
-            client.get(format!("{base}/api/task-status/{id}")).send().await.unwrap().json().await.unwrap();
+        let status: Value = client
+            .get(format!("{base}/api/task-status/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(status["state"], "SUCCESS", "{status}");
-        assert_eq!(status["result"]["classification"][0]["label"], label.as_str());
+        assert_eq!(
+            status["result"]["classification"][0]["label"],
+            label.as_str()
+        );
     }
     let (rows, distinct): (i64, i64) =
-        sqlx::query_as("SELECT count(*), count(DISTINCT task_id) FROM results").fetch_one(&mut db).await.unwrap();
-    assert_eq!((rows, distinct), (TASKS as i64, TASKS as i64), "each result written exactly once");
+        sqlx::query_as("SELECT count(*), count(DISTINCT task_id) FROM results")
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+    assert_eq!(
+        (rows, distinct),
+        (TASKS as i64, TASKS as i64),
+        "each result written exactly once"
+    );
 }
 
 #[tokio::test]
 async fn http_and_two_workers_over_rabbitmq_postgres_and_s3() {
-    let Some(amqp) = service("IMGCLF_TEST_AMQP") else { return };
+    let Some(amqp) = service("IMGCLF_TEST_AMQP") else {
+        return;
+    };
     run(amqp).await;
 }
 
 #[tokio::test]
 async fn http_and_two_workers_over_redis_postgres_and_s3() {
-    let Some(redis) = service("IMGCLF_TEST_REDIS") else { return };
+    let Some(redis) = service("IMGCLF_TEST_REDIS") else {
+        return;
+    };
     run(redis).await;
 }

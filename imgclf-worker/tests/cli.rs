@@ -4,7 +4,10 @@ use std::process::Command;
 
 #[test]
 fn help_names_every_environment_variable() {
-    let output = Command::new(env!("CARGO_BIN_EXE_imgclf-worker")).arg("--help").output().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_imgclf-worker"))
+        .arg("--help")
+        .output()
+        .unwrap();
     assert!(output.status.success());
     let help = String::from_utf8(output.stdout).unwrap();
     for var in [
@@ -37,7 +40,10 @@ fn help_names_every_environment_variable() {
 fn a_bad_backend_url_is_a_clear_error_not_a_panic() {
     let output = Command::new(env!("CARGO_BIN_EXE_imgclf-worker"))
         .env("IMGCLF_QUEUE", "kafka://localhost:9092")
-        .env("IMGCLF_DATA_DIR", std::env::temp_dir().join("imgclf-cli-test"))
+        .env(
+            "IMGCLF_DATA_DIR",
+            std::env::temp_dir().join("imgclf-cli-test"),
+        )
         .output()
         .unwrap();
     assert!(!output.status.success());

@@ -60,10 +60,16 @@ pub struct Settings {
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_QUEUE"))]
     pub queue: Option<String>,
     /// Name of the queue (RabbitMQ queue, Redis stream) shared by producers and workers.
-    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_QUEUE_NAME", default_value = "imgclf"))]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "IMGCLF_QUEUE_NAME", default_value = "imgclf")
+    )]
     pub queue_name: String,
     /// Seconds a worker may hold a job before another gets it (Redis and memory queues).
-    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_QUEUE_LEASE", default_value_t = 120))]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "IMGCLF_QUEUE_LEASE", default_value_t = 120)
+    )]
     pub queue_lease: u64,
     /// S3 endpoint (`http(s)://host:port`) for `s3://bucket` storage; AWS when unset.
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_S3_ENDPOINT"))]
@@ -72,10 +78,16 @@ pub struct Settings {
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_S3_ACCESS_KEY"))]
     pub s3_access_key: Option<String>,
     /// S3 secret key.
-    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_S3_SECRET_KEY", hide_env_values = true))]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "IMGCLF_S3_SECRET_KEY", hide_env_values = true)
+    )]
     pub s3_secret_key: Option<String>,
     /// S3 region.
-    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_S3_REGION", default_value = "us-east-1"))]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "IMGCLF_S3_REGION", default_value = "us-east-1")
+    )]
     pub s3_region: String,
     /// Path-style S3 requests (`endpoint/bucket/key`), as MinIO expects; false for
     /// virtual-hosted style.
@@ -193,7 +205,10 @@ pub fn redact(url: &str) -> String {
 fn redact_error(url: &str, error: crate::queue::QueueError) -> crate::queue::QueueError {
     match error {
         crate::queue::QueueError::Backend { message, temporary } => {
-            crate::queue::QueueError::Backend { message: message.replace(url, &redact(url)), temporary }
+            crate::queue::QueueError::Backend {
+                message: message.replace(url, &redact(url)),
+                temporary,
+            }
         }
         other => other,
     }
@@ -238,20 +253,29 @@ impl Settings {
                 if e.contains("://") {
                     e
                 } else {
-                    let secure = var("MINIO_SECURE").is_some_and(|s| s.eq_ignore_ascii_case("true"));
+                    let secure =
+                        var("MINIO_SECURE").is_some_and(|s| s.eq_ignore_ascii_case("true"));
                     format!("{}://{e}", if secure { "https" } else { "http" })
                 }
             });
         }
-        self.s3_access_key = self.s3_access_key.take().or_else(|| var("MINIO_ACCESS_KEY"));
-        self.s3_secret_key = self.s3_secret_key.take().or_else(|| var("MINIO_SECRET_KEY"));
+        self.s3_access_key = self
+            .s3_access_key
+            .take()
+            .or_else(|| var("MINIO_ACCESS_KEY"));
+        self.s3_secret_key = self
+            .s3_secret_key
+            .take()
+            .or_else(|| var("MINIO_SECRET_KEY"));
         if self.queue.is_none() {
             self.queue = var("CELERY_BROKER_URL");
         }
         if self.results.is_none() {
             if let Some(host) = var("PG_HOST") {
                 let user = var("PG_USER").unwrap_or_else(|| "postgres".into());
-                let password = var("PG_PASSWORD").map(|p| format!(":{p}")).unwrap_or_default();
+                let password = var("PG_PASSWORD")
+                    .map(|p| format!(":{p}"))
+                    .unwrap_or_default();
                 let port = var("PG_PORT").unwrap_or_else(|| "5432".into());
                 let db = var("PG_DB").unwrap_or_else(|| "postgres".into());
                 self.results = Some(format!("postgres://{user}{password}@{host}:{port}/{db}"));
@@ -295,7 +319,11 @@ impl Settings {
                 .await?,
             ));
             #[cfg(not(feature = "s3"))]
-            return Err(ConfigError::NotCompiled { port: "storage", url: bucket.into(), feature: "s3" });
+            return Err(ConfigError::NotCompiled {
+                port: "storage",
+                url: bucket.into(),
+                feature: "s3",
+            });
         }
         Err(ConfigError::Unsupported {
             port: "storage",
@@ -315,20 +343,33 @@ impl Settings {
             {
                 // Room for one batch in the model and the next being prepared.
                 let prefetch = u16::try_from(2 * self.max_batch.max(1)).unwrap_or(u16::MAX);
-                let queue = crate::queue::AmqpQueue::connect(&url, &self.queue_name, prefetch).await;
-                return Ok(Arc::new(queue.map_err(|e| ConfigError::Queue(redact_error(&url, e)))?));
+                let queue =
+                    crate::queue::AmqpQueue::connect(&url, &self.queue_name, prefetch).await;
+                return Ok(Arc::new(
+                    queue.map_err(|e| ConfigError::Queue(redact_error(&url, e)))?,
+                ));
             }
             #[cfg(not(feature = "amqp"))]
-            return Err(ConfigError::NotCompiled { port: "queue", url: redact(&url), feature: "amqp" });
+            return Err(ConfigError::NotCompiled {
+                port: "queue",
+                url: redact(&url),
+                feature: "amqp",
+            });
         }
         if url.starts_with("redis://") || url.starts_with("rediss://") {
             #[cfg(feature = "redis")]
             {
                 let queue = crate::queue::RedisQueue::connect(&url, &self.queue_name, lease).await;
-                return Ok(Arc::new(queue.map_err(|e| ConfigError::Queue(redact_error(&url, e)))?));
+                return Ok(Arc::new(
+                    queue.map_err(|e| ConfigError::Queue(redact_error(&url, e)))?,
+                ));
             }
             #[cfg(not(feature = "redis"))]
-            return Err(ConfigError::NotCompiled { port: "queue", url: redact(&url), feature: "redis" });
+            return Err(ConfigError::NotCompiled {
+                port: "queue",
+                url: redact(&url),
+                feature: "redis",
+            });
         }
         Err(ConfigError::Unsupported {
             port: "queue",
@@ -344,14 +385,22 @@ impl Settings {
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             #[cfg(feature = "postgres")]
-            return Ok(Arc::new(crate::results::PostgresResults::connect(&url).await.map_err(|e| {
-                ConfigError::Results(ResultsError::Backend {
-                    message: e.to_string().replace(&url, &redact(&url)),
-                    temporary: e.is_temporary(),
-                })
-            })?));
+            return Ok(Arc::new(
+                crate::results::PostgresResults::connect(&url)
+                    .await
+                    .map_err(|e| {
+                        ConfigError::Results(ResultsError::Backend {
+                            message: e.to_string().replace(&url, &redact(&url)),
+                            temporary: e.is_temporary(),
+                        })
+                    })?,
+            ));
             #[cfg(not(feature = "postgres"))]
-            return Err(ConfigError::NotCompiled { port: "results", url: redact(&url), feature: "postgres" });
+            return Err(ConfigError::NotCompiled {
+                port: "results",
+                url: redact(&url),
+                feature: "postgres",
+            });
         }
         if url.starts_with("sqlite:") {
             #[cfg(feature = "sqlite")]
@@ -430,16 +479,37 @@ mod tests {
             ("CELERY_BROKER_URL", "amqp://guest:guest@rabbit:5672//"),
         ];
         let mut settings = Settings::default();
-        settings.apply_legacy(|name| env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string()));
+        settings.apply_legacy(|name| {
+            env.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        });
         assert_eq!(settings.storage.as_deref(), Some("s3://images"));
         assert_eq!(settings.s3_endpoint.as_deref(), Some("http://minio:9000"));
         assert_eq!(settings.s3_access_key.as_deref(), Some("ak"));
-        assert_eq!(settings.results.as_deref(), Some("postgres://app:pw@db:5432/results"));
-        assert_eq!(settings.queue.as_deref(), Some("amqp://guest:guest@rabbit:5672//"));
+        assert_eq!(
+            settings.results.as_deref(),
+            Some("postgres://app:pw@db:5432/results")
+        );
+        assert_eq!(
+            settings.queue.as_deref(),
+            Some("amqp://guest:guest@rabbit:5672//")
+        );
 
-        let mut explicit = Settings { queue: Some("redis://r".into()), ..Settings::default() };
-        explicit.apply_legacy(|name| env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string()));
-        assert_eq!(explicit.queue.as_deref(), Some("redis://r"), "explicit settings win");
+        let mut explicit = Settings {
+            queue: Some("redis://r".into()),
+            ..Settings::default()
+        };
+        explicit.apply_legacy(|name| {
+            env.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        });
+        assert_eq!(
+            explicit.queue.as_deref(),
+            Some("redis://r"),
+            "explicit settings win"
+        );
     }
 
     #[test]

@@ -16,12 +16,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
+use lapin::acker::Acker;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::acker::Acker;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use tokio::sync::Mutex;
 
@@ -57,8 +57,14 @@ struct Session {
 }
 
 fn backend(error: lapin::Error) -> QueueError {
-    let temporary = !matches!(error, lapin::Error::ProtocolError(_) | lapin::Error::ParsingError(_));
-    QueueError::Backend { message: error.to_string(), temporary }
+    let temporary = !matches!(
+        error,
+        lapin::Error::ProtocolError(_) | lapin::Error::ParsingError(_)
+    );
+    QueueError::Backend {
+        message: error.to_string(),
+        temporary,
+    }
 }
 
 fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
@@ -70,7 +76,10 @@ fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
 }
 
 fn durable() -> QueueDeclareOptions {
-    QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() }
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
 }
 
 fn quorum() -> FieldTable {
@@ -104,7 +113,9 @@ impl AmqpQueue {
             delay_queues: SyncMutex::new(BTreeSet::new()),
         };
         inner.session(false).await?;
-        Ok(Self { inner: Arc::new(inner) })
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
     }
 
     /// Closes the connection. The broker returns unacked deliveries to the queue, as it does
@@ -134,22 +145,49 @@ impl Inner {
         let properties = ConnectionProperties::default()
             .with_executor(tokio_executor_trait::Tokio::current())
             .with_reactor(tokio_reactor_trait::Tokio);
-        let connection = Connection::connect(&self.uri, properties).await.map_err(backend)?;
+        let connection = Connection::connect(&self.uri, properties)
+            .await
+            .map_err(backend)?;
         let publisher = connection.create_channel().await.map_err(backend)?;
-        publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(backend)?;
-        publisher.queue_declare(&self.name, durable(), quorum()).await.map_err(backend)?;
-        publisher.queue_declare(&self.dead, durable(), quorum()).await.map_err(backend)?;
-        let consumer = if consume { Some(self.consume(&connection).await?) } else { None };
-        let session = Session { connection: Arc::new(connection), publisher, consumer };
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(backend)?;
+        publisher
+            .queue_declare(&self.name, durable(), quorum())
+            .await
+            .map_err(backend)?;
+        publisher
+            .queue_declare(&self.dead, durable(), quorum())
+            .await
+            .map_err(backend)?;
+        let consumer = if consume {
+            Some(self.consume(&connection).await?)
+        } else {
+            None
+        };
+        let session = Session {
+            connection: Arc::new(connection),
+            publisher,
+            consumer,
+        };
         *guard = Some(session.clone());
         Ok(session)
     }
 
     async fn consume(&self, connection: &Connection) -> Result<Consumer, QueueError> {
         let channel = connection.create_channel().await.map_err(backend)?;
-        channel.basic_qos(self.prefetch, BasicQosOptions::default()).await.map_err(backend)?;
         channel
-            .basic_consume(&self.name, "", BasicConsumeOptions::default(), FieldTable::default())
+            .basic_qos(self.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(backend)?;
+        channel
+            .basic_consume(
+                &self.name,
+                "",
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await
             .map_err(backend)
     }
@@ -159,7 +197,12 @@ impl Inner {
         *self.session.lock().await = None;
     }
 
-    async fn publish(&self, queue: &str, payload: &[u8], headers: FieldTable) -> Result<(), QueueError> {
+    async fn publish(
+        &self,
+        queue: &str,
+        payload: &[u8],
+        headers: FieldTable,
+    ) -> Result<(), QueueError> {
         let session = self.session(false).await?;
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
@@ -168,14 +211,23 @@ impl Inner {
         let published = async {
             session
                 .publisher
-                .basic_publish("", queue, BasicPublishOptions::default(), payload, properties)
+                .basic_publish(
+                    "",
+                    queue,
+                    BasicPublishOptions::default(),
+                    payload,
+                    properties,
+                )
                 .await?
                 .await
         }
         .await;
         match published {
             Ok(confirmation) if confirmation.is_ack() => Ok(()),
-            Ok(_) => Err(QueueError::Backend { message: "the broker refused the message".into(), temporary: true }),
+            Ok(_) => Err(QueueError::Backend {
+                message: "the broker refused the message".into(),
+                temporary: true,
+            }),
             Err(e) => {
                 self.reset().await;
                 Err(backend(e))
@@ -191,10 +243,17 @@ impl Inner {
         let arguments = args(&[
             ("x-message-ttl", AMQPValue::LongUInt(ms)),
             ("x-dead-letter-exchange", AMQPValue::LongString("".into())),
-            ("x-dead-letter-routing-key", AMQPValue::LongString(self.name.clone().into())),
+            (
+                "x-dead-letter-routing-key",
+                AMQPValue::LongString(self.name.clone().into()),
+            ),
             ("x-expires", AMQPValue::LongUInt(ms.saturating_add(600_000))),
         ]);
-        session.publisher.queue_declare(&name, durable(), arguments).await.map_err(backend)?;
+        session
+            .publisher
+            .queue_declare(&name, durable(), arguments)
+            .await
+            .map_err(backend)?;
         self.delay_queues.lock().unwrap().insert(name.clone());
         Ok(name)
     }
@@ -204,8 +263,13 @@ impl Inner {
     async fn count(&self, queue: &str) -> Result<Option<u64>, QueueError> {
         let session = self.session(false).await?;
         let channel = session.connection.create_channel().await.map_err(backend)?;
-        let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
-        let declared = channel.queue_declare(queue, options, FieldTable::default()).await;
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let declared = channel
+            .queue_declare(queue, options, FieldTable::default())
+            .await;
         let _ = channel.close(200, "done").await;
         Ok(declared.ok().map(|q| u64::from(q.message_count())))
     }
@@ -215,10 +279,16 @@ impl Inner {
 impl Queue for AmqpQueue {
     async fn enqueue(&self, job: &Job) -> Result<(), QueueError> {
         let payload = serde_json::to_vec(job).map_err(|e| QueueError::Codec(e.to_string()))?;
-        self.inner.publish(&self.inner.name, &payload, FieldTable::default()).await
+        self.inner
+            .publish(&self.inner.name, &payload, FieldTable::default())
+            .await
     }
 
-    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Box<dyn Delivery>>, QueueError> {
+    async fn receive(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Box<dyn Delivery>>, QueueError> {
         let inner = &self.inner;
         let session = inner.session(true).await?;
         let mut consumer = session.consumer.clone().expect("a consuming session");
@@ -243,13 +313,17 @@ impl Queue for AmqpQueue {
                 None => {
                     inner.reset().await;
                     if out.is_empty() {
-                        return Err(QueueError::Backend { message: "the consumer was cancelled".into(), temporary: true });
+                        return Err(QueueError::Backend {
+                            message: "the consumer was cancelled".into(),
+                            temporary: true,
+                        });
                     }
                     break;
                 }
             };
             let headers = delivery.properties.headers().as_ref();
-            let attempt = header_u32(headers, ATTEMPT_HEADER) + header_u32(headers, "x-delivery-count") + 1;
+            let attempt =
+                header_u32(headers, ATTEMPT_HEADER) + header_u32(headers, "x-delivery-count") + 1;
             match serde_json::from_slice::<Job>(&delivery.data) {
                 Ok(job) => out.push(Box::new(AmqpDelivery {
                     inner: inner.clone(),
@@ -260,9 +334,16 @@ impl Queue for AmqpQueue {
                 Err(e) => {
                     tracing::error!(error = %e, "unreadable message dead-lettered");
                     let mut headers = FieldTable::default();
-                    headers.insert(REASON_HEADER.into(), AMQPValue::LongString(format!("unreadable: {e}").into()));
+                    headers.insert(
+                        REASON_HEADER.into(),
+                        AMQPValue::LongString(format!("unreadable: {e}").into()),
+                    );
                     inner.publish(&inner.dead, &delivery.data, headers).await?;
-                    delivery.acker.ack(BasicAckOptions::default()).await.map_err(backend)?;
+                    delivery
+                        .acker
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .map_err(backend)?;
                 }
             }
         }
@@ -304,8 +385,12 @@ struct AmqpDelivery {
 impl AmqpDelivery {
     /// Publishes the job to `queue` with this attempt count (and `reason`), then acks.
     async fn move_to(&mut self, queue: &str, reason: Option<&str>) -> Result<(), QueueError> {
-        let payload = serde_json::to_vec(&self.job).map_err(|e| QueueError::Codec(e.to_string()))?;
-        let mut headers = args(&[(ATTEMPT_HEADER, AMQPValue::LongLongInt(i64::from(self.attempt)))]);
+        let payload =
+            serde_json::to_vec(&self.job).map_err(|e| QueueError::Codec(e.to_string()))?;
+        let mut headers = args(&[(
+            ATTEMPT_HEADER,
+            AMQPValue::LongLongInt(i64::from(self.attempt)),
+        )]);
         if let Some(reason) = reason {
             headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
         }
@@ -350,10 +435,17 @@ impl Drop for AmqpDelivery {
     /// An unsettled delivery goes straight back to the queue (the broker would return it anyway
     /// when the channel closes, but the process may live on).
     fn drop(&mut self) {
-        let Some(acker) = self.acker.take() else { return };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let Some(acker) = self.acker.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         runtime.spawn(async move {
-            let options = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
+            let options = BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            };
             if let Err(error) = acker.nack(options).await {
                 tracing::debug!(%error, "returning a dropped delivery failed; the broker will");
             }

@@ -7,11 +7,11 @@ mod memory;
 #[cfg(feature = "redis")]
 mod redis;
 
+#[cfg(feature = "redis")]
+pub use self::redis::RedisQueue;
 #[cfg(feature = "amqp")]
 pub use amqp::AmqpQueue;
 pub use memory::MemoryQueue;
-#[cfg(feature = "redis")]
-pub use self::redis::RedisQueue;
 
 use std::time::Duration;
 

@@ -64,8 +64,14 @@ fn backend(error: RedisError) -> QueueError {
         || error.is_connection_dropped()
         || error.is_connection_refusal()
         || error.is_timeout()
-        || matches!(error.code(), Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN"));
-    QueueError::Backend { message: error.to_string(), temporary }
+        || matches!(
+            error.code(),
+            Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN")
+        );
+    QueueError::Backend {
+        message: error.to_string(),
+        temporary,
+    }
 }
 
 impl RedisQueue {
@@ -78,7 +84,9 @@ impl RedisQueue {
             .set_response_timeout(Duration::from_secs(10))
             .set_number_of_retries(3)
             .set_max_delay(2000);
-        let conn = ConnectionManager::new_with_config(client, config).await.map_err(backend)?;
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(backend)?;
         let keys = Keys {
             stream: name.to_string(),
             delayed: format!("{name}:delayed"),
@@ -86,7 +94,13 @@ impl RedisQueue {
             dead: format!("{name}:dead"),
         };
         let consumer = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
-        let queue = Self { conn, keys, consumer, lease, promote: redis::Script::new(PROMOTE) };
+        let queue = Self {
+            conn,
+            keys,
+            consumer,
+            lease,
+            promote: redis::Script::new(PROMOTE),
+        };
         queue.ensure_group().await?;
         Ok(queue)
     }
@@ -123,7 +137,11 @@ impl RedisQueue {
             .query_async(&mut conn)
             .await?;
         let mut entries = match claimed {
-            Value::Array(parts) => parts.into_iter().nth(1).map(parse_entries).unwrap_or_default(),
+            Value::Array(parts) => parts
+                .into_iter()
+                .nth(1)
+                .map(parse_entries)
+                .unwrap_or_default(),
             _ => Vec::new(),
         };
         if entries.len() < max {
@@ -167,14 +185,20 @@ impl RedisQueue {
 /// `[[id, [field, value, …]], …]` -> (id, job, attempts before this entry). Entries that were
 /// deleted meanwhile come back as nil and are skipped; unreadable ones are logged and skipped.
 fn parse_entries(value: Value) -> Vec<(String, Job, u32)> {
-    let Value::Array(entries) = value else { return Vec::new() };
+    let Value::Array(entries) = value else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
     for entry in entries {
         let Value::Array(parts) = entry else { continue };
-        let [id, Value::Array(fields)] = <[Value; 2]>::try_from(parts).unwrap_or([Value::Nil, Value::Nil]) else {
+        let [id, Value::Array(fields)] =
+            <[Value; 2]>::try_from(parts).unwrap_or([Value::Nil, Value::Nil])
+        else {
             continue;
         };
-        let Ok(id) = redis::from_redis_value::<String>(&id) else { continue };
+        let Ok(id) = redis::from_redis_value::<String>(&id) else {
+            continue;
+        };
         let mut job = None;
         let mut base = 0;
         for pair in fields.chunks_exact(2) {
@@ -211,7 +235,11 @@ impl Queue for RedisQueue {
         Ok(())
     }
 
-    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Box<dyn Delivery>>, QueueError> {
+    async fn receive(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Box<dyn Delivery>>, QueueError> {
         let max = max.max(1);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
@@ -265,18 +293,28 @@ impl Queue for RedisQueue {
             .await
             .map_err(backend)?;
         let pending: u64 = match pending {
-            Value::Array(summary) => summary.first().and_then(|v| redis::from_redis_value(v).ok()).unwrap_or(0),
+            Value::Array(summary) => summary
+                .first()
+                .and_then(|v| redis::from_redis_value(v).ok())
+                .unwrap_or(0),
             _ => 0,
         };
         Ok(len.saturating_sub(pending) + delayed)
     }
 
     async fn dead_letters(&self) -> Result<u64, QueueError> {
-        redis::cmd("XLEN").arg(&self.keys.dead).query_async(&mut self.conn.clone()).await.map_err(backend)
+        redis::cmd("XLEN")
+            .arg(&self.keys.dead)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(backend)
     }
 
     async fn check(&self) -> Result<(), QueueError> {
-        redis::cmd("PING").query_async::<String>(&mut self.conn.clone()).await.map_err(backend)?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut self.conn.clone())
+            .await
+            .map_err(backend)?;
         Ok(())
     }
 }
@@ -296,10 +334,19 @@ impl RedisDelivery {
         let mut pipe = redis::pipe();
         pipe.atomic();
         also(&mut pipe);
-        pipe.cmd("XACK").arg(&self.keys.stream).arg(GROUP).arg(&self.id).ignore();
-        pipe.cmd("XDEL").arg(&self.keys.stream).arg(&self.id).ignore();
+        pipe.cmd("XACK")
+            .arg(&self.keys.stream)
+            .arg(GROUP)
+            .arg(&self.id)
+            .ignore();
+        pipe.cmd("XDEL")
+            .arg(&self.keys.stream)
+            .arg(&self.id)
+            .ignore();
         pipe.hdel(&self.keys.attempts, &self.id).ignore();
-        pipe.query_async::<()>(&mut self.conn).await.map_err(backend)?;
+        pipe.query_async::<()>(&mut self.conn)
+            .await
+            .map_err(backend)?;
         self.settled = true;
         Ok(())
     }
@@ -329,7 +376,8 @@ impl Delivery for RedisDelivery {
             attempt: self.attempt,
             nonce: uuid::Uuid::new_v4().simple().to_string(),
         };
-        let member = serde_json::to_string(&delayed).map_err(|e| QueueError::Codec(e.to_string()))?;
+        let member =
+            serde_json::to_string(&delayed).map_err(|e| QueueError::Codec(e.to_string()))?;
         let due = now_ms() + after.as_millis() as i64;
         let key = self.keys.delayed.clone();
         self.settle(|pipe| {
@@ -364,7 +412,9 @@ impl Drop for RedisDelivery {
         if self.settled {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let (mut conn, stream, id) = (self.conn.clone(), self.keys.stream.clone(), self.id.clone());
         runtime.spawn(async move {
             let released: Result<Value, _> = redis::cmd("XCLAIM")

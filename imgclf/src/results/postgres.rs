@@ -29,10 +29,13 @@ impl PostgresResults {
             .connect(url)
             .await
             .map_err(backend)?;
-        MIGRATOR.run(&pool).await.map_err(|e| ResultsError::Backend {
-            message: format!("migrations: {e}"),
-            temporary: false,
-        })?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| ResultsError::Backend {
+                message: format!("migrations: {e}"),
+                temporary: false,
+            })?;
         Ok(Self { pool })
     }
 }
@@ -47,11 +50,17 @@ fn backend(error: sqlx::Error) -> ResultsError {
         // Class 08 (connection), 40 (rollback: serialization, deadlock), 53 (resources),
         // 57P (operator intervention: admin shutdown, cannot connect now).
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            code.starts_with("08") || code.starts_with("40") || code.starts_with("53") || code.starts_with("57P")
+            code.starts_with("08")
+                || code.starts_with("40")
+                || code.starts_with("53")
+                || code.starts_with("57P")
         }),
         _ => false,
     };
-    ResultsError::Backend { message: error.to_string(), temporary }
+    ResultsError::Backend {
+        message: error.to_string(),
+        temporary,
+    }
 }
 
 fn codec(error: impl std::fmt::Display) -> ResultsError {
@@ -68,7 +77,10 @@ fn record(row: &PgRow) -> Result<TaskRecord, ResultsError> {
         object_key: row.try_get("object_key").map_err(codec)?,
         metadata: serde_json::from_value(metadata).map_err(codec)?,
         callback_url: row.try_get("callback_url").map_err(codec)?,
-        result: result.map(serde_json::from_value).transpose().map_err(codec)?,
+        result: result
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(codec)?,
         error: row.try_get("error").map_err(codec)?,
         attempts: row.try_get::<i32, _>("attempts").map_err(codec)? as u32,
         created_at_ms: row.try_get("created_at_ms").map_err(codec)?,
@@ -82,7 +94,12 @@ impl ResultStore for PostgresResults {
         let sql = format!(
             "INSERT INTO tasks ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
         );
-        let result = r.result.as_ref().map(serde_json::to_value).transpose().map_err(codec)?;
+        let result = r
+            .result
+            .as_ref()
+            .map(serde_json::to_value)
+            .transpose()
+            .map_err(codec)?;
         let inserted = sqlx::query(&sql)
             .bind(r.task_id.as_uuid())
             .bind(r.state.as_str())
@@ -107,8 +124,11 @@ impl ResultStore for PostgresResults {
 
     async fn get(&self, id: TaskId) -> Result<Option<TaskRecord>, ResultsError> {
         let sql = format!("SELECT {COLUMNS} FROM tasks WHERE task_id = $1");
-        let row =
-            sqlx::query(&sql).bind(id.as_uuid()).fetch_optional(&self.pool).await.map_err(backend)?;
+        let row = sqlx::query(&sql)
+            .bind(id.as_uuid())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
         row.as_ref().map(record).transpose()
     }
 
@@ -195,7 +215,10 @@ impl ResultStore for PostgresResults {
     }
 
     async fn check(&self) -> Result<(), ResultsError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(backend)?;
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
         Ok(())
     }
 }

@@ -36,10 +36,14 @@ fn backend(error: object_store::Error) -> StorageError {
         object_store::Error::NotFound { path, .. } => StorageError::NotFound(path),
         object_store::Error::PermissionDenied { .. }
         | object_store::Error::Unauthenticated { .. }
-        | object_store::Error::NotSupported { .. } => {
-            StorageError::Backend { message: error.to_string(), temporary: false }
-        }
-        other => StorageError::Backend { message: other.to_string(), temporary: true },
+        | object_store::Error::NotSupported { .. } => StorageError::Backend {
+            message: error.to_string(),
+            temporary: false,
+        },
+        other => StorageError::Backend {
+            message: other.to_string(),
+            temporary: true,
+        },
     }
 }
 
@@ -65,7 +69,9 @@ impl S3Storage {
             builder = builder.with_endpoint(endpoint);
         }
         if let (Some(key), Some(secret)) = (&config.access_key, &config.secret_key) {
-            builder = builder.with_access_key_id(key).with_secret_access_key(secret);
+            builder = builder
+                .with_access_key_id(key)
+                .with_secret_access_key(secret);
         }
         let store = builder.build().map_err(|e| StorageError::Backend {
             message: format!("S3 configuration: {e}"),
@@ -74,7 +80,10 @@ impl S3Storage {
         if let Err(error) = create_bucket(&config).await {
             tracing::warn!(bucket = %config.bucket, %error, "could not create the bucket; assuming it exists");
         }
-        Ok(Self { store: Arc::new(store), bucket: config.bucket })
+        Ok(Self {
+            store: Arc::new(store),
+            bucket: config.bucket,
+        })
     }
 
     pub fn bucket(&self) -> &str {
@@ -86,16 +95,23 @@ impl S3Storage {
 impl Storage for S3Storage {
     async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
         validate_key(key)?;
-        self.store.put(&Path::from(key), PutPayload::from(bytes)).await.map_err(backend)?;
+        self.store
+            .put(&Path::from(key), PutPayload::from(bytes))
+            .await
+            .map_err(backend)?;
         Ok(())
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
         validate_key(key)?;
-        let object = self.store.get(&Path::from(key)).await.map_err(|e| match backend(e) {
-            StorageError::NotFound(_) => StorageError::NotFound(key.to_string()),
-            other => other,
-        })?;
+        let object = self
+            .store
+            .get(&Path::from(key))
+            .await
+            .map_err(|e| match backend(e) {
+                StorageError::NotFound(_) => StorageError::NotFound(key.to_string()),
+                other => other,
+            })?;
         object.bytes().await.map_err(backend)
     }
 
@@ -125,7 +141,9 @@ async fn create_bucket(config: &S3Config) -> Result<(), String> {
         return Err("bucket creation needs an endpoint and credentials".into());
     };
     let endpoint = endpoint.trim_end_matches('/');
-    let host = endpoint.split_once("://").map_or(endpoint, |(_, rest)| rest);
+    let host = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
     let path = format!("/{}", config.bucket);
     let body = if config.region == "us-east-1" {
         String::new()
@@ -137,14 +155,20 @@ async fn create_bucket(config: &S3Config) -> Result<(), String> {
         )
     };
     let payload_hash = hex::encode(Sha256::digest(body.as_bytes()));
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_err(|e| e.to_string())?.as_secs();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_err(|e| e.to_string())?
+        .as_secs();
     let (date, stamp) = amz_dates(now);
     let canonical = format!(
         "PUT\n{path}\n\nhost:{host}\nx-amz-content-sha256:{payload_hash}\nx-amz-date:{stamp}\n\n\
          host;x-amz-content-sha256;x-amz-date\n{payload_hash}"
     );
     let scope = format!("{date}/{}/s3/aws4_request", config.region);
-    let to_sign = format!("AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{}", hex::encode(Sha256::digest(canonical)));
+    let to_sign = format!(
+        "AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{}",
+        hex::encode(Sha256::digest(canonical))
+    );
     let mut key = hmac(format!("AWS4{secret_key}").as_bytes(), date.as_bytes());
     for part in [config.region.as_str(), "s3", "aws4_request"] {
         key = hmac(&key, part.as_bytes());
@@ -154,7 +178,10 @@ async fn create_bucket(config: &S3Config) -> Result<(), String> {
         "AWS4-HMAC-SHA256 Credential={access_key}/{scope}, \
          SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature={signature}"
     );
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| e.to_string())?;
     let response = client
         .put(format!("{endpoint}{path}"))
         .header("x-amz-date", stamp)
@@ -190,7 +217,12 @@ fn amz_dates(unix: u64) -> (String, String) {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     let date = format!("{year:04}{month:02}{day:02}");
-    let stamp = format!("{date}T{:02}{:02}{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60);
+    let stamp = format!(
+        "{date}T{:02}{:02}{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    );
     (date, stamp)
 }
 
@@ -201,6 +233,9 @@ mod tests {
     #[test]
     fn dates_are_utc_civil_dates() {
         assert_eq!(amz_dates(0), ("19700101".into(), "19700101T000000Z".into()));
-        assert_eq!(amz_dates(1_709_210_096), ("20240229".into(), "20240229T123456Z".into()));
+        assert_eq!(
+            amz_dates(1_709_210_096),
+            ("20240229".into(), "20240229T123456Z".into())
+        );
     }
 }

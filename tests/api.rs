@@ -211,16 +211,46 @@ async fn query_parameters_are_accepted_like_form_fields() {
     assert_eq!(done["result"]["metadata"]["batch"], "7");
 }
 
+/// What the test receiver saw of one callback request.
+struct Received {
+    headers: axum::http::HeaderMap,
+    body: bytes::Bytes,
+}
+
+fn signed_webhooks(secret: &str, allow: &str) -> Arc<dyn imgclf::Notifier> {
+    let config = imgclf::notify::WebhookConfig {
+        timeout: Duration::from_secs(5),
+        attempts: 3,
+        backoff: Duration::from_millis(50),
+        secret: Some(secret.into()),
+        policy: imgclf::notify::CallbackPolicy::new(
+            allow
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(|n| n.parse().unwrap())
+                .collect(),
+        ),
+        ..imgclf::notify::WebhookConfig::default()
+    };
+    Arc::new(imgclf::notify::WebhookNotifier::new(config).unwrap())
+}
+
 #[tokio::test]
-async fn the_webhook_receives_the_final_status() {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+async fn the_webhook_receives_the_final_status_signed_and_retried() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Received>();
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let hook = Router::new().route(
         "/hook",
-        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
-            let tx = tx.clone();
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: bytes::Bytes| {
+            let (tx, calls) = (tx.clone(), calls.clone());
             async move {
-                tx.send(body).unwrap();
-                StatusCode::NO_CONTENT
+                tx.send(Received { headers, body }).unwrap();
+                // The first attempt fails: the notifier must retry the same delivery.
+                if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::NO_CONTENT
+                }
             }
         }),
     );
@@ -228,10 +258,8 @@ async fn the_webhook_receives_the_final_status() {
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, hook).await.unwrap() });
 
-    let notifier =
-        imgclf::notify::WebhookNotifier::new(Duration::from_secs(5), 3, Duration::from_millis(50))
-            .unwrap();
-    let s = service_with(Arc::new(notifier));
+    let secret = "test-signing-secret";
+    let s = service_with(signed_webhooks(secret, "127.0.0.0/8"));
     let bytes = image("skimage_chelsea.png");
     let request = multipart(
         "/api/upload-image",
@@ -242,10 +270,34 @@ async fn the_webhook_receives_the_final_status() {
     );
     let (status, body) = call(&s.app, request).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    let delivered = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+    let first = tokio::time::timeout(Duration::from_secs(60), rx.recv())
         .await
         .expect("a callback")
         .unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a retry")
+        .unwrap();
+    let id = |r: &Received| r.headers["x-imgclf-delivery"].to_str().unwrap().to_string();
+    assert_eq!(
+        id(&first),
+        id(&second),
+        "a retry carries the same delivery id"
+    );
+    for received in [&first, &second] {
+        // What a receiver does: HMAC-SHA256 over "<timestamp>.<body>" with the shared secret.
+        use hmac::Mac;
+        let timestamp = received.headers["x-imgclf-timestamp"].to_str().unwrap();
+        let signature = received.headers["x-imgclf-signature"].to_str().unwrap();
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(format!("{timestamp}.").as_bytes());
+        mac.update(&received.body);
+        assert_eq!(
+            signature,
+            format!("v1={}", hex::encode(mac.finalize().into_bytes()))
+        );
+    }
+    let delivered: Value = serde_json::from_slice(&second.body).unwrap();
     assert_eq!(delivered["task_id"], body["task_id"]);
     assert_eq!(delivered["state"], "SUCCESS");
     assert_eq!(
@@ -266,6 +318,33 @@ async fn the_webhook_receives_the_final_status() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(counted, "webhook_success_total counts the delivery");
+}
+
+#[tokio::test]
+async fn callbacks_to_internal_addresses_are_refused_at_upload() {
+    let s = service_with(signed_webhooks("secret", ""));
+    let jpeg = image("opencv_apple.jpg");
+    for url in [
+        "http://127.0.0.1:8000/hook",
+        "http://localhost/hook",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.5/hook",
+        "http://192.168.1.1/hook",
+        "http://[::1]:8080/hook",
+        "http://[fd00:ec2::254]/",
+        "http://0.0.0.0/",
+        "http://[::ffff:127.0.0.1]/",
+    ] {
+        let request = multipart(
+            "/api/upload-image",
+            &[Part::File("a.jpg", &jpeg), Part::Text("callback_url", url)],
+        );
+        let (status, body) = call(&s.app, request).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{url}: {body}");
+        let detail = body["detail"].as_str().unwrap();
+        assert!(detail.contains("callback URL refused"), "{url}: {detail}");
+    }
+    assert!(s.storage.is_empty(), "refused uploads store nothing");
 }
 
 #[tokio::test]

@@ -139,6 +139,19 @@ pub struct Settings {
         arg(long, env = "IMGCLF_WEBHOOK_TIMEOUT", default_value_t = 10)
     )]
     pub webhook_timeout: u64,
+    /// Secret that signs every callback (HMAC-SHA256, see the README); unsigned when unset.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "IMGCLF_WEBHOOK_SECRET", hide_env_values = true)
+    )]
+    pub webhook_secret: Option<String>,
+    /// Internal networks callbacks may reach anyway, comma-separated (`10.1.0.0/16,127.0.0.1`);
+    /// loopback, private, link-local, multicast and reserved addresses are refused otherwise.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "IMGCLF_WEBHOOK_ALLOW", value_delimiter = ',')
+    )]
+    pub webhook_allow: Vec<crate::notify::IpNet>,
     /// Attempts per callback before giving up; 0 turns callbacks off.
     #[cfg_attr(
         feature = "cli",
@@ -170,6 +183,8 @@ impl Default for Settings {
             max_attempts: pipeline.max_attempts,
             preprocess_threads: None,
             webhook_timeout: 10,
+            webhook_secret: None,
+            webhook_allow: Vec::new(),
             webhook_attempts: 5,
         }
     }
@@ -425,10 +440,17 @@ impl Settings {
     pub fn build_notifier(&self) -> Result<Arc<dyn Notifier>, ConfigError> {
         #[cfg(feature = "webhook")]
         if self.webhook_attempts > 0 {
+            if self.webhook_secret.is_none() {
+                tracing::warn!("IMGCLF_WEBHOOK_SECRET is unset: callbacks go out unsigned");
+            }
             return Ok(Arc::new(crate::notify::WebhookNotifier::new(
-                Duration::from_secs(self.webhook_timeout.max(1)),
-                self.webhook_attempts,
-                Duration::from_millis(500),
+                crate::notify::WebhookConfig {
+                    timeout: Duration::from_secs(self.webhook_timeout.max(1)),
+                    attempts: self.webhook_attempts,
+                    secret: self.webhook_secret.clone(),
+                    policy: crate::notify::CallbackPolicy::new(self.webhook_allow.clone()),
+                    ..crate::notify::WebhookConfig::default()
+                },
             )?));
         }
         Ok(Arc::new(NoopNotifier))

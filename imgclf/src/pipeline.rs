@@ -11,7 +11,7 @@ use tracing::Instrument;
 
 use crate::classifier::{ClassifierHandle, ClassifyError};
 use crate::metrics::Metrics;
-use crate::notify::{validate_callback_url, Notifier, NotifyError};
+use crate::notify::{Notifier, NotifyError};
 use crate::preprocess::{self, ImageError};
 use crate::queue::{Delivery, Queue};
 use crate::results::ResultStore;
@@ -136,7 +136,7 @@ impl Pipeline {
     pub async fn submit(&self, upload: Upload) -> Result<TaskId, SubmitError> {
         let info = preprocess::inspect(&upload.bytes, self.config.max_pixels)?;
         if let Some(url) = &upload.callback_url {
-            validate_callback_url(url)?;
+            self.ports.notifier.check_url(url).await?;
         }
         let task_id = TaskId::new();
         let key = format!("images/{task_id}.{}", info.extension());

@@ -1,11 +1,15 @@
 //! The `Notifier` port: tells a client's callback that its task finished. Its failure never
 //! changes the task's outcome.
 
+mod policy;
 #[cfg(feature = "webhook")]
 mod webhook;
 
+pub use policy::{is_internal, CallbackPolicy, IpNet};
 #[cfg(feature = "webhook")]
-pub use webhook::WebhookNotifier;
+pub use webhook::{
+    WebhookConfig, WebhookNotifier, DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
+};
 
 use async_trait::async_trait;
 
@@ -20,6 +24,12 @@ pub enum NotifyError {
 
 #[async_trait]
 pub trait Notifier: Send + Sync + 'static {
+    /// Whether `url` may be a callback; asked at upload, so a refused URL is a 422 then rather
+    /// than a failed delivery later.
+    async fn check_url(&self, url: &str) -> Result<(), NotifyError> {
+        validate_callback_url(url)
+    }
+
     /// Delivers `payload` (JSON) to `url`.
     async fn notify(&self, url: &str, payload: &serde_json::Value) -> Result<(), NotifyError>;
 }

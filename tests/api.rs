@@ -43,6 +43,15 @@ struct Service {
 }
 
 fn service_with(notifier: Arc<dyn imgclf::Notifier>) -> Service {
+    service_custom(notifier, PipelineConfig::default(), true)
+}
+
+/// In-memory backends, the shared model, and the worker running unless `worker` is false.
+fn service_custom(
+    notifier: Arc<dyn imgclf::Notifier>,
+    base: PipelineConfig,
+    worker: bool,
+) -> Service {
     let storage = Arc::new(MemoryStorage::new());
     let results = Arc::new(MemoryResults::new());
     let queue = Arc::new(MemoryQueue::default());
@@ -57,16 +66,17 @@ fn service_with(notifier: Arc<dyn imgclf::Notifier>) -> Service {
         max_pixels: MAX_PIXELS,
         max_attempts: 2,
         retry_backoff: Duration::from_millis(50),
-        ..PipelineConfig::default()
+        ..base
     };
     let pipeline = Arc::new(Pipeline::new(ports, classifier(), config));
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(pipeline.clone().run_worker(stopped));
-    let state = AppState {
-        pipeline: pipeline.clone(),
-        max_upload_bytes: MAX_UPLOAD,
-    };
-    let app = router(state, Duration::from_secs(30));
+    if worker {
+        tokio::spawn(pipeline.clone().run_worker(stopped));
+    }
+    let app = router(
+        AppState::new(pipeline.clone(), MAX_UPLOAD),
+        Duration::from_secs(30),
+    );
     Service {
         app,
         storage,
@@ -655,4 +665,107 @@ async fn health_ready_metrics_and_openapi() {
         assert!(doc["paths"].get(path).is_some(), "{path} documented");
     }
     drop(s.pipeline);
+}
+
+#[tokio::test]
+async fn api_keys_guard_the_api_but_not_health() {
+    let s = service();
+    let state = AppState::new(s.pipeline.clone(), MAX_UPLOAD)
+        .with_api_keys(&["k-one".into(), "k-two".into()]);
+    let app = router(state, Duration::from_secs(30));
+    let jpeg = image("opencv_apple.jpg");
+    let upload = |key: Option<&str>| {
+        let mut request = multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg)]);
+        if let Some(key) = key {
+            request
+                .headers_mut()
+                .insert("authorization", format!("Bearer {key}").parse().unwrap());
+        }
+        request
+    };
+    for key in [None, Some("wrong"), Some("k-one2"), Some("")] {
+        let response = app.clone().oneshot(upload(key)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{key:?}");
+        assert_eq!(response.headers()["www-authenticate"], "Bearer");
+    }
+    for key in ["k-one", "k-two"] {
+        let (status, body) = call(&app, upload(Some(key))).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+    let status_uri = "/api/task-status/0b0e1c1e-5f5f-4c4c-8d8d-000000000000";
+    assert_eq!(get(&app, status_uri).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        get(&app, "/health").await.0,
+        StatusCode::OK,
+        "/health stays open"
+    );
+    assert!(s.storage.len() == 2, "refused requests store nothing");
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_429_with_retry_after() {
+    let config = PipelineConfig {
+        max_queue_depth: 2,
+        ..PipelineConfig::default()
+    };
+    // No worker: the queue only grows.
+    let s = service_custom(Arc::new(NoopNotifier), config, false);
+    let jpeg = image("opencv_apple.jpg");
+    for _ in 0..2 {
+        let (status, body) = call(
+            &s.app,
+            multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg)]),
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        // The depth is cached for a second; let it be read again.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    let response = s
+        .app
+        .clone()
+        .oneshot(multipart(
+            "/api/upload-image",
+            &[Part::File("a.jpg", &jpeg)],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(response.headers()["retry-after"], "5");
+    assert_eq!(s.storage.len(), 2, "a refused upload stores nothing");
+}
+
+#[tokio::test]
+async fn an_idempotency_key_returns_the_same_task() {
+    let s = service();
+    let (apple, dog) = (image("opencv_apple.jpg"), image("darknet_dog.jpg"));
+    let upload = |key: &str, bytes: &[u8]| {
+        let mut request = multipart("/api/upload-image", &[Part::File("a.jpg", bytes)]);
+        request
+            .headers_mut()
+            .insert("idempotency-key", key.parse().unwrap());
+        request
+    };
+    let (status, first) = call(&s.app, upload("order-17", &apple)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    let (_, again) = call(&s.app, upload("order-17", &apple)).await;
+    assert_eq!(
+        again["task_id"], first["task_id"],
+        "same key and body: same task"
+    );
+    let (_, other_body) = call(&s.app, upload("order-17", &dog)).await;
+    assert_ne!(other_body["task_id"], first["task_id"]);
+    let (_, other_key) = call(&s.app, upload("order-18", &apple)).await;
+    assert_ne!(other_key["task_id"], first["task_id"]);
+    assert_eq!(s.storage.len(), 3, "the repeated upload stored nothing new");
+    let done = wait_final(&s.app, first["task_id"].as_str().unwrap()).await;
+    assert_eq!(done["state"], "SUCCESS");
+    assert_eq!(done["attempts"], 1, "and was classified once");
+    let long = "k".repeat(300);
+    let (status, _) = call(&s.app, upload(&long, &apple)).await;
+    assert_eq!(
+        status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "an oversize key is refused"
+    );
 }

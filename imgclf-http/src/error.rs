@@ -1,7 +1,7 @@
 //! Every error becomes an HTTP status here, in one place, as `{"detail": "..."}`.
 
 use axum::extract::multipart::{MultipartError, MultipartRejection};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use imgclf::{ClassifyError, ClassifyNowError, ImageError, SubmitError};
@@ -11,6 +11,8 @@ use serde_json::json;
 pub struct ApiError {
     pub status: StatusCode,
     pub detail: String,
+    /// Seconds a client should wait before retrying (429, 503).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -18,26 +20,41 @@ impl ApiError {
         Self {
             status,
             detail: detail.into(),
+            retry_after: None,
         }
+    }
+
+    fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
 
     pub fn unprocessable(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, detail)
     }
 
-    /// A backend failed: the details go to the log, the client gets a 503 it may retry.
+    /// A backend failed: the details go to the log under an error id, the client gets the id
+    /// and a 503 it may retry, never the details (they may name hosts or credentials).
     pub fn unavailable(error: impl std::fmt::Display) -> Self {
-        tracing::error!(%error, "backend unavailable");
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        tracing::error!(error_id = %id, %error, "backend unavailable");
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "the service is temporarily unavailable",
+            format!("the service is temporarily unavailable (error id {id})"),
         )
+        .retry_after(5)
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({"detail": self.detail}))).into_response()
+        let mut response = (self.status, Json(json!({"detail": self.detail}))).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
     }
 }
 
@@ -58,10 +75,11 @@ impl From<SubmitError> for ApiError {
         match error {
             SubmitError::Image(e) => e.into(),
             SubmitError::Callback(e) => Self::unprocessable(e.to_string()),
-            SubmitError::Unavailable(_) => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the service cannot accept tasks right now",
-            ),
+            SubmitError::Busy { retry_after, .. } => {
+                let seconds = retry_after.as_secs().max(1);
+                Self::new(StatusCode::TOO_MANY_REQUESTS, error.to_string()).retry_after(seconds)
+            }
+            SubmitError::Unavailable(reason) => Self::unavailable(reason),
         }
     }
 }

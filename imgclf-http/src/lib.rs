@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::multipart::{Field, MultipartRejection};
-use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -35,27 +36,103 @@ pub struct AppState {
     pub pipeline: Arc<Pipeline>,
     /// Most bytes of one uploaded image (413 beyond).
     pub max_upload_bytes: usize,
+    /// SHA-256 of each accepted API key; empty turns authentication off.
+    pub api_keys: Arc<Vec<[u8; 32]>>,
+    /// Whether `/metrics` is served on this router (false when it has its own address).
+    pub serve_metrics: bool,
+}
+
+impl AppState {
+    pub fn new(pipeline: Arc<Pipeline>, max_upload_bytes: usize) -> Self {
+        Self {
+            pipeline,
+            max_upload_bytes,
+            api_keys: Arc::new(Vec::new()),
+            serve_metrics: true,
+        }
+    }
+
+    /// Requires `Authorization: Bearer <key>` with one of `keys` on `/api/*`.
+    pub fn with_api_keys(mut self, keys: &[String]) -> Self {
+        let digests = keys
+            .iter()
+            .filter(|k| !k.is_empty())
+            .map(|k| digest(k.as_bytes()))
+            .collect();
+        self.api_keys = Arc::new(digests);
+        self
+    }
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
 }
 
 /// The whole API; `request_timeout` bounds each request so draining at shutdown cannot hang.
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
     // Room for the multipart framing and the small fields around the image.
     let body_limit = state.max_upload_bytes + 2 * MAX_FIELD_BYTES + 64 * 1024;
-    Router::new()
+    let api = Router::new()
         .route("/api/upload-image", post(upload_image))
         .route("/api/task-status/{task_id}", get(task_status))
         .route("/api/classify", post(classify))
         .layer(DefaultBodyLimit::max(body_limit))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    let mut open = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
-        .route("/openapi.json", get(openapi))
+        .route("/openapi.json", get(openapi));
+    if state.serve_metrics {
+        open = open.route("/metrics", get(metrics));
+    }
+    api.merge(open)
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             request_timeout,
         ))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// `/metrics` alone, for serving on its own (internal) address.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// Bearer-token check. Keys are compared as SHA-256 digests, in constant time, so neither
+/// their content nor their length leaks through timing.
+async fn authenticate(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if state.api_keys.is_empty() {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|token| digest(token.trim().as_bytes()));
+    let accepted = presented.is_some_and(|presented| {
+        state.api_keys.iter().fold(false, |found, key| {
+            let differs = key
+                .iter()
+                .zip(&presented)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            found | (differs == 0)
+        })
+    });
+    if accepted {
+        return next.run(request).await;
+    }
+    let detail = "a valid API key is required: Authorization: Bearer <key>";
+    let mut response = ApiError::new(StatusCode::UNAUTHORIZED, detail).into_response();
+    let challenge = header::HeaderValue::from_static("Bearer");
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, challenge);
+    response
 }
 
 /// Fields accepted both in the query string and in the form.
@@ -75,11 +152,26 @@ struct Form {
     top_k: Option<usize>,
 }
 
+/// Most bytes of an `Idempotency-Key`.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
 async fn upload_image(
     State(state): State<AppState>,
     Query(query): Query<FormParams>,
+    headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, ApiError> {
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => match value.to_str() {
+            Ok(key) if !key.is_empty() && key.len() <= MAX_IDEMPOTENCY_KEY => Some(key.to_string()),
+            _ => {
+                return Err(ApiError::unprocessable(format!(
+                    "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
+                )))
+            }
+        },
+    };
     let form = read_form(multipart?, query, state.max_upload_bytes).await?;
     if form.top_k.is_some() {
         return Err(ApiError::unprocessable(
@@ -91,6 +183,7 @@ async fn upload_image(
         filename: form.filename,
         metadata: form.metadata,
         callback_url: form.callback_url,
+        idempotency_key,
     };
     let task_id = state.pipeline.submit(upload).await?;
     let body = json!({

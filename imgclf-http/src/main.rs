@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use imgclf::{shutdown_signal, Settings};
-use imgclf_http::{router, AppState};
+use imgclf_http::{metrics_router, router, AppState};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
@@ -26,6 +26,17 @@ struct Args {
     /// Seconds one request may take.
     #[arg(long, env = "IMGCLF_REQUEST_TIMEOUT", default_value_t = 60)]
     request_timeout: u64,
+    /// API keys, comma-separated: when set, /api/* needs `Authorization: Bearer <key>`.
+    #[arg(
+        long,
+        env = "IMGCLF_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    api_keys: Vec<String>,
+    /// Serve /metrics on this address only (e.g. an internal interface) instead of IMGCLF_ADDR.
+    #[arg(long, env = "IMGCLF_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
     #[command(flatten)]
     settings: Settings,
 }
@@ -67,10 +78,19 @@ async fn main() -> anyhow::Result<()> {
         None
     };
 
-    let state = AppState {
-        pipeline,
-        max_upload_bytes: args.max_upload_bytes,
-    };
+    let mut state = AppState::new(pipeline, args.max_upload_bytes).with_api_keys(&args.api_keys);
+    if state.api_keys.is_empty() {
+        tracing::warn!("IMGCLF_API_KEYS is unset: the API is open to anyone who can reach it");
+    }
+    if let Some(addr) = args.metrics_addr {
+        state.serve_metrics = false;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        tracing::info!("metrics on http://{addr}/metrics");
+        let metrics = metrics_router(state.clone());
+        tokio::spawn(async move { axum::serve(listener, metrics).await });
+    }
     let app = router(state, Duration::from_secs(args.request_timeout.max(1)));
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await

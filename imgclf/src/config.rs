@@ -124,6 +124,12 @@ pub struct Settings {
     /// Classes returned per image.
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_TOP_K", default_value_t = 5))]
     pub top_k: usize,
+    /// Uploads get 429 while this many jobs wait in the queue; 0 for no limit.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "IMGCLF_MAX_QUEUE_DEPTH", default_value_t = 10_000)
+    )]
+    pub max_queue_depth: u64,
     /// Deliveries of a job before it fails for good.
     #[cfg_attr(
         feature = "cli",
@@ -181,6 +187,7 @@ impl Default for Settings {
             max_pixels: pipeline.max_pixels,
             top_k: pipeline.top_k,
             max_attempts: pipeline.max_attempts,
+            max_queue_depth: pipeline.max_queue_depth,
             preprocess_threads: None,
             webhook_timeout: 10,
             webhook_secret: None,
@@ -308,6 +315,7 @@ impl Settings {
             preprocess_threads: self
                 .preprocess_threads
                 .unwrap_or(defaults.preprocess_threads),
+            max_queue_depth: self.max_queue_depth,
             ..defaults
         }
     }

@@ -43,6 +43,8 @@ pub struct PipelineConfig {
     pub preprocess_threads: usize,
     /// How long a stopping worker waits for the jobs it holds.
     pub drain_timeout: Duration,
+    /// Uploads get `Busy` (429) while this many jobs wait; 0 for no limit.
+    pub max_queue_depth: u64,
 }
 
 impl Default for PipelineConfig {
@@ -55,6 +57,7 @@ impl Default for PipelineConfig {
             retry_backoff: Duration::from_secs(1),
             preprocess_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             drain_timeout: Duration::from_secs(30),
+            max_queue_depth: 10_000,
         }
     }
 }
@@ -66,6 +69,8 @@ pub struct Upload {
     pub filename: Option<String>,
     pub metadata: Map<String, Value>,
     pub callback_url: Option<String>,
+    /// A client's key for retrying an upload safely: the same key and bytes give the same task.
+    pub idempotency_key: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +79,9 @@ pub enum SubmitError {
     Image(#[from] ImageError),
     #[error(transparent)]
     Callback(#[from] NotifyError),
+    /// The queue is deeper than the configured limit: try again later.
+    #[error("the service is busy ({depth} tasks waiting); retry later")]
+    Busy { depth: u64, retry_after: Duration },
     /// A backend could not take the task; nothing was kept.
     #[error("the service cannot accept tasks right now: {0}")]
     Unavailable(String),
@@ -101,6 +109,8 @@ pub struct Pipeline {
     metrics: Arc<Metrics>,
     config: PipelineConfig,
     preprocess_slots: Arc<Semaphore>,
+    /// The last queue depth read, and when.
+    depth: std::sync::Mutex<Option<(Instant, u64)>>,
 }
 
 impl Pipeline {
@@ -112,6 +122,7 @@ impl Pipeline {
             metrics: Arc::new(Metrics::new()),
             config,
             preprocess_slots,
+            depth: std::sync::Mutex::new(None),
         }
     }
 
@@ -138,7 +149,22 @@ impl Pipeline {
         if let Some(url) = &upload.callback_url {
             self.ports.notifier.check_url(url).await?;
         }
-        let task_id = TaskId::new();
+        // The same key and bytes name the same task, so a retried upload finds the first one.
+        let task_id = match &upload.idempotency_key {
+            Some(key) => TaskId::derived(key, &upload.bytes),
+            None => TaskId::new(),
+        };
+        if upload.idempotency_key.is_some() {
+            match self.ports.results.get(task_id).await {
+                Ok(Some(_)) => return Ok(task_id),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(%task_id, error = %e, "idempotency lookup failed");
+                    return Err(SubmitError::Unavailable("recording the task failed".into()));
+                }
+            }
+        }
+        self.admit().await?;
         let key = format!("images/{task_id}.{}", info.extension());
         let mut metadata = upload.metadata;
         if let Some(filename) = upload.filename {
@@ -161,9 +187,16 @@ impl Pipeline {
             .put(&key, upload.bytes)
             .await
             .map_err(|e| unavailable("storing the image", &e))?;
-        if let Err(e) = results.create(&record).await {
-            let _ = storage.delete(&key).await;
-            return Err(unavailable("recording the task", &e));
+        match results.create(&record).await {
+            Ok(()) => {}
+            // A concurrent upload with the same idempotency key won; its task is this one.
+            Err(crate::ResultsError::Conflict(_)) if upload.idempotency_key.is_some() => {
+                return Ok(task_id)
+            }
+            Err(e) => {
+                let _ = storage.delete(&key).await;
+                return Err(unavailable("recording the task", &e));
+            }
         }
         if let Err(e) = queue.enqueue(&record.job()).await {
             let _ = results.delete(task_id).await;
@@ -172,6 +205,34 @@ impl Pipeline {
         }
         tracing::debug!(%task_id, %key, "task accepted");
         Ok(task_id)
+    }
+
+    /// Refuses new work while the queue is deeper than `max_queue_depth`. The depth is read at
+    /// most once a second: a broker round trip per upload would cost more than it tells.
+    async fn admit(&self) -> Result<(), SubmitError> {
+        let limit = self.config.max_queue_depth;
+        if limit == 0 {
+            return Ok(());
+        }
+        let cached = *self.depth.lock().unwrap();
+        let depth = match cached {
+            Some((at, depth)) if at.elapsed() < Duration::from_secs(1) => depth,
+            _ => {
+                let depth = self.ports.queue.depth().await.map_err(|e| {
+                    tracing::error!(error = %e, "queue depth unavailable; upload refused");
+                    SubmitError::Unavailable("the queue is unreachable".into())
+                })?;
+                *self.depth.lock().unwrap() = Some((Instant::now(), depth));
+                depth
+            }
+        };
+        if depth >= limit {
+            return Err(SubmitError::Busy {
+                depth,
+                retry_after: Duration::from_secs(5),
+            });
+        }
+        Ok(())
     }
 
     pub async fn status(&self, id: TaskId) -> Result<Option<TaskRecord>, crate::ResultsError> {

@@ -17,6 +17,20 @@ impl TaskId {
         Self(Uuid::new_v4())
     }
 
+    /// A task id determined by an idempotency key and the uploaded bytes (a UUIDv8 over their
+    /// SHA-256).
+    pub fn derived(key: &str, bytes: &[u8]) -> Self {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        hash.update((key.len() as u64).to_be_bytes());
+        hash.update(key.as_bytes());
+        hash.update(Sha256::digest(bytes));
+        let digest: [u8; 32] = hash.finalize().into();
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&digest[..16]);
+        Self(uuid::Builder::from_custom_bytes(first).into_uuid())
+    }
+
     pub fn as_uuid(&self) -> Uuid {
         self.0
     }

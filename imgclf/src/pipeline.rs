@@ -145,7 +145,7 @@ impl Pipeline {
     /// Checks, stores, records and queues an image; returns its task id. On any failure nothing
     /// is left behind.
     pub async fn submit(&self, upload: Upload) -> Result<TaskId, SubmitError> {
-        let info = preprocess::inspect(&upload.bytes, self.config.max_pixels)?;
+        let info = self.validate(upload.bytes.clone()).await?;
         if let Some(url) = &upload.callback_url {
             self.ports.notifier.check_url(url).await?;
         }
@@ -248,6 +248,18 @@ impl Pipeline {
         let tensor = self.tensor(bytes).await?;
         let logits = self.classifier.logits(tensor).await?;
         Ok(self.classifier.spec().top_k(&logits, top_k))
+    }
+
+    /// Refuses what is not a whole, decodable image of acceptable size before anything is
+    /// stored: the header first (cheap, stops decompression bombs), then a full decode on the
+    /// bounded pool, so a truncated or corrupt file is a 4xx now rather than a FAILURE later.
+    async fn validate(&self, bytes: Bytes) -> Result<preprocess::ImageInfo, ImageError> {
+        let max_pixels = self.config.max_pixels;
+        let info = preprocess::inspect(&bytes, max_pixels)?;
+        let _slot = self.preprocess_slots.acquire().await.expect("never closed");
+        tokio::task::spawn_blocking(move || preprocess::decode_rgb8(&bytes, max_pixels).map(|_| info))
+            .await
+            .unwrap_or_else(|e| Err(ImageError::Undecodable(format!("decoder crashed: {e}"))))
     }
 
     /// Decodes and preprocesses on the bounded blocking pool, never on a runtime worker.

@@ -10,6 +10,13 @@ use super::ImageError;
 /// 8-bit RGB of a JPEG; `None` for colour spaces libjpeg does not turn into RGB (CMYK, YCCK),
 /// which the caller decodes another way.
 pub(super) fn decode_rgb8(bytes: &[u8]) -> Result<Option<RgbImage>, ImageError> {
+    // libjpeg only warns about missing data and fills the rest with grey; refuse instead, as
+    // Pillow does.
+    if !ends_its_scan(bytes) {
+        return Err(ImageError::Undecodable(
+            "truncated JPEG: the image data has no end-of-image marker".into(),
+        ));
+    }
     // libjpeg reports fatal errors by unwinding out of the C code.
     let decoded = std::panic::catch_unwind(|| -> std::io::Result<Option<RgbImage>> {
         let decompress = Decompress::new_mem(bytes)?;
@@ -37,5 +44,30 @@ pub(super) fn decode_rgb8(bytes: &[u8]) -> Result<Option<RgbImage>, ImageError> 
                 .unwrap_or_else(|| "libjpeg failed".into());
             Err(ImageError::Undecodable(message))
         }
+    }
+}
+
+/// Whether an end-of-image marker (FF D9) follows the last start-of-scan (FF DA). An EXIF
+/// thumbnail brings its own markers, but they come before the main image's scan.
+fn ends_its_scan(bytes: &[u8]) -> bool {
+    let last = |marker: u8| bytes.windows(2).rposition(|w| w == [0xFF, marker]);
+    match (last(0xDA), last(0xD9)) {
+        (Some(scan), Some(end)) => end > scan,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ends_its_scan;
+
+    #[test]
+    fn a_jpeg_cut_short_is_detected() {
+        let whole = [0xFF, 0xD8, 0xFF, 0xDA, 1, 2, 3, 0xFF, 0xD9];
+        assert!(ends_its_scan(&whole));
+        assert!(!ends_its_scan(&whole[..6]));
+        // A thumbnail's end marker before the main scan does not count.
+        let thumb = [0xFF, 0xD8, 0xFF, 0xDA, 0xFF, 0xD9, 0xFF, 0xDA, 1, 2];
+        assert!(!ends_its_scan(&thumb));
     }
 }

@@ -361,40 +361,74 @@ async fn an_image_lost_from_storage_fails_cleanly_and_is_dead_lettered() {
     // No worker yet: the task waits in the queue while its image disappears.
     let s = service_custom(Arc::new(NoopNotifier), PipelineConfig::default(), false);
     let jpeg = image("opencv_apple.jpg");
-    let (status, body) = call(&s.app, multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg)])).await;
+    let (status, body) = call(
+        &s.app,
+        multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg)]),
+    )
+    .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     let id = body["task_id"].as_str().unwrap();
     let key = format!("images/{id}.jpg");
-    imgclf::Storage::delete(s.storage.as_ref(), &key).await.unwrap();
+    imgclf::Storage::delete(s.storage.as_ref(), &key)
+        .await
+        .unwrap();
     let (_stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(s.pipeline.clone().run_worker(stopped));
     let done = wait_final(&s.app, id).await;
     assert_eq!(done["state"], "FAILURE");
-    assert!(done["error"].as_str().unwrap().contains("no object"), "{done}");
+    assert!(
+        done["error"].as_str().unwrap().contains("no object"),
+        "{done}"
+    );
     assert!(done.get("result").is_none());
-    assert_eq!(s.queue.dead_letter_jobs().len(), 1, "a permanent failure is dead-lettered at once");
+    assert_eq!(
+        s.queue.dead_letter_jobs().len(),
+        1,
+        "a permanent failure is dead-lettered at once"
+    );
     let (_, metrics) = get(&s.app, "/metrics").await;
-    assert!(metrics.as_str().unwrap().contains("image_task_failure_total 1"));
+    assert!(metrics
+        .as_str()
+        .unwrap()
+        .contains("image_task_failure_total 1"));
 }
 
 #[tokio::test]
 async fn a_job_that_keeps_killing_workers_is_given_up_after_max_attempts() {
-    let config = PipelineConfig { max_attempts: 3, ..PipelineConfig::default() };
+    let config = PipelineConfig {
+        max_attempts: 3,
+        ..PipelineConfig::default()
+    };
     let s = service_custom(Arc::new(NoopNotifier), config, false);
     let jpeg = image("opencv_apple.jpg");
-    let (_, body) = call(&s.app, multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg)])).await;
+    let (_, body) = call(
+        &s.app,
+        multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg)]),
+    )
+    .await;
     let id = body["task_id"].as_str().unwrap();
     // Three workers take the job and die before settling it.
     for attempt in 1..=3 {
-        let held = imgclf::Queue::receive(s.queue.as_ref(), 1, Duration::from_secs(1)).await.unwrap();
+        let held = imgclf::Queue::receive(s.queue.as_ref(), 1, Duration::from_secs(1))
+            .await
+            .unwrap();
         assert_eq!(held[0].attempt(), attempt);
         drop(held);
     }
     let (_stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(s.pipeline.clone().run_worker(stopped));
     let done = wait_final(&s.app, id).await;
-    assert_eq!(done["state"], "FAILURE", "the fourth delivery is not run again");
-    assert!(done["error"].as_str().unwrap().contains("gave up after 3 attempts"), "{done}");
+    assert_eq!(
+        done["state"], "FAILURE",
+        "the fourth delivery is not run again"
+    );
+    assert!(
+        done["error"]
+            .as_str()
+            .unwrap()
+            .contains("gave up after 3 attempts"),
+        "{done}"
+    );
     let dead = s.queue.dead_letter_jobs();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].0.task_id.to_string(), id);
@@ -403,7 +437,10 @@ async fn a_job_that_keeps_killing_workers_is_given_up_after_max_attempts() {
 /// Encodes an image with the image crate.
 fn encode(image: impl Into<image::DynamicImage>, format: image::ImageFormat) -> Vec<u8> {
     let mut out = Vec::new();
-    image.into().write_to(&mut std::io::Cursor::new(&mut out), format).unwrap();
+    image
+        .into()
+        .write_to(&mut std::io::Cursor::new(&mut out), format)
+        .unwrap();
     out
 }
 
@@ -423,7 +460,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -437,7 +478,9 @@ async fn bad_uploads_get_a_clear_4xx_and_leave_nothing_behind() {
     let gif = encode(image::RgbImage::new(8, 8), image::ImageFormat::Gif);
     let mut corrupt_png = png.clone();
     let middle = corrupt_png.len() / 2;
-    corrupt_png[middle..middle + 64].iter_mut().for_each(|b| *b ^= 0x5A);
+    corrupt_png[middle..middle + 64]
+        .iter_mut()
+        .for_each(|b| *b ^= 0x5A);
     let mut corrupt_jpeg = jpeg.clone();
     // Wreck the quantisation and Huffman tables, keep the markers' places.
     for b in corrupt_jpeg[20..600].iter_mut() {
@@ -455,68 +498,335 @@ async fn bad_uploads_get_a_clear_4xx_and_leave_nothing_behind() {
     let upload = |parts: &[Part]| multipart("/api/upload-image", parts);
     use StatusCode as S;
     let cases: Vec<(&str, Request<Body>, StatusCode, &str)> = vec![
-        ("no file field", upload(&[Part::Text("metadata", "{}")]), S::UNPROCESSABLE_ENTITY, "missing multipart field 'file'"),
-        ("empty file", upload(&[Part::File("a.jpg", b"")]), S::UNPROCESSABLE_ENTITY, "empty"),
-        ("text named .jpg", upload(&[Part::File("a.jpg", b"just some text, honest")]), S::UNSUPPORTED_MEDIA_TYPE, "unsupported image format"),
-        ("HTML", upload(&[Part::File("a.png", b"<!doctype html><html></html>")]), S::UNSUPPORTED_MEDIA_TYPE, "unsupported image format"),
-        ("PDF", upload(&[Part::File("a.jpg", b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj")]), S::UNSUPPORTED_MEDIA_TYPE, "unsupported image format"),
-        ("SVG", upload(&[Part::File("a.svg", b"<svg xmlns='http://www.w3.org/2000/svg'/>")]), S::UNSUPPORTED_MEDIA_TYPE, "unsupported image format"),
-        ("ZIP", upload(&[Part::File("a.jpg", b"PK\x03\x04\x14\x00\x00\x00")]), S::UNSUPPORTED_MEDIA_TYPE, "unsupported image format"),
-        ("PNG magic only", upload(&[Part::File("a.png", b"\x89PNG\r\n\x1a\n")]), S::UNPROCESSABLE_ENTITY, "cannot be decoded"),
-        ("JPEG magic only", upload(&[Part::File("a.jpg", &jpeg[..4])]), S::UNPROCESSABLE_ENTITY, "cannot be decoded"),
-        ("GIF magic only", upload(&[Part::File("a.gif", b"GIF89a")]), S::UNPROCESSABLE_ENTITY, "cannot be decoded"),
-        ("WebP header only", upload(&[Part::File("a.webp", b"RIFF\x24\x00\x00\x00WEBPVP8 ")]), S::UNPROCESSABLE_ENTITY, "cannot be decoded"),
-        ("BMP header only", upload(&[Part::File("a.bmp", b"BM\x36\x00\x00\x00\x00\x00\x00\x00")]), S::UNPROCESSABLE_ENTITY, "cannot be decoded"),
-        ("TIFF header only", upload(&[Part::File("a.tif", b"II*\x00\x08\x00\x00\x00")]), S::UNPROCESSABLE_ENTITY, "cannot be decoded"),
-        ("truncated JPEG", upload(&[Part::File("a.jpg", &jpeg[..jpeg.len() / 2])]), S::UNPROCESSABLE_ENTITY, "truncated JPEG"),
-        ("truncated PNG", upload(&[Part::File("a.png", &png[..png.len() / 3])]), S::UNPROCESSABLE_ENTITY, "cannot be decoded"),
-        ("truncated GIF", upload(&[Part::File("a.gif", &gif[..gif.len() - 12])]), S::UNPROCESSABLE_ENTITY, "cannot be decoded"),
-        ("corrupt PNG data", upload(&[Part::File("a.png", &corrupt_png)]), S::UNPROCESSABLE_ENTITY, "cannot be decoded"),
-        ("corrupt JPEG tables", upload(&[Part::File("a.jpg", &corrupt_jpeg)]), S::UNPROCESSABLE_ENTITY, "cannot be decoded"),
-        ("zero width", upload(&[Part::File("z.png", &zero)]), S::UNPROCESSABLE_ENTITY, "cannot be decoded"),
-        ("decompression bomb", upload(&[Part::File("bomb.png", &bomb)]), S::UNPROCESSABLE_ENTITY, "more than the limit"),
-        ("enormous dimensions, tiny file", upload(&[Part::File("huge.png", &enormous)]), S::UNPROCESSABLE_ENTITY, "more than the limit"),
-        ("oversize body", upload(&[Part::File("big.jpg", &oversize)]), S::PAYLOAD_TOO_LARGE, "limit"),
-        ("metadata not JSON", upload(&[Part::File("a.jpg", &jpeg), Part::Text("metadata", "{nope")]), S::UNPROCESSABLE_ENTITY, "not valid JSON"),
-        ("metadata an array", upload(&[Part::File("a.jpg", &jpeg), Part::Text("metadata", "[1, 2]")]), S::UNPROCESSABLE_ENTITY, "JSON object"),
-        ("metadata null", upload(&[Part::File("a.jpg", &jpeg), Part::Text("metadata", "null")]), S::UNPROCESSABLE_ENTITY, "JSON object"),
-        ("metadata a string", upload(&[Part::File("a.jpg", &jpeg), Part::Text("metadata", "\"hi\"")]), S::UNPROCESSABLE_ENTITY, "JSON object"),
-        ("huge metadata", upload(&[Part::File("a.jpg", &jpeg), Part::Text("metadata", &big_metadata)]), S::PAYLOAD_TOO_LARGE, "metadata"),
-        ("ftp callback", upload(&[Part::File("a.jpg", &jpeg), Part::Text("callback_url", "ftp://example.com/x")]), S::UNPROCESSABLE_ENTITY, "only http and https"),
-        ("javascript callback", upload(&[Part::File("a.jpg", &jpeg), Part::Text("callback_url", "javascript:alert(1)")]), S::UNPROCESSABLE_ENTITY, "callback URL refused"),
-        ("relative callback", multipart("/api/upload-image?callback_url=/hook", &[Part::File("a.jpg", &jpeg)]), S::UNPROCESSABLE_ENTITY, "callback URL refused"),
-        ("callback with credentials", upload(&[Part::File("a.jpg", &jpeg), Part::Text("callback_url", "http://user:pw@example.com/")]), S::UNPROCESSABLE_ENTITY, "credentials"),
-        ("callback without host", upload(&[Part::File("a.jpg", &jpeg), Part::Text("callback_url", "http:///hook")]), S::UNPROCESSABLE_ENTITY, "callback URL refused"),
-        ("callback too long", upload(&[Part::File("a.jpg", &jpeg), Part::Text("callback_url", &long_url)]), S::UNPROCESSABLE_ENTITY, "longer than"),
-        ("two files", upload(&[Part::File("a.jpg", &jpeg), Part::File("b.jpg", &jpeg)]), S::UNPROCESSABLE_ENTITY, "exactly one"),
-        ("top_k on upload", upload(&[Part::File("a.jpg", &jpeg), Part::Text("top_k", "3")]), S::UNPROCESSABLE_ENTITY, "top_k"),
-        ("not multipart", Request::post("/api/upload-image").header("content-type", "application/json").body(Body::from("{}")).unwrap(), S::BAD_REQUEST, "multipart"),
-        ("no content type", Request::post("/api/upload-image").body(Body::from("hello")).unwrap(), S::BAD_REQUEST, "multipart"),
-        ("broken multipart", Request::post("/api/upload-image").header("content-type", "multipart/form-data; boundary=x").body(Body::from("--x\r\nnonsense")).unwrap(), S::BAD_REQUEST, "malformed multipart"),
-        ("oversize Idempotency-Key", {
-            let mut r = upload(&[Part::File("a.jpg", &jpeg)]);
-            r.headers_mut().insert("idempotency-key", long_key.parse().unwrap());
-            r
-        }, S::UNPROCESSABLE_ENTITY, "Idempotency-Key"),
-        ("top_k zero", multipart("/api/classify?top_k=0", &[Part::File("a.jpg", &jpeg)]), S::UNPROCESSABLE_ENTITY, "top_k"),
-        ("top_k too big", multipart("/api/classify?top_k=101", &[Part::File("a.jpg", &jpeg)]), S::UNPROCESSABLE_ENTITY, "top_k"),
-        ("top_k negative", multipart("/api/classify?top_k=-1", &[Part::File("a.jpg", &jpeg)]), S::UNPROCESSABLE_ENTITY, "top_k"),
-        ("top_k not a number", multipart("/api/classify", &[Part::File("a.jpg", &jpeg), Part::Text("top_k", "five")]), S::UNPROCESSABLE_ENTITY, "top_k"),
-        ("classify a GIF header", multipart("/api/classify", &[Part::File("a.gif", b"GIF89a")]), S::UNPROCESSABLE_ENTITY, "cannot be decoded"),
+        (
+            "no file field",
+            upload(&[Part::Text("metadata", "{}")]),
+            S::UNPROCESSABLE_ENTITY,
+            "missing multipart field 'file'",
+        ),
+        (
+            "empty file",
+            upload(&[Part::File("a.jpg", b"")]),
+            S::UNPROCESSABLE_ENTITY,
+            "empty",
+        ),
+        (
+            "text named .jpg",
+            upload(&[Part::File("a.jpg", b"just some text, honest")]),
+            S::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported image format",
+        ),
+        (
+            "HTML",
+            upload(&[Part::File("a.png", b"<!doctype html><html></html>")]),
+            S::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported image format",
+        ),
+        (
+            "PDF",
+            upload(&[Part::File("a.jpg", b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj")]),
+            S::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported image format",
+        ),
+        (
+            "SVG",
+            upload(&[Part::File(
+                "a.svg",
+                b"<svg xmlns='http://www.w3.org/2000/svg'/>",
+            )]),
+            S::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported image format",
+        ),
+        (
+            "ZIP",
+            upload(&[Part::File("a.jpg", b"PK\x03\x04\x14\x00\x00\x00")]),
+            S::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported image format",
+        ),
+        (
+            "PNG magic only",
+            upload(&[Part::File("a.png", b"\x89PNG\r\n\x1a\n")]),
+            S::UNPROCESSABLE_ENTITY,
+            "cannot be decoded",
+        ),
+        (
+            "JPEG magic only",
+            upload(&[Part::File("a.jpg", &jpeg[..4])]),
+            S::UNPROCESSABLE_ENTITY,
+            "cannot be decoded",
+        ),
+        (
+            "GIF magic only",
+            upload(&[Part::File("a.gif", b"GIF89a")]),
+            S::UNPROCESSABLE_ENTITY,
+            "cannot be decoded",
+        ),
+        (
+            "WebP header only",
+            upload(&[Part::File("a.webp", b"RIFF\x24\x00\x00\x00WEBPVP8 ")]),
+            S::UNPROCESSABLE_ENTITY,
+            "cannot be decoded",
+        ),
+        (
+            "BMP header only",
+            upload(&[Part::File("a.bmp", b"BM\x36\x00\x00\x00\x00\x00\x00\x00")]),
+            S::UNPROCESSABLE_ENTITY,
+            "cannot be decoded",
+        ),
+        (
+            "TIFF header only",
+            upload(&[Part::File("a.tif", b"II*\x00\x08\x00\x00\x00")]),
+            S::UNPROCESSABLE_ENTITY,
+            "cannot be decoded",
+        ),
+        (
+            "truncated JPEG",
+            upload(&[Part::File("a.jpg", &jpeg[..jpeg.len() / 2])]),
+            S::UNPROCESSABLE_ENTITY,
+            "truncated JPEG",
+        ),
+        (
+            "truncated PNG",
+            upload(&[Part::File("a.png", &png[..png.len() / 3])]),
+            S::UNPROCESSABLE_ENTITY,
+            "cannot be decoded",
+        ),
+        (
+            "truncated GIF",
+            upload(&[Part::File("a.gif", &gif[..gif.len() - 12])]),
+            S::UNPROCESSABLE_ENTITY,
+            "cannot be decoded",
+        ),
+        (
+            "corrupt PNG data",
+            upload(&[Part::File("a.png", &corrupt_png)]),
+            S::UNPROCESSABLE_ENTITY,
+            "cannot be decoded",
+        ),
+        (
+            "corrupt JPEG tables",
+            upload(&[Part::File("a.jpg", &corrupt_jpeg)]),
+            S::UNPROCESSABLE_ENTITY,
+            "cannot be decoded",
+        ),
+        (
+            "zero width",
+            upload(&[Part::File("z.png", &zero)]),
+            S::UNPROCESSABLE_ENTITY,
+            "cannot be decoded",
+        ),
+        (
+            "decompression bomb",
+            upload(&[Part::File("bomb.png", &bomb)]),
+            S::UNPROCESSABLE_ENTITY,
+            "more than the limit",
+        ),
+        (
+            "enormous dimensions, tiny file",
+            upload(&[Part::File("huge.png", &enormous)]),
+            S::UNPROCESSABLE_ENTITY,
+            "more than the limit",
+        ),
+        (
+            "oversize body",
+            upload(&[Part::File("big.jpg", &oversize)]),
+            S::PAYLOAD_TOO_LARGE,
+            "limit",
+        ),
+        (
+            "metadata not JSON",
+            upload(&[Part::File("a.jpg", &jpeg), Part::Text("metadata", "{nope")]),
+            S::UNPROCESSABLE_ENTITY,
+            "not valid JSON",
+        ),
+        (
+            "metadata an array",
+            upload(&[Part::File("a.jpg", &jpeg), Part::Text("metadata", "[1, 2]")]),
+            S::UNPROCESSABLE_ENTITY,
+            "JSON object",
+        ),
+        (
+            "metadata null",
+            upload(&[Part::File("a.jpg", &jpeg), Part::Text("metadata", "null")]),
+            S::UNPROCESSABLE_ENTITY,
+            "JSON object",
+        ),
+        (
+            "metadata a string",
+            upload(&[Part::File("a.jpg", &jpeg), Part::Text("metadata", "\"hi\"")]),
+            S::UNPROCESSABLE_ENTITY,
+            "JSON object",
+        ),
+        (
+            "huge metadata",
+            upload(&[
+                Part::File("a.jpg", &jpeg),
+                Part::Text("metadata", &big_metadata),
+            ]),
+            S::PAYLOAD_TOO_LARGE,
+            "metadata",
+        ),
+        (
+            "ftp callback",
+            upload(&[
+                Part::File("a.jpg", &jpeg),
+                Part::Text("callback_url", "ftp://example.com/x"),
+            ]),
+            S::UNPROCESSABLE_ENTITY,
+            "only http and https",
+        ),
+        (
+            "javascript callback",
+            upload(&[
+                Part::File("a.jpg", &jpeg),
+                Part::Text("callback_url", "javascript:alert(1)"),
+            ]),
+            S::UNPROCESSABLE_ENTITY,
+            "callback URL refused",
+        ),
+        (
+            "relative callback",
+            multipart(
+                "/api/upload-image?callback_url=/hook",
+                &[Part::File("a.jpg", &jpeg)],
+            ),
+            S::UNPROCESSABLE_ENTITY,
+            "callback URL refused",
+        ),
+        (
+            "callback with credentials",
+            upload(&[
+                Part::File("a.jpg", &jpeg),
+                Part::Text("callback_url", "http://user:pw@example.com/"),
+            ]),
+            S::UNPROCESSABLE_ENTITY,
+            "credentials",
+        ),
+        (
+            "callback without host",
+            upload(&[
+                Part::File("a.jpg", &jpeg),
+                Part::Text("callback_url", "http:///hook"),
+            ]),
+            S::UNPROCESSABLE_ENTITY,
+            "callback URL refused",
+        ),
+        (
+            "callback too long",
+            upload(&[
+                Part::File("a.jpg", &jpeg),
+                Part::Text("callback_url", &long_url),
+            ]),
+            S::UNPROCESSABLE_ENTITY,
+            "longer than",
+        ),
+        (
+            "two files",
+            upload(&[Part::File("a.jpg", &jpeg), Part::File("b.jpg", &jpeg)]),
+            S::UNPROCESSABLE_ENTITY,
+            "exactly one",
+        ),
+        (
+            "top_k on upload",
+            upload(&[Part::File("a.jpg", &jpeg), Part::Text("top_k", "3")]),
+            S::UNPROCESSABLE_ENTITY,
+            "top_k",
+        ),
+        (
+            "not multipart",
+            Request::post("/api/upload-image")
+                .header("content-type", "application/json")
+                .body(Body::from("{}"))
+                .unwrap(),
+            S::BAD_REQUEST,
+            "multipart",
+        ),
+        (
+            "no content type",
+            Request::post("/api/upload-image")
+                .body(Body::from("hello"))
+                .unwrap(),
+            S::BAD_REQUEST,
+            "multipart",
+        ),
+        (
+            "broken multipart",
+            Request::post("/api/upload-image")
+                .header("content-type", "multipart/form-data; boundary=x")
+                .body(Body::from("--x\r\nnonsense"))
+                .unwrap(),
+            S::BAD_REQUEST,
+            "malformed multipart",
+        ),
+        (
+            "oversize Idempotency-Key",
+            {
+                let mut r = upload(&[Part::File("a.jpg", &jpeg)]);
+                r.headers_mut()
+                    .insert("idempotency-key", long_key.parse().unwrap());
+                r
+            },
+            S::UNPROCESSABLE_ENTITY,
+            "Idempotency-Key",
+        ),
+        (
+            "top_k zero",
+            multipart("/api/classify?top_k=0", &[Part::File("a.jpg", &jpeg)]),
+            S::UNPROCESSABLE_ENTITY,
+            "top_k",
+        ),
+        (
+            "top_k too big",
+            multipart("/api/classify?top_k=101", &[Part::File("a.jpg", &jpeg)]),
+            S::UNPROCESSABLE_ENTITY,
+            "top_k",
+        ),
+        (
+            "top_k negative",
+            multipart("/api/classify?top_k=-1", &[Part::File("a.jpg", &jpeg)]),
+            S::UNPROCESSABLE_ENTITY,
+            "top_k",
+        ),
+        (
+            "top_k not a number",
+            multipart(
+                "/api/classify",
+                &[Part::File("a.jpg", &jpeg), Part::Text("top_k", "five")],
+            ),
+            S::UNPROCESSABLE_ENTITY,
+            "top_k",
+        ),
+        (
+            "classify a GIF header",
+            multipart("/api/classify", &[Part::File("a.gif", b"GIF89a")]),
+            S::UNPROCESSABLE_ENTITY,
+            "cannot be decoded",
+        ),
     ];
     assert!(cases.len() >= 30);
     for (what, request, expected, message) in cases {
         let (status, body) = call(&s.app, request).await;
         assert_eq!(status, expected, "{what}: {body}");
-        let detail = body["detail"].as_str().unwrap_or_else(|| panic!("{what}: no detail in {body}"));
-        assert!(detail.contains(message), "{what}: {detail:?} should mention {message:?}");
+        let detail = body["detail"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: no detail in {body}"));
+        assert!(
+            detail.contains(message),
+            "{what}: {detail:?} should mention {message:?}"
+        );
     }
     assert!(s.storage.is_empty(), "rejected uploads store nothing");
-    assert!(s.results.unfinished(usize::MAX).await.unwrap().is_empty(), "and record nothing");
+    assert!(
+        s.results.unfinished(usize::MAX).await.unwrap().is_empty(),
+        "and record nothing"
+    );
     // The service keeps serving: a good image still goes through.
     let (status, body) = call(&s.app, upload(&[Part::File("a.jpg", &jpeg)])).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    assert_eq!(wait_final(&s.app, body["task_id"].as_str().unwrap()).await["state"], "SUCCESS");
+    assert_eq!(
+        wait_final(&s.app, body["task_id"].as_str().unwrap()).await["state"],
+        "SUCCESS"
+    );
 }
 
 /// Inserts an EXIF APP1 segment with `orientation` right after a JPEG's SOI marker.
@@ -541,7 +851,9 @@ fn with_exif_orientation(jpeg: &[u8], orientation: u16) -> Vec<u8> {
 #[tokio::test]
 async fn unusual_but_valid_images_are_classified() {
     let s = service();
-    let cat = image::load_from_memory(&image("skimage_chelsea.png")).unwrap().to_rgb8();
+    let cat = image::load_from_memory(&image("skimage_chelsea.png"))
+        .unwrap()
+        .to_rgb8();
     let (w, h) = cat.dimensions();
     let cat16 = image::ImageBuffer::<image::Rgb<u16>, _>::from_fn(w, h, |x, y| {
         image::Rgb(cat.get_pixel(x, y).0.map(|v| u16::from(v) * 257))
@@ -561,11 +873,14 @@ async fn unusual_but_valid_images_are_classified() {
         let mut compress = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_CMYK);
         compress.set_size(w as usize, h as usize);
         let mut started = compress.start_compress(&mut cmyk).unwrap();
-        let pixels: Vec<u8> = cat.pixels().flat_map(|p| {
-            let [r, g, b] = p.0;
-            let k = 255 - r.max(g).max(b);
-            [255 - r - k, 255 - g - k, 255 - b - k, k].map(|v| 255 - v) // Adobe inverted CMYK
-        }).collect();
+        let pixels: Vec<u8> = cat
+            .pixels()
+            .flat_map(|p| {
+                let [r, g, b] = p.0;
+                let k = 255 - r.max(g).max(b);
+                [255 - r - k, 255 - g - k, 255 - b - k, k].map(|v| 255 - v) // Adobe inverted CMYK
+            })
+            .collect();
         started.write_scanlines(&pixels).unwrap();
         started.finish().unwrap();
     }
@@ -575,23 +890,43 @@ async fn unusual_but_valid_images_are_classified() {
     let decoded = imgclf::preprocess::decode_rgb8(&rotated, u64::MAX).unwrap();
     let plain = imgclf::preprocess::decode_rgb8(&jpeg, u64::MAX).unwrap();
     assert_eq!(decoded.dimensions(), (plain.height(), plain.width()));
-    assert_eq!(decoded.get_pixel(decoded.width() - 1, 0), plain.get_pixel(0, 0), "rotated 90° clockwise");
+    assert_eq!(
+        decoded.get_pixel(decoded.width() - 1, 0),
+        plain.get_pixel(0, 0),
+        "rotated 90° clockwise"
+    );
 
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("16-bit PNG", encode(cat16, image::ImageFormat::Png)),
-        ("grey + alpha PNG", encode(grey_alpha, image::ImageFormat::Png)),
+        (
+            "grey + alpha PNG",
+            encode(grey_alpha, image::ImageFormat::Png),
+        ),
         ("animated GIF", animated),
         ("CMYK JPEG", cmyk),
         ("EXIF-rotated JPEG", rotated),
-        ("WebP (lossless)", encode(cat.clone(), image::ImageFormat::WebP)),
+        (
+            "WebP (lossless)",
+            encode(cat.clone(), image::ImageFormat::WebP),
+        ),
         ("BMP", encode(cat.clone(), image::ImageFormat::Bmp)),
         ("TIFF", encode(cat.clone(), image::ImageFormat::Tiff)),
-        ("tiny 1x1 PNG", encode(image::RgbImage::new(1, 1), image::ImageFormat::Png)),
-        ("panorama 4000x40 PNG", encode(image::RgbImage::new(4000, 40), image::ImageFormat::Png)),
+        (
+            "tiny 1x1 PNG",
+            encode(image::RgbImage::new(1, 1), image::ImageFormat::Png),
+        ),
+        (
+            "panorama 4000x40 PNG",
+            encode(image::RgbImage::new(4000, 40), image::ImageFormat::Png),
+        ),
     ];
     let mut ids = Vec::new();
     for (what, bytes) in &cases {
-        let (status, body) = call(&s.app, multipart("/api/upload-image", &[Part::File("x", bytes)])).await;
+        let (status, body) = call(
+            &s.app,
+            multipart("/api/upload-image", &[Part::File("x", bytes)]),
+        )
+        .await;
         assert_eq!(status, StatusCode::ACCEPTED, "{what}: {body}");
         ids.push((what, body["task_id"].as_str().unwrap().to_string()));
     }
@@ -599,7 +934,11 @@ async fn unusual_but_valid_images_are_classified() {
         let done = wait_final(&s.app, &id).await;
         assert_eq!(done["state"], "SUCCESS", "{what}: {done}");
         let top = &done["result"]["classification"][0];
-        if what.contains("PNG") && !what.contains("tiny") && !what.contains("panorama") || what.contains("TIFF") || what.contains("BMP") || what.contains("WebP") {
+        if what.contains("PNG") && !what.contains("tiny") && !what.contains("panorama")
+            || what.contains("TIFF")
+            || what.contains("BMP")
+            || what.contains("WebP")
+        {
             // Lossless copies of the cat: a cat it must remain.
             assert!(
                 ["Egyptian cat", "tabby", "tiger cat"].contains(&top["label"].as_str().unwrap()),

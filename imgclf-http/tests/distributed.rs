@@ -1,6 +1,7 @@
 //! The distributed deployment end to end: one `imgclf-http` and two `imgclf-worker` processes
-//! sharing an S3 server, PostgreSQL and a broker (RabbitMQ, then Redis). 220 real photos go in;
-//! every task must reach SUCCESS with the reference label, and its result be written once.
+//! sharing an S3 server, PostgreSQL and a broker (RabbitMQ, then Redis). 300 real photos go in
+//! while workers are killed with SIGKILL three times; every task must reach SUCCESS with the
+//! reference label, its result written exactly once; then SIGTERM stops every process cleanly.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sqlx::Connection;
 
-const TASKS: usize = 220;
+const TASKS: usize = 300;
 
 fn shared() -> PathBuf {
     std::env::var_os("IMGCLF_SHARED_DIR")
@@ -100,6 +101,8 @@ async fn run(queue_url: String) {
             work.path().join("data").display().to_string(),
         ),
         ("IMGCLF_MAX_BATCH", "4".into()),
+        // A killed Redis consumer's jobs return after the lease; keep the test short.
+        ("IMGCLF_QUEUE_LEASE", "5".into()),
         ("IMGCLF_PREPROCESS_THREADS", "1".into()),
     ]
     .into_iter()
@@ -114,8 +117,8 @@ async fn run(queue_url: String) {
         "{} is built by cargo test --workspace",
         worker_binary.display()
     );
-    let _http = spawn(&http_binary, &env, work.path());
-    let _workers = [
+    let mut http = spawn(&http_binary, &env, work.path());
+    let mut workers = vec![
         spawn(&worker_binary, &env, work.path()),
         spawn(&worker_binary, &env, work.path()),
     ];
@@ -170,6 +173,10 @@ async fn run(queue_url: String) {
     }
 
     let mut db = sqlx::PgConnection::connect(&results_url).await.unwrap();
+    // Kill a worker mid-run, three times, each time once it has finished some work (so it
+    // holds a batch), and start a fresh one in its place.
+    let mut kills = 0;
+    let mut last_done = 0;
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let (done,): (i64,) =
@@ -179,6 +186,14 @@ async fn run(queue_url: String) {
                 .unwrap();
         if done as usize == TASKS {
             break;
+        }
+        if kills < 3 && done as usize >= last_done + TASKS / 6 {
+            let victim = kills % workers.len();
+            workers[victim].0.kill().unwrap(); // SIGKILL
+            workers[victim].0.wait().unwrap();
+            workers[victim] = spawn(&worker_binary, &env, work.path());
+            kills += 1;
+            last_done = done as usize;
         }
         assert!(
             Instant::now() < deadline,

@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/services.sh)"
+export IMGCLF_TEST_RESTARTS=1
 exec cargo test --workspace "$@"

@@ -1,0 +1,232 @@
+//! Helpers for the tests that run the real binaries against the real services.
+#![allow(dead_code)] // each test binary uses its own part
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sqlx::Connection;
+
+pub fn shared() -> PathBuf {
+    std::env::var_os("IMGCLF_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared")))
+}
+
+/// A service URL from the environment; `None` skips the test (it says so), except under CI.
+pub fn service(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var_os("CI").is_some() => panic!("CI must test every backend: set {var}"),
+        _ => {
+            eprintln!("skipped: set {var} to run this test against a real service");
+            None
+        }
+    }
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A child process, killed when dropped.
+pub struct Process(pub Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Process {
+    pub fn signal(&self, signal: &str) {
+        let pid = self.0.id().to_string();
+        assert!(Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    /// Waits for the process to exit by itself and returns whether it exited 0.
+    pub async fn exits_cleanly(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status.success();
+            }
+            assert!(Instant::now() < deadline, "no exit within {within:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+pub fn http_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_imgclf-http"))
+}
+
+/// Built by `cargo test --workspace` for imgclf-worker's own tests, beside imgclf-http.
+pub fn worker_binary() -> PathBuf {
+    let path = http_binary().with_file_name("imgclf-worker");
+    assert!(
+        path.exists(),
+        "{} is built by cargo test --workspace",
+        path.display()
+    );
+    path
+}
+
+pub fn spawn(binary: &Path, env: &[(String, String)], work: &Path) -> Process {
+    let mut command = Command::new(binary);
+    command
+        .current_dir(work)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    Process(
+        command
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e}", binary.display())),
+    )
+}
+
+/// A fresh database on the server of `base` (a `postgres://…/db` URL); returns its URL.
+pub async fn fresh_database(base: &str) -> String {
+    let name = unique("imgclf_e2e").replace('-', "_");
+    let mut conn = sqlx::PgConnection::connect(base).await.expect("PostgreSQL");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    format!("{}/{name}", base.rsplit_once('/').unwrap().0)
+}
+
+/// Settings for a distributed run on `queue`, PostgreSQL and S3 from the test environment,
+/// with names of its own; `None` when a service is not configured.
+pub async fn distributed_env(
+    queue: String,
+    port: u16,
+    work: &Path,
+) -> Option<(Vec<(String, String)>, String)> {
+    let (pg, s3) = (service("IMGCLF_TEST_POSTGRES")?, service("IMGCLF_TEST_S3")?);
+    let results = fresh_database(&pg).await;
+    let key = |var: &str, default: &str| std::env::var(var).unwrap_or_else(|_| default.into());
+    let env = [
+        ("IMGCLF_ADDR", format!("127.0.0.1:{port}")),
+        ("IMGCLF_QUEUE", queue),
+        ("IMGCLF_QUEUE_NAME", unique("imgclf-e2e")),
+        ("IMGCLF_RESULTS", results.clone()),
+        ("IMGCLF_STORAGE", format!("s3://{}", unique("imgclf-e2e"))),
+        ("IMGCLF_S3_ENDPOINT", s3),
+        (
+            "IMGCLF_S3_ACCESS_KEY",
+            key("IMGCLF_TEST_S3_ACCESS_KEY", "test"),
+        ),
+        (
+            "IMGCLF_S3_SECRET_KEY",
+            key("IMGCLF_TEST_S3_SECRET_KEY", "testtest"),
+        ),
+        ("IMGCLF_DATA_DIR", work.join("data").display().to_string()),
+        ("IMGCLF_MAX_BATCH", "4".into()),
+        ("IMGCLF_PREPROCESS_THREADS", "1".into()),
+        // A killed Redis consumer's jobs return after the lease; keep the tests short.
+        ("IMGCLF_QUEUE_LEASE", "5".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    Some((env, results))
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub async fn wait_ready(client: &reqwest::Client, base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !client
+        .get(format!("{base}/ready"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "imgclf-http did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every shared image: (file name, reference top-1 label, bytes).
+pub fn reference_images() -> Vec<(String, String, Vec<u8>)> {
+    let text =
+        std::fs::read_to_string(shared().join("images/reference-efficientnet-lite0.json")).unwrap();
+    let reference: Value = serde_json::from_str(&text).unwrap();
+    reference["top5"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, top)| {
+            let bytes = std::fs::read(shared().join("images").join(name)).unwrap();
+            (
+                name.clone(),
+                top[0]["label"].as_str().unwrap().to_string(),
+                bytes,
+            )
+        })
+        .collect()
+}
+
+/// Uploads one image; returns the HTTP status and, on 202, the task id.
+pub async fn upload(
+    client: &reqwest::Client,
+    base: &str,
+    name: &str,
+    bytes: &[u8],
+) -> (u16, Option<String>) {
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(bytes.to_vec()).file_name(name.to_string()),
+    );
+    let request = client
+        .post(format!("{base}/api/upload-image"))
+        .multipart(form);
+    let response = request
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .expect("an answer, not a hang");
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or_default();
+    (status, body["task_id"].as_str().map(String::from))
+}
+
+/// Waits until `count` tasks of the database at `results` are final.
+pub async fn wait_final_count(results: &str, count: usize, within: Duration) {
+    let mut db = sqlx::PgConnection::connect(results).await.unwrap();
+    let deadline = Instant::now() + within;
+    loop {
+        let done: Result<(i64,), _> =
+            sqlx::query_as("SELECT count(*) FROM tasks WHERE state IN ('SUCCESS', 'FAILURE')")
+                .fetch_one(&mut db)
+                .await;
+        match done {
+            Ok((done,)) if done as usize == count => return,
+            Ok((done,)) => assert!(
+                Instant::now() < deadline,
+                "only {done} of {count} tasks finished"
+            ),
+            Err(_) => db = sqlx::PgConnection::connect(results).await.unwrap(),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -1,0 +1,188 @@
+//! The broker and the database restart under a running deployment. Workers and the HTTP
+//! service reconnect by themselves, uploads during an outage get a clear 503 (not a hang), and
+//! nothing accepted is lost.
+//!
+//! These restart the machine's RabbitMQ and PostgreSQL, so they run only when
+//! `IMGCLF_TEST_RESTARTS=1` (`scripts/test.sh` sets it), one after the other, in a test binary
+//! of their own (cargo runs test binaries one at a time).
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::sync::Mutex;
+
+/// One restart at a time.
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+fn run_cmd(program: &str, args: &[&str]) {
+    let status = Command::new(program)
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(status.success(), "{program} {args:?} failed");
+}
+
+/// Runs the restore step when dropped, so a failing assertion cannot leave a service down.
+struct Restore<'a, F: Fn()>(&'a F);
+
+impl<F: Fn()> Drop for Restore<'_, F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}
+
+fn postgres_cluster() -> String {
+    let versions = std::fs::read_dir("/etc/postgresql").expect("a Debian PostgreSQL cluster");
+    versions
+        .flatten()
+        .next()
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Uploads `count` images, counting 202s; 503s are fine (an outage), anything else is not.
+async fn upload_some(
+    client: &reqwest::Client,
+    base: &str,
+    count: usize,
+    accepted: &mut Vec<String>,
+) -> usize {
+    let images = reference_images();
+    let mut unavailable = 0;
+    for (name, _, bytes) in images.iter().cycle().take(count) {
+        match upload(client, base, name, bytes).await {
+            (202, Some(id)) => accepted.push(id),
+            (503, _) => unavailable += 1,
+            (status, _) => panic!("upload answered {status}"),
+        }
+    }
+    unavailable
+}
+
+async fn restart_during_a_run(queue: String, outage: impl Fn(), restore: impl Fn()) {
+    let work = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let Some((env, results)) = distributed_env(queue, port, work.path()).await else {
+        return;
+    };
+    let base = format!("http://127.0.0.1:{port}");
+    let mut http = spawn(&http_binary(), &env, work.path());
+    let mut worker = spawn(&worker_binary(), &env, work.path());
+    let client = reqwest::Client::new();
+    wait_ready(&client, &base).await;
+
+    let mut accepted = Vec::new();
+    assert_eq!(upload_some(&client, &base, 40, &mut accepted).await, 0);
+    outage();
+    // During the outage: a clear 503, quickly.
+    let started = Instant::now();
+    let unavailable = upload_some(&client, &base, 3, &mut accepted).await;
+    assert!(unavailable > 0, "uploads during the outage are refused");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "and do not hang"
+    );
+    restore();
+    // After it: accepted again once the service has reconnected.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !client
+        .get(format!("{base}/ready"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(Instant::now() < deadline, "imgclf-http did not recover");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let before = accepted.len();
+    upload_some(&client, &base, 20, &mut accepted).await;
+    assert!(accepted.len() > before, "uploads work again");
+
+    // Nothing accepted is lost, and every result is written once.
+    wait_final_count(&results, accepted.len(), Duration::from_secs(300)).await;
+    for id in &accepted {
+        let status: serde_json::Value = client
+            .get(format!("{base}/api/task-status/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(status["state"], "SUCCESS", "{status}");
+    }
+    http.signal("-TERM");
+    worker.signal("-TERM");
+    assert!(http.exits_cleanly(Duration::from_secs(60)).await);
+    assert!(worker.exits_cleanly(Duration::from_secs(60)).await);
+}
+
+fn restarts_enabled() -> bool {
+    match std::env::var("IMGCLF_TEST_RESTARTS").as_deref() {
+        Ok("1") => true,
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("CI must run the restart tests: set IMGCLF_TEST_RESTARTS=1")
+        }
+        _ => {
+            eprintln!("skipped: set IMGCLF_TEST_RESTARTS=1 to restart RabbitMQ and PostgreSQL under a run");
+            false
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_rabbitmq_restart_loses_nothing() {
+    if !restarts_enabled() {
+        return;
+    }
+    let Some(amqp) = service("IMGCLF_TEST_AMQP") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    restart_during_a_run(
+        amqp,
+        || run_cmd("rabbitmqctl", &["stop_app"]),
+        || run_cmd("rabbitmqctl", &["start_app"]),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_postgres_restart_loses_nothing() {
+    if !restarts_enabled() {
+        return;
+    }
+    let Some(amqp) = service("IMGCLF_TEST_AMQP") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let cluster = postgres_cluster();
+    restart_during_a_run(
+        amqp,
+        || {
+            run_cmd(
+                "pg_ctlcluster",
+                &[
+                    "--skip-systemctl-redirect",
+                    &cluster,
+                    "main",
+                    "stop",
+                    "-m",
+                    "fast",
+                ],
+            )
+        },
+        || {
+            run_cmd(
+                "pg_ctlcluster",
+                &["--skip-systemctl-redirect", &cluster, "main", "start"],
+            )
+        },
+    )
+    .await;
+}

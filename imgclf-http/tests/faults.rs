@@ -79,6 +79,8 @@ async fn restart_during_a_run(queue: String, outage: impl Fn(), restore: impl Fn
     let mut accepted = Vec::new();
     assert_eq!(upload_some(&client, &base, 40, &mut accepted).await, 0);
     outage();
+    // Whatever happens next, the service comes back for the tests after this one.
+    let restored = Restore(&restore);
     // During the outage: a clear 503, quickly.
     let started = Instant::now();
     let unavailable = upload_some(&client, &base, 3, &mut accepted).await;
@@ -87,7 +89,7 @@ async fn restart_during_a_run(queue: String, outage: impl Fn(), restore: impl Fn
         started.elapsed() < Duration::from_secs(60),
         "and do not hang"
     );
-    restore();
+    drop(restored);
     // After it: accepted again once the service has reconnected.
     let deadline = Instant::now() + Duration::from_secs(90);
     while !client

@@ -22,7 +22,7 @@ fn classify(c: &mut Criterion) {
             .transform
             .tensor_from_bytes(&image("darknet_dog.jpg"), u64::MAX)
             .unwrap();
-        let mut classifier = classifier::build("tract", spec).unwrap();
+        let mut classifier = classifier::build("tract", spec, &Default::default()).unwrap();
         for batch in [1usize, 4, 8, 16] {
             let input = tensor.repeat(batch);
             classifier.classify(&input, batch).unwrap(); // compile outside the measurement

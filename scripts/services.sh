@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Starts what the tests talk to and prints the environment that points the tests at it.
+# Starts what the tests talk to and prints the environment that points the tests at it, and
+# installs ONNX Runtime's library for the ort classifier's tests.
 # PostgreSQL, Redis and RabbitMQ are expected on their standard local ports (started here if
 # their commands exist and they are down); the S3 server (moto, from PyPI) is installed into a
 # virtualenv under $IMGCLF_SERVICES_DIR and started on 127.0.0.1:9000.
@@ -46,6 +47,8 @@ if ! up 9000; then
   nohup "$dir/venv/bin/moto_server" -H 127.0.0.1 -p 9000 >"$dir/moto.log" 2>&1 &
 fi
 
+ort_lib="$("$(dirname "$0")/setup-ort.sh")"
+
 wait_for 5432 PostgreSQL
 wait_for 6379 Redis
 wait_for 5672 RabbitMQ
@@ -58,4 +61,5 @@ export IMGCLF_TEST_AMQP=amqp://guest:guest@127.0.0.1:5672/%2f
 export IMGCLF_TEST_S3=http://127.0.0.1:9000
 export IMGCLF_TEST_S3_ACCESS_KEY=test
 export IMGCLF_TEST_S3_SECRET_KEY=testtest
+export IMGCLF_TEST_ORT_LIB=$ort_lib
 ENV

@@ -28,7 +28,10 @@ fn classifier() -> ClassifierHandle {
     HANDLE
         .get_or_init(|| {
             let spec = ModelSpec::load(default_model_dir()).expect("model");
-            ClassifierHandle::spawn(classifier::build("tract", spec).expect("tract"), 4)
+            ClassifierHandle::spawn(
+                classifier::build("tract", spec, &Default::default()).expect("tract"),
+                4,
+            )
         })
         .clone()
 }

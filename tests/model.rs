@@ -106,3 +106,61 @@ fn a_batch_gives_the_same_logits_as_single_images() {
         assert!(diff < 1e-4, "batched and single logits differ by {diff}");
     }
 }
+
+/// The ort backend on ONNX Runtime's library from `IMGCLF_TEST_ORT_LIB`.
+fn ort(spec: ModelSpec) -> Option<Box<dyn Classifier>> {
+    let library = imgclf_suite::service_url("IMGCLF_TEST_ORT_LIB")?;
+    let options = imgclf::classifier::ClassifierOptions {
+        intra_threads: 1,
+        ort_library: Some(library.into()),
+    };
+    Some(imgclf::classifier::build("ort", spec, &options).expect("ONNX Runtime loads the model"))
+}
+
+#[test]
+fn ort_agrees_with_the_reference_on_every_image() {
+    let spec = ModelSpec::load(default_model_dir()).expect("loads");
+    let Some(mut classifier) = ort(spec.clone()) else {
+        return;
+    };
+    let expected = reference("efficientnet-lite0");
+    let names: Vec<&String> = expected.keys().collect();
+    let logits = classify_all(classifier.as_mut(), &names, 4);
+    for (name, logits) in names.iter().zip(&logits) {
+        let reference = &expected[*name];
+        assert_eq!(
+            spec.top_k(logits, 1)[0].class_id,
+            reference[0].class_id,
+            "{name}: top-1"
+        );
+        let probabilities = softmax(logits);
+        for r in reference {
+            let diff = (probabilities[r.class_id] - r.probability).abs();
+            assert!(diff < 1e-3, "{name}: {} differs by {diff}", r.label);
+        }
+    }
+}
+
+#[test]
+fn ort_and_tract_give_the_same_logits_on_both_models() {
+    let expected = reference("efficientnet-lite0");
+    let names: Vec<&String> = expected.keys().collect();
+    for dir in [default_model_dir(), resnet18_dir()] {
+        let spec = ModelSpec::load(&dir).expect("loads");
+        let Some(mut ort) = ort(spec.clone()) else {
+            return;
+        };
+        let mut tract = TractClassifier::new(spec).expect("compiles");
+        let a = classify_all(ort.as_mut(), &names, 8);
+        let b = classify_all(&mut tract, &names, 8);
+        let mut worst = 0.0f32;
+        for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+            worst = worst.max((x - y).abs());
+        }
+        eprintln!(
+            "{}: largest logit difference ort vs tract {worst:e}",
+            dir.display()
+        );
+        assert!(worst < 1e-4, "{}: logits differ by {worst}", dir.display());
+    }
+}

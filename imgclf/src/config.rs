@@ -100,12 +100,21 @@ pub struct Settings {
     /// [default: sqlite://DATA_DIR/imgclf.db].
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_RESULTS"))]
     pub results: Option<String>,
-    /// Inference backend.
+    /// Inference backend: `tract` (pure Rust) or `ort` (ONNX Runtime).
     #[cfg_attr(
         feature = "cli",
         arg(long, env = "IMGCLF_CLASSIFIER", default_value = "tract")
     )]
     pub classifier: String,
+    /// `libonnxruntime.so` for `IMGCLF_CLASSIFIER=ort` [default: $ORT_DYLIB_PATH].
+    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_ORT_LIB"))]
+    pub ort_lib: Option<PathBuf>,
+    /// Threads one inference may use (ort).
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "IMGCLF_INTRA_THREADS", default_value_t = 1)
+    )]
+    pub intra_threads: usize,
     /// Model directory (with model.json) or manifest [default: the shipped EfficientNet-Lite0].
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_MODEL"))]
     pub model: Option<PathBuf>,
@@ -183,6 +192,8 @@ impl Default for Settings {
             results: None,
             classifier: "tract".into(),
             model: None,
+            ort_lib: None,
+            intra_threads: 1,
             max_batch: pipeline.max_batch,
             max_pixels: pipeline.max_pixels,
             top_k: pipeline.top_k,
@@ -471,7 +482,11 @@ impl Settings {
 
     /// Loads the model and starts its inference thread (blocking: compiles the model).
     pub fn build_classifier(&self) -> Result<ClassifierHandle, ConfigError> {
-        let classifier = classifier::build(&self.classifier, self.model_spec()?)?;
+        let options = classifier::ClassifierOptions {
+            intra_threads: self.intra_threads,
+            ort_library: self.ort_lib.clone(),
+        };
+        let classifier = classifier::build(&self.classifier, self.model_spec()?, &options)?;
         Ok(ClassifierHandle::spawn(classifier, self.max_batch))
     }
 

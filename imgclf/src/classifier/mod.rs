@@ -2,9 +2,13 @@
 //! feeds it batches.
 
 mod handle;
+#[cfg(feature = "ort")]
+mod ort;
 #[cfg(feature = "tract")]
 mod tract;
 
+#[cfg(feature = "ort")]
+pub use self::ort::OrtClassifier;
 pub use handle::ClassifierHandle;
 #[cfg(feature = "tract")]
 pub use tract::TractClassifier;
@@ -27,7 +31,18 @@ pub enum ClassifyError {
 pub const AVAILABLE: &[&str] = &[
     #[cfg(feature = "tract")]
     "tract",
+    #[cfg(feature = "ort")]
+    "ort",
 ];
+
+/// How to run a backend.
+#[derive(Clone, Debug, Default)]
+pub struct ClassifierOptions {
+    /// Threads one inference may use (ort; tract runs on one).
+    pub intra_threads: usize,
+    /// `libonnxruntime.so` for the ort backend; `ORT_DYLIB_PATH` when unset.
+    pub ort_library: Option<std::path::PathBuf>,
+}
 
 /// A model that classifies a batch of preprocessed images.
 ///
@@ -41,12 +56,35 @@ pub trait Classifier: Send + 'static {
 }
 
 /// Builds the named backend for a model.
-pub fn build(name: &str, spec: ModelSpec) -> Result<Box<dyn Classifier>, ClassifyError> {
+pub fn build(
+    name: &str,
+    spec: ModelSpec,
+    options: &ClassifierOptions,
+) -> Result<Box<dyn Classifier>, ClassifyError> {
     match name {
         #[cfg(feature = "tract")]
         "tract" => Ok(Box::new(TractClassifier::new(spec)?)),
+        #[cfg(feature = "ort")]
+        "ort" => {
+            let library = options
+                .ort_library
+                .clone()
+                .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(Into::into))
+                .ok_or_else(|| {
+                    spec.invalid(
+                        "the ort classifier needs ONNX Runtime: set IMGCLF_ORT_LIB (or \
+                         ORT_DYLIB_PATH) to a libonnxruntime.so; scripts/setup-ort.sh extracts one \
+                         from the onnxruntime wheel on PyPI",
+                    )
+                })?;
+            Ok(Box::new(OrtClassifier::new(
+                spec,
+                &library,
+                options.intra_threads,
+            )?))
+        }
         other => {
-            drop(spec);
+            let _ = (spec, options);
             Err(ClassifyError::Unknown(other.to_string()))
         }
     }

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs ONNX Runtime's shared library for the ort classifier, from the `onnxruntime` wheel on
+# PyPI (the only place it can come from here), and prints its path.
+#
+#   export IMGCLF_ORT_LIB="$(scripts/setup-ort.sh)"
+set -euo pipefail
+version="${ORT_VERSION:-1.32.0}"
+dir="${IMGCLF_SERVICES_DIR:-/var/tmp/imgclf-services}/onnxruntime-$version"
+lib="$dir/libonnxruntime.so.$version"
+if [ ! -f "$lib" ]; then
+  mkdir -p "$dir"
+  echo "setup-ort: fetching onnxruntime $version from PyPI" >&2
+  python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary :all: \
+    -d "$dir/wheel" "onnxruntime==$version" >&2
+  python3 - "$dir" "$version" <<'PY'
+import glob, sys, zipfile
+out, version = sys.argv[1], sys.argv[2]
+wheel = glob.glob(f"{out}/wheel/onnxruntime-{version}-*.whl")[0]
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if name.startswith("onnxruntime/capi/libonnxruntime"):
+            target = f"{out}/{name.rsplit('/', 1)[1]}"
+            with z.open(name) as src, open(target, "wb") as dst:
+                dst.write(src.read())
+PY
+  rm -rf "$dir/wheel"
+fi
+echo "$lib"

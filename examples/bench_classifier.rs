@@ -1,0 +1,70 @@
+//! Throughput of a classifier backend alone, and of preprocessing, on the shared photos.
+//! Prints one JSON object; `scripts/bench.py` runs it beside raw onnxruntime.
+//!
+//! cargo run --release --example bench_classifier -- BACKEND MODEL_DIR BATCH SECONDS [THREADS]
+
+use std::time::{Duration, Instant};
+
+use imgclf::classifier::{self, ClassifierOptions};
+use imgclf::ModelSpec;
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    anyhow::ensure!(args.len() >= 4, "usage: bench_classifier BACKEND MODEL_DIR BATCH SECONDS [THREADS]");
+    let (backend, model, batch) = (&args[0], &args[1], args[2].parse::<usize>()?);
+    let seconds: f64 = args[3].parse()?;
+    let threads: usize = args.get(4).map_or(Ok(1), |t| t.parse())?;
+    let spec = ModelSpec::load(model)?;
+
+    // Preprocessing: every shared photo, decoded and transformed, timed one by one.
+    let dir = imgclf_suite::shared_dir().join("images");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("jpg" | "png")))
+        .collect();
+    files.sort();
+    let images: Vec<Vec<u8>> = files.iter().map(std::fs::read).collect::<Result<_, _>>()?;
+    let mut tensors = Vec::new();
+    let mut preprocess_ms = Vec::new();
+    for _ in 0..3 {
+        for bytes in &images {
+            let started = Instant::now();
+            tensors.push(spec.transform.tensor_from_bytes(bytes, u64::MAX)?);
+            preprocess_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    preprocess_ms.sort_by(f64::total_cmp);
+
+    let options = ClassifierOptions { intra_threads: threads, ort_library: std::env::var_os("IMGCLF_ORT_LIB").map(Into::into) };
+    let mut classifier = classifier::build(backend, spec, &options)?;
+    let input: Vec<f32> = tensors.iter().cycle().take(batch).flatten().copied().collect();
+    classifier.classify(&input, batch)?; // warm-up (tract compiles this batch size)
+    let mut batch_ms = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs_f64(seconds) {
+        let t = Instant::now();
+        classifier.classify(&input, batch)?;
+        batch_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let total = started.elapsed().as_secs_f64();
+    batch_ms.sort_by(f64::total_cmp);
+    println!(
+        "{}",
+        serde_json::json!({
+            "backend": backend,
+            "batch": batch,
+            "threads": threads,
+            "images_per_s": (batch_ms.len() * batch) as f64 / total,
+            "batch_p50_ms": percentile(&batch_ms, 0.5),
+            "batch_p95_ms": percentile(&batch_ms, 0.95),
+            "preprocess_mean_ms": preprocess_ms.iter().sum::<f64>() / preprocess_ms.len() as f64,
+            "preprocess_p50_ms": percentile(&preprocess_ms, 0.5),
+        })
+    );
+    Ok(())
+}

@@ -14,7 +14,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    anyhow::ensure!(args.len() >= 4, "usage: bench_classifier BACKEND MODEL_DIR BATCH SECONDS [THREADS]");
+    anyhow::ensure!(
+        args.len() >= 4,
+        "usage: bench_classifier BACKEND MODEL_DIR BATCH SECONDS [THREADS]"
+    );
     let (backend, model, batch) = (&args[0], &args[1], args[2].parse::<usize>()?);
     let seconds: f64 = args[3].parse()?;
     let threads: usize = args.get(4).map_or(Ok(1), |t| t.parse())?;
@@ -40,9 +43,18 @@ fn main() -> anyhow::Result<()> {
     }
     preprocess_ms.sort_by(f64::total_cmp);
 
-    let options = ClassifierOptions { intra_threads: threads, ort_library: std::env::var_os("IMGCLF_ORT_LIB").map(Into::into) };
+    let options = ClassifierOptions {
+        intra_threads: threads,
+        ort_library: std::env::var_os("IMGCLF_ORT_LIB").map(Into::into),
+    };
     let mut classifier = classifier::build(backend, spec, &options)?;
-    let input: Vec<f32> = tensors.iter().cycle().take(batch).flatten().copied().collect();
+    let input: Vec<f32> = tensors
+        .iter()
+        .cycle()
+        .take(batch)
+        .flatten()
+        .copied()
+        .collect();
     classifier.classify(&input, batch)?; // warm-up (tract compiles this batch size)
     let mut batch_ms = Vec::new();
     let started = Instant::now();

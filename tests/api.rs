@@ -199,6 +199,12 @@ async fn upload_then_poll_returns_the_reference_classification() {
             .collect();
         assert!(p.windows(2).all(|w| w[0] >= w[1]), "sorted by probability");
         assert!(classification[0]["class_id"].is_u64());
+        let timings = &result["timings"];
+        assert!(
+            timings["infer_ms"].as_f64().unwrap() > 0.0,
+            "stage timings are stored: {timings}"
+        );
+        assert!(timings["preprocess_ms"].as_f64().unwrap() > 0.0);
         let metadata = &result["metadata"];
         assert_eq!(metadata["user"], "ada");
         assert_eq!(metadata["n"], 1);

@@ -16,7 +16,7 @@ use crate::preprocess::{self, ImageError};
 use crate::queue::{Delivery, Queue};
 use crate::results::ResultStore;
 use crate::storage::Storage;
-use crate::task::{now_ms, Prediction, TaskId, TaskRecord, TaskResult};
+use crate::task::{now_ms, Prediction, StageTimings, TaskId, TaskRecord, TaskResult};
 
 /// The backends a pipeline runs on.
 #[derive(Clone)]
@@ -442,12 +442,13 @@ impl Pipeline {
             }
             Err(e) => return Err(temporary("starting the task", &e)),
         };
+        let mut timings = StageTimings::default();
         if record.attempts == 1 {
-            let waited = (now_ms() - record.created_at_ms).max(0) as f64 / 1000.0;
+            timings.queue_wait_ms = (now_ms() - record.created_at_ms).max(0) as f64;
             self.metrics
                 .stage_seconds
                 .with_label_values(&["queue_wait"])
-                .observe(waited);
+                .observe(timings.queue_wait_ms / 1000.0);
         }
 
         let started = Instant::now();
@@ -456,18 +457,20 @@ impl Pipeline {
             Err(e) if e.is_temporary() => return Err(temporary("fetching the image", &e)),
             Err(e) => return Err(Failure::Permanent(format!("fetching the image: {e}"))),
         };
-        self.observe("fetch", started);
+        timings.fetch_ms = self.observe("fetch", started);
 
+        let started = Instant::now();
         let tensor = self
             .tensor(bytes)
             .await
             .map_err(|e| Failure::Permanent(e.to_string()))?;
+        timings.preprocess_ms = started.elapsed().as_secs_f64() * 1e3;
         let started = Instant::now();
         let logits = self.classifier.logits(tensor).await.map_err(|e| match *e {
             ClassifyError::Stopped => temporary("classifying", &e),
             _ => Failure::Permanent(format!("classifying: {e}")),
         })?;
-        self.observe("infer", started);
+        timings.infer_ms = self.observe("infer", started);
 
         let spec = self.classifier.spec();
         let result = TaskResult {
@@ -475,6 +478,7 @@ impl Pipeline {
             metadata: record.metadata.clone(),
             classification: spec.top_k(&logits, self.config.top_k),
             model: spec.name.clone(),
+            timings,
         };
         let started = Instant::now();
         let wrote = results
@@ -515,12 +519,14 @@ impl Pipeline {
         });
     }
 
-    fn observe(&self, stage: &str, started: Instant) {
+    /// Histograms the time since `started` under `stage`; returns it in milliseconds.
+    fn observe(&self, stage: &str, started: Instant) -> f64 {
         let seconds = started.elapsed().as_secs_f64();
         self.metrics
             .stage_seconds
             .with_label_values(&[stage])
             .observe(seconds);
+        seconds * 1e3
     }
 }
 

@@ -129,6 +129,21 @@ pub struct TaskResult {
     pub classification: Vec<Prediction>,
     /// Which model produced the classification.
     pub model: String,
+    /// Where the time went for this image.
+    #[serde(default)]
+    pub timings: StageTimings,
+}
+
+/// Milliseconds per pipeline stage of one task (also histogrammed in `/metrics`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageTimings {
+    /// From acceptance to the worker starting it (first attempt).
+    pub queue_wait_ms: f64,
+    pub fetch_ms: f64,
+    /// Decoding and preprocessing, waiting for a preprocessing thread included.
+    pub preprocess_ms: f64,
+    /// Waiting for the model and running it, as part of a batch.
+    pub infer_ms: f64,
 }
 
 /// Everything the result store knows about one task.

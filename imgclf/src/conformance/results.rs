@@ -40,6 +40,7 @@ fn result(id: TaskId, label: &str) -> TaskResult {
             probability: 0.75,
         }],
         model: "test-model".into(),
+        timings: Default::default(),
     }
 }
 

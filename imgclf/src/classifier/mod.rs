@@ -55,6 +55,18 @@ pub trait Classifier: Send + 'static {
     fn classify(&mut self, batch: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ClassifyError>;
 }
 
+/// Splits a batch's output into one row of logits per image.
+fn split_rows(logits: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ClassifyError> {
+    if n == 0 || logits.len() % n != 0 {
+        let message = format!("{} logits for {n} images", logits.len());
+        return Err(ClassifyError::Inference(message));
+    }
+    Ok(logits
+        .chunks(logits.len() / n)
+        .map(<[f32]>::to_vec)
+        .collect())
+}
+
 /// Builds the named backend for a model.
 pub fn build(
     name: &str,

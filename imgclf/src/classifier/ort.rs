@@ -9,7 +9,7 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::TensorRef;
 
-use super::{Classifier, ClassifyError};
+use super::{split_rows, Classifier, ClassifyError};
 use crate::model::ModelSpec;
 
 /// The runtime is loaded once per process; later sessions share it.
@@ -77,15 +77,6 @@ impl Classifier for OrtClassifier {
         let input = TensorRef::from_array_view(([n, 3, side, side], batch)).map_err(inference)?;
         let outputs = self.session.run(ort::inputs![input]).map_err(inference)?;
         let (_, logits) = outputs[0].try_extract_tensor::<f32>().map_err(inference)?;
-        if n == 0 || logits.len() % n != 0 {
-            return Err(ClassifyError::Inference(format!(
-                "{} logits for {n} images",
-                logits.len()
-            )));
-        }
-        Ok(logits
-            .chunks(logits.len() / n)
-            .map(<[f32]>::to_vec)
-            .collect())
+        split_rows(logits, n)
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 
-use super::{Classifier, ClassifyError};
+use super::{split_rows, Classifier, ClassifyError};
 use crate::model::ModelSpec;
 
 type Plan = Arc<TypedRunnableModel>;
@@ -68,15 +68,6 @@ impl Classifier for TractClassifier {
         let inference = |e: TractError| ClassifyError::Inference(e.to_string());
         let view = outputs[0].try_as_plain_ram().map_err(inference)?;
         let logits = view.as_slice::<f32>().map_err(inference)?;
-        if n == 0 || logits.len() % n != 0 {
-            return Err(ClassifyError::Inference(format!(
-                "{} logits for {n} images",
-                logits.len()
-            )));
-        }
-        Ok(logits
-            .chunks(logits.len() / n)
-            .map(<[f32]>::to_vec)
-            .collect())
+        split_rows(logits, n)
     }
 }

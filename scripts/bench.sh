@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 eval "$(scripts/services.sh)"
 export IMGCLF_ORT_LIB="$IMGCLF_TEST_ORT_LIB"
 python3 -m pip install --quiet --disable-pip-version-check numpy pillow onnxruntime==1.32.0 matplotlib >&2
-cargo build --release -p imgclf-http -p imgclf-worker --example bench_classifier >&2
+cargo build --release -p imgclf-http -p imgclf-worker >&2
+cargo build --release -p imgclf-suite --example bench_classifier >&2
 exec python3 scripts/bench.py --bin-dir "${CARGO_TARGET_DIR:-target}/release" "$@"

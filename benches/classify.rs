@@ -4,35 +4,48 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use imgclf::classifier;
+use imgclf::classifier::{self, ClassifierOptions};
 use imgclf::{ModelSpec, Settings, TaskState, Upload};
 use imgclf_suite::{default_model_dir, image, resnet18_dir};
 
+/// tract always; ort too when `IMGCLF_ORT_LIB` (or `ORT_DYLIB_PATH`) names ONNX Runtime.
 fn classify(c: &mut Criterion) {
-    let mut group = c.benchmark_group("classify/tract");
-    group
-        .sample_size(10)
-        .measurement_time(Duration::from_secs(10));
-    for (model, dir) in [
-        ("efficientnet-lite0", default_model_dir()),
-        ("resnet18", resnet18_dir()),
-    ] {
-        let spec = ModelSpec::load(dir).unwrap();
-        let tensor = spec
-            .transform
-            .tensor_from_bytes(&image("darknet_dog.jpg"), u64::MAX)
-            .unwrap();
-        let mut classifier = classifier::build("tract", spec, &Default::default()).unwrap();
-        for batch in [1usize, 4, 8, 16] {
-            let input = tensor.repeat(batch);
-            classifier.classify(&input, batch).unwrap(); // compile outside the measurement
-            group.throughput(Throughput::Elements(batch as u64));
-            group.bench_with_input(BenchmarkId::new(model, batch), &input, |b, input| {
-                b.iter(|| classifier.classify(input, batch).unwrap())
-            });
-        }
+    let ort_library =
+        std::env::var_os("IMGCLF_ORT_LIB").or_else(|| std::env::var_os("ORT_DYLIB_PATH"));
+    let mut backends = vec!["tract"];
+    if ort_library.is_some() {
+        backends.push("ort");
     }
-    group.finish();
+    let options = ClassifierOptions {
+        intra_threads: 1,
+        ort_library: ort_library.map(Into::into),
+    };
+    for backend in backends {
+        let mut group = c.benchmark_group(format!("classify/{backend}"));
+        group
+            .sample_size(10)
+            .measurement_time(Duration::from_secs(10));
+        for (model, dir) in [
+            ("efficientnet-lite0", default_model_dir()),
+            ("resnet18", resnet18_dir()),
+        ] {
+            let spec = ModelSpec::load(dir).unwrap();
+            let tensor = spec
+                .transform
+                .tensor_from_bytes(&image("darknet_dog.jpg"), u64::MAX)
+                .unwrap();
+            let mut classifier = classifier::build(backend, spec, &options).unwrap();
+            for batch in [1usize, 4, 8, 16] {
+                let input = tensor.repeat(batch);
+                classifier.classify(&input, batch).unwrap(); // compile outside the measurement
+                group.throughput(Throughput::Elements(batch as u64));
+                group.bench_with_input(BenchmarkId::new(model, batch), &input, |b, input| {
+                    b.iter(|| classifier.classify(input, batch).unwrap())
+                });
+            }
+        }
+        group.finish();
+    }
 }
 
 /// Upload to SUCCESS through the whole in-memory pipeline, 32 images at a time.

@@ -164,3 +164,27 @@ fn ort_and_tract_give_the_same_logits_on_both_models() {
         assert!(worst < 1e-4, "{}: logits differ by {worst}", dir.display());
     }
 }
+
+#[test]
+fn ort_without_a_library_is_a_clear_error() {
+    if std::env::var_os("ORT_DYLIB_PATH").is_some() {
+        return; // the fallback would find a library
+    }
+    let spec = ModelSpec::load(default_model_dir()).expect("loads");
+    let options = imgclf::classifier::ClassifierOptions {
+        intra_threads: 1,
+        ort_library: None,
+    };
+    let error = imgclf::classifier::build("ort", spec, &options)
+        .err()
+        .expect("no library, no classifier");
+    assert!(error.to_string().contains("IMGCLF_ORT_LIB"), "{error}");
+    let spec = ModelSpec::load(default_model_dir()).expect("loads");
+    let unknown = imgclf::classifier::build("tensorflow", spec, &options)
+        .err()
+        .expect("unknown backend");
+    assert!(
+        unknown.to_string().contains("tract"),
+        "names what this build has: {unknown}"
+    );
+}

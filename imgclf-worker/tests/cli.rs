@@ -31,6 +31,11 @@ fn help_names_every_environment_variable() {
         "IMGCLF_S3_PATH_STYLE",
         "IMGCLF_WEBHOOK_TIMEOUT",
         "IMGCLF_WEBHOOK_ATTEMPTS",
+        "IMGCLF_WEBHOOK_SECRET",
+        "IMGCLF_WEBHOOK_ALLOW",
+        "IMGCLF_MAX_QUEUE_DEPTH",
+        "IMGCLF_ORT_LIB",
+        "IMGCLF_INTRA_THREADS",
     ] {
         assert!(help.contains(var), "--help does not mention {var}");
     }

@@ -45,7 +45,9 @@ fn main() -> anyhow::Result<()> {
 
     let options = ClassifierOptions {
         intra_threads: threads,
-        ort_library: std::env::var_os("IMGCLF_ORT_LIB").map(Into::into),
+        ort_library: std::env::var_os("IMGCLF_ORT_LIB")
+            .filter(|v| !v.is_empty())
+            .map(Into::into),
     };
     let mut classifier = classifier::build(backend, spec, &options)?;
     let input: Vec<f32> = tensors

@@ -5,7 +5,7 @@ Prints, for each of (1) the limit: raw onnxruntime (Python) on already-preproces
 (2) imgclf's classifiers alone (ort, tract), (3) the embedded pipeline over HTTP, (4) the
 distributed pipeline (imgclf-http + imgclf-worker over RabbitMQ, PostgreSQL and the S3 server)
 and (5) preprocessing against Pillow: images/s, p50/p95 latency, peak RSS, and the ratio to the
-limit. Writes bench-results.json and docs/throughput.png.
+limit. Writes docs/bench-results.json and docs/throughput.png.
 
     scripts/bench.sh        # builds the release binaries, starts the services, runs this
 """
@@ -198,7 +198,8 @@ def main():
         if r["model"] == "efficientnet-lite0":
             r["ratio_to_limit"] = r["images_per_s"] / limit
             print(f"  {r['what']:34s} batch {r['batch']:>2}: {r['ratio_to_limit']:.2f}")
-    with open(os.path.join(ROOT, "bench-results.json"), "w") as f:
+    os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
+    with open(os.path.join(ROOT, "docs/bench-results.json"), "w") as f:
         json.dump(results, f, indent=1)
     try:
         import matplotlib

@@ -1,6 +1,5 @@
 //! The pure-Rust backend on tract.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use tract_onnx::prelude::*;
@@ -8,47 +7,30 @@ use tract_onnx::prelude::*;
 use super::{split_rows, Classifier, ClassifyError};
 use crate::model::ModelSpec;
 
-type Plan = Arc<TypedRunnableModel>;
-
-/// tract runs several times faster on a concrete shape than on a symbolic batch dimension, so
-/// one optimised plan is compiled per batch size, on first use.
+/// tract runs several times faster on a concrete input shape than on a symbolic batch
+/// dimension, and on these CNNs a batch-1 plan run once per image beats every batched plan we
+/// measured (EfficientNet-Lite0: 18 images/s at batch 1, 12 at batches 4 to 16; see
+/// BENCHMARKS.md). So the model is compiled once, for one image, and a batch runs image by image.
 pub struct TractClassifier {
     spec: ModelSpec,
-    graph: InferenceModel,
-    plans: HashMap<usize, Plan>,
+    plan: Arc<TypedRunnableModel>,
 }
 
 impl TractClassifier {
     pub fn new(spec: ModelSpec) -> Result<Self, ClassifyError> {
-        let graph = tract_onnx::onnx()
+        let side = spec.transform.crop as usize;
+        let plan = tract_onnx::onnx()
             .model_for_path(&spec.onnx_path)
-            .map_err(|e| spec.invalid(format!("cannot load {}: {e}", spec.onnx_path.display())))?;
-        let mut classifier = Self {
-            spec,
-            graph,
-            plans: HashMap::new(),
-        };
-        classifier.plan(1)?;
-        Ok(classifier)
-    }
-
-    fn plan(&mut self, n: usize) -> Result<Plan, ClassifyError> {
-        if let Some(plan) = self.plans.get(&n) {
-            return Ok(plan.clone());
-        }
-        let side = self.spec.transform.crop as usize;
-        let plan = self
-            .graph
-            .clone()
-            .with_input_fact(0, f32::fact([n, 3, side, side]).into())
+            .and_then(|m| m.with_input_fact(0, f32::fact([1, 3, side, side]).into()))
             .and_then(|m| m.into_optimized())
             .and_then(|m| m.into_runnable())
             .map_err(|e| {
-                self.spec
-                    .invalid(format!("cannot compile for batch {n}: {e}"))
+                spec.invalid(format!(
+                    "tract cannot load {}: {e}",
+                    spec.onnx_path.display()
+                ))
             })?;
-        self.plans.insert(n, plan.clone());
-        Ok(plan)
+        Ok(Self { spec, plan })
     }
 }
 
@@ -58,16 +40,20 @@ impl Classifier for TractClassifier {
     }
 
     fn classify(&mut self, batch: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ClassifyError> {
-        let side = self.spec.transform.crop as usize;
-        let plan = self.plan(n)?;
-        let input = Tensor::from_shape(&[n, 3, side, side], batch)
-            .map_err(|e| ClassifyError::Inference(e.to_string()))?;
-        let outputs = plan
-            .run(tvec!(input.into()))
-            .map_err(|e| ClassifyError::Inference(e.to_string()))?;
         let inference = |e: TractError| ClassifyError::Inference(e.to_string());
-        let view = outputs[0].try_as_plain_ram().map_err(inference)?;
-        let logits = view.as_slice::<f32>().map_err(inference)?;
-        split_rows(logits, n)
+        let side = self.spec.transform.crop as usize;
+        let len = 3 * side * side;
+        if batch.len() != n * len {
+            let message = format!("{} values for {n} images of {len}", batch.len());
+            return Err(ClassifyError::Inference(message));
+        }
+        let mut logits = Vec::new();
+        for image in batch.chunks_exact(len) {
+            let input = Tensor::from_shape(&[1, 3, side, side], image).map_err(inference)?;
+            let outputs = self.plan.run(tvec!(input.into())).map_err(inference)?;
+            let view = outputs[0].try_as_plain_ram().map_err(inference)?;
+            logits.extend_from_slice(view.as_slice::<f32>().map_err(inference)?);
+        }
+        split_rows(&logits, n)
     }
 }

@@ -322,6 +322,23 @@ async fn the_webhook_receives_the_final_status_signed_and_retried() {
         delivered["result"]["classification"][0]["label"],
         top1("skimage_chelsea.png")
     );
+    // The delivery's state is stored with the task once the receiver has answered.
+    let task_id = body["task_id"].as_str().unwrap();
+    let mut webhook = Value::Null;
+    for _ in 0..100 {
+        let (_, status) = get(&s.app, &format!("/api/task-status/{task_id}")).await;
+        webhook = status["webhook"].clone();
+        if webhook["state"] == "delivered" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(webhook["state"], "delivered", "{webhook}");
+    assert_eq!(
+        webhook["attempts"], 2,
+        "one failed attempt, one delivered: {webhook}"
+    );
+    assert_eq!(delivered["state"], "SUCCESS");
     // The counter moves once the receiver has answered, just after it saw the payload.
     let mut counted = false;
     for _ in 0..100 {

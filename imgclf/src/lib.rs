@@ -67,4 +67,7 @@ pub use preprocess::{ImageError, Transform};
 pub use queue::{Delivery, Queue, QueueError};
 pub use results::{ResultStore, ResultsError};
 pub use storage::{Storage, StorageError};
-pub use task::{Job, Prediction, StageTimings, TaskId, TaskRecord, TaskResult, TaskState};
+pub use task::{
+    Job, Prediction, StageTimings, TaskId, TaskRecord, TaskResult, TaskState, WebhookDelivery,
+    WebhookState,
+};

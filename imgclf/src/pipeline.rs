@@ -16,7 +16,9 @@ use crate::preprocess::{self, ImageError};
 use crate::queue::{Delivery, Queue};
 use crate::results::ResultStore;
 use crate::storage::Storage;
-use crate::task::{now_ms, Prediction, StageTimings, TaskId, TaskRecord, TaskResult};
+use crate::task::{
+    now_ms, Prediction, StageTimings, TaskId, TaskRecord, TaskResult, WebhookDelivery, WebhookState,
+};
 
 /// The backends a pipeline runs on.
 #[derive(Clone)]
@@ -502,20 +504,45 @@ impl Pipeline {
         let Some(url) = record.callback_url.clone() else {
             return;
         };
-        let notifier = self.ports.notifier.clone();
+        if !self.ports.notifier.enabled() {
+            return;
+        }
+        let (notifier, results) = (self.ports.notifier.clone(), self.ports.results.clone());
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let started = Instant::now();
-            match notifier.notify(&url, &record.status()).await {
-                Ok(()) => metrics.webhook_success.inc(),
+            let task_id = record.task_id;
+            let delivery = |state, attempts, last_status| WebhookDelivery {
+                state,
+                attempts,
+                last_status,
+                updated_at_ms: now_ms(),
+            };
+            let pending = delivery(WebhookState::Pending, 0, None);
+            if let Err(error) = results.record_webhook(task_id, &pending).await {
+                tracing::warn!(%task_id, %error, "cannot record the callback's state");
+            }
+            let outcome = match notifier.notify(&url, &record.status()).await {
+                Ok(attempts) => {
+                    metrics.webhook_success.inc();
+                    delivery(WebhookState::Delivered, attempts, None)
+                }
                 Err(error) => {
                     metrics.webhook_failure.inc();
-                    tracing::warn!(task_id = %record.task_id, %error, "callback not delivered");
+                    tracing::warn!(%task_id, %error, "callback not delivered");
+                    let attempts = match &error {
+                        NotifyError::Failed { attempts, .. } => *attempts,
+                        NotifyError::Refused(_) => 0,
+                    };
+                    delivery(WebhookState::Failed, attempts, Some(error.to_string()))
                 }
-            }
+            };
             metrics
                 .webhook_latency
                 .observe(started.elapsed().as_secs_f64());
+            if let Err(error) = results.record_webhook(task_id, &outcome).await {
+                tracing::warn!(%task_id, %error, "cannot record the callback's state");
+            }
         });
     }
 

@@ -161,6 +161,27 @@ pub struct TaskRecord {
     pub attempts: u32,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+    /// The callback's delivery, kept apart from the task's own state.
+    pub webhook: Option<WebhookDelivery>,
+}
+
+/// Where a task's callback stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookState {
+    Pending,
+    Delivered,
+    Failed,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WebhookDelivery {
+    pub state: WebhookState,
+    /// Requests sent so far.
+    pub attempts: u32,
+    /// The last answer (`HTTP 503`) or error, if any.
+    pub last_status: Option<String>,
+    pub updated_at_ms: i64,
 }
 
 impl TaskRecord {
@@ -183,6 +204,7 @@ impl TaskRecord {
             attempts: 0,
             created_at_ms: now,
             updated_at_ms: now,
+            webhook: None,
         }
     }
 
@@ -217,6 +239,9 @@ impl TaskRecord {
         }
         if let Some(error) = &self.error {
             status["error"] = error.as_str().into();
+        }
+        if let Some(webhook) = &self.webhook {
+            status["webhook"] = serde_json::to_value(webhook).unwrap_or_default();
         }
         status
     }

@@ -1,7 +1,9 @@
 use serde_json::Map;
 
 use crate::results::{ResultStore, ResultsError};
-use crate::task::{Prediction, TaskId, TaskRecord, TaskResult, TaskState};
+use crate::task::{
+    now_ms, Prediction, TaskId, TaskRecord, TaskResult, TaskState, WebhookDelivery, WebhookState,
+};
 
 /// Every result-store check, on a store that may hold other tasks.
 pub async fn run(store: &dyn ResultStore) {
@@ -11,6 +13,7 @@ pub async fn run(store: &dyn ResultStore) {
     failure_is_final(store).await;
     unfinished_lists_open_tasks(store).await;
     concurrent_completions_write_once(store).await;
+    webhook_state_is_kept_apart(store).await;
     store
         .check()
         .await
@@ -197,4 +200,48 @@ async fn concurrent_completions_write_once(store: &dyn ResultStore) {
         1,
         "exactly one final write wins"
     );
+}
+
+async fn webhook_state_is_kept_apart(store: &dyn ResultStore) {
+    let r = record();
+    store.create(&r).await.expect("create");
+    store
+        .complete(r.task_id, &result(r.task_id, "tabby"))
+        .await
+        .expect("complete");
+    let pending = WebhookDelivery {
+        state: WebhookState::Pending,
+        attempts: 0,
+        last_status: None,
+        updated_at_ms: now_ms(),
+    };
+    store
+        .record_webhook(r.task_id, &pending)
+        .await
+        .expect("record webhook");
+    let failed = WebhookDelivery {
+        state: WebhookState::Failed,
+        attempts: 5,
+        last_status: Some("HTTP 503 Service Unavailable".into()),
+        updated_at_ms: now_ms(),
+    };
+    store
+        .record_webhook(r.task_id, &failed)
+        .await
+        .expect("record webhook");
+    let got = store.get(r.task_id).await.expect("get").expect("exists");
+    assert_eq!(
+        got.webhook,
+        Some(failed),
+        "the latest delivery state is kept"
+    );
+    assert_eq!(
+        got.state,
+        TaskState::Success,
+        "a failed callback does not change the task"
+    );
+    store
+        .record_webhook(TaskId::new(), &pending)
+        .await
+        .expect("unknown ids are ignored");
 }

@@ -30,8 +30,13 @@ pub trait Notifier: Send + Sync + 'static {
         validate_callback_url(url)
     }
 
-    /// Delivers `payload` (JSON) to `url`.
-    async fn notify(&self, url: &str, payload: &serde_json::Value) -> Result<(), NotifyError>;
+    /// Delivers `payload` (JSON) to `url`; returns how many requests it took.
+    async fn notify(&self, url: &str, payload: &serde_json::Value) -> Result<u32, NotifyError>;
+
+    /// False for a notifier that sends nothing: no delivery state is recorded then.
+    fn enabled(&self) -> bool {
+        true
+    }
 }
 
 /// Drops every notification: for deployments without callbacks.
@@ -39,8 +44,12 @@ pub struct NoopNotifier;
 
 #[async_trait]
 impl Notifier for NoopNotifier {
-    async fn notify(&self, _url: &str, _payload: &serde_json::Value) -> Result<(), NotifyError> {
-        Ok(())
+    async fn notify(&self, _url: &str, _payload: &serde_json::Value) -> Result<u32, NotifyError> {
+        Ok(0)
+    }
+
+    fn enabled(&self) -> bool {
+        false
     }
 }
 

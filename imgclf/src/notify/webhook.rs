@@ -151,7 +151,7 @@ impl Notifier for WebhookNotifier {
         Ok(())
     }
 
-    async fn notify(&self, url: &str, payload: &serde_json::Value) -> Result<(), NotifyError> {
+    async fn notify(&self, url: &str, payload: &serde_json::Value) -> Result<u32, NotifyError> {
         validate_callback_url(url)?;
         let body = serde_json::to_vec(payload).map_err(|e| NotifyError::Failed {
             attempts: 0,
@@ -184,7 +184,7 @@ impl Notifier for WebhookNotifier {
                 request = request.header(SIGNATURE_HEADER, signature);
             }
             match request.body(body.clone()).send().await {
-                Ok(response) if response.status().is_success() => return Ok(()),
+                Ok(response) if response.status().is_success() => return Ok(attempt),
                 Ok(response) => {
                     let status = response.status();
                     message = format!("HTTP {status}");

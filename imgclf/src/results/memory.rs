@@ -4,7 +4,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use super::{ResultStore, ResultsError};
-use crate::task::{now_ms, TaskId, TaskRecord, TaskResult, TaskState};
+use crate::task::{now_ms, TaskId, TaskRecord, TaskResult, TaskState, WebhookDelivery};
 
 /// Task records in a map: for tests, examples and benches.
 #[derive(Default)]
@@ -67,6 +67,17 @@ impl ResultStore for MemoryResults {
             record.state = TaskState::Failure;
             record.error = Some(error.to_string());
         }))
+    }
+
+    async fn record_webhook(
+        &self,
+        id: TaskId,
+        delivery: &WebhookDelivery,
+    ) -> Result<(), ResultsError> {
+        if let Some(record) = self.tasks.lock().unwrap().get_mut(&id) {
+            record.webhook = Some(delivery.clone());
+        }
+        Ok(())
     }
 
     async fn unfinished(&self, limit: usize) -> Result<Vec<TaskRecord>, ResultsError> {

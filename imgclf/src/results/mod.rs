@@ -17,7 +17,7 @@ pub use sqlite::SqliteResults;
 
 use async_trait::async_trait;
 
-use crate::task::{TaskId, TaskRecord, TaskResult};
+use crate::task::{TaskId, TaskRecord, TaskResult, WebhookDelivery};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -60,6 +60,13 @@ pub trait ResultStore: Send + Sync + 'static {
 
     /// Moves the task to `FAILURE` with an error message, with the same guard as `complete`.
     async fn fail(&self, id: TaskId, error: &str) -> Result<bool, ResultsError>;
+
+    /// Records where the task's callback stands; the task's own state does not change.
+    async fn record_webhook(
+        &self,
+        id: TaskId,
+        delivery: &WebhookDelivery,
+    ) -> Result<(), ResultsError>;
 
     /// Tasks not yet final, oldest first, at most `limit`.
     async fn unfinished(&self, limit: usize) -> Result<Vec<TaskRecord>, ResultsError>;

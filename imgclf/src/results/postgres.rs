@@ -6,12 +6,12 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{ResultStore, ResultsError};
-use crate::task::{now_ms, TaskId, TaskRecord, TaskResult, TaskState};
+use crate::task::{now_ms, TaskId, TaskRecord, TaskResult, TaskState, WebhookDelivery};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 const COLUMNS: &str = "task_id, state, object_key, metadata, callback_url, result, error, \
-                       attempts, created_at_ms, updated_at_ms";
+                       attempts, created_at_ms, updated_at_ms, webhook";
 
 /// Task records in PostgreSQL, shared by every `imgclf-http` and `imgclf-worker`. The pool
 /// reconnects by itself after the server restarts.
@@ -85,6 +85,12 @@ fn record(row: &PgRow) -> Result<TaskRecord, ResultsError> {
         attempts: row.try_get::<i32, _>("attempts").map_err(codec)? as u32,
         created_at_ms: row.try_get("created_at_ms").map_err(codec)?,
         updated_at_ms: row.try_get("updated_at_ms").map_err(codec)?,
+        webhook: row
+            .try_get::<Option<serde_json::Value>, _>("webhook")
+            .map_err(codec)?
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(codec)?,
     })
 }
 
@@ -92,7 +98,7 @@ fn record(row: &PgRow) -> Result<TaskRecord, ResultsError> {
 impl ResultStore for PostgresResults {
     async fn create(&self, r: &TaskRecord) -> Result<(), ResultsError> {
         let sql = format!(
-            "INSERT INTO tasks ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+            "INSERT INTO tasks ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
         );
         let result = r
             .result
@@ -111,6 +117,13 @@ impl ResultStore for PostgresResults {
             .bind(r.attempts as i32)
             .bind(r.created_at_ms)
             .bind(r.updated_at_ms)
+            .bind(
+                r.webhook
+                    .as_ref()
+                    .map(serde_json::to_value)
+                    .transpose()
+                    .map_err(codec)?,
+            )
             .execute(&self.pool)
             .await;
         match inserted {
@@ -190,6 +203,21 @@ impl ResultStore for PostgresResults {
         .await
         .map_err(backend)?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn record_webhook(
+        &self,
+        id: TaskId,
+        delivery: &WebhookDelivery,
+    ) -> Result<(), ResultsError> {
+        let webhook = serde_json::to_value(delivery).map_err(codec)?;
+        sqlx::query("UPDATE tasks SET webhook = $1 WHERE task_id = $2")
+            .bind(webhook)
+            .bind(id.as_uuid())
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(())
     }
 
     async fn unfinished(&self, limit: usize) -> Result<Vec<TaskRecord>, ResultsError> {

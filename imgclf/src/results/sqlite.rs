@@ -6,12 +6,12 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 use super::{ResultStore, ResultsError};
-use crate::task::{now_ms, TaskId, TaskRecord, TaskResult, TaskState};
+use crate::task::{now_ms, TaskId, TaskRecord, TaskResult, TaskState, WebhookDelivery};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 const COLUMNS: &str = "task_id, state, object_key, metadata, callback_url, result, error, \
-                       attempts, created_at_ms, updated_at_ms";
+                       attempts, created_at_ms, updated_at_ms, webhook";
 
 /// Task records in SQLite: the embedded default, one file under the data directory.
 pub struct SqliteResults {
@@ -93,13 +93,19 @@ fn record(row: &SqliteRow) -> Result<TaskRecord, ResultsError> {
         attempts: row.try_get::<i64, _>("attempts").map_err(codec)? as u32,
         created_at_ms: row.try_get("created_at_ms").map_err(codec)?,
         updated_at_ms: row.try_get("updated_at_ms").map_err(codec)?,
+        webhook: row
+            .try_get::<Option<String>, _>("webhook")
+            .map_err(codec)?
+            .map(|w| serde_json::from_str(&w))
+            .transpose()
+            .map_err(codec)?,
     })
 }
 
 #[async_trait]
 impl ResultStore for SqliteResults {
     async fn create(&self, r: &TaskRecord) -> Result<(), ResultsError> {
-        let sql = format!("INSERT INTO tasks ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+        let sql = format!("INSERT INTO tasks ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
         let result = r
             .result
             .as_ref()
@@ -117,6 +123,13 @@ impl ResultStore for SqliteResults {
             .bind(i64::from(r.attempts))
             .bind(r.created_at_ms)
             .bind(r.updated_at_ms)
+            .bind(
+                r.webhook
+                    .as_ref()
+                    .map(serde_json::to_string)
+                    .transpose()
+                    .map_err(codec)?,
+            )
             .execute(&self.pool)
             .await;
         match inserted {
@@ -167,6 +180,21 @@ impl ResultStore for SqliteResults {
         let sql = "UPDATE tasks SET state = 'FAILURE', error = ?, updated_at_ms = ? \
                    WHERE task_id = ? AND state IN ('PENDING', 'STARTED')";
         self.finish(sql, id, error).await
+    }
+
+    async fn record_webhook(
+        &self,
+        id: TaskId,
+        delivery: &WebhookDelivery,
+    ) -> Result<(), ResultsError> {
+        let webhook = serde_json::to_string(delivery).map_err(codec)?;
+        sqlx::query("UPDATE tasks SET webhook = ? WHERE task_id = ?")
+            .bind(webhook)
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(())
     }
 
     async fn unfinished(&self, limit: usize) -> Result<Vec<TaskRecord>, ResultsError> {

@@ -259,11 +259,9 @@ impl Pipeline {
         let max_pixels = self.config.max_pixels;
         let info = preprocess::inspect(&bytes, max_pixels)?;
         let _slot = self.preprocess_slots.acquire().await.expect("never closed");
-        tokio::task::spawn_blocking(move || {
-            preprocess::decode_rgb8(&bytes, max_pixels).map(|_| info)
-        })
-        .await
-        .unwrap_or_else(|e| Err(ImageError::Undecodable(format!("decoder crashed: {e}"))))
+        tokio::task::spawn_blocking(move || preprocess::validate(&bytes, max_pixels).map(|_| info))
+            .await
+            .unwrap_or_else(|e| Err(ImageError::Undecodable(format!("decoder crashed: {e}"))))
     }
 
     /// Decodes and preprocesses on the bounded blocking pool, never on a runtime worker.

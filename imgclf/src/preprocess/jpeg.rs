@@ -7,15 +7,51 @@ use mozjpeg::{ColorSpace, Decompress};
 
 use super::ImageError;
 
+/// Checks a JPEG as far as libjpeg can without decoding pixels: markers, tables, frame and
+/// scan headers, and that the data is not cut short. `Ok(false)` for colour spaces libjpeg does
+/// not turn into RGB, which the caller checks another way.
+pub(super) fn check(bytes: &[u8]) -> Result<bool, ImageError> {
+    if !ends_its_scan(bytes) {
+        return Err(truncated());
+    }
+    // libjpeg reports fatal errors by unwinding out of the C code.
+    let checked = std::panic::catch_unwind(|| -> std::io::Result<bool> {
+        let decompress = Decompress::new_mem(bytes)?;
+        if matches!(
+            decompress.color_space(),
+            ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK
+        ) {
+            return Ok(false);
+        }
+        decompress.rgb()?; // jpeg_start_decompress: the first scan's tables must be there
+        Ok(true)
+    });
+    match checked {
+        Ok(Ok(whole)) => Ok(whole),
+        Ok(Err(e)) => Err(ImageError::Undecodable(e.to_string())),
+        Err(panic) => Err(ImageError::Undecodable(panic_message(panic))),
+    }
+}
+
+fn truncated() -> ImageError {
+    ImageError::Undecodable("truncated JPEG: the image data has no end-of-image marker".into())
+}
+
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "libjpeg failed".into())
+}
+
 /// 8-bit RGB of a JPEG; `None` for colour spaces libjpeg does not turn into RGB (CMYK, YCCK),
 /// which the caller decodes another way.
 pub(super) fn decode_rgb8(bytes: &[u8]) -> Result<Option<RgbImage>, ImageError> {
     // libjpeg only warns about missing data and fills the rest with grey; refuse instead, as
     // Pillow does.
     if !ends_its_scan(bytes) {
-        return Err(ImageError::Undecodable(
-            "truncated JPEG: the image data has no end-of-image marker".into(),
-        ));
+        return Err(truncated());
     }
     // libjpeg reports fatal errors by unwinding out of the C code.
     let decoded = std::panic::catch_unwind(|| -> std::io::Result<Option<RgbImage>> {
@@ -36,14 +72,7 @@ pub(super) fn decode_rgb8(bytes: &[u8]) -> Result<Option<RgbImage>, ImageError> 
         Ok(Ok(Some(rgb))) => Ok(Some(rgb)),
         Ok(Ok(None)) => Ok(None),
         Ok(Err(e)) => Err(ImageError::Undecodable(e.to_string())),
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "libjpeg failed".into());
-            Err(ImageError::Undecodable(message))
-        }
+        Err(panic) => Err(ImageError::Undecodable(panic_message(panic))),
     }
 }
 

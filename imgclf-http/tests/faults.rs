@@ -2,6 +2,9 @@
 //! service reconnect by themselves, uploads during an outage get a clear 503 (not a hang), and
 //! nothing accepted is lost.
 //!
+//! Redis runs as a server of the test's own, with its append-only file on (a Redis that keeps
+//! nothing on disk loses its queue in any restart, whatever the client does).
+//!
 //! These restart the machine's RabbitMQ and PostgreSQL, so they run only when
 //! `IMGCLF_TEST_RESTARTS=1` (`scripts/test.sh` sets it), one after the other, in a test binary
 //! of their own (cargo runs test binaries one at a time).
@@ -184,6 +187,57 @@ async fn a_postgres_restart_loses_nothing() {
                 "pg_ctlcluster",
                 &["--skip-systemctl-redirect", &cluster, "main", "start"],
             )
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_redis_restart_loses_nothing_when_redis_persists() {
+    if !restarts_enabled() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let start = || {
+        let args = [
+            "--port".to_string(),
+            port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--appendonly".into(),
+            "yes".into(),
+            "--appendfsync".into(),
+            "always".into(),
+            "--save".into(),
+            "".into(),
+            "--dir".into(),
+            dir.path().display().to_string(),
+        ];
+        let child = Command::new("redis-server")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Process(child)
+    };
+    let server = std::cell::RefCell::new(Some(start()));
+    restart_during_a_run(
+        format!("redis://127.0.0.1:{port}"),
+        || {
+            if let Some(process) = server.borrow_mut().take() {
+                process.signal("-TERM");
+                drop(process);
+            }
+        },
+        || {
+            server.borrow_mut().get_or_insert_with(start);
         },
     )
     .await;

@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
 use sqlx::Connection;
 
 const TASKS: usize = 300;
@@ -62,14 +61,7 @@ async fn run(queue_url: String) {
     wait_final_count(&results_url, TASKS, Duration::from_secs(600)).await;
 
     for (id, label) in &expected {
-        let status: Value = client
-            .get(format!("{base}/api/task-status/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let status = task_status(&client, &base, id).await;
         assert_eq!(status["state"], "SUCCESS", "{status}");
         assert_eq!(
             status["result"]["classification"][0]["label"],

@@ -27,8 +27,7 @@ async fn start(client: &reqwest::Client, work: &Path, port: u16) -> (Process, St
 async fn wait_success(client: &reqwest::Client, base: &str, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let url = format!("{base}/api/task-status/{id}");
-        let body: Value = client.get(url).send().await.unwrap().json().await.unwrap();
+        let body = task_status(client, base, id).await;
         match body["state"].as_str().unwrap() {
             "SUCCESS" => return body,
             "FAILURE" => panic!("task {id} failed: {body}"),

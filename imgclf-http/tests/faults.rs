@@ -111,14 +111,7 @@ async fn restart_during_a_run(queue: String, outage: impl Fn(), restore: impl Fn
     // Nothing accepted is lost, and every result is written once.
     wait_final_count(&results, accepted.len(), Duration::from_secs(300)).await;
     for id in &accepted {
-        let status: serde_json::Value = client
-            .get(format!("{base}/api/task-status/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let status = task_status(&client, &base, id).await;
         assert_eq!(status["state"], "SUCCESS", "{status}");
     }
     http.signal("-TERM");

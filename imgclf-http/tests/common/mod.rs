@@ -210,6 +210,16 @@ pub async fn upload(
     (status, body["task_id"].as_str().map(String::from))
 }
 
+/// The task-status document of one task.
+pub async fn task_status(client: &reqwest::Client, base: &str, id: &str) -> Value {
+    let response = client
+        .get(format!("{base}/api/task-status/{id}"))
+        .send()
+        .await
+        .unwrap();
+    response.json().await.unwrap()
+}
+
 /// Waits until `count` tasks of the database at `results` are final.
 pub async fn wait_final_count(results: &str, count: usize, within: Duration) {
     let mut db = sqlx::PgConnection::connect(results).await.unwrap();

@@ -56,6 +56,7 @@ pub trait Classifier: Send + 'static {
 }
 
 /// Splits a batch's output into one row of logits per image.
+#[cfg(any(feature = "tract", feature = "ort"))]
 fn split_rows(logits: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ClassifyError> {
     if n == 0 || !logits.len().is_multiple_of(n) {
         let message = format!("{} logits for {n} images", logits.len());

@@ -3,6 +3,8 @@
 #   docker run -p 8000:8000 -e IMGCLF_ADDR=0.0.0.0:8000 imgclf            # embedded default
 #   docker run imgclf imgclf-worker                                        # a worker
 FROM rust:1-bookworm AS build
+# nasm: libjpeg-turbo's SIMD kernels (about twice as fast at decoding JPEG).
+RUN apt-get update && apt-get install -y --no-install-recommends nasm && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

@@ -99,6 +99,30 @@ def vm_hwm_mib(pid):
     return float("nan")
 
 
+# Where the CPU goes in a pipeline run: process groups by name on this machine.
+CPU_GROUPS = {"imgclf-http": "imgclf-http", "imgclf-worker": "imgclf-worker", "S3 server": "moto_server",
+              "RabbitMQ": "beam.smp", "PostgreSQL": "postgres"}
+
+
+def cpu_seconds_by_group():
+    ticks = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                comm = f.read().strip()
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        for group, name in CPU_GROUPS.items():
+            if comm == name[:15]:
+                ticks[group] = ticks.get(group, 0) + int(fields[11]) + int(fields[12])  # utime + stime
+    me = os.times()
+    seconds = {group: t / os.sysconf("SC_CLK_TCK") for group, t in ticks.items()}
+    seconds["load generator (Python)"] = me.user + me.system
+    return seconds
+
+
 def pipeline(http_bin, worker_bin, env_extra, tasks, workers):
     """Starts imgclf-http (+ workers), uploads `tasks` photos 8 at a time, waits for every
     result. Throughput counts from the first upload to the last result."""
@@ -126,6 +150,7 @@ def pipeline(http_bin, worker_bin, env_extra, tasks, workers):
             status, answer = request(port, "POST", "/api/upload-image", body, {"Content-Type": ctype})
             assert status == 202, answer
             return json.loads(answer)["task_id"]
+        cpu_before = cpu_seconds_by_group()
         start = time.perf_counter()
         with ThreadPoolExecutor(8) as pool:
             ids = list(pool.map(upload, range(tasks)))
@@ -139,8 +164,13 @@ def pipeline(http_bin, worker_bin, env_extra, tasks, workers):
                     pending.discard(task_id)
             time.sleep(0.05)
         total = time.perf_counter() - start
+        cpu_after = cpu_seconds_by_group()
+        cpu_ms = {g: round((cpu_after[g] - cpu_before.get(g, 0)) * 1e3 / tasks, 2) for g in cpu_after}
+        print(f"  CPU per image (ms): {cpu_ms}, wall {total * 1e3 / tasks:.2f} ms per image on {os.cpu_count()} cores",
+              flush=True)
         rss = max(vm_hwm_mib(p.pid) for p in procs[1:] or procs)
-        return {"images_per_s": tasks / total, "p50_ms": pct(latencies, 0.5), "p95_ms": pct(latencies, 0.95), "rss_mib": rss}
+        return {"images_per_s": tasks / total, "p50_ms": pct(latencies, 0.5), "p95_ms": pct(latencies, 0.95), "rss_mib": rss,
+                "cpu_ms_per_image": cpu_ms}
     finally:
         for p in procs:
             p.terminate()
@@ -155,7 +185,9 @@ def main():
     ap.add_argument("--tasks", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads for every contender")
     ap.add_argument("--batches", default="1,4,8,16")
+    ap.add_argument("--models", default=",".join(MODELS), help="models for the classifier rows")
     ap.add_argument("--skip-distributed", action="store_true")
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs/bench-results.json"), help="JSON results")
     a = ap.parse_args()
     bench = os.path.join(a.bin_dir, "examples", "bench_classifier")
     http_bin, worker_bin = os.path.join(a.bin_dir, "imgclf-http"), os.path.join(a.bin_dir, "imgclf-worker")
@@ -168,7 +200,8 @@ def main():
         print(f"{what:34s} {model:18s} batch {batch:>2}: {r['images_per_s']:7.1f} img/s  "
               f"p50 {r['p50_ms']:7.1f} ms  p95 {r['p95_ms']:7.1f} ms  RSS {r['rss_mib']:6.0f} MiB", flush=True)
 
-    for model, model_dir in MODELS.items():
+    for model in a.models.split(","):
+        model_dir = MODELS[model]
         for batch in batches:
             add("onnxruntime (Python, the limit)", model, batch, raw_onnxruntime(model_dir, batch, a.seconds, a.threads))
             for backend in ("ort", "tract"):
@@ -198,9 +231,10 @@ def main():
         if r["model"] == "efficientnet-lite0":
             r["ratio_to_limit"] = r["images_per_s"] / limit
             print(f"  {r['what']:34s} batch {r['batch']:>2}: {r['ratio_to_limit']:.2f}")
-    os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
-    with open(os.path.join(ROOT, "docs/bench-results.json"), "w") as f:
+    with open(a.out, "w") as f:
         json.dump(results, f, indent=1)
+    if len(batches) < 2 or a.models != ",".join(MODELS):
+        return  # a partial run: keep the plot of the last full one
     try:
         import matplotlib
         matplotlib.use("Agg")

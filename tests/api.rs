@@ -15,7 +15,7 @@ use imgclf::results::MemoryResults;
 use imgclf::storage::MemoryStorage;
 use imgclf::{ModelSpec, Pipeline, PipelineConfig, Ports, ResultStore};
 use imgclf_http::{router, AppState};
-use imgclf_suite::{default_model_dir, image, reference};
+use imgclf_suite::{default_model_dir, image, reference, with_exif_orientation};
 use serde_json::Value;
 use tower::ServiceExt;
 
@@ -853,25 +853,6 @@ async fn bad_uploads_get_a_clear_4xx_and_leave_nothing_behind() {
         wait_final(&s.app, body["task_id"].as_str().unwrap()).await["state"],
         "SUCCESS"
     );
-}
-
-/// Inserts an EXIF APP1 segment with `orientation` right after a JPEG's SOI marker.
-fn with_exif_orientation(jpeg: &[u8], orientation: u16) -> Vec<u8> {
-    let mut tiff = b"MM\x00\x2a\x00\x00\x00\x08".to_vec();
-    tiff.extend_from_slice(&1u16.to_be_bytes()); // one entry
-    tiff.extend_from_slice(&0x0112u16.to_be_bytes()); // Orientation
-    tiff.extend_from_slice(&3u16.to_be_bytes()); // SHORT
-    tiff.extend_from_slice(&1u32.to_be_bytes());
-    tiff.extend_from_slice(&orientation.to_be_bytes());
-    tiff.extend_from_slice(&[0, 0, 0, 0, 0, 0]); // value padding, no next IFD
-    let mut app1 = b"Exif\x00\x00".to_vec();
-    app1.extend_from_slice(&tiff);
-    let mut out = jpeg[..2].to_vec();
-    out.extend_from_slice(&[0xFF, 0xE1]);
-    out.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
-    out.extend_from_slice(&app1);
-    out.extend_from_slice(&jpeg[2..]);
-    out
 }
 
 #[tokio::test]

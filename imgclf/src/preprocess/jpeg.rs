@@ -1,40 +1,63 @@
-//! JPEG decoding with libjpeg-turbo's code (through mozjpeg, built from source, no system
-//! library): the same integer IDCT, fancy upsampling and colour conversion as Pillow, so decoded
-//! pixels match the reference implementation's exactly. Other decoders differ by a few levels.
+//! JPEG decoding with libjpeg-turbo's code (through mozjpeg-sys, built from source with its SIMD
+//! kernels where `nasm` is installed, no system library): the same integer IDCT, fancy upsampling
+//! and colour conversion as Pillow, so decoded pixels match the reference implementation's
+//! exactly. Other decoders differ by a few levels.
+//!
+//! Only the rectangle the resize will read is decoded: rows above it are skipped (entropy
+//! decoding only), columns beside it are cropped (no IDCT, upsampling or colour conversion), and
+//! decoding stops after its last row. libjpeg treats the edges of a crop as image edges, so a few
+//! pixels of margin are decoded and dropped to keep every kept pixel as a full decode has it.
 
-use image::RgbImage;
-use mozjpeg::{ColorSpace, Decompress};
+// The crate's one FFI module; every unsafe block says why it holds.
+#![allow(unsafe_code)]
 
-use super::ImageError;
+use std::marker::PhantomData;
+use std::mem;
+
+use mozjpeg_sys::{
+    boolean, jpeg_common_struct, jpeg_decompress_struct, jpeg_error_mgr, J_COLOR_SPACE,
+};
+
+use super::{ImageError, Rect};
+
+/// Pixels decoded beside a crop so that upsampling at its edges sees real neighbours.
+const CROP_MARGIN: usize = 4;
 
 /// Checks a JPEG as far as libjpeg can without decoding pixels: markers, tables, frame and
 /// scan headers, and that the data is not cut short. `Ok(false)` for colour spaces libjpeg does
 /// not turn into RGB, which the caller checks another way.
 pub(super) fn check(bytes: &[u8]) -> Result<bool, ImageError> {
-    if !ends_its_scan(bytes) {
-        return Err(truncated());
-    }
-    // libjpeg reports fatal errors by unwinding out of the C code.
-    let checked = std::panic::catch_unwind(|| -> std::io::Result<bool> {
-        let decompress = Decompress::new_mem(bytes)?;
-        if matches!(
-            decompress.color_space(),
-            ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK
-        ) {
-            return Ok(false);
+    guarded(bytes, |decoder| {
+        if !decoder.converts_to_rgb() {
+            return false;
         }
-        decompress.rgb()?; // jpeg_start_decompress: the first scan's tables must be there
-        Ok(true)
-    });
-    match checked {
-        Ok(Ok(whole)) => Ok(whole),
-        Ok(Err(e)) => Err(ImageError::Undecodable(e.to_string())),
-        Err(panic) => Err(ImageError::Undecodable(panic_message(panic))),
-    }
+        decoder.start(); // the first scan's tables must be there
+        true
+    })
 }
 
-fn truncated() -> ImageError {
-    ImageError::Undecodable("truncated JPEG: the image data has no end-of-image marker".into())
+/// 8-bit RGB of the `rect` of a JPEG, packed rows; `None` for colour spaces libjpeg does not
+/// turn into RGB (CMYK, YCCK), which the caller decodes another way.
+pub(super) fn decode_rect(bytes: &[u8], rect: Rect) -> Result<Option<Vec<u8>>, ImageError> {
+    guarded(bytes, |decoder| {
+        decoder.converts_to_rgb().then(|| decoder.read_rect(rect))
+    })
+}
+
+/// Runs `work` on a decoder of `bytes`, turning libjpeg's fatal errors into `Undecodable`.
+fn guarded<T>(bytes: &[u8], work: impl FnOnce(&mut Decoder) -> T) -> Result<T, ImageError> {
+    // libjpeg only warns about missing data and fills the rest with grey; refuse instead, as
+    // Pillow does.
+    if !ends_its_scan(bytes) {
+        return Err(ImageError::Undecodable(
+            "truncated JPEG: the image data has no end-of-image marker".into(),
+        ));
+    }
+    // libjpeg reports fatal errors by unwinding out of the C code (see `unwind_error_exit`).
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        work(&mut Decoder::new(bytes))
+    }))
+    .map_err(|panic| ImageError::Undecodable(panic_message(panic)))
 }
 
 fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
@@ -45,36 +68,117 @@ fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "libjpeg failed".into())
 }
 
-/// 8-bit RGB of a JPEG; `None` for colour spaces libjpeg does not turn into RGB (CMYK, YCCK),
-/// which the caller decodes another way.
-pub(super) fn decode_rgb8(bytes: &[u8]) -> Result<Option<RgbImage>, ImageError> {
-    // libjpeg only warns about missing data and fills the rest with grey; refuse instead, as
-    // Pillow does.
-    if !ends_its_scan(bytes) {
-        return Err(truncated());
-    }
-    // libjpeg reports fatal errors by unwinding out of the C code.
-    let decoded = std::panic::catch_unwind(|| -> std::io::Result<Option<RgbImage>> {
-        let decompress = Decompress::new_mem(bytes)?;
-        if matches!(
-            decompress.color_space(),
-            ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK
-        ) {
-            return Ok(None);
+/// A libjpeg decompressor over bytes in memory, with its header read. Its methods unwind on a
+/// fatal libjpeg error; it is destroyed on drop, also during that unwinding.
+struct Decoder<'a> {
+    // Boxed: libjpeg keeps pointers to both.
+    cinfo: Box<jpeg_decompress_struct>,
+    _err: Box<jpeg_error_mgr>,
+    _bytes: PhantomData<&'a [u8]>,
+}
+
+impl<'a> Decoder<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        // SAFETY: both structs are plain C data that libjpeg initialises (zeroed is their
+        // documented starting state); `bytes` outlives the decoder through `'a`.
+        unsafe {
+            let mut err: Box<jpeg_error_mgr> = Box::new(mem::zeroed());
+            mozjpeg_sys::jpeg_std_error(&mut err);
+            err.error_exit = Some(unwind_error_exit);
+            err.emit_message = Some(silence_message);
+            let mut cinfo: Box<jpeg_decompress_struct> = Box::new(mem::zeroed());
+            cinfo.common.err = &mut *err;
+            mozjpeg_sys::jpeg_create_decompress(&mut *cinfo);
+            let mut decoder = Decoder {
+                cinfo,
+                _err: err,
+                _bytes: PhantomData,
+            };
+            mozjpeg_sys::jpeg_mem_src(&mut decoder.cinfo, bytes.as_ptr(), bytes.len() as _);
+            // With the whole file in memory libjpeg never suspends: it returns or unwinds.
+            mozjpeg_sys::jpeg_read_header(&mut decoder.cinfo, true as boolean);
+            decoder
         }
-        let (width, height) = decompress.size();
-        let mut started = decompress.rgb()?;
-        let pixels = started.read_scanlines::<u8>()?;
-        started.finish()?;
-        Ok(RgbImage::from_raw(width as u32, height as u32, pixels))
-    });
-    match decoded {
-        Ok(Ok(Some(rgb))) => Ok(Some(rgb)),
-        Ok(Ok(None)) => Ok(None),
-        Ok(Err(e)) => Err(ImageError::Undecodable(e.to_string())),
-        Err(panic) => Err(ImageError::Undecodable(panic_message(panic))),
+    }
+
+    fn size(&self) -> (usize, usize) {
+        (
+            self.cinfo.image_width as usize,
+            self.cinfo.image_height as usize,
+        )
+    }
+
+    fn converts_to_rgb(&self) -> bool {
+        !matches!(
+            self.cinfo.jpeg_color_space,
+            J_COLOR_SPACE::JCS_CMYK | J_COLOR_SPACE::JCS_YCCK
+        )
+    }
+
+    fn start(&mut self) {
+        self.cinfo.out_color_space = J_COLOR_SPACE::JCS_RGB;
+        // SAFETY: the header has been read; errors unwind.
+        unsafe { mozjpeg_sys::jpeg_start_decompress(&mut self.cinfo) };
+    }
+
+    /// Decodes `rect` (inside the image) into packed RGB rows.
+    fn read_rect(&mut self, rect: Rect) -> Vec<u8> {
+        let (width, height) = self.size();
+        assert!(rect.left + rect.width <= width && rect.top + rect.height <= height);
+        self.start();
+        let mut x = rect.left.saturating_sub(CROP_MARGIN) as u32;
+        let mut crop_width =
+            ((rect.left + rect.width + CROP_MARGIN).min(width) - x as usize) as u32;
+        // SAFETY: the crop lies inside the image and no scanline has been read; libjpeg moves
+        // `x` left to an iMCU boundary and widens `crop_width` to match.
+        unsafe { mozjpeg_sys::jpeg_crop_scanline(&mut self.cinfo, &mut x, &mut crop_width) };
+        let skip = rect.left - x as usize;
+        let mut row = vec![0u8; crop_width as usize * 3];
+        let mut out = Vec::with_capacity(rect.width * rect.height * 3);
+        // SAFETY: `rect.top` rows exist; skipping keeps the upsampler's context rows.
+        unsafe { mozjpeg_sys::jpeg_skip_scanlines(&mut self.cinfo, rect.top as u32) };
+        for _ in 0..rect.height {
+            let mut row_ptr = row.as_mut_ptr();
+            // SAFETY: `row` holds one output scanline of the cropped width.
+            let read =
+                unsafe { mozjpeg_sys::jpeg_read_scanlines(&mut self.cinfo, &mut row_ptr, 1) };
+            assert_eq!(read, 1, "libjpeg returned no scanline");
+            out.extend_from_slice(&row[skip * 3..][..rect.width * 3]);
+        }
+        out
     }
 }
+
+impl Drop for Decoder<'_> {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`; destroying also releases a decompression left unfinished.
+        unsafe { mozjpeg_sys::jpeg_destroy_decompress(&mut self.cinfo) };
+    }
+}
+
+#[cold]
+extern "C-unwind" fn unwind_error_exit(cinfo: &mut jpeg_common_struct) {
+    let mut buffer = [0u8; 80];
+    // SAFETY: libjpeg sets `err` and `format_message` in `jpeg_std_error`; the buffer has the
+    // JMSG_LENGTH_MAX bytes the function writes at most.
+    let message = unsafe {
+        match (*cinfo.err).format_message {
+            Some(format) => {
+                let format: unsafe extern "C-unwind" fn(&mut jpeg_common_struct, &mut [u8; 80]) =
+                    mem::transmute(format);
+                format(cinfo, &mut buffer);
+                let text = buffer.split(|&c| c == 0).next().unwrap_or_default();
+                String::from_utf8_lossy(text).into_owned()
+            }
+            None => format!("error code {}", (*cinfo.err).msg_code),
+        }
+    };
+    // resume_unwind: a fatal error in a bad upload is not a bug, so skip the panic hook.
+    std::panic::resume_unwind(Box::new(format!("libjpeg: {message}")));
+}
+
+#[cold]
+extern "C-unwind" fn silence_message(_cinfo: &mut jpeg_common_struct, _level: std::ffi::c_int) {}
 
 /// Whether an end-of-image marker (FF D9) follows the last start-of-scan (FF DA). An EXIF
 /// thumbnail brings its own markers, but they come before the main image's scan.

@@ -7,10 +7,11 @@
 
 use std::io::Cursor;
 
-use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
+use image::metadata::Orientation;
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
 use serde::{Deserialize, Serialize};
 
-use resample::Window;
+use resample::Plan;
 
 mod jpeg;
 mod resample;
@@ -62,6 +63,43 @@ impl ImageInfo {
     }
 }
 
+/// A rectangle of pixels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Rect {
+    pub left: usize,
+    pub top: usize,
+    pub width: usize,
+    pub height: usize,
+}
+
+impl Rect {
+    /// The rectangle of the stored image that `orientation` turns into `self`, for a stored
+    /// image of `width` x `height` (before orientation).
+    fn stored(self, orientation: Orientation, width: usize, height: usize) -> Rect {
+        use Orientation::*;
+        let (x0, y0) = (self.left, self.top);
+        let (x1, y1) = (x0 + self.width - 1, y0 + self.height - 1);
+        // Where a displayed pixel (x, y) is stored.
+        let stored = |x: usize, y: usize| match orientation {
+            NoTransforms => (x, y),
+            Rotate90 => (y, height - 1 - x),
+            Rotate180 => (width - 1 - x, height - 1 - y),
+            Rotate270 => (width - 1 - y, x),
+            FlipHorizontal => (width - 1 - x, y),
+            FlipVertical => (x, height - 1 - y),
+            Rotate90FlipH => (y, x),
+            Rotate270FlipH => (width - 1 - y, height - 1 - x),
+        };
+        let (a, b) = (stored(x0, y0), stored(x1, y1));
+        Rect {
+            left: a.0.min(b.0),
+            top: a.1.min(b.1),
+            width: a.0.abs_diff(b.0) + 1,
+            height: a.1.abs_diff(b.1) + 1,
+        }
+    }
+}
+
 /// Checks the magic bytes and reads the header: cheap enough for every upload.
 pub fn inspect(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, ImageError> {
     let (format, decoder) = open(bytes)?;
@@ -93,12 +131,19 @@ pub fn decode_rgb8(bytes: &[u8], max_pixels: u64) -> Result<image::RgbImage, Ima
     let (width, height) = decoder.dimensions();
     check_pixels(width, height, max_pixels)?;
     let orientation = decoder.orientation().ok();
-    let mut image = match format {
-        ImageFormat::Jpeg => match jpeg::decode_rgb8(bytes)? {
-            Some(rgb) => DynamicImage::ImageRgb8(rgb),
-            None => DynamicImage::from_decoder(decoder).map_err(undecodable)?,
-        },
-        _ => DynamicImage::from_decoder(decoder).map_err(undecodable)?,
+    let whole = Rect {
+        left: 0,
+        top: 0,
+        width: width as usize,
+        height: height as usize,
+    };
+    let jpeg = match format {
+        ImageFormat::Jpeg => jpeg::decode_rect(bytes, whole)?,
+        _ => None,
+    };
+    let mut image = match jpeg {
+        Some(pixels) => DynamicImage::ImageRgb8(rgb_image(whole, pixels)),
+        None => DynamicImage::from_decoder(decoder).map_err(undecodable)?,
     };
     if let Some(orientation) = orientation {
         image.apply_orientation(orientation);
@@ -107,6 +152,11 @@ pub fn decode_rgb8(bytes: &[u8], max_pixels: u64) -> Result<image::RgbImage, Ima
         DynamicImage::ImageRgb8(rgb) => rgb,
         other => other.to_rgb8(),
     })
+}
+
+fn rgb_image(rect: Rect, pixels: Vec<u8>) -> RgbImage {
+    RgbImage::from_raw(rect.width as u32, rect.height as u32, pixels)
+        .expect("the decoder returns the whole rectangle")
 }
 
 fn open(bytes: &[u8]) -> Result<(ImageFormat, Box<dyn ImageDecoder + '_>), ImageError> {
@@ -167,26 +217,74 @@ impl Transform {
         3 * self.crop as usize * self.crop as usize
     }
 
-    /// Decodes and transforms one image into a CHW tensor.
+    /// Decodes and transforms one image into a CHW tensor. A JPEG is decoded only where the
+    /// resize reads it; the tensor is the same as from the whole image.
     pub fn tensor_from_bytes(&self, bytes: &[u8], max_pixels: u64) -> Result<Vec<f32>, ImageError> {
+        let (format, mut decoder) = open(bytes)?;
+        if format == ImageFormat::Jpeg {
+            let (width, height) = decoder.dimensions();
+            check_pixels(width, height, max_pixels)?;
+            let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+            drop(decoder);
+            let turned = matches!(
+                orientation,
+                Orientation::Rotate90
+                    | Orientation::Rotate270
+                    | Orientation::Rotate90FlipH
+                    | Orientation::Rotate270FlipH
+            );
+            let (shown_w, shown_h) = if turned {
+                (height, width)
+            } else {
+                (width, height)
+            };
+            let plan = self.plan(shown_w, shown_h);
+            let stored = plan
+                .source()
+                .stored(orientation, width as usize, height as usize);
+            if let Some(pixels) = jpeg::decode_rect(bytes, stored)? {
+                let mut region = DynamicImage::ImageRgb8(rgb_image(stored, pixels));
+                region.apply_orientation(orientation);
+                return Ok(self.normalise(&plan, &plan.run(region.as_bytes())));
+            }
+        }
         let rgb = decode_rgb8(bytes, max_pixels)?;
         Ok(self.tensor_from_rgb(&rgb))
     }
 
     /// Resizes, crops and normalises an RGB image into a CHW tensor.
-    pub fn tensor_from_rgb(&self, rgb: &image::RgbImage) -> Vec<f32> {
+    pub fn tensor_from_rgb(&self, rgb: &RgbImage) -> Vec<f32> {
         let (width, height) = rgb.dimensions();
+        let plan = self.plan(width, height);
+        let source = plan.source();
+        let stride = width as usize * 3;
+        let pixels: Vec<u8> = rgb
+            .as_raw()
+            .chunks_exact(stride)
+            .skip(source.top)
+            .take(source.height)
+            .flat_map(|row| &row[source.left * 3..][..source.width * 3])
+            .copied()
+            .collect();
+        self.normalise(&plan, &plan.run(&pixels))
+    }
+
+    /// torchvision's resize of the shorter side, then its centre crop.
+    fn plan(&self, width: u32, height: u32) -> Plan {
         let (new_w, new_h) = resized_size(width, height, self.resize);
         // torchvision pads when the image is smaller than the crop; with resize >= crop it never is.
         let (crop_w, crop_h) = (self.crop.min(new_w), self.crop.min(new_h));
-        let window = Window {
+        let window = Rect {
             left: centre_offset(new_w, crop_w) as usize,
             top: centre_offset(new_h, crop_h) as usize,
             width: crop_w as usize,
             height: crop_h as usize,
         };
-        let pixels = resample::resize_window(rgb.as_raw(), width, height, new_w, new_h, window);
+        Plan::new(width, height, new_w, new_h, window)
+    }
 
+    /// Packed RGB8 rows of the crop to a normalised CHW tensor.
+    fn normalise(&self, plan: &Plan, pixels: &[u8]) -> Vec<f32> {
         let luts: [[f32; 256]; 3] = std::array::from_fn(|c| {
             std::array::from_fn(|v| (v as f32 / 255.0 - self.mean[c]) / self.std[c])
         });
@@ -195,7 +293,7 @@ impl Transform {
         let mut out = vec![0.0f32; 3 * plane];
         let (r, rest) = out.split_at_mut(plane);
         let (g, b) = rest.split_at_mut(plane);
-        for (y, row) in pixels.chunks_exact(window.width * 3).enumerate() {
+        for (y, row) in pixels.chunks_exact(plan.window().width * 3).enumerate() {
             let at = y * side;
             for (x, px) in row.chunks_exact(3).enumerate() {
                 r[at + x] = luts[0][px[0] as usize];

@@ -7,16 +7,9 @@
 //! Only the pixels inside the crop window are computed; each is computed exactly as Pillow would
 //! compute it for the full image.
 
-const PRECISION_BITS: u32 = 32 - 8 - 2;
+use super::Rect;
 
-/// The part of the resized image that is kept.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Window {
-    pub left: usize,
-    pub top: usize,
-    pub width: usize,
-    pub height: usize,
-}
+const PRECISION_BITS: u32 = 32 - 8 - 2;
 
 /// Per output pixel: the first input pixel, the number of inputs, and their weights.
 struct Coefficients {
@@ -72,48 +65,102 @@ fn coefficients(in_size: u32, out_size: u32) -> Coefficients {
     }
 }
 
+/// Added before the shift, so that it rounds to nearest.
+const ROUNDING: i32 = 1 << (PRECISION_BITS - 1);
+
 fn clip8(sum: i32) -> u8 {
     (sum >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// Resizes a packed RGB8 image to `new_w` x `new_h` and returns the `window` of the result, as
-/// packed RGB8 rows.
-pub(super) fn resize_window(
-    src: &[u8],
-    width: u32,
-    height: u32,
-    new_w: u32,
-    new_h: u32,
-    window: Window,
-) -> Vec<u8> {
-    let w = width as usize;
-    let Window {
-        left,
-        top,
-        width: out_w,
-        height: out_h,
-    } = window;
+/// How one `width` x `height` image becomes the `window` of its resize to `new_w` x `new_h`.
+pub(super) struct Plan {
+    horizontal: Option<Coefficients>,
+    /// The window's horizontal taps laid out for the AVX2 kernel, where the CPU has AVX2.
+    #[cfg(target_arch = "x86_64")]
+    avx2_taps: Option<avx2::Taps>,
+    vertical: Option<Coefficients>,
+    window: Rect,
+    source: Rect,
+}
 
-    // Horizontal pass over just the source rows the vertical pass will read.
-    let vertical = (new_h != height).then(|| coefficients(height, new_h));
-    let (first_row, last_row) = match &vertical {
-        Some(c) => {
-            let (last_min, last_len) = c.bounds[top + out_h - 1];
-            (c.bounds[top].0, last_min + last_len)
+impl Plan {
+    pub(super) fn new(width: u32, height: u32, new_w: u32, new_h: u32, window: Rect) -> Self {
+        let horizontal = (new_w != width).then(|| coefficients(width, new_w));
+        let vertical = (new_h != height).then(|| coefficients(height, new_h));
+        // Bounds grow with the output position, so the first and last output pixels of the
+        // window bound what it reads.
+        let span = |c: &Option<Coefficients>, start: usize, len: usize| match c {
+            Some(c) => {
+                let (last_min, last_len) = c.bounds[start + len - 1];
+                (c.bounds[start].0, last_min + last_len)
+            }
+            None => (start, start + len),
+        };
+        let (left, right) = span(&horizontal, window.left, window.width);
+        let (top, bottom) = span(&vertical, window.top, window.height);
+        Self {
+            #[cfg(target_arch = "x86_64")]
+            avx2_taps: horizontal
+                .as_ref()
+                .and_then(|c| avx2::Taps::new(c, window.left, window.width, left)),
+            horizontal,
+            vertical,
+            window,
+            source: Rect {
+                left,
+                top,
+                width: right - left,
+                height: bottom - top,
+            },
         }
-        None => (top, top + out_h),
-    };
-    let rows = last_row - first_row;
-    let mut temp = vec![0u8; rows * out_w * 3];
-    if new_w != width {
-        let c = coefficients(width, new_w);
-        for (y, out_row) in temp.chunks_exact_mut(out_w * 3).enumerate() {
-            let in_row = &src[(first_row + y) * w * 3..][..w * 3];
+    }
+
+    /// The source pixels the resize reads: all that needs decoding.
+    pub(super) fn source(&self) -> Rect {
+        self.source
+    }
+
+    /// The part of the resized image that is kept.
+    pub(super) fn window(&self) -> Rect {
+        self.window
+    }
+
+    /// Resizes packed RGB8 rows holding exactly [`Self::source`] and returns the window as
+    /// packed RGB8 rows.
+    pub(super) fn run(&self, src: &[u8]) -> Vec<u8> {
+        let source = self.source;
+        assert_eq!(src.len(), source.width * source.height * 3);
+        let in_stride = source.width * 3;
+        let out_w = self.window.width;
+        let stride = out_w * 3;
+
+        // Horizontal pass over every source row, into an 8-bit intermediate as Pillow has it.
+        let mut temp = vec![0u8; source.height * stride];
+        let Some(c) = &self.horizontal else {
+            for (out_row, in_row) in temp
+                .chunks_exact_mut(stride)
+                .zip(src.chunks_exact(in_stride))
+            {
+                out_row.copy_from_slice(in_row);
+            }
+            return self.vertical_pass(temp);
+        };
+        #[cfg(target_arch = "x86_64")]
+        if let Some(taps) = &self.avx2_taps {
+            taps.horizontal(src, in_stride, &mut temp);
+            return self.vertical_pass(temp);
+        }
+        for (out_row, in_row) in temp
+            .chunks_exact_mut(stride)
+            .zip(src.chunks_exact(in_stride))
+        {
             for (x, out) in out_row.chunks_exact_mut(3).enumerate() {
-                let (xmin, len) = c.bounds[left + x];
-                let k = &c.weights[(left + x) * c.ksize..][..len];
-                let mut sums = [1i32 << (PRECISION_BITS - 1); 3];
-                for (px, &weight) in in_row[xmin * 3..(xmin + len) * 3].chunks_exact(3).zip(k) {
+                let at = self.window.left + x;
+                let (xmin, len) = c.bounds[at];
+                let k = &c.weights[at * c.ksize..][..len];
+                let px = &in_row[(xmin - source.left) * 3..][..len * 3];
+                let mut sums = [ROUNDING; 3];
+                for (px, &weight) in px.chunks_exact(3).zip(k) {
                     sums[0] += i32::from(px[0]) * weight;
                     sums[1] += i32::from(px[1]) * weight;
                     sums[2] += i32::from(px[2]) * weight;
@@ -121,28 +168,138 @@ pub(super) fn resize_window(
                 out.copy_from_slice(&sums.map(clip8));
             }
         }
-    } else {
-        for (y, out_row) in temp.chunks_exact_mut(out_w * 3).enumerate() {
-            out_row.copy_from_slice(&src[((first_row + y) * w + left) * 3..][..out_w * 3]);
+        self.vertical_pass(temp)
+    }
+
+    /// The vertical pass over the intermediate rows, Pillow's second pass.
+    fn vertical_pass(&self, temp: Vec<u8>) -> Vec<u8> {
+        let source = self.source;
+        let stride = self.window.width * 3;
+        let Some(c) = &self.vertical else { return temp };
+        let mut out = vec![0u8; self.window.height * stride];
+        let mut sums = vec![0i32; stride];
+        for (y, out_row) in out.chunks_exact_mut(stride).enumerate() {
+            let at = self.window.top + y;
+            let (ymin, len) = c.bounds[at];
+            let k = &c.weights[at * c.ksize..][..len];
+            // Row by row, so the inner loop runs along contiguous memory and vectorises.
+            sums.fill(ROUNDING);
+            for (j, &weight) in k.iter().enumerate() {
+                let row = &temp[(ymin - source.top + j) * stride..][..stride];
+                for (sum, &v) in sums.iter_mut().zip(row) {
+                    *sum += i32::from(v) * weight;
+                }
+            }
+            for (value, &sum) in out_row.iter_mut().zip(&sums) {
+                *value = clip8(sum);
+            }
+        }
+        out
+    }
+}
+
+/// The horizontal pass with AVX2: two taps per step, each tap's R, G, B (and one ignored byte)
+/// widened to four i32 lanes and multiplied by its weight. The same integer sums as the scalar
+/// pass, so the same bytes, three to four times faster.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)] // SIMD intrinsics; each unsafe block says why it holds
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{clip8, Coefficients, ROUNDING};
+
+    /// Per output pixel of the window: the offset of its first source byte in a row of the
+    /// source rectangle, and its weights as pairs of taps, each weight repeated for R, G, B
+    /// and zero for the fourth lane.
+    pub(super) struct Taps {
+        starts: Vec<usize>,
+        pairs: Vec<(usize, usize)>,
+        weights: Vec<[i32; 8]>,
+    }
+
+    impl Taps {
+        /// `None` where the CPU has no AVX2: holding `Taps` proves it has.
+        pub(super) fn new(
+            c: &Coefficients,
+            left: usize,
+            width: usize,
+            source_left: usize,
+        ) -> Option<Self> {
+            if !std::is_x86_feature_detected!("avx2") {
+                return None;
+            }
+            let mut taps = Taps {
+                starts: Vec::with_capacity(width),
+                pairs: Vec::with_capacity(width),
+                weights: Vec::new(),
+            };
+            for at in left..left + width {
+                let (xmin, len) = c.bounds[at];
+                let k = &c.weights[at * c.ksize..][..len];
+                taps.starts.push((xmin - source_left) * 3);
+                taps.pairs.push((taps.weights.len(), len.div_ceil(2)));
+                for pair in k.chunks(2) {
+                    let (a, b) = (pair[0], pair.get(1).copied().unwrap_or(0));
+                    taps.weights.push([a, a, a, 0, b, b, b, 0]);
+                }
+            }
+            Some(taps)
+        }
+
+        /// The horizontal pass: packed RGB rows of `in_stride` bytes into rows of `temp`.
+        pub(super) fn horizontal(&self, src: &[u8], in_stride: usize, temp: &mut [u8]) {
+            let stride = self.starts.len() * 3;
+            for (y, out_row) in temp.chunks_exact_mut(stride).enumerate() {
+                // SAFETY: `self` exists only where the CPU has AVX2.
+                unsafe { horizontal_row(&src[y * in_stride..], out_row, self) };
+            }
         }
     }
 
-    let Some(c) = vertical else { return temp };
-    let stride = out_w * 3;
-    let mut out = vec![0u8; out_h * stride];
-    for (y, out_row) in out.chunks_exact_mut(stride).enumerate() {
-        let (ymin, len) = c.bounds[top + y];
-        let k = &c.weights[(top + y) * c.ksize..][..len];
-        let base = ymin - first_row;
-        for (i, value) in out_row.iter_mut().enumerate() {
-            let mut sum = 1i32 << (PRECISION_BITS - 1);
-            for (j, &weight) in k.iter().enumerate() {
-                sum += i32::from(temp[(base + j) * stride + i]) * weight;
+    /// Eight bytes from `at`, zero past the end of `bytes`.
+    fn eight(bytes: &[u8], at: usize) -> i64 {
+        match bytes.get(at..at + 8) {
+            Some(b) => i64::from_le_bytes(b.try_into().expect("eight bytes")),
+            None => {
+                let mut padded = [0u8; 8];
+                let tail = &bytes[at.min(bytes.len())..];
+                padded[..tail.len()].copy_from_slice(tail);
+                i64::from_le_bytes(padded)
             }
-            *value = clip8(sum);
         }
     }
-    out
+
+    /// One row: `rest` starts at the row's first source byte (and may run on into later rows,
+    /// which only zero weights touch); `out_row` receives packed RGB.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2")]
+    unsafe fn horizontal_row(rest: &[u8], out_row: &mut [u8], taps: &Taps) {
+        // Bytes 0-3 are one tap's R, G, B and the next byte; bytes 3-6 are the next tap's.
+        let spread = _mm_setr_epi8(0, 1, 2, 3, 3, 4, 5, 6, -1, -1, -1, -1, -1, -1, -1, -1);
+        for (x, out) in out_row.chunks_exact_mut(3).enumerate() {
+            let start = taps.starts[x];
+            let (first, pairs) = taps.pairs[x];
+            let mut acc = _mm256_setzero_si256();
+            for (p, weights) in taps.weights[first..first + pairs].iter().enumerate() {
+                let bytes = _mm_shuffle_epi8(_mm_cvtsi64_si128(eight(rest, start + p * 6)), spread);
+                // SAFETY: an unaligned load of exactly the eight i32 of `weights`.
+                let w = unsafe { _mm256_loadu_si256(weights.as_ptr().cast()) };
+                acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(bytes), w));
+            }
+            let sum = _mm_add_epi32(
+                _mm256_castsi256_si128(acc),
+                _mm256_extracti128_si256::<1>(acc),
+            );
+            let mut lanes = [0i32; 4];
+            // SAFETY: an unaligned store of exactly the four i32 of `lanes`.
+            unsafe { _mm_storeu_si128(lanes.as_mut_ptr().cast(), sum) };
+            out[0] = clip8(ROUNDING + lanes[0]);
+            out[1] = clip8(ROUNDING + lanes[1]);
+            out[2] = clip8(ROUNDING + lanes[2]);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -166,16 +323,56 @@ mod tests {
         }
     }
 
+    /// Every resize of a noisy image, through the SIMD kernel where the CPU has one, gives the
+    /// bytes of the scalar pass (which follows Pillow's code line by line).
+    #[test]
+    fn the_simd_pass_gives_the_scalar_bytes() {
+        let mut seed = 0x2545_f491_u32;
+        let mut noise = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed as u8
+        };
+        for (width, height, new_w, new_h) in [
+            (2560, 1600, 409, 256),
+            (512, 512, 256, 256),
+            (301, 257, 299, 256),
+            (1000, 872, 293, 256),
+            (300, 451, 256, 384),
+        ] {
+            let window = Rect {
+                left: (new_w - 224) as usize / 2,
+                top: (new_h - 224) as usize / 2,
+                width: 224,
+                height: 224,
+            };
+            let plan = Plan::new(width, height, new_w, new_h, window);
+            let source = plan.source();
+            let src: Vec<u8> = (0..source.width * source.height * 3)
+                .map(|_| noise())
+                .collect();
+            let scalar = Plan {
+                #[cfg(target_arch = "x86_64")]
+                avx2_taps: None,
+                ..Plan::new(width, height, new_w, new_h, window)
+            };
+            assert!(plan.run(&src) == scalar.run(&src), "{width}x{height}");
+        }
+    }
+
     #[test]
     fn a_flat_image_stays_flat() {
-        let src = vec![77u8; 500 * 300 * 3];
-        let window = Window {
+        let window = Rect {
             left: 10,
             top: 5,
             width: 100,
             height: 80,
         };
-        let out = resize_window(&src, 500, 300, 426, 256, window);
+        let plan = Plan::new(500, 300, 426, 256, window);
+        let source = plan.source();
+        let src = vec![77u8; source.width * source.height * 3];
+        let out = plan.run(&src);
         assert_eq!(out.len(), 100 * 80 * 3);
         assert!(out.iter().all(|&v| v == 77));
     }

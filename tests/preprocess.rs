@@ -1,0 +1,86 @@
+//! A JPEG is decoded only where the resize reads it (rows skipped, columns cropped, decoding
+//! stopped early). That must not change a single value of the tensor: checked against decoding
+//! the whole image, for every shared photo and for re-encodings that cover the chroma
+//! subsamplings, progressive scans, odd sizes and every EXIF orientation.
+
+use imgclf::preprocess::{decode_rgb8, Transform};
+use imgclf_suite::{image, shared_dir, with_exif_orientation};
+
+fn shared_jpegs() -> Vec<(String, Vec<u8>)> {
+    let mut names: Vec<String> = std::fs::read_dir(shared_dir().join("images"))
+        .expect("shared images")
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".jpg"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 10, "the shared photos are there");
+    names.into_iter().map(|n| (n.clone(), image(&n))).collect()
+}
+
+/// One photo, cut to an odd size and encoded with chroma `sampling` (pixels per Cb/Cr sample).
+fn encoded(rgb: &image::RgbImage, sampling: (u8, u8), progressive: bool) -> Vec<u8> {
+    let mut compress = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+    compress.set_size(rgb.width() as usize, rgb.height() as usize);
+    compress.set_quality(90.0);
+    compress.set_chroma_sampling_pixel_sizes(sampling, sampling);
+    if progressive {
+        compress.set_progressive_mode();
+    }
+    let mut started = compress.start_compress(Vec::new()).unwrap();
+    started.write_scanlines(rgb.as_raw()).unwrap();
+    started.finish().unwrap()
+}
+
+fn assert_same_tensor(transform: &Transform, what: &str, bytes: &[u8]) {
+    let whole = transform.tensor_from_rgb(&decode_rgb8(bytes, u64::MAX).expect("decodes"));
+    let windowed = transform
+        .tensor_from_bytes(bytes, u64::MAX)
+        .expect("decodes");
+    assert_eq!(whole.len(), windowed.len(), "{what}");
+    let differing = whole.iter().zip(&windowed).filter(|(a, b)| a != b).count();
+    assert_eq!(differing, 0, "{what}: {differing} values differ");
+}
+
+#[test]
+fn decoding_only_the_window_changes_no_value_on_the_shared_photos() {
+    let transforms = [
+        Transform::default(),
+        Transform {
+            resize: 320,
+            crop: 300,
+            ..Transform::default()
+        },
+    ];
+    for (name, bytes) in shared_jpegs() {
+        for transform in &transforms {
+            assert_same_tensor(transform, &name, &bytes);
+        }
+    }
+}
+
+#[test]
+fn decoding_only_the_window_changes_no_value_for_any_layout_or_orientation() {
+    let photo = image::load_from_memory(&image("kde_coldripple_2560x1600.jpg"))
+        .unwrap()
+        .to_rgb8();
+    let transform = Transform::default();
+    for (width, height) in [(1001, 299), (333, 517), (257, 256)] {
+        let cut = image::imageops::crop_imm(&photo, 777, 101, width, height).to_image();
+        for sampling in [(1, 1), (2, 1), (1, 2), (2, 2)] {
+            for progressive in [false, true] {
+                let jpeg = encoded(&cut, sampling, progressive);
+                for orientation in 1..=8 {
+                    let what = format!(
+                        "{width}x{height}, sampling {sampling:?}, progressive {progressive}, \
+                         orientation {orientation}"
+                    );
+                    assert_same_tensor(
+                        &transform,
+                        &what,
+                        &with_exif_orientation(&jpeg, orientation),
+                    );
+                }
+            }
+        }
+    }
+}

@@ -245,7 +245,8 @@ impl Transform {
             if let Some(pixels) = jpeg::decode_rect(bytes, stored)? {
                 let mut region = DynamicImage::ImageRgb8(rgb_image(stored, pixels));
                 region.apply_orientation(orientation);
-                return Ok(self.normalise(&plan, &plan.run(region.as_bytes())));
+                let pitch = region.width() as usize * 3;
+                return Ok(self.normalise(&plan, &plan.run(region.as_bytes(), pitch)));
             }
         }
         let rgb = decode_rgb8(bytes, max_pixels)?;
@@ -257,16 +258,9 @@ impl Transform {
         let (width, height) = rgb.dimensions();
         let plan = self.plan(width, height);
         let source = plan.source();
-        let stride = width as usize * 3;
-        let pixels: Vec<u8> = rgb
-            .as_raw()
-            .chunks_exact(stride)
-            .skip(source.top)
-            .take(source.height)
-            .flat_map(|row| &row[source.left * 3..][..source.width * 3])
-            .copied()
-            .collect();
-        self.normalise(&plan, &plan.run(&pixels))
+        let pitch = width as usize * 3;
+        let first = &rgb.as_raw()[source.top * pitch + source.left * 3..];
+        self.normalise(&plan, &plan.run(first, pitch))
     }
 
     /// torchvision's resize of the shorter side, then its centre crop.

@@ -125,35 +125,30 @@ impl Plan {
         self.window
     }
 
-    /// Resizes packed RGB8 rows holding exactly [`Self::source`] and returns the window as
-    /// packed RGB8 rows.
-    pub(super) fn run(&self, src: &[u8]) -> Vec<u8> {
+    /// Resizes the [`Self::source`] rectangle of packed RGB8 rows `pitch` bytes apart, `src`
+    /// starting at its first pixel, and returns the window as packed RGB8 rows.
+    pub(super) fn run(&self, src: &[u8], pitch: usize) -> Vec<u8> {
         let source = self.source;
-        assert_eq!(src.len(), source.width * source.height * 3);
-        let in_stride = source.width * 3;
+        let row_len = source.width * 3;
+        assert!(pitch >= row_len && src.len() >= (source.height - 1) * pitch + row_len);
+        let rows = || (0..source.height).map(|y| &src[y * pitch..][..row_len]);
         let out_w = self.window.width;
         let stride = out_w * 3;
 
         // Horizontal pass over every source row, into an 8-bit intermediate as Pillow has it.
         let mut temp = vec![0u8; source.height * stride];
         let Some(c) = &self.horizontal else {
-            for (out_row, in_row) in temp
-                .chunks_exact_mut(stride)
-                .zip(src.chunks_exact(in_stride))
-            {
+            for (out_row, in_row) in temp.chunks_exact_mut(stride).zip(rows()) {
                 out_row.copy_from_slice(in_row);
             }
             return self.vertical_pass(temp);
         };
         #[cfg(target_arch = "x86_64")]
         if let Some(taps) = &self.avx2_taps {
-            taps.horizontal(src, in_stride, &mut temp);
+            taps.horizontal(src, pitch, &mut temp);
             return self.vertical_pass(temp);
         }
-        for (out_row, in_row) in temp
-            .chunks_exact_mut(stride)
-            .zip(src.chunks_exact(in_stride))
-        {
+        for (out_row, in_row) in temp.chunks_exact_mut(stride).zip(rows()) {
             for (x, out) in out_row.chunks_exact_mut(3).enumerate() {
                 let at = self.window.left + x;
                 let (xmin, len) = c.bounds[at];
@@ -186,15 +181,24 @@ impl Plan {
             sums.fill(ROUNDING);
             for (j, &weight) in k.iter().enumerate() {
                 let row = &temp[(ymin - source.top + j) * stride..][..stride];
-                for (sum, &v) in sums.iter_mut().zip(row) {
-                    *sum += i32::from(v) * weight;
-                }
+                #[cfg(target_arch = "x86_64")]
+                avx2::accumulate(&mut sums, row, weight);
+                #[cfg(not(target_arch = "x86_64"))]
+                accumulate(&mut sums, row, weight);
             }
             for (value, &sum) in out_row.iter_mut().zip(&sums) {
                 *value = clip8(sum);
             }
         }
         out
+    }
+}
+
+/// `sums += row * weight`, lane by lane: the vertical pass's inner loop.
+#[inline(always)]
+fn accumulate(sums: &mut [i32], row: &[u8], weight: i32) {
+    for (sum, &v) in sums.iter_mut().zip(row) {
+        *sum += i32::from(v) * weight;
     }
 }
 
@@ -207,6 +211,20 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{clip8, Coefficients, ROUNDING};
+
+    /// [`super::accumulate`], compiled for AVX2 where the CPU has it.
+    pub(super) fn accumulate(sums: &mut [i32], row: &[u8], weight: i32) {
+        #[target_feature(enable = "avx2")]
+        fn with_avx2(sums: &mut [i32], row: &[u8], weight: i32) {
+            super::accumulate(sums, row, weight)
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            unsafe { with_avx2(sums, row, weight) }
+        } else {
+            super::accumulate(sums, row, weight)
+        }
+    }
 
     /// Per output pixel of the window: the offset of its first source byte in a row of the
     /// source rectangle, and its weights as pairs of taps, each weight repeated for R, G, B
@@ -246,12 +264,12 @@ mod avx2 {
             Some(taps)
         }
 
-        /// The horizontal pass: packed RGB rows of `in_stride` bytes into rows of `temp`.
-        pub(super) fn horizontal(&self, src: &[u8], in_stride: usize, temp: &mut [u8]) {
+        /// The horizontal pass: packed RGB rows `pitch` bytes apart into rows of `temp`.
+        pub(super) fn horizontal(&self, src: &[u8], pitch: usize, temp: &mut [u8]) {
             let stride = self.starts.len() * 3;
             for (y, out_row) in temp.chunks_exact_mut(stride).enumerate() {
                 // SAFETY: `self` exists only where the CPU has AVX2.
-                unsafe { horizontal_row(&src[y * in_stride..], out_row, self) };
+                unsafe { horizontal_row(&src[y * pitch..], out_row, self) };
             }
         }
     }
@@ -357,7 +375,11 @@ mod tests {
                 avx2_taps: None,
                 ..Plan::new(width, height, new_w, new_h, window)
             };
-            assert!(plan.run(&src) == scalar.run(&src), "{width}x{height}");
+            let pitch = source.width * 3;
+            assert!(
+                plan.run(&src, pitch) == scalar.run(&src, pitch),
+                "{width}x{height}"
+            );
         }
     }
 
@@ -372,7 +394,7 @@ mod tests {
         let plan = Plan::new(500, 300, 426, 256, window);
         let source = plan.source();
         let src = vec![77u8; source.width * source.height * 3];
-        let out = plan.run(&src);
+        let out = plan.run(&src, source.width * 3);
         assert_eq!(out.len(), 100 * 80 * 3);
         assert!(out.iter().all(|&v| v == 77));
     }

@@ -272,19 +272,8 @@ async fn ready(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let pipeline = &state.pipeline;
-    match pipeline.ports().queue.depth().await {
-        Ok(depth) => pipeline
-            .metrics()
-            .queue_depth
-            .set(depth.try_into().unwrap_or(i64::MAX)),
-        Err(error) => tracing::warn!(%error, "queue depth unavailable"),
-    }
-    let content_type = [(
-        header::CONTENT_TYPE,
-        "text/plain; version=0.0.4; charset=utf-8",
-    )];
-    (content_type, pipeline.metrics().render()).into_response()
+    let content_type = [(header::CONTENT_TYPE, imgclf::metrics::CONTENT_TYPE)];
+    (content_type, state.pipeline.render_metrics().await).into_response()
 }
 
 async fn openapi() -> Response {

@@ -1,6 +1,7 @@
 //! `imgclf-worker`: takes jobs from the shared queue, classifies them in batches, stores the
 //! results and calls the webhooks, until ctrl-c or SIGTERM.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -16,6 +17,11 @@ use tracing_subscriber::EnvFilter;
 struct Args {
     #[command(flatten)]
     settings: Settings,
+
+    /// Serve Prometheus metrics (stage timings, batch sizes, outcomes) at /metrics on this
+    /// address; off when unset.
+    #[arg(long, env = "IMGCLF_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
 }
 
 #[tokio::main]
@@ -24,7 +30,8 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let mut settings = Args::parse().settings;
+    let args = Args::parse();
+    let mut settings = args.settings;
     settings.apply_legacy_env();
     if settings.embedded_queue() {
         tracing::warn!(
@@ -39,6 +46,24 @@ async fn main() -> anyhow::Result<()> {
             .context("building the pipeline")?,
     );
     tracing::info!(model = %pipeline.classifier().spec().name, "worker started");
+    if let Some(addr) = args.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics address {addr}"))?;
+        tracing::info!("metrics on http://{addr}/metrics");
+        let pipeline = pipeline.clone();
+        let metrics = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || async move {
+                let content_type = [(
+                    axum::http::header::CONTENT_TYPE,
+                    imgclf::metrics::CONTENT_TYPE,
+                )];
+                (content_type, pipeline.render_metrics().await)
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, metrics).await });
+    }
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let worker = tokio::spawn(pipeline.run_worker(stopped));
     shutdown_signal().await;

@@ -36,6 +36,7 @@ fn help_names_every_environment_variable() {
         "IMGCLF_MAX_QUEUE_DEPTH",
         "IMGCLF_ORT_LIB",
         "IMGCLF_INTRA_THREADS",
+        "IMGCLF_METRICS_ADDR",
     ] {
         assert!(help.contains(var), "--help does not mention {var}");
     }
@@ -55,4 +56,48 @@ fn a_bad_backend_url_is_a_clear_error_not_a_panic() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("unsupported URL"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn metrics_are_served_on_the_address_given() {
+    let dir = std::env::temp_dir().join(format!("imgclf-worker-metrics-{}", std::process::id()));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_imgclf-worker"))
+        .env("IMGCLF_DATA_DIR", &dir)
+        .env("IMGCLF_METRICS_ADDR", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let page = loop {
+        if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::{Read, Write};
+            stream
+                .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                .unwrap();
+            let mut page = String::new();
+            stream.read_to_string(&mut page).unwrap();
+            break page;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no metrics on port {port}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(page.starts_with("HTTP/1.0 200"), "{page}");
+    for metric in [
+        "image_batch_size",
+        "image_queue_depth 0",
+        "image_task_success_total 0",
+    ] {
+        assert!(page.contains(metric), "{metric} missing from:\n{page}");
+    }
 }

@@ -5,6 +5,9 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+/// The content type of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
 pub struct Metrics {
     pub registry: Registry,
     pub task_success: IntCounter,
@@ -75,7 +78,7 @@ impl Metrics {
             ),
             batch_size: histogram(
                 "image_batch_size",
-                "Images per inference batch received by a worker",
+                "Images per model run: how well batching fills the model",
                 vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
             ),
             queue_depth,

@@ -118,10 +118,12 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn new(ports: Ports, classifier: ClassifierHandle, config: PipelineConfig) -> Self {
         let preprocess_slots = Arc::new(Semaphore::new(config.preprocess_threads.max(1)));
+        let metrics = Arc::new(Metrics::new());
+        classifier.record_batch_sizes(metrics.batch_size.clone());
         Self {
             ports,
             classifier,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             config,
             preprocess_slots,
             depth: std::sync::Mutex::new(None),
@@ -134,6 +136,18 @@ impl Pipeline {
 
     pub fn classifier(&self) -> &ClassifierHandle {
         &self.classifier
+    }
+
+    /// The Prometheus text of every metric, with the queue depth read now.
+    pub async fn render_metrics(&self) -> String {
+        match self.ports.queue.depth().await {
+            Ok(depth) => self
+                .metrics
+                .queue_depth
+                .set(depth.try_into().unwrap_or(i64::MAX)),
+            Err(error) => tracing::warn!(%error, "queue depth unavailable"),
+        }
+        self.metrics.render()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -331,9 +345,6 @@ impl Pipeline {
                     continue;
                 }
             };
-            if !deliveries.is_empty() {
-                self.metrics.batch_size.observe(deliveries.len() as f64);
-            }
             let mut first = Some(first);
             for delivery in deliveries {
                 let permit = match first.take() {

@@ -1,7 +1,9 @@
 //! Runs a [`Classifier`] on a dedicated OS thread and batches whatever is waiting.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use prometheus::Histogram;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -24,6 +26,7 @@ pub struct ClassifierHandle {
     tx: mpsc::UnboundedSender<Request>,
     spec: Arc<ModelSpec>,
     ready: Arc<AtomicBool>,
+    batch_sizes: Arc<OnceLock<Histogram>>,
 }
 
 impl ClassifierHandle {
@@ -33,6 +36,8 @@ impl ClassifierHandle {
         let ready = Arc::new(AtomicBool::new(false));
         let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
         let thread_ready = ready.clone();
+        let batch_sizes = Arc::new(OnceLock::<Histogram>::new());
+        let thread_batch_sizes = batch_sizes.clone();
         std::thread::Builder::new()
             .name("imgclf-infer".into())
             .spawn(move || {
@@ -66,6 +71,9 @@ impl ClassifierHandle {
                         continue;
                     }
                     let n = replies.len();
+                    if let Some(histogram) = thread_batch_sizes.get() {
+                        histogram.observe(n as f64);
+                    }
                     let _span = tracing::debug_span!("infer", n).entered();
                     match classifier.classify(&batch, n) {
                         Ok(rows) => {
@@ -84,7 +92,18 @@ impl ClassifierHandle {
                 }
             })
             .expect("spawning the inference thread");
-        Self { tx, spec, ready }
+        Self {
+            tx,
+            spec,
+            ready,
+            batch_sizes,
+        }
+    }
+
+    /// Observes the size of every batch the model runs from now on (the first histogram given
+    /// wins).
+    pub fn record_batch_sizes(&self, histogram: Histogram) {
+        let _ = self.batch_sizes.set(histogram);
     }
 
     pub fn spec(&self) -> &ModelSpec {

@@ -150,8 +150,26 @@ pub fn decode_rgb8(bytes: &[u8], max_pixels: u64) -> Result<image::RgbImage, Ima
     }
     Ok(match image {
         DynamicImage::ImageRgb8(rgb) => rgb,
+        // The common 8-bit layouts directly: `to_rgb8` goes through a colour-space cast
+        // that rounds every sample as a float, several times slower, to the same bytes.
+        DynamicImage::ImageLuma8(grey) => to_rgb(grey.dimensions(), grey.as_raw(), 1),
+        DynamicImage::ImageLumaA8(grey) => to_rgb(grey.dimensions(), grey.as_raw(), 2),
+        DynamicImage::ImageRgba8(rgba) => to_rgb(rgba.dimensions(), rgba.as_raw(), 4),
         other => other.to_rgb8(),
     })
+}
+
+/// 8-bit grey, grey + alpha or RGBA (`channels` of 1, 2 or 4) to RGB: grey replicated, alpha
+/// dropped, as Pillow's `convert("RGB")` does.
+fn to_rgb((width, height): (u32, u32), raw: &[u8], channels: usize) -> RgbImage {
+    let pixels = raw
+        .chunks_exact(channels)
+        .flat_map(|px| match channels {
+            1 | 2 => [px[0]; 3],
+            _ => [px[0], px[1], px[2]],
+        })
+        .collect();
+    RgbImage::from_raw(width, height, pixels).expect("three bytes per pixel")
 }
 
 fn rgb_image(rect: Rect, pixels: Vec<u8>) -> RgbImage {

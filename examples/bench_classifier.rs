@@ -32,14 +32,22 @@ fn main() -> anyhow::Result<()> {
         .collect();
     files.sort();
     let images: Vec<Vec<u8>> = files.iter().map(std::fs::read).collect::<Result<_, _>>()?;
+    // Per photo, the median of five runs (as for Pillow in scripts/bench.py); then the mean
+    // over the photos.
     let mut tensors = Vec::new();
     let mut preprocess_ms = Vec::new();
-    for _ in 0..3 {
-        for bytes in &images {
+    for bytes in &images {
+        let mut runs = Vec::new();
+        for run in 0..5 {
             let started = Instant::now();
-            tensors.push(spec.transform.tensor_from_bytes(bytes, u64::MAX)?);
-            preprocess_ms.push(started.elapsed().as_secs_f64() * 1e3);
+            let tensor = spec.transform.tensor_from_bytes(bytes, u64::MAX)?;
+            runs.push(started.elapsed().as_secs_f64() * 1e3);
+            if run == 0 {
+                tensors.push(tensor);
+            }
         }
+        runs.sort_by(f64::total_cmp);
+        preprocess_ms.push(runs[runs.len() / 2]);
     }
     preprocess_ms.sort_by(f64::total_cmp);
 

@@ -210,7 +210,7 @@ fn accumulate(sums: &mut [i32], row: &[u8], weight: i32) {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{clip8, Coefficients, ROUNDING};
+    use super::{Coefficients, ROUNDING};
 
     /// [`super::accumulate`], compiled for AVX2 where the CPU has it.
     pub(super) fn accumulate(sums: &mut [i32], row: &[u8], weight: i32) {
@@ -274,18 +274,20 @@ mod avx2 {
         }
     }
 
-    /// Eight bytes from `at`, zero past the end of `bytes`.
-    fn eight(bytes: &[u8], at: usize) -> i64 {
-        match bytes.get(at..at + 8) {
-            Some(b) => i64::from_le_bytes(b.try_into().expect("eight bytes")),
+    /// Sixteen bytes from `at`, zero past the end of `bytes`.
+    fn sixteen(bytes: &[u8], at: usize) -> u128 {
+        match bytes.get(at..at + 16) {
+            Some(b) => u128::from_le_bytes(b.try_into().expect("sixteen bytes")),
             None => {
-                let mut padded = [0u8; 8];
+                let mut padded = [0u8; 16];
                 let tail = &bytes[at.min(bytes.len())..];
                 padded[..tail.len()].copy_from_slice(tail);
-                i64::from_le_bytes(padded)
+                u128::from_le_bytes(padded)
             }
         }
     }
+
+    const _: () = assert!(super::PRECISION_BITS == 22, "the shift below");
 
     /// One row: `rest` starts at the row's first source byte (and may run on into later rows,
     /// which only zero weights touch); `out_row` receives packed RGB.
@@ -294,28 +296,48 @@ mod avx2 {
     /// The CPU must have AVX2.
     #[target_feature(enable = "avx2")]
     unsafe fn horizontal_row(rest: &[u8], out_row: &mut [u8], taps: &Taps) {
-        // Bytes 0-3 are one tap's R, G, B and the next byte; bytes 3-6 are the next tap's.
-        let spread = _mm_setr_epi8(0, 1, 2, 3, 3, 4, 5, 6, -1, -1, -1, -1, -1, -1, -1, -1);
+        // Four taps are 12 bytes: each gets its R, G, B and the byte after, as four lanes.
+        let taps_01 = _mm_setr_epi8(0, 1, 2, 3, 3, 4, 5, 6, -1, -1, -1, -1, -1, -1, -1, -1);
+        let taps_23 = _mm_setr_epi8(6, 7, 8, 9, 9, 10, 11, 12, -1, -1, -1, -1, -1, -1, -1, -1);
+        let rounding = _mm_set1_epi32(ROUNDING);
+        // SAFETY (for the loads below): each reads exactly the eight i32 of one `[i32; 8]`.
+        let weights = |w: &[i32; 8]| unsafe { _mm256_loadu_si256(w.as_ptr().cast()) };
+        let widen =
+            |bytes: __m128i, spread: __m128i| _mm256_cvtepu8_epi32(_mm_shuffle_epi8(bytes, spread));
         for (x, out) in out_row.chunks_exact_mut(3).enumerate() {
-            let start = taps.starts[x];
             let (first, pairs) = taps.pairs[x];
-            let mut acc = _mm256_setzero_si256();
-            for (p, weights) in taps.weights[first..first + pairs].iter().enumerate() {
-                let bytes = _mm_shuffle_epi8(_mm_cvtsi64_si128(eight(rest, start + p * 6)), spread);
-                // SAFETY: an unaligned load of exactly the eight i32 of `weights`.
-                let w = unsafe { _mm256_loadu_si256(weights.as_ptr().cast()) };
-                acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(bytes), w));
+            let mut at = taps.starts[x];
+            let (mut acc_01, mut acc_23) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+            let mut quads = taps.weights[first..first + pairs].chunks_exact(2);
+            for w in &mut quads {
+                let v = sixteen(rest, at);
+                let bytes = _mm_set_epi64x((v >> 64) as i64, v as i64);
+                acc_01 = _mm256_add_epi32(
+                    acc_01,
+                    _mm256_mullo_epi32(widen(bytes, taps_01), weights(&w[0])),
+                );
+                acc_23 = _mm256_add_epi32(
+                    acc_23,
+                    _mm256_mullo_epi32(widen(bytes, taps_23), weights(&w[1])),
+                );
+                at += 12;
             }
+            if let [w] = quads.remainder() {
+                let bytes = _mm_set_epi64x(0, sixteen(rest, at) as i64);
+                acc_01 = _mm256_add_epi32(
+                    acc_01,
+                    _mm256_mullo_epi32(widen(bytes, taps_01), weights(w)),
+                );
+            }
+            let acc = _mm256_add_epi32(acc_01, acc_23);
             let sum = _mm_add_epi32(
                 _mm256_castsi256_si128(acc),
                 _mm256_extracti128_si256::<1>(acc),
             );
-            let mut lanes = [0i32; 4];
-            // SAFETY: an unaligned store of exactly the four i32 of `lanes`.
-            unsafe { _mm_storeu_si128(lanes.as_mut_ptr().cast(), sum) };
-            out[0] = clip8(ROUNDING + lanes[0]);
-            out[1] = clip8(ROUNDING + lanes[1]);
-            out[2] = clip8(ROUNDING + lanes[2]);
+            // Round, shift and clamp to 0..=255 (the two saturating packs), as `clip8` does.
+            let shifted = _mm_srai_epi32::<22>(_mm_add_epi32(sum, rounding));
+            let packed = _mm_packus_epi16(_mm_packs_epi32(shifted, shifted), shifted);
+            out.copy_from_slice(&_mm_cvtsi128_si32(packed).to_le_bytes()[..3]);
         }
     }
 }

@@ -86,7 +86,23 @@ fn main() -> anyhow::Result<()> {
             "batch_p95_ms": percentile(&batch_ms, 0.95),
             "preprocess_mean_ms": preprocess_ms.iter().sum::<f64>() / preprocess_ms.len() as f64,
             "preprocess_p50_ms": percentile(&preprocess_ms, 0.5),
+            "peak_rss_mib": peak_rss_mib(),
         })
     );
     Ok(())
+}
+
+/// This process's peak resident set (VmHWM). Measured here because a parent's `wait4` figure
+/// starts from the parent's own size (Linux carries it over the fork).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
 }

@@ -48,21 +48,12 @@ def raw_onnxruntime(model_dir, batch, seconds, threads):
             "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def run_child(command, env=None):
-    """Runs a command; returns (stdout, peak RSS in MiB)."""
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, env=env)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"{command[0]} failed")
-    return out.decode(), usage.ru_maxrss / 1024
-
-
 def imgclf_classifier(binary, backend, model_dir, batch, seconds, threads):
-    out, rss = run_child([binary, backend, model_dir, str(batch), str(seconds), str(threads)])
+    out = subprocess.run([binary, backend, model_dir, str(batch), str(seconds), str(threads)],
+                         stdout=subprocess.PIPE, check=True).stdout
     r = json.loads(out)
     return {"images_per_s": r["images_per_s"], "p50_ms": r["batch_p50_ms"], "p95_ms": r["batch_p95_ms"],
-            "rss_mib": rss, "preprocess_ms": r["preprocess_mean_ms"]}
+            "rss_mib": r["peak_rss_mib"], "preprocess_ms": r["preprocess_mean_ms"]}
 
 
 def pillow_preprocess_ms(rounds=5):

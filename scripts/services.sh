@@ -47,18 +47,33 @@ if ! up 9000; then
   nohup "$dir/venv/bin/moto_server" -H 127.0.0.1 -p 9000 >"$dir/moto.log" 2>&1 &
 fi
 
+# A second, independent S3 implementation (s3s-fs, Rust, from crates.io) on port 9002: the S3
+# suite runs on both, and the benchmarks use it as a compiled S3 server beside moto.
+if ! up 9002; then
+  if [ ! -x "$dir/s3s/bin/s3s-fs" ]; then
+    log "installing the second S3 server (s3s-fs) from crates.io"
+    env -u CARGO_TARGET_DIR cargo install s3s-fs --version 0.14.1 --features binary --locked --root "$dir/s3s" >&2
+  fi
+  log "starting the second S3 server on 127.0.0.1:9002"
+  mkdir -p "$dir/s3s/data"
+  nohup "$dir/s3s/bin/s3s-fs" --host 127.0.0.1 --port 9002 --access-key test --secret-key testtest \
+    "$dir/s3s/data" >"$dir/s3s/s3s.log" 2>&1 &
+fi
+
 ort_lib="$("$(dirname "$0")/setup-ort.sh")"
 
 wait_for 5432 PostgreSQL
 wait_for 6379 Redis
 wait_for 5672 RabbitMQ
 wait_for 9000 "the S3 server"
+wait_for 9002 "the second S3 server"
 
 cat <<ENV
 export IMGCLF_TEST_POSTGRES=postgres://postgres@127.0.0.1:5432/test
 export IMGCLF_TEST_REDIS=redis://127.0.0.1:6379
 export IMGCLF_TEST_AMQP=amqp://guest:guest@127.0.0.1:5672/%2f
 export IMGCLF_TEST_S3=http://127.0.0.1:9000
+export IMGCLF_TEST_S3_SECOND=http://127.0.0.1:9002
 export IMGCLF_TEST_S3_ACCESS_KEY=test
 export IMGCLF_TEST_S3_SECRET_KEY=testtest
 export IMGCLF_TEST_ORT_LIB=$ort_lib

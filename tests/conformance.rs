@@ -189,9 +189,9 @@ async fn queue_amqp_unacked_jobs_survive_a_dead_connection() {
     );
 }
 
-#[tokio::test]
-async fn storage_s3() {
-    let Some(endpoint) = imgclf_suite::service_url("IMGCLF_TEST_S3") else {
+/// The S3 suite on one S3-compatible server, at the URL in `var`.
+async fn storage_s3_on(var: &str) {
+    let Some(endpoint) = imgclf_suite::service_url(var) else {
         return;
     };
     let config = imgclf::storage::S3Config {
@@ -210,4 +210,16 @@ async fn storage_s3() {
         .await
         .expect("creates the bucket");
     conformance::storage::run(&store, "t").await;
+}
+
+/// moto (Python), the S3 server the rest of the suite uses.
+#[tokio::test]
+async fn storage_s3() {
+    storage_s3_on("IMGCLF_TEST_S3").await;
+}
+
+/// s3s-fs (Rust), a second, independent S3 implementation.
+#[tokio::test]
+async fn storage_s3_second_server() {
+    storage_s3_on("IMGCLF_TEST_S3_SECOND").await;
 }

@@ -224,6 +224,9 @@ def main():
               "IMGCLF_PREPROCESS_THREADS": "1", "IMGCLF_MAX_BATCH": "8"}
     add("embedded pipeline over HTTP (ort)", "efficientnet-lite0", 8,
         median_run(lambda: pipeline(http_bin, worker_bin, common, a.tasks, 0)))
+    # What `cargo run --release -p imgclf-http` gives: tract, every setting at its default.
+    add("embedded, the defaults (tract)", "efficientnet-lite0", 8,
+        median_run(lambda: pipeline(http_bin, worker_bin, {"IMGCLF_MODEL": lite}, a.tasks, 0)))
     if not a.skip_distributed:
         # Over the test suite's S3 server (moto, Python) and, where bench.sh started it, over a
         # compiled one (s3s-fs, Rust), closer to what MinIO or AWS cost the machine.

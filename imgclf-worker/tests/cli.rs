@@ -37,6 +37,7 @@ fn help_names_every_environment_variable() {
         "IMGCLF_ORT_LIB",
         "IMGCLF_INTRA_THREADS",
         "IMGCLF_METRICS_ADDR",
+        "IMGCLF_INFERENCE_THREADS",
     ] {
         assert!(help.contains(var), "--help does not mention {var}");
     }

@@ -115,6 +115,10 @@ pub struct Settings {
         arg(long, env = "IMGCLF_INTRA_THREADS", default_value_t = 1)
     )]
     pub intra_threads: usize,
+    /// Instances of the model run side by side, each on its own thread [default: one per core
+    /// for tract, which runs single-threaded; 1 for ort, which uses IMGCLF_INTRA_THREADS].
+    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_INFERENCE_THREADS"))]
+    pub inference_threads: Option<usize>,
     /// Model directory (with model.json) or manifest [default: the shipped EfficientNet-Lite0].
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_MODEL"))]
     pub model: Option<PathBuf>,
@@ -194,6 +198,7 @@ impl Default for Settings {
             model: None,
             ort_lib: None,
             intra_threads: 1,
+            inference_threads: None,
             max_batch: pipeline.max_batch,
             max_pixels: pipeline.max_pixels,
             top_k: pipeline.top_k,
@@ -486,8 +491,17 @@ impl Settings {
             intra_threads: self.intra_threads,
             ort_library: self.ort_lib.clone(),
         };
-        let classifier = classifier::build(&self.classifier, self.model_spec()?, &options)?;
-        Ok(ClassifierHandle::spawn(classifier, self.max_batch))
+        let instances = self
+            .inference_threads
+            .unwrap_or(match self.classifier.as_str() {
+                "tract" => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                _ => 1,
+            });
+        let spec = self.model_spec()?;
+        let classifiers = (0..instances.max(1))
+            .map(|_| classifier::build(&self.classifier, spec.clone(), &options))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ClassifierHandle::spawn_pool(classifiers, self.max_batch))
     }
 
     /// Every port from configuration, and the pipeline over them.

@@ -1,7 +1,7 @@
 //! Runs a [`Classifier`] on a dedicated OS thread and batches whatever is waiting.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus::Histogram;
 
@@ -17,10 +17,11 @@ struct Request {
     reply: Reply,
 }
 
-/// The async face of a classifier. Cheap to clone; the thread stops when the last clone drops.
+/// The async face of a classifier: one or more instances of a model, each on its own OS thread.
+/// Cheap to clone; the threads stop when the last clone drops.
 ///
-/// Batches form greedily, with no timer: the thread takes one waiting image, then whatever else
-/// is already queued up to `max_batch`. While the model runs, the next batch accumulates.
+/// Batches form greedily, with no timer: a free thread takes one waiting image, then whatever
+/// else is already queued up to `max_batch`. While the model runs, the next batch accumulates.
 #[derive(Clone)]
 pub struct ClassifierHandle {
     tx: mpsc::UnboundedSender<Request>,
@@ -30,68 +31,43 @@ pub struct ClassifierHandle {
 }
 
 impl ClassifierHandle {
-    pub fn spawn(mut classifier: Box<dyn Classifier>, max_batch: usize) -> Self {
+    /// One model on one thread.
+    pub fn spawn(classifier: Box<dyn Classifier>, max_batch: usize) -> Self {
+        Self::spawn_pool(vec![classifier], max_batch)
+    }
+
+    /// Several instances of one model, each on its own thread, taking batches from one queue:
+    /// for single-threaded backends (tract), so that inference can use more than one core.
+    pub fn spawn_pool(classifiers: Vec<Box<dyn Classifier>>, max_batch: usize) -> Self {
+        assert!(!classifiers.is_empty(), "at least one classifier");
         let max_batch = max_batch.max(1);
-        let spec = Arc::new(classifier.spec().clone());
+        let spec = Arc::new(classifiers[0].spec().clone());
         let ready = Arc::new(AtomicBool::new(false));
-        let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
-        let thread_ready = ready.clone();
+        let warmed = Arc::new(AtomicUsize::new(0));
+        let instances = classifiers.len();
+        let (tx, rx) = mpsc::unbounded_channel::<Request>();
+        let rx = Arc::new(Mutex::new(rx));
         let batch_sizes = Arc::new(OnceLock::<Histogram>::new());
-        let thread_batch_sizes = batch_sizes.clone();
-        std::thread::Builder::new()
-            .name("imgclf-infer".into())
-            .spawn(move || {
-                let len = classifier.spec().transform.tensor_len();
-                // Warm up on the largest batch so the first real one does not pay for compiling.
-                let warm = classifier.classify(&vec![0.0; len * max_batch], max_batch);
-                if let Err(error) = &warm {
-                    tracing::error!(%error, "classifier warm-up failed");
-                }
-                thread_ready.store(warm.is_ok(), Ordering::Release);
-                let mut batch = Vec::with_capacity(len * max_batch);
-                let mut replies = Vec::with_capacity(max_batch);
-                while let Some(first) = rx.blocking_recv() {
-                    let mut next = Some(first);
-                    while let Some(request) = next.take() {
-                        if request.tensor.len() == len {
-                            batch.extend_from_slice(&request.tensor);
-                            replies.push(request.reply);
-                        } else {
-                            let error = ClassifyError::Inference(format!(
-                                "tensor of {} values, expected {len}",
-                                request.tensor.len()
-                            ));
-                            let _ = request.reply.send(Err(Arc::new(error)));
+        for (i, mut classifier) in classifiers.into_iter().enumerate() {
+            let rx = rx.clone();
+            let (ready, warmed, batch_sizes) = (ready.clone(), warmed.clone(), batch_sizes.clone());
+            std::thread::Builder::new()
+                .name(format!("imgclf-infer-{i}"))
+                .spawn(move || {
+                    // Warm up on the largest batch so the first real one does not pay for
+                    // compiling; ready once every instance has.
+                    let len = classifier.spec().transform.tensor_len();
+                    match classifier.classify(&vec![0.0; len * max_batch], max_batch) {
+                        Ok(_) if warmed.fetch_add(1, Ordering::AcqRel) + 1 == instances => {
+                            ready.store(true, Ordering::Release)
                         }
-                        if replies.len() < max_batch {
-                            next = rx.try_recv().ok();
-                        }
+                        Ok(_) => {}
+                        Err(error) => tracing::error!(%error, "classifier warm-up failed"),
                     }
-                    if replies.is_empty() {
-                        continue;
-                    }
-                    let n = replies.len();
-                    if let Some(histogram) = thread_batch_sizes.get() {
-                        histogram.observe(n as f64);
-                    }
-                    let _span = tracing::debug_span!("infer", n).entered();
-                    match classifier.classify(&batch, n) {
-                        Ok(rows) => {
-                            for (reply, row) in replies.drain(..).zip(rows) {
-                                let _ = reply.send(Ok(row));
-                            }
-                        }
-                        Err(error) => {
-                            let error = Arc::new(error);
-                            for reply in replies.drain(..) {
-                                let _ = reply.send(Err(error.clone()));
-                            }
-                        }
-                    }
-                    batch.clear();
-                }
-            })
-            .expect("spawning the inference thread");
+                    serve(classifier, &rx, max_batch, &batch_sizes);
+                })
+                .expect("spawning an inference thread");
+        }
         Self {
             tx,
             spec,
@@ -122,5 +98,65 @@ impl ClassifierHandle {
             .send(Request { tensor, reply })
             .map_err(|_| Arc::new(ClassifyError::Stopped))?;
         answer.await.map_err(|_| Arc::new(ClassifyError::Stopped))?
+    }
+}
+
+/// One inference thread: takes one waiting image, then whatever else is queued up to
+/// `max_batch` (holding the queue only while it collects), runs the batch, answers each image.
+fn serve(
+    mut classifier: Box<dyn Classifier>,
+    rx: &Mutex<mpsc::UnboundedReceiver<Request>>,
+    max_batch: usize,
+    batch_sizes: &OnceLock<Histogram>,
+) {
+    let len = classifier.spec().transform.tensor_len();
+    let mut batch = Vec::with_capacity(len * max_batch);
+    let mut replies = Vec::with_capacity(max_batch);
+    loop {
+        {
+            // A thread that panicked holding the lock left the receiver intact.
+            let mut rx = rx.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let Some(first) = rx.blocking_recv() else {
+                return;
+            };
+            let mut next = Some(first);
+            while let Some(request) = next.take() {
+                if request.tensor.len() == len {
+                    batch.extend_from_slice(&request.tensor);
+                    replies.push(request.reply);
+                } else {
+                    let error = ClassifyError::Inference(format!(
+                        "tensor of {} values, expected {len}",
+                        request.tensor.len()
+                    ));
+                    let _ = request.reply.send(Err(Arc::new(error)));
+                }
+                if replies.len() < max_batch {
+                    next = rx.try_recv().ok();
+                }
+            }
+        }
+        if replies.is_empty() {
+            continue;
+        }
+        let n = replies.len();
+        if let Some(histogram) = batch_sizes.get() {
+            histogram.observe(n as f64);
+        }
+        let _span = tracing::debug_span!("infer", n).entered();
+        match classifier.classify(&batch, n) {
+            Ok(rows) => {
+                for (reply, row) in replies.drain(..).zip(rows) {
+                    let _ = reply.send(Ok(row));
+                }
+            }
+            Err(error) => {
+                let error = Arc::new(error);
+                for reply in replies.drain(..) {
+                    let _ = reply.send(Err(error.clone()));
+                }
+            }
+        }
+        batch.clear();
     }
 }

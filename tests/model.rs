@@ -27,6 +27,14 @@ fn classify_all(classifier: &mut dyn Classifier, names: &[&String], batch: usize
     logits
 }
 
+/// The largest difference between two vectors of logits.
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 fn softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
@@ -98,11 +106,7 @@ fn a_batch_gives_the_same_logits_as_single_images() {
     let batched = classify_all(&mut classifier, &names, 3);
     let single = classify_all(&mut classifier, &names, 1);
     for (b, s) in batched.iter().zip(&single) {
-        let diff = b
-            .iter()
-            .zip(s)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max);
+        let diff = max_diff(b, s);
         assert!(diff < 1e-4, "batched and single logits differ by {diff}");
     }
 }
@@ -153,10 +157,11 @@ fn ort_and_tract_give_the_same_logits_on_both_models() {
         let mut tract = TractClassifier::new(spec).expect("compiles");
         let a = classify_all(ort.as_mut(), &names, 8);
         let b = classify_all(&mut tract, &names, 8);
-        let mut worst = 0.0f32;
-        for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
-            worst = worst.max((x - y).abs());
-        }
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| max_diff(x, y))
+            .fold(0.0, f32::max);
         eprintln!(
             "{}: largest logit difference ort vs tract {worst:e}",
             dir.display()
@@ -218,11 +223,7 @@ async fn a_pool_of_models_answers_as_one_model_does() {
         .collect();
     for ((name, answer), alone) in names.iter().zip(answers).zip(&alone) {
         let logits = answer.await.unwrap().expect("classified");
-        let diff = logits
-            .iter()
-            .zip(alone)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let diff = max_diff(&logits, alone);
         assert!(diff < 1e-5, "{name}: logits differ by {diff}");
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);

@@ -1,6 +1,6 @@
 //! The distributed deployment end to end: one `imgclf-http` and two `imgclf-worker` processes
-//! sharing an S3 server, PostgreSQL and a broker (RabbitMQ, then Redis). 300 real photos go in
-//! while workers are killed with SIGKILL three times; every task must reach SUCCESS with the
+//! sharing an S3 server, PostgreSQL and a broker (RabbitMQ, then Redis). 300 real photos are
+//! queued, then workers process them and are killed with SIGKILL three times; every task must reach SUCCESS with the
 //! reference label, its result written exactly once; then SIGTERM stops every process cleanly.
 
 mod common;
@@ -22,13 +22,11 @@ async fn run(queue_url: String) {
     let base = format!("http://127.0.0.1:{port}");
     let worker = worker_binary();
     let mut http = spawn(&http_binary(), &env, work.path());
-    let mut workers = [
-        spawn(&worker, &env, work.path()),
-        spawn(&worker, &env, work.path()),
-    ];
     let client = reqwest::Client::new();
     wait_ready(&client, &base).await;
 
+    // Every task is queued before the workers start, so the kills below land mid-run however
+    // fast the workers are.
     let images = reference_images();
     let mut expected: HashMap<String, String> = HashMap::new();
     for (name, label, bytes) in images.iter().cycle().take(TASKS) {
@@ -36,6 +34,10 @@ async fn run(queue_url: String) {
         assert_eq!(status, 202);
         expected.insert(id.unwrap(), label.clone());
     }
+    let mut workers = [
+        spawn(&worker, &env, work.path()),
+        spawn(&worker, &env, work.path()),
+    ];
 
     // Kill a worker mid-run, three times, each time once some work is done (so it holds a
     // batch), and start a fresh one in its place.

@@ -46,7 +46,7 @@ if ! up 9000; then
   log "starting the S3 server on 127.0.0.1:9000"
   # From $dir: the servers outlive this checkout, and s3s-fs reads its working directory on
   # every request.
-  (cd "$dir" && nohup "$dir/venv/bin/moto_server" -H 127.0.0.1 -p 9000 >"$dir/moto.log" 2>&1 &)
+  (cd "$dir" && exec nohup "$dir/venv/bin/moto_server" -H 127.0.0.1 -p 9000) >"$dir/moto.log" 2>&1 &
 fi
 
 # A second, independent S3 implementation (s3s-fs, Rust, from crates.io) on port 9002: the S3
@@ -58,8 +58,8 @@ if ! up 9002; then
   fi
   log "starting the second S3 server on 127.0.0.1:9002"
   mkdir -p "$dir/s3s/data"
-  (cd "$dir" && nohup "$dir/s3s/bin/s3s-fs" --host 127.0.0.1 --port 9002 --access-key test \
-    --secret-key testtest "$dir/s3s/data" >"$dir/s3s/s3s.log" 2>&1 &)
+  (cd "$dir" && exec nohup "$dir/s3s/bin/s3s-fs" --host 127.0.0.1 --port 9002 --access-key test \
+    --secret-key testtest "$dir/s3s/data") >"$dir/s3s/s3s.log" 2>&1 &
 fi
 
 ort_lib="$("$(dirname "$0")/setup-ort.sh")"

@@ -9,7 +9,7 @@ limit. Writes docs/bench-results.json and docs/throughput.png.
 
     scripts/bench.sh        # builds the release binaries, starts the services, runs this
 """
-import argparse, glob, http.client, io, json, os, resource, statistics, subprocess, sys, tempfile, threading, time, uuid
+import argparse, glob, http.client, io, json, os, resource, statistics, subprocess, sys, tempfile, time, uuid
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,17 +4,17 @@
 //! subsamplings, progressive scans, odd sizes and every EXIF orientation.
 
 use imgclf::preprocess::{decode_rgb8, Transform};
-use imgclf_suite::{image, shared_dir, with_exif_orientation};
+use imgclf_suite::{image, reference, with_exif_orientation};
 
+/// Every shared JPEG the reference results cover.
 fn shared_jpegs() -> Vec<(String, Vec<u8>)> {
-    let mut names: Vec<String> = std::fs::read_dir(shared_dir().join("images"))
-        .expect("shared images")
-        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+    let jpegs: Vec<(String, Vec<u8>)> = reference("efficientnet-lite0")
+        .into_keys()
         .filter(|name| name.ends_with(".jpg"))
+        .map(|name| (name.clone(), image(&name)))
         .collect();
-    names.sort();
-    assert!(names.len() >= 10, "the shared photos are there");
-    names.into_iter().map(|n| (n.clone(), image(&n))).collect()
+    assert!(jpegs.len() >= 10, "the shared photos are there");
+    jpegs
 }
 
 /// One photo, cut to an odd size and encoded with chroma `sampling` (pixels per Cb/Cr sample).

@@ -94,16 +94,7 @@ async fn restart_during_a_run(queue: String, outage: impl Fn(), restore: impl Fn
     );
     drop(restored);
     // After it: accepted again once the service has reconnected.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !client
-        .get(format!("{base}/ready"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status() == 200)
-    {
-        assert!(Instant::now() < deadline, "imgclf-http did not recover");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_ready_within(&client, &base, Duration::from_secs(90)).await;
     let before = accepted.len();
     upload_some(&client, &base, 20, &mut accepted).await;
     assert!(accepted.len() > before, "uploads work again");

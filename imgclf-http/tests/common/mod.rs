@@ -151,7 +151,12 @@ pub fn free_port() -> u16 {
 }
 
 pub async fn wait_ready(client: &reqwest::Client, base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(180);
+    wait_ready_within(client, base, Duration::from_secs(180)).await;
+}
+
+/// Waits for `/ready` to answer 200, failing the test after `limit`.
+pub async fn wait_ready_within(client: &reqwest::Client, base: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
     while !client
         .get(format!("{base}/ready"))
         .send()
@@ -160,7 +165,7 @@ pub async fn wait_ready(client: &reqwest::Client, base: &str) {
     {
         assert!(
             Instant::now() < deadline,
-            "imgclf-http did not become ready"
+            "imgclf-http did not become ready within {limit:?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

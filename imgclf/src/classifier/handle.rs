@@ -1,6 +1,6 @@
-//! Runs a [`Classifier`] on a dedicated OS thread and batches whatever is waiting.
+//! Runs a [`Classifier`] on dedicated OS threads and batches whatever is waiting.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus::Histogram;
@@ -26,7 +26,9 @@ struct Request {
 pub struct ClassifierHandle {
     tx: mpsc::UnboundedSender<Request>,
     spec: Arc<ModelSpec>,
-    ready: Arc<AtomicBool>,
+    /// Instances warmed up; ready when all of them are.
+    warmed: Arc<AtomicUsize>,
+    instances: usize,
     batch_sizes: Arc<OnceLock<Histogram>>,
 }
 
@@ -42,7 +44,6 @@ impl ClassifierHandle {
         assert!(!classifiers.is_empty(), "at least one classifier");
         let max_batch = max_batch.max(1);
         let spec = Arc::new(classifiers[0].spec().clone());
-        let ready = Arc::new(AtomicBool::new(false));
         let warmed = Arc::new(AtomicUsize::new(0));
         let instances = classifiers.len();
         let (tx, rx) = mpsc::unbounded_channel::<Request>();
@@ -50,7 +51,7 @@ impl ClassifierHandle {
         let batch_sizes = Arc::new(OnceLock::<Histogram>::new());
         for (i, mut classifier) in classifiers.into_iter().enumerate() {
             let rx = rx.clone();
-            let (ready, warmed, batch_sizes) = (ready.clone(), warmed.clone(), batch_sizes.clone());
+            let (warmed, batch_sizes) = (warmed.clone(), batch_sizes.clone());
             std::thread::Builder::new()
                 .name(format!("imgclf-infer-{i}"))
                 .spawn(move || {
@@ -58,10 +59,9 @@ impl ClassifierHandle {
                     // compiling; ready once every instance has.
                     let len = classifier.spec().transform.tensor_len();
                     match classifier.classify(&vec![0.0; len * max_batch], max_batch) {
-                        Ok(_) if warmed.fetch_add(1, Ordering::AcqRel) + 1 == instances => {
-                            ready.store(true, Ordering::Release)
+                        Ok(_) => {
+                            warmed.fetch_add(1, Ordering::Release);
                         }
-                        Ok(_) => {}
                         Err(error) => tracing::error!(%error, "classifier warm-up failed"),
                     }
                     serve(classifier, &rx, max_batch, &batch_sizes);
@@ -71,7 +71,8 @@ impl ClassifierHandle {
         Self {
             tx,
             spec,
-            ready,
+            warmed,
+            instances,
             batch_sizes,
         }
     }
@@ -86,9 +87,9 @@ impl ClassifierHandle {
         &self.spec
     }
 
-    /// True once the model is loaded and has run one batch.
+    /// True once every instance of the model is loaded and has run one batch.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.warmed.load(Ordering::Acquire) == self.instances
     }
 
     /// Classifies one preprocessed image; returns its logits.

@@ -19,7 +19,6 @@ RUN apt-get update \
     && useradd --system --uid 10001 --home-dir /var/lib/imgclf --create-home imgclf
 COPY --from=build /usr/local/bin/imgclf-http /usr/local/bin/imgclf-worker /usr/local/bin/
 COPY models /opt/imgclf/models
-COPY imagenet_classes.txt /opt/imgclf/
 USER imgclf
 WORKDIR /var/lib/imgclf
 ENV IMGCLF_MODEL=/opt/imgclf/models/efficientnet-lite0 \

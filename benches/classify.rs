@@ -19,6 +19,7 @@ fn classify(c: &mut Criterion) {
     let options = ClassifierOptions {
         intra_threads: 1,
         ort_library: ort_library.map(Into::into),
+        ..ClassifierOptions::default()
     };
     for backend in backends {
         let mut group = c.benchmark_group(format!("classify/{backend}"));

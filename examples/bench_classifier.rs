@@ -56,6 +56,7 @@ fn main() -> anyhow::Result<()> {
         ort_library: std::env::var_os("IMGCLF_ORT_LIB")
             .filter(|v| !v.is_empty())
             .map(Into::into),
+        ..ClassifierOptions::default()
     };
     let mut classifier = classifier::build(backend, spec, &options)?;
     let input: Vec<f32> = tensors

@@ -76,7 +76,7 @@ fn service_custom(
         tokio::spawn(pipeline.clone().run_worker(stopped));
     }
     let app = router(
-        AppState::new(pipeline.clone(), MAX_UPLOAD),
+        AppState::embedded(&pipeline, MAX_UPLOAD),
         Duration::from_secs(30),
     );
     Service {
@@ -989,6 +989,60 @@ async fn classify_answers_synchronously() {
     );
 }
 
+/// A process without a model (a distributed `imgclf-http`) answers `/api/classify` through the
+/// queue and the workers; with no worker running it says so in time instead of hanging.
+#[tokio::test]
+async fn classify_without_a_local_model_goes_through_the_workers() {
+    let s = service_custom(Arc::new(NoopNotifier), PipelineConfig::default(), false);
+    let accepting = AppState::new(s.pipeline.submitter().clone(), None, MAX_UPLOAD);
+    let app = router(accepting.clone(), Duration::from_secs(3));
+    let bytes = image("darknet_dog.jpg");
+    let request = || {
+        multipart(
+            "/api/classify?top_k=3",
+            &[
+                Part::File("dog.jpg", &bytes),
+                Part::Text("metadata", r#"{"k": true}"#),
+            ],
+        )
+    };
+
+    // No worker yet: the image waits in the queue, the client gets 504 and the task id.
+    let (status, body) = call(&app, request()).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("/api/task-status/"),
+        "{body}"
+    );
+    let (ready, body) = get(&app, "/ready").await;
+    assert_eq!(ready, StatusCode::OK, "ready without a model: {body}");
+
+    // A worker (here in the same process, over the same ports) answers it.
+    let worker = imgclf::Worker::new(
+        s.pipeline.submitter().ports().clone(),
+        classifier(),
+        PipelineConfig::default(),
+    );
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(Arc::new(worker).run(stopped));
+    let app = router(accepting, Duration::from_secs(60));
+    let (status, body) = call(&app, request()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let classification = body["classification"].as_array().unwrap();
+    assert_eq!(
+        classification.len(),
+        3,
+        "the client's top_k travels with the job"
+    );
+    assert_eq!(classification[0]["label"], top1("darknet_dog.jpg"));
+    assert_eq!(body["metadata"]["filename"], "dog.jpg");
+    assert_eq!(body["metadata"]["k"], true);
+    assert_eq!(body["model"], "efficientnet-lite0");
+}
+
 #[tokio::test]
 async fn health_ready_metrics_and_openapi() {
     let s = service();
@@ -1051,7 +1105,7 @@ async fn health_ready_metrics_and_openapi() {
 #[tokio::test]
 async fn api_keys_guard_the_api_but_not_health() {
     let s = service();
-    let state = AppState::new(s.pipeline.clone(), MAX_UPLOAD)
+    let state = AppState::embedded(&s.pipeline, MAX_UPLOAD)
         .with_api_keys(&["k-one".into(), "k-two".into()]);
     let app = router(state, Duration::from_secs(30));
     let jpeg = image("opencv_apple.jpg");

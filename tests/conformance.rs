@@ -30,6 +30,7 @@ async fn queue_memory_lease_expiry_redelivers() {
     let job = imgclf::Job {
         task_id: imgclf::TaskId::new(),
         object_key: "images/x.jpg".into(),
+        top_k: None,
     };
     imgclf::Queue::enqueue(&queue, &job).await.unwrap();
     let held = imgclf::Queue::receive(&queue, 1, Duration::from_secs(1))
@@ -116,6 +117,7 @@ async fn queue_redis_orphans_are_reclaimed_after_the_lease() {
     let job = imgclf::Job {
         task_id: imgclf::TaskId::new(),
         object_key: "images/x.jpg".into(),
+        top_k: None,
     };
     imgclf::Queue::enqueue(&crashed, &job).await.unwrap();
     let held = imgclf::Queue::receive(&crashed, 1, Duration::from_secs(2))
@@ -166,6 +168,7 @@ async fn queue_amqp_unacked_jobs_survive_a_dead_connection() {
     let job = imgclf::Job {
         task_id: imgclf::TaskId::new(),
         object_key: "images/x.jpg".into(),
+        top_k: None,
     };
     imgclf::Queue::enqueue(&crashed, &job).await.unwrap();
     let held = imgclf::Queue::receive(&crashed, 1, Duration::from_secs(5))

@@ -4,7 +4,7 @@ use axum::extract::multipart::{MultipartError, MultipartRejection};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use imgclf::{ClassifyError, ClassifyNowError, ImageError, SubmitError};
+use imgclf::{ClassifyNowError, ImageError, SubmitError};
 use serde_json::json;
 
 #[derive(Debug)]
@@ -36,7 +36,7 @@ impl ApiError {
     /// A backend failed: the details go to the log under an error id, the client gets the id
     /// and a 503 it may retry, never the details (they may name hosts or credentials).
     pub fn unavailable(error: impl std::fmt::Display) -> Self {
-        let id = uuid::Uuid::new_v4().simple().to_string();
+        let id = imgclf::error_id();
         tracing::error!(error_id = %id, %error, "backend unavailable");
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -79,7 +79,8 @@ impl From<SubmitError> for ApiError {
                 let seconds = retry_after.as_secs().max(1);
                 Self::new(StatusCode::TOO_MANY_REQUESTS, error.to_string()).retry_after(seconds)
             }
-            SubmitError::Unavailable(reason) => Self::unavailable(reason),
+            // Unavailable, and whatever a later version adds.
+            other => Self::unavailable(other),
         }
     }
 }
@@ -88,16 +89,15 @@ impl From<ClassifyNowError> for ApiError {
     fn from(error: ClassifyNowError) -> Self {
         match error {
             ClassifyNowError::Image(e) => e.into(),
-            ClassifyNowError::Classify(e) => match e.as_ref() {
-                ClassifyError::Stopped => Self::unavailable(&e),
-                _ => {
-                    tracing::error!(error = %e, "classification failed");
-                    Self::new(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "the image could not be classified",
-                    )
-                }
-            },
+            ClassifyNowError::Classify(e) if e.is_temporary() => Self::unavailable(&e),
+            other => {
+                let id = imgclf::error_id();
+                tracing::error!(error = %other, error_id = %id, "classification failed");
+                Self::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("the image could not be classified (error id {id})"),
+                )
+            }
         }
     }
 }

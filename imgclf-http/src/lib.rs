@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::{Bytes, BytesMut};
-use imgclf::{Pipeline, TaskId, Upload};
+use imgclf::{Pipeline, Submitter, TaskId, TaskState, Upload, Worker};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tower_http::timeout::TimeoutLayer;
@@ -31,25 +31,48 @@ const MAX_FIELD_BYTES: usize = 16 * 1024;
 /// Most classes a client may ask for.
 const MAX_TOP_K: usize = 100;
 
+/// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
-    pub pipeline: Arc<Pipeline>,
+    /// The accepting side: every process has it.
+    pub submitter: Arc<Submitter>,
+    /// The model, where this process has one (the embedded default): `/api/classify` then runs
+    /// it directly; without one it submits the image and waits for a worker's result.
+    pub worker: Option<Arc<Worker>>,
     /// Most bytes of one uploaded image (413 beyond).
     pub max_upload_bytes: usize,
     /// SHA-256 of each accepted API key; empty turns authentication off.
     pub api_keys: Arc<Vec<[u8; 32]>>,
     /// Whether `/metrics` is served on this router (false when it has its own address).
     pub serve_metrics: bool,
+    /// How long `/api/classify` waits for a worker (set by [`router`] from its timeout).
+    pub classify_wait: Duration,
 }
 
 impl AppState {
-    pub fn new(pipeline: Arc<Pipeline>, max_upload_bytes: usize) -> Self {
+    /// The API over an accepting side and, where this process runs one, a worker.
+    pub fn new(
+        submitter: Arc<Submitter>,
+        worker: Option<Arc<Worker>>,
+        max_upload_bytes: usize,
+    ) -> Self {
         Self {
-            pipeline,
+            submitter,
+            worker,
             max_upload_bytes,
             api_keys: Arc::new(Vec::new()),
             serve_metrics: true,
+            classify_wait: Duration::from_secs(30),
         }
+    }
+
+    /// The API over the embedded pipeline: both sides in this process.
+    pub fn embedded(pipeline: &Pipeline, max_upload_bytes: usize) -> Self {
+        Self::new(
+            pipeline.submitter().clone(),
+            Some(pipeline.worker().clone()),
+            max_upload_bytes,
+        )
     }
 
     /// Requires `Authorization: Bearer <key>` with one of `keys` on `/api/*`.
@@ -70,7 +93,9 @@ fn digest(bytes: &[u8]) -> [u8; 32] {
 }
 
 /// The whole API; `request_timeout` bounds each request so draining at shutdown cannot hang.
-pub fn router(state: AppState, request_timeout: Duration) -> Router {
+pub fn router(mut state: AppState, request_timeout: Duration) -> Router {
+    // `/api/classify` answers before the timeout cuts it off.
+    state.classify_wait = request_timeout.saturating_sub(Duration::from_secs(1));
     // Room for the multipart framing and the small fields around the image.
     let body_limit = state.max_upload_bytes + 2 * MAX_FIELD_BYTES + 64 * 1024;
     let api = Router::new()
@@ -184,8 +209,9 @@ async fn upload_image(
         metadata: form.metadata,
         callback_url: form.callback_url,
         idempotency_key,
+        top_k: None,
     };
-    let task_id = state.pipeline.submit(upload).await?;
+    let task_id = state.submitter.submit(upload).await?;
     let body = json!({
         "task_id": task_id,
         "status_url": format!("/api/task-status/{task_id}"),
@@ -205,7 +231,7 @@ async fn task_status(
     };
     let id: TaskId = task_id.parse().map_err(|_| unknown())?;
     let record = state
-        .pipeline
+        .submitter
         .status(id)
         .await
         .map_err(ApiError::unavailable)?;
@@ -223,34 +249,81 @@ async fn classify(
             "callback_url applies to /api/upload-image only",
         ));
     }
-    let pipeline = &state.pipeline;
-    let top_k = form.top_k.unwrap_or(pipeline.config().top_k);
-    let classification = pipeline.classify_now(form.bytes, top_k).await?;
+    let top_k = form.top_k.unwrap_or(state.submitter.config().top_k);
     let mut metadata = form.metadata;
-    if let Some(filename) = form.filename {
-        metadata.insert("filename".into(), filename.into());
+    if let Some(filename) = &form.filename {
+        metadata.insert("filename".into(), filename.clone().into());
     }
+    let (classification, model) = match &state.worker {
+        Some(worker) => (
+            worker.classify_now(form.bytes, top_k).await?,
+            worker.classifier().spec().name.clone(),
+        ),
+        None => {
+            let upload = Upload {
+                bytes: form.bytes,
+                filename: form.filename,
+                metadata: metadata.clone(),
+                top_k: Some(top_k),
+                ..Upload::default()
+            };
+            classify_by_workers(&state, upload).await?
+        }
+    };
     Ok(Json(json!({
         "metadata": metadata,
         "classification": classification,
-        "model": pipeline.classifier().spec().name,
+        "model": model,
     })))
+}
+
+/// `/api/classify` in a process without a model: submit the image as a task and wait for a
+/// worker's result.
+async fn classify_by_workers(
+    state: &AppState,
+    upload: Upload,
+) -> Result<(Vec<imgclf::Prediction>, String), ApiError> {
+    let submitter = &state.submitter;
+    let task_id = submitter.submit(upload).await?;
+    let record = submitter
+        .wait(task_id, state.classify_wait)
+        .await
+        .map_err(ApiError::unavailable)?
+        .ok_or_else(|| ApiError::unavailable(format!("task {task_id} vanished")))?;
+    match (record.state, record.result) {
+        (TaskState::Success, Some(result)) => Ok((result.classification, result.model)),
+        (TaskState::Failure, _) => Err(ApiError::unprocessable(format!(
+            "the image could not be classified: {}",
+            record.error.unwrap_or_default()
+        ))),
+        _ => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "no worker finished the image in time; it is task {task_id}, see \
+                 /api/task-status/{task_id}"
+            ),
+        )),
+    }
 }
 
 async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Ready when the model has run once and every backend answers.
+/// Ready when every backend answers and, where this process has a model, it has run once.
 async fn ready(State(state): State<AppState>) -> Response {
-    let ports = state.pipeline.ports();
+    let ports = state.submitter.ports();
     let (storage, queue, results) = tokio::join!(
         ports.storage.check(),
         ports.queue.check(),
         ports.results.check()
     );
     let mut problems = Vec::new();
-    if !state.pipeline.classifier().is_ready() {
+    if state
+        .worker
+        .as_ref()
+        .is_some_and(|w| !w.classifier().is_ready())
+    {
         problems.push("model not loaded yet".to_string());
     }
     for (port, failed) in [
@@ -273,7 +346,7 @@ async fn ready(State(state): State<AppState>) -> Response {
 
 async fn metrics(State(state): State<AppState>) -> Response {
     let content_type = [(header::CONTENT_TYPE, imgclf::metrics::CONTENT_TYPE)];
-    (content_type, state.pipeline.render_metrics().await).into_response()
+    (content_type, state.submitter.render_metrics().await).into_response()
 }
 
 async fn openapi() -> Response {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use imgclf::config::{env_or_file, redact};
 use imgclf::{shutdown_signal, Settings};
 use imgclf_http::{metrics_router, router, AppState};
 use tracing_subscriber::EnvFilter;
@@ -26,7 +27,8 @@ struct Args {
     /// Seconds one request may take.
     #[arg(long, env = "IMGCLF_REQUEST_TIMEOUT", default_value_t = 60)]
     request_timeout: u64,
-    /// API keys, comma-separated: when set, /api/* needs `Authorization: Bearer <key>`.
+    /// API keys, comma-separated: when set, /api/* needs `Authorization: Bearer <key>`. Also
+    /// read from the file IMGCLF_API_KEYS_FILE names.
     #[arg(
         long,
         env = "IMGCLF_API_KEYS",
@@ -48,37 +50,48 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let mut args = Args::parse();
-    args.settings.apply_legacy_env();
+    args.settings.apply_env()?;
+    if args.api_keys.is_empty() {
+        if let Some(keys) = env_or_file("IMGCLF_API_KEYS")? {
+            args.api_keys = keys.split(',').map(|k| k.trim().to_string()).collect();
+        }
+    }
     let settings = &args.settings;
 
-    let pipeline = Arc::new(
-        settings
-            .build_pipeline()
-            .await
-            .context("building the pipeline")?,
-    );
-    tracing::info!(
-        model = %pipeline.classifier().spec().name,
-        storage = %imgclf::config::redact(&settings.storage_url()),
-        queue = %imgclf::config::redact(&settings.queue_url()),
-        results = %imgclf::config::redact(&settings.results_url()),
-        "pipeline ready"
-    );
+    // With an in-process queue this process is the whole service; with a shared one it only
+    // accepts, and the workers own the model.
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let worker = if settings.embedded_queue() {
-        let requeued = pipeline
-            .requeue_unfinished()
-            .await
-            .map_err(anyhow::Error::msg)?;
+    let (submitter, worker, worker_task) = if settings.embedded_queue() {
+        let pipeline = Arc::new(
+            settings
+                .build_pipeline()
+                .await
+                .context("building the pipeline")?,
+        );
+        let requeued = pipeline.submitter().requeue_unfinished().await?;
         if requeued > 0 {
             tracing::info!(requeued, "unfinished tasks from the last run queued again");
         }
-        Some(tokio::spawn(pipeline.clone().run_worker(stopped)))
+        let task = tokio::spawn(pipeline.worker().clone().run(stopped));
+        let worker = pipeline.worker().clone();
+        tracing::info!(model = %worker.classifier().spec().name, "embedded worker started");
+        (pipeline.submitter().clone(), Some(worker), Some(task))
     } else {
-        None
+        let submitter = settings
+            .build_submitter()
+            .await
+            .context("connecting the backends")?;
+        (Arc::new(submitter), None, None)
     };
+    tracing::info!(
+        storage = %redact(&settings.storage_url()),
+        queue = %redact(&settings.queue_url()),
+        results = %redact(&settings.results_url()),
+        "backends connected"
+    );
 
-    let mut state = AppState::new(pipeline, args.max_upload_bytes).with_api_keys(&args.api_keys);
+    let mut state =
+        AppState::new(submitter, worker, args.max_upload_bytes).with_api_keys(&args.api_keys);
     if state.api_keys.is_empty() {
         tracing::warn!("IMGCLF_API_KEYS is unset: the API is open to anyone who can reach it");
     }
@@ -101,8 +114,8 @@ async fn main() -> anyhow::Result<()> {
         .await?;
 
     let _ = stop.send(true);
-    if let Some(worker) = worker {
-        worker.await?;
+    if let Some(task) = worker_task {
+        task.await?;
     }
     tracing::info!("stopped");
     Ok(())

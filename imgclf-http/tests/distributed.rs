@@ -1,7 +1,9 @@
 //! The distributed deployment end to end: one `imgclf-http` and two `imgclf-worker` processes
-//! sharing an S3 server, PostgreSQL and a broker (RabbitMQ, then Redis). 300 real photos are
-//! queued, then workers process them and are killed with SIGKILL three times; every task must reach SUCCESS with the
-//! reference label, its result written exactly once; then SIGTERM stops every process cleanly.
+//! sharing an S3 server, PostgreSQL and a broker (RabbitMQ, then Redis). `imgclf-http` holds no
+//! model: it is ready with no worker running and stays small. 300 real photos are queued, then
+//! workers process them and are killed with SIGKILL three times; every task must reach SUCCESS
+//! with the reference label, its result written exactly once; `/api/classify` answers through
+//! the workers; then SIGTERM stops every process cleanly.
 
 mod common;
 
@@ -34,6 +36,11 @@ async fn run(queue_url: String) {
         assert_eq!(status, 202);
         expected.insert(id.unwrap(), label.clone());
     }
+    // Ready above with no worker anywhere, and after 300 uploads still far below the size of
+    // one model instance: the accepting side loaded none.
+    let rss_mib = vm_rss_kib(http.0.id()) / 1024;
+    eprintln!("imgclf-http resident memory after {TASKS} uploads: {rss_mib} MiB");
+    assert!(rss_mib < 60, "imgclf-http uses {rss_mib} MiB");
     let mut workers = [
         spawn(&worker, &env, work.path()),
         spawn(&worker, &env, work.path()),
@@ -81,6 +88,28 @@ async fn run(queue_url: String) {
         "each result written exactly once"
     );
 
+    // The synchronous API works without a model in the HTTP process: the workers answer it.
+    let (name, label, bytes) = &images[0];
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(bytes.clone()).file_name(name.clone()),
+    );
+    let response = client
+        .post(format!("{base}/api/classify?top_k=7"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["classification"][0]["label"], label.as_str(), "{body}");
+    assert_eq!(
+        body["classification"].as_array().unwrap().len(),
+        7,
+        "{body}"
+    );
+    assert_eq!(body["metadata"]["filename"], name.as_str(), "{body}");
+
     // SIGTERM: every process drains and exits 0.
     for process in workers.iter().chain([&http]) {
         process.signal("-TERM");
@@ -95,7 +124,7 @@ async fn run(queue_url: String) {
 
 #[tokio::test]
 async fn http_and_two_workers_over_rabbitmq_postgres_and_s3() {
-    let Some(amqp) = service("IMGCLF_TEST_AMQP") else {
+    let Some(amqp) = service_url("IMGCLF_TEST_AMQP") else {
         return;
     };
     run(amqp).await;
@@ -103,7 +132,7 @@ async fn http_and_two_workers_over_rabbitmq_postgres_and_s3() {
 
 #[tokio::test]
 async fn http_and_two_workers_over_redis_postgres_and_s3() {
-    let Some(redis) = service("IMGCLF_TEST_REDIS") else {
+    let Some(redis) = service_url("IMGCLF_TEST_REDIS") else {
         return;
     };
     run(redis).await;

@@ -65,15 +65,37 @@ async fn the_embedded_default_classifies_real_photos_and_survives_a_kill() {
         assert_eq!(done["result"]["metadata"]["filename"], name.as_str());
     }
 
-    // Accept a burst, then SIGKILL before the worker can finish it.
-    let mut accepted = Vec::new();
-    for (name, label, bytes) in images.iter().cycle().take(30) {
-        let (status, id) = upload(&client, &base, name, bytes).await;
-        assert_eq!(status, 202);
-        accepted.push((id.unwrap(), label));
+    // Accept a concurrent burst (faster than the worker can classify it), then SIGKILL.
+    let mut burst = tokio::task::JoinSet::new();
+    for (name, label, bytes) in images.iter().cycle().take(100).cloned() {
+        let (client, base) = (client.clone(), base.clone());
+        burst.spawn(async move {
+            let (status, id) = upload(&client, &base, &name, &bytes).await;
+            assert_eq!(status, 202);
+            (id.unwrap(), label)
+        });
     }
+    let accepted = burst.join_all().await;
     server.signal("-KILL");
     drop(server);
+
+    // The kill must have landed mid-run, or the restart below proves nothing.
+    let database = format!("sqlite://{}", work.path().join("data/imgclf.db").display());
+    let records = imgclf::results::SqliteResults::connect(&database)
+        .await
+        .unwrap();
+    let unfinished = imgclf::ResultStore::unfinished(&records, usize::MAX)
+        .await
+        .unwrap();
+    assert!(
+        !unfinished.is_empty(),
+        "every task had finished before the kill: the test needs a larger burst"
+    );
+    eprintln!(
+        "{} of 100 accepted tasks unfinished at the kill",
+        unfinished.len()
+    );
+    drop(records);
 
     // The next start picks up whatever was accepted and not finished.
     let (mut server, base) = start(&client, work.path(), port).await;

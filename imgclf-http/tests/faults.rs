@@ -129,7 +129,7 @@ async fn a_rabbitmq_restart_loses_nothing() {
     if !restarts_enabled() {
         return;
     }
-    let Some(amqp) = service("IMGCLF_TEST_AMQP") else {
+    let Some(amqp) = service_url("IMGCLF_TEST_AMQP") else {
         return;
     };
     let _serial = SERIAL.lock().await;
@@ -146,7 +146,7 @@ async fn a_postgres_restart_loses_nothing() {
     if !restarts_enabled() {
         return;
     }
-    let Some(amqp) = service("IMGCLF_TEST_AMQP") else {
+    let Some(amqp) = service_url("IMGCLF_TEST_AMQP") else {
         return;
     };
     let _serial = SERIAL.lock().await;

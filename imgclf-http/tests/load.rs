@@ -1,6 +1,7 @@
 //! A bounded load test on loopback: the embedded service first shows its capacity in a burst,
 //! then takes a steady 75% of it for three minutes (`IMGCLF_LOAD_SECONDS`). Every upload must be
-//! accepted, every task must finish, the backlog must stay bounded and memory flat.
+//! accepted, every task must finish, the backlog must stay bounded and memory flat. Three minutes
+//! is too long for a plain `cargo test`: it runs when `IMGCLF_TEST_LOAD=1` (`.ci/run` sets it).
 
 mod common;
 
@@ -8,12 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-fn vm_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
 
 async fn wait_all(client: &reqwest::Client, base: &str, ids: &[String]) {
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -32,6 +27,10 @@ async fn wait_all(client: &reqwest::Client, base: &str, ids: &[String]) {
 
 #[tokio::test]
 async fn a_steady_rate_near_capacity_holds_with_flat_memory() {
+    if std::env::var("IMGCLF_TEST_LOAD").as_deref() != Ok("1") {
+        eprintln!("skipped: the three-minute load test runs with IMGCLF_TEST_LOAD=1");
+        return;
+    }
     let seconds: u64 = std::env::var("IMGCLF_LOAD_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -32,26 +32,26 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let mut settings = args.settings;
-    settings.apply_legacy_env();
+    settings.apply_env()?;
     if settings.embedded_queue() {
         tracing::warn!(
             "IMGCLF_QUEUE is memory://: this worker only sees jobs queued in its own process; \
              run imgclf-http for the embedded pipeline, or point both at a shared queue"
         );
     }
-    let pipeline = Arc::new(
+    let worker = Arc::new(
         settings
-            .build_pipeline()
+            .build_worker()
             .await
-            .context("building the pipeline")?,
+            .context("building the worker")?,
     );
-    tracing::info!(model = %pipeline.classifier().spec().name, "worker started");
+    tracing::info!(model = %worker.classifier().spec().name, "worker started");
     if let Some(addr) = args.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the metrics address {addr}"))?;
         tracing::info!("metrics on http://{addr}/metrics");
-        let pipeline = pipeline.clone();
+        let worker = worker.clone();
         let metrics = axum::Router::new().route(
             "/metrics",
             axum::routing::get(move || async move {
@@ -59,16 +59,16 @@ async fn main() -> anyhow::Result<()> {
                     axum::http::header::CONTENT_TYPE,
                     imgclf::metrics::CONTENT_TYPE,
                 )];
-                (content_type, pipeline.render_metrics().await)
+                (content_type, worker.render_metrics().await)
             }),
         );
         tokio::spawn(async move { axum::serve(listener, metrics).await });
     }
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let worker = tokio::spawn(pipeline.run_worker(stopped));
+    let running = tokio::spawn(worker.run(stopped));
     shutdown_signal().await;
     let _ = stop.send(true);
-    worker.await?;
+    running.await?;
     tracing::info!("stopped");
     Ok(())
 }

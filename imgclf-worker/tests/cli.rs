@@ -102,3 +102,57 @@ fn metrics_are_served_on_the_address_given() {
         assert!(page.contains(metric), "{metric} missing from:\n{page}");
     }
 }
+
+/// Every setting that can hold a credential, with a value that must never be shown.
+const SECRETS: &[(&str, &str)] = &[
+    ("IMGCLF_QUEUE", "amqp://guest:s3cret-1@rabbit:5672/"),
+    ("IMGCLF_RESULTS", "postgres://app:s3cret-2@db/imgclf"),
+    ("IMGCLF_S3_ACCESS_KEY", "s3cret-3"),
+    ("IMGCLF_S3_SECRET_KEY", "s3cret-4"),
+    ("IMGCLF_WEBHOOK_SECRET", "s3cret-5"),
+];
+
+#[test]
+fn help_never_shows_a_secret_value() {
+    let output = Command::new(env!("CARGO_BIN_EXE_imgclf-worker"))
+        .arg("--help")
+        .envs(SECRETS.iter().copied())
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8(output.stdout).unwrap();
+    assert!(!help.contains("s3cret"), "{help}");
+    assert!(
+        help.contains("IMGCLF_QUEUE_FILE"),
+        "--help names the _FILE form"
+    );
+}
+
+#[test]
+fn secrets_come_from_files_and_errors_hide_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("queue-url");
+    std::fs::write(&file, "kafka://user:s3cret@localhost:9092\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_imgclf-worker"))
+        .env("IMGCLF_QUEUE_FILE", &file)
+        .env("IMGCLF_DATA_DIR", dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("unsupported URL") && stderr.contains("kafka://user:***@localhost"),
+        "the URL was read from the file, its password hidden: {stderr}"
+    );
+    assert!(!stderr.contains("s3cret"), "{stderr}");
+
+    let output = Command::new(env!("CARGO_BIN_EXE_imgclf-worker"))
+        .env("IMGCLF_WEBHOOK_SECRET_FILE", dir.path().join("missing"))
+        .env("IMGCLF_DATA_DIR", dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("IMGCLF_WEBHOOK_SECRET_FILE"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -2,53 +2,128 @@
 //! decide which backends are compiled in.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-#[cfg(feature = "webhook")]
 use std::time::Duration;
 
-use crate::classifier::{self, ClassifierHandle, ClassifyError};
+use crate::classifier::{self, ClassifierHandle, ClassifierOptions, ClassifyError};
 use crate::model::ModelSpec;
-use crate::notify::{NoopNotifier, Notifier};
-use crate::pipeline::{Pipeline, PipelineConfig, Ports};
-use crate::queue::{MemoryQueue, Queue};
-use crate::results::{MemoryResults, ResultStore, ResultsError};
-use crate::storage::{LocalStorage, MemoryStorage, Storage, StorageError};
+use crate::notify::{self, NotifierOptions};
+use crate::pipeline::{self, Pipeline, PipelineConfig, Ports, Submitter, Worker};
+use crate::queue::{self, QueueError, QueueOptions};
+use crate::results::{self, ResultsError};
+use crate::storage::{self, S3Config, StorageError};
 
+/// Why the service could not be built from its settings.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
+    /// A URL of a kind no backend serves.
     #[error("{port}: unsupported URL {url:?} ({hint})")]
     Unsupported {
+        /// The port the URL is for.
         port: &'static str,
+        /// The URL, its password hidden.
         url: String,
+        /// What would work.
         hint: &'static str,
     },
+    /// A backend this build does not have.
     #[error("{port}: {url:?} needs the cargo feature {feature:?}, not compiled into this build")]
     NotCompiled {
+        /// The port the URL is for.
         port: &'static str,
+        /// The URL, its password hidden.
         url: String,
+        /// The feature that brings the backend.
         feature: &'static str,
     },
+    /// A `<NAME>_FILE` setting whose file cannot be read.
+    #[error("{name}: cannot read {path}: {source}")]
+    SecretFile {
+        /// The variable that named the file.
+        name: String,
+        /// The file.
+        path: PathBuf,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
+    /// The storage backend failed to start.
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
+    /// The result store failed to start.
     #[error("results: {0}")]
     Results(#[from] ResultsError),
+    /// The queue failed to start.
     #[error("queue: {0}")]
-    Queue(crate::queue::QueueError),
+    Queue(#[source] QueueError),
+    /// The model failed to load.
     #[error("classifier: {0}")]
     Classifier(#[from] ClassifyError),
+    /// The notifier failed to start.
     #[error("notifier: {0}")]
     Notifier(#[from] crate::notify::NotifyError),
 }
 
+impl ConfigError {
+    pub(crate) fn unsupported(port: &'static str, url: &str, hint: &'static str) -> Self {
+        Self::Unsupported {
+            port,
+            url: redact(url),
+            hint,
+        }
+    }
+
+    #[allow(dead_code)] // unused when every backend is compiled in
+    pub(crate) fn not_compiled(port: &'static str, url: &str, feature: &'static str) -> Self {
+        Self::NotCompiled {
+            port,
+            url: redact(url),
+            feature,
+        }
+    }
+}
+
+/// The settings that may hold a credential: their values are hidden from `--help` and `Debug`,
+/// and each is also read from the file that `<NAME>_FILE` names (as Docker and Kubernetes mount
+/// secrets).
+pub const SECRET_SETTINGS: &[&str] = &[
+    "IMGCLF_QUEUE",
+    "IMGCLF_RESULTS",
+    "IMGCLF_S3_ACCESS_KEY",
+    "IMGCLF_S3_SECRET_KEY",
+    "IMGCLF_WEBHOOK_SECRET",
+    "IMGCLF_API_KEYS",
+];
+
+/// The value of environment variable `name`, or else the contents of the file that
+/// `<name>_FILE` names (one trailing newline dropped). `None` when neither is set.
+pub fn env_or_file(name: &str) -> Result<Option<String>, ConfigError> {
+    if let Some(value) = std::env::var(name).ok().filter(|v| !v.is_empty()) {
+        return Ok(Some(value));
+    }
+    let file_var = format!("{name}_FILE");
+    let Some(path) = std::env::var_os(&file_var).filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
+    let path = PathBuf::from(path);
+    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::SecretFile {
+        name: file_var,
+        path: path.clone(),
+        source,
+    })?;
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    Ok(Some(text.strip_suffix('\r').unwrap_or(text).to_string()))
+}
+
 /// Settings shared by `imgclf-http` and `imgclf-worker`. With the `cli` feature they are clap
-/// arguments, each also read from its `IMGCLF_*` environment variable.
-#[derive(Clone, Debug)]
+/// arguments, each also read from its `IMGCLF_*` environment variable; `Debug` and `--help`
+/// never show the values of [`SECRET_SETTINGS`].
+#[derive(Clone)]
 #[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct Settings {
     /// Directory for the embedded default's images and database.
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "IMGCLF_DATA_DIR", default_value = "./data")
+        arg(long, env = "IMGCLF_DATA_DIR", default_value = DEFAULT_DATA_DIR)
     )]
     pub data_dir: PathBuf,
     /// Image storage: `s3://bucket`, `file:///path` or `memory://`
@@ -56,28 +131,34 @@ pub struct Settings {
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_STORAGE"))]
     pub storage: Option<String>,
     /// Job queue: `amqp://…`, `redis://…` or `memory://` (the worker then runs inside the HTTP
-    /// process) [default: memory://].
-    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_QUEUE"))]
+    /// process) [default: memory://]. Also read from the file IMGCLF_QUEUE_FILE names.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "IMGCLF_QUEUE", hide_env_values = true)
+    )]
     pub queue: Option<String>,
     /// Name of the queue (RabbitMQ queue, Redis stream) shared by producers and workers.
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "IMGCLF_QUEUE_NAME", default_value = "imgclf")
+        arg(long, env = "IMGCLF_QUEUE_NAME", default_value = queue::DEFAULT_NAME)
     )]
     pub queue_name: String,
     /// Seconds a worker may hold a job before another gets it (Redis and memory queues).
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "IMGCLF_QUEUE_LEASE", default_value_t = 120)
+        arg(long, env = "IMGCLF_QUEUE_LEASE", default_value_t = queue::DEFAULT_LEASE_SECS)
     )]
     pub queue_lease: u64,
     /// S3 endpoint (`http(s)://host:port`) for `s3://bucket` storage; AWS when unset.
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_S3_ENDPOINT"))]
     pub s3_endpoint: Option<String>,
-    /// S3 access key.
-    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_S3_ACCESS_KEY"))]
+    /// S3 access key (or the file IMGCLF_S3_ACCESS_KEY_FILE names).
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "IMGCLF_S3_ACCESS_KEY", hide_env_values = true)
+    )]
     pub s3_access_key: Option<String>,
-    /// S3 secret key.
+    /// S3 secret key (or the file IMGCLF_S3_SECRET_KEY_FILE names).
     #[cfg_attr(
         feature = "cli",
         arg(long, env = "IMGCLF_S3_SECRET_KEY", hide_env_values = true)
@@ -86,7 +167,7 @@ pub struct Settings {
     /// S3 region.
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "IMGCLF_S3_REGION", default_value = "us-east-1")
+        arg(long, env = "IMGCLF_S3_REGION", default_value = storage::DEFAULT_S3_REGION)
     )]
     pub s3_region: String,
     /// Path-style S3 requests (`endpoint/bucket/key`), as MinIO expects; false for
@@ -97,13 +178,16 @@ pub struct Settings {
     )]
     pub s3_path_style: bool,
     /// Result store: `postgres://…`, `sqlite://path` or `memory://`
-    /// [default: sqlite://DATA_DIR/imgclf.db].
-    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_RESULTS"))]
+    /// [default: sqlite://DATA_DIR/imgclf.db]. Also read from the file IMGCLF_RESULTS_FILE names.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "IMGCLF_RESULTS", hide_env_values = true)
+    )]
     pub results: Option<String>,
     /// Inference backend: `tract` (pure Rust) or `ort` (ONNX Runtime).
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "IMGCLF_CLASSIFIER", default_value = "tract")
+        arg(long, env = "IMGCLF_CLASSIFIER", default_value = classifier::DEFAULT_BACKEND)
     )]
     pub classifier: String,
     /// `libonnxruntime.so` for `IMGCLF_CLASSIFIER=ort` [default: $ORT_DYLIB_PATH].
@@ -112,7 +196,7 @@ pub struct Settings {
     /// Threads one inference may use (ort).
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "IMGCLF_INTRA_THREADS", default_value_t = 1)
+        arg(long, env = "IMGCLF_INTRA_THREADS", default_value_t = classifier::DEFAULT_INTRA_THREADS)
     )]
     pub intra_threads: usize,
     /// Instances of the model run side by side, each on its own thread [default: one per core
@@ -125,7 +209,7 @@ pub struct Settings {
     /// Most images per inference batch.
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "IMGCLF_MAX_BATCH", default_value_t = 8)
+        arg(long, env = "IMGCLF_MAX_BATCH", default_value_t = pipeline::DEFAULT_MAX_BATCH)
     )]
     pub max_batch: usize,
     /// Most decoded pixels per image (stops decompression bombs).
@@ -135,18 +219,21 @@ pub struct Settings {
     )]
     pub max_pixels: u64,
     /// Classes returned per image.
-    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_TOP_K", default_value_t = 5))]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "IMGCLF_TOP_K", default_value_t = pipeline::DEFAULT_TOP_K)
+    )]
     pub top_k: usize,
     /// Uploads get 429 while this many jobs wait in the queue; 0 for no limit.
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "IMGCLF_MAX_QUEUE_DEPTH", default_value_t = 10_000)
+        arg(long, env = "IMGCLF_MAX_QUEUE_DEPTH", default_value_t = pipeline::DEFAULT_MAX_QUEUE_DEPTH)
     )]
     pub max_queue_depth: u64,
     /// Deliveries of a job before it fails for good.
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "IMGCLF_MAX_ATTEMPTS", default_value_t = 5)
+        arg(long, env = "IMGCLF_MAX_ATTEMPTS", default_value_t = pipeline::DEFAULT_MAX_ATTEMPTS)
     )]
     pub max_attempts: u32,
     /// Threads decoding and preprocessing at once [default: one per core].
@@ -155,10 +242,11 @@ pub struct Settings {
     /// Seconds a callback attempt may take.
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "IMGCLF_WEBHOOK_TIMEOUT", default_value_t = 10)
+        arg(long, env = "IMGCLF_WEBHOOK_TIMEOUT", default_value_t = notify::DEFAULT_TIMEOUT_SECS)
     )]
     pub webhook_timeout: u64,
     /// Secret that signs every callback (HMAC-SHA256, see the README); unsigned when unset.
+    /// Also read from the file IMGCLF_WEBHOOK_SECRET_FILE names.
     #[cfg_attr(
         feature = "cli",
         arg(long, env = "IMGCLF_WEBHOOK_SECRET", hide_env_values = true)
@@ -174,46 +262,86 @@ pub struct Settings {
     /// Attempts per callback before giving up; 0 turns callbacks off.
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "IMGCLF_WEBHOOK_ATTEMPTS", default_value_t = 5)
+        arg(long, env = "IMGCLF_WEBHOOK_ATTEMPTS", default_value_t = notify::DEFAULT_ATTEMPTS)
     )]
     pub webhook_attempts: u32,
 }
 
+/// Where the embedded default keeps its files.
+pub const DEFAULT_DATA_DIR: &str = "./data";
+
 impl Default for Settings {
     fn default() -> Self {
-        let pipeline = PipelineConfig::default();
         Self {
-            data_dir: "./data".into(),
+            data_dir: DEFAULT_DATA_DIR.into(),
             storage: None,
             queue: None,
-            queue_name: "imgclf".into(),
-            queue_lease: 120,
+            queue_name: queue::DEFAULT_NAME.into(),
+            queue_lease: queue::DEFAULT_LEASE_SECS,
             s3_endpoint: None,
             s3_access_key: None,
             s3_secret_key: None,
-            s3_region: "us-east-1".into(),
+            s3_region: storage::DEFAULT_S3_REGION.into(),
             s3_path_style: true,
             results: None,
-            classifier: "tract".into(),
+            classifier: classifier::DEFAULT_BACKEND.into(),
             model: None,
             ort_lib: None,
-            intra_threads: 1,
+            intra_threads: classifier::DEFAULT_INTRA_THREADS,
             inference_threads: None,
-            max_batch: pipeline.max_batch,
-            max_pixels: pipeline.max_pixels,
-            top_k: pipeline.top_k,
-            max_attempts: pipeline.max_attempts,
-            max_queue_depth: pipeline.max_queue_depth,
+            max_batch: pipeline::DEFAULT_MAX_BATCH,
+            max_pixels: crate::preprocess::DEFAULT_MAX_PIXELS,
+            top_k: pipeline::DEFAULT_TOP_K,
+            max_attempts: pipeline::DEFAULT_MAX_ATTEMPTS,
+            max_queue_depth: pipeline::DEFAULT_MAX_QUEUE_DEPTH,
             preprocess_threads: None,
-            webhook_timeout: 10,
+            webhook_timeout: notify::DEFAULT_TIMEOUT_SECS,
             webhook_secret: None,
             webhook_allow: Vec::new(),
-            webhook_attempts: 5,
+            webhook_attempts: notify::DEFAULT_ATTEMPTS,
         }
     }
 }
 
-/// The model shipped with imgclf: `./models/efficientnet-lite0`, or the one in the source tree.
+impl std::fmt::Debug for Settings {
+    /// Every setting, with credentials hidden: URLs lose their password, keys their value.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |secret: &Option<String>| secret.as_ref().map(|_| "***");
+        let url = |url: &Option<String>| url.as_deref().map(redact);
+        f.debug_struct("Settings")
+            .field("data_dir", &self.data_dir)
+            .field("storage", &url(&self.storage))
+            .field("queue", &url(&self.queue))
+            .field("queue_name", &self.queue_name)
+            .field("queue_lease", &self.queue_lease)
+            .field("s3_endpoint", &url(&self.s3_endpoint))
+            .field("s3_access_key", &hidden(&self.s3_access_key))
+            .field("s3_secret_key", &hidden(&self.s3_secret_key))
+            .field("s3_region", &self.s3_region)
+            .field("s3_path_style", &self.s3_path_style)
+            .field("results", &url(&self.results))
+            .field("classifier", &self.classifier)
+            .field("ort_lib", &self.ort_lib)
+            .field("intra_threads", &self.intra_threads)
+            .field("inference_threads", &self.inference_threads)
+            .field("model", &self.model)
+            .field("max_batch", &self.max_batch)
+            .field("max_pixels", &self.max_pixels)
+            .field("top_k", &self.top_k)
+            .field("max_queue_depth", &self.max_queue_depth)
+            .field("max_attempts", &self.max_attempts)
+            .field("preprocess_threads", &self.preprocess_threads)
+            .field("webhook_timeout", &self.webhook_timeout)
+            .field("webhook_secret", &hidden(&self.webhook_secret))
+            .field("webhook_allow", &self.webhook_allow)
+            .field("webhook_attempts", &self.webhook_attempts)
+            .finish()
+    }
+}
+
+/// The model shipped with imgclf, found as a dependent crate would find it: `IMGCLF_MODEL`
+/// aside, `./models/efficientnet-lite0` under the working directory, else the copy in the
+/// imgclf source repository this crate was built from (absent in a crate from a registry).
 pub fn default_model_dir() -> PathBuf {
     let local = PathBuf::from("models/efficientnet-lite0");
     if local.join("model.json").is_file() {
@@ -238,46 +366,54 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// Keeps a URL's password out of an error message that may quote the URL.
-#[cfg(any(feature = "amqp", feature = "redis"))]
-fn redact_error(url: &str, error: crate::queue::QueueError) -> crate::queue::QueueError {
-    match error {
-        crate::queue::QueueError::Backend { message, temporary } => {
-            crate::queue::QueueError::Backend {
-                message: message.replace(url, &redact(url)),
-                temporary,
-            }
-        }
-        other => other,
-    }
-}
-
 impl Settings {
+    /// Where images go.
     pub fn storage_url(&self) -> String {
         self.storage
             .clone()
             .unwrap_or_else(|| format!("file://{}", self.data_dir.join("images").display()))
     }
 
+    /// Where task records go.
     pub fn results_url(&self) -> String {
         self.results
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("imgclf.db").display()))
     }
 
+    /// Where jobs wait.
     pub fn queue_url(&self) -> String {
         self.queue.clone().unwrap_or_else(|| "memory://".into())
     }
 
     /// The queue lives in this process: the HTTP service then runs the worker too.
     pub fn embedded_queue(&self) -> bool {
-        self.queue_url().starts_with("memory:")
+        queue::is_embedded(&self.queue_url())
     }
 
-    /// Fills unset settings from the replaced service's environment variables (`MINIO_*`,
-    /// `PG_*`, `CELERY_BROKER_URL`), so its deployment files keep working.
-    pub fn apply_legacy_env(&mut self) {
-        self.apply_legacy(|name| std::env::var(name).ok().filter(|v| !v.is_empty()));
+    /// Completes the settings from the environment beyond clap: secrets from `<NAME>_FILE`,
+    /// then the replaced service's variables (`MINIO_*`, `PG_*`, `CELERY_BROKER_URL`, each also
+    /// as `<NAME>_FILE`) for what is still unset, so its deployment files keep working.
+    pub fn apply_env(&mut self) -> Result<(), ConfigError> {
+        for (value, name) in [
+            (&mut self.queue, "IMGCLF_QUEUE"),
+            (&mut self.results, "IMGCLF_RESULTS"),
+            (&mut self.s3_access_key, "IMGCLF_S3_ACCESS_KEY"),
+            (&mut self.s3_secret_key, "IMGCLF_S3_SECRET_KEY"),
+            (&mut self.webhook_secret, "IMGCLF_WEBHOOK_SECRET"),
+        ] {
+            if value.is_none() {
+                *value = env_or_file(name)?;
+            }
+        }
+        let mut legacy = std::collections::HashMap::new();
+        for name in LEGACY_VARIABLES {
+            if let Some(value) = env_or_file(name)? {
+                legacy.insert(*name, value);
+            }
+        }
+        self.apply_legacy(|name| legacy.get(name).cloned());
+        Ok(())
     }
 
     fn apply_legacy(&mut self, var: impl Fn(&str) -> Option<String>) {
@@ -321,6 +457,7 @@ impl Settings {
         }
     }
 
+    /// The limits both sides run with.
     pub fn pipeline_config(&self) -> PipelineConfig {
         let defaults = PipelineConfig::default();
         PipelineConfig {
@@ -336,189 +473,112 @@ impl Settings {
         }
     }
 
-    pub async fn build_storage(&self) -> Result<Arc<dyn Storage>, ConfigError> {
-        let url = self.storage_url();
-        if url.starts_with("memory:") {
-            return Ok(Arc::new(MemoryStorage::new()));
+    /// How the S3 backend reaches its bucket.
+    pub fn s3_config(&self) -> S3Config {
+        S3Config {
+            bucket: String::new(),
+            endpoint: self.s3_endpoint.clone(),
+            access_key: self.s3_access_key.clone(),
+            secret_key: self.s3_secret_key.clone(),
+            region: self.s3_region.clone(),
+            path_style: self.s3_path_style,
         }
-        if let Some(path) = url.strip_prefix("file://") {
-            return Ok(Arc::new(LocalStorage::new(path)?));
-        }
-        if let Some(bucket) = url.strip_prefix("s3://") {
-            #[cfg(feature = "s3")]
-            return Ok(Arc::new(
-                crate::storage::S3Storage::connect(crate::storage::S3Config {
-                    bucket: bucket.trim_end_matches('/').to_string(),
-                    endpoint: self.s3_endpoint.clone(),
-                    access_key: self.s3_access_key.clone(),
-                    secret_key: self.s3_secret_key.clone(),
-                    region: self.s3_region.clone(),
-                    path_style: self.s3_path_style,
-                })
-                .await?,
-            ));
-            #[cfg(not(feature = "s3"))]
-            return Err(ConfigError::NotCompiled {
-                port: "storage",
-                url: bucket.into(),
-                feature: "s3",
-            });
-        }
-        Err(ConfigError::Unsupported {
-            port: "storage",
-            url: redact(&url),
-            hint: "use s3://bucket, file:///path or memory://",
-        })
     }
 
-    pub async fn build_queue(&self) -> Result<Arc<dyn Queue>, ConfigError> {
-        let url = self.queue_url();
-        let lease = std::time::Duration::from_secs(self.queue_lease.max(1));
-        if self.embedded_queue() {
-            return Ok(Arc::new(MemoryQueue::new(lease)));
+    /// How the queue is used.
+    pub fn queue_options(&self) -> QueueOptions {
+        QueueOptions {
+            name: self.queue_name.clone(),
+            lease: Duration::from_secs(self.queue_lease.max(1)),
+            // Room for one batch in the model and the next being prepared.
+            prefetch: u16::try_from(2 * self.max_batch.max(1)).unwrap_or(u16::MAX),
         }
-        if url.starts_with("amqp://") || url.starts_with("amqps://") {
-            #[cfg(feature = "amqp")]
-            {
-                // Room for one batch in the model and the next being prepared.
-                let prefetch = u16::try_from(2 * self.max_batch.max(1)).unwrap_or(u16::MAX);
-                let queue =
-                    crate::queue::AmqpQueue::connect(&url, &self.queue_name, prefetch).await;
-                return Ok(Arc::new(
-                    queue.map_err(|e| ConfigError::Queue(redact_error(&url, e)))?,
-                ));
-            }
-            #[cfg(not(feature = "amqp"))]
-            return Err(ConfigError::NotCompiled {
-                port: "queue",
-                url: redact(&url),
-                feature: "amqp",
-            });
-        }
-        if url.starts_with("redis://") || url.starts_with("rediss://") {
-            #[cfg(feature = "redis")]
-            {
-                let queue = crate::queue::RedisQueue::connect(&url, &self.queue_name, lease).await;
-                return Ok(Arc::new(
-                    queue.map_err(|e| ConfigError::Queue(redact_error(&url, e)))?,
-                ));
-            }
-            #[cfg(not(feature = "redis"))]
-            return Err(ConfigError::NotCompiled {
-                port: "queue",
-                url: redact(&url),
-                feature: "redis",
-            });
-        }
-        Err(ConfigError::Unsupported {
-            port: "queue",
-            url: redact(&url),
-            hint: "use amqp://…, redis://… or memory://",
-        })
     }
 
-    pub async fn build_results(&self) -> Result<Arc<dyn ResultStore>, ConfigError> {
-        let url = self.results_url();
-        if url.starts_with("memory:") {
-            return Ok(Arc::new(MemoryResults::new()));
+    /// How callbacks are sent.
+    pub fn notifier_options(&self) -> NotifierOptions {
+        NotifierOptions {
+            attempts: self.webhook_attempts,
+            timeout: Duration::from_secs(self.webhook_timeout),
+            secret: self.webhook_secret.clone(),
+            allow: self.webhook_allow.clone(),
         }
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            #[cfg(feature = "postgres")]
-            return Ok(Arc::new(
-                crate::results::PostgresResults::connect(&url)
-                    .await
-                    .map_err(|e| {
-                        ConfigError::Results(ResultsError::Backend {
-                            message: e.to_string().replace(&url, &redact(&url)),
-                            temporary: e.is_temporary(),
-                        })
-                    })?,
-            ));
-            #[cfg(not(feature = "postgres"))]
-            return Err(ConfigError::NotCompiled {
-                port: "results",
-                url: redact(&url),
-                feature: "postgres",
-            });
-        }
-        if url.starts_with("sqlite:") {
-            #[cfg(feature = "sqlite")]
-            return Ok(Arc::new(
-                crate::results::SqliteResults::connect(&url).await?,
-            ));
-            #[cfg(not(feature = "sqlite"))]
-            return Err(ConfigError::NotCompiled {
-                port: "results",
-                url,
-                feature: "sqlite",
-            });
-        }
-        Err(ConfigError::Unsupported {
-            port: "results",
-            url: redact(&url),
-            hint: "use postgres://…, sqlite://path or memory://",
-        })
     }
 
-    /// Webhooks, unless `webhook_attempts` is 0 or the `webhook` feature is off.
-    pub fn build_notifier(&self) -> Result<Arc<dyn Notifier>, ConfigError> {
-        #[cfg(feature = "webhook")]
-        if self.webhook_attempts > 0 {
-            if self.webhook_secret.is_none() {
-                tracing::warn!("IMGCLF_WEBHOOK_SECRET is unset: callbacks go out unsigned");
-            }
-            return Ok(Arc::new(crate::notify::WebhookNotifier::new(
-                crate::notify::WebhookConfig {
-                    timeout: Duration::from_secs(self.webhook_timeout.max(1)),
-                    attempts: self.webhook_attempts,
-                    secret: self.webhook_secret.clone(),
-                    policy: crate::notify::CallbackPolicy::new(self.webhook_allow.clone()),
-                    ..crate::notify::WebhookConfig::default()
-                },
-            )?));
-        }
-        Ok(Arc::new(NoopNotifier))
-    }
-
+    /// The model's description (no weights loaded yet).
     pub fn model_spec(&self) -> Result<ModelSpec, ConfigError> {
         let dir = self.model.clone().unwrap_or_else(default_model_dir);
         Ok(ModelSpec::load(dir).map_err(ClassifyError::from)?)
     }
 
-    /// Loads the model and starts its inference thread (blocking: compiles the model).
-    pub fn build_classifier(&self) -> Result<ClassifierHandle, ConfigError> {
-        let options = classifier::ClassifierOptions {
-            intra_threads: self.intra_threads,
-            ort_library: self.ort_lib.clone(),
-        };
-        let instances = self
-            .inference_threads
-            .unwrap_or(match self.classifier.as_str() {
-                "tract" => std::thread::available_parallelism().map_or(1, |n| n.get()),
-                _ => 1,
-            });
-        let spec = self.model_spec()?;
-        let classifiers = (0..instances.max(1))
-            .map(|_| classifier::build(&self.classifier, spec.clone(), &options))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(ClassifierHandle::spawn_pool(classifiers, self.max_batch))
+    /// Every port, connected.
+    pub async fn ports(&self) -> Result<Ports, ConfigError> {
+        Ok(Ports {
+            storage: storage::from_url(&self.storage_url(), &self.s3_config()).await?,
+            queue: queue::from_url(&self.queue_url(), &self.queue_options()).await?,
+            results: results::from_url(&self.results_url()).await?,
+            notifier: notify::build(&self.notifier_options())?,
+        })
     }
 
-    /// Every port from configuration, and the pipeline over them.
-    pub async fn build_pipeline(&self) -> Result<Pipeline, ConfigError> {
-        let ports = Ports {
-            storage: self.build_storage().await?,
-            queue: self.build_queue().await?,
-            results: self.build_results().await?,
-            notifier: self.build_notifier()?,
+    /// Loads the model and starts its inference threads, off the async runtime (compiling a
+    /// model takes seconds).
+    pub async fn classifier(&self) -> Result<ClassifierHandle, ConfigError> {
+        let spec = self.model_spec()?;
+        let (name, max_batch) = (self.classifier.clone(), self.max_batch);
+        let options = ClassifierOptions {
+            intra_threads: self.intra_threads,
+            ort_library: self.ort_lib.clone(),
+            instances: self.inference_threads,
         };
-        let settings = self.clone();
-        let classifier = tokio::task::spawn_blocking(move || settings.build_classifier())
-            .await
-            .map_err(|e| ClassifyError::Inference(format!("loading the model panicked: {e}")))??;
-        Ok(Pipeline::new(ports, classifier, self.pipeline_config()))
+        let handle = tokio::task::spawn_blocking(move || {
+            classifier::spawn(&name, spec, &options, max_batch)
+        })
+        .await
+        .map_err(|e| ClassifyError::Inference(format!("loading the model panicked: {e}")))??;
+        Ok(handle)
+    }
+
+    /// The accepting side alone: no model is loaded.
+    pub async fn build_submitter(&self) -> Result<Submitter, ConfigError> {
+        Ok(Submitter::new(self.ports().await?, self.pipeline_config()))
+    }
+
+    /// The working side alone.
+    pub async fn build_worker(&self) -> Result<Worker, ConfigError> {
+        let ports = self.ports().await?;
+        Ok(Worker::new(
+            ports,
+            self.classifier().await?,
+            self.pipeline_config(),
+        ))
+    }
+
+    /// Both sides in one process, as the embedded default runs them.
+    pub async fn build_pipeline(&self) -> Result<Pipeline, ConfigError> {
+        let ports = self.ports().await?;
+        Ok(Pipeline::new(
+            ports,
+            self.classifier().await?,
+            self.pipeline_config(),
+        ))
     }
 }
+
+/// The replaced service's variables that [`Settings::apply_env`] reads.
+const LEGACY_VARIABLES: &[&str] = &[
+    "MINIO_BUCKET",
+    "MINIO_ENDPOINT",
+    "MINIO_SECURE",
+    "MINIO_ACCESS_KEY",
+    "MINIO_SECRET_KEY",
+    "CELERY_BROKER_URL",
+    "PG_HOST",
+    "PG_USER",
+    "PG_PASSWORD",
+    "PG_PORT",
+    "PG_DB",
+];
 
 #[cfg(test)]
 mod tests {
@@ -569,6 +629,52 @@ mod tests {
             Some("redis://r"),
             "explicit settings win"
         );
+    }
+
+    #[test]
+    fn debug_hides_every_credential() {
+        let settings = Settings {
+            queue: Some("amqp://guest:s3cret-q@rabbit:5672/".into()),
+            results: Some("postgres://app:s3cret-pg@db/results".into()),
+            s3_access_key: Some("AKIA-s3cret".into()),
+            s3_secret_key: Some("s3cret-key".into()),
+            webhook_secret: Some("s3cret-hook".into()),
+            ..Settings::default()
+        };
+        let shown = format!("{settings:?} {:?}", settings.s3_config());
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("rabbit:5672"),
+            "the rest stays readable: {shown}"
+        );
+    }
+
+    #[test]
+    fn secrets_are_read_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "from-a-file\n").unwrap();
+        // A name no other test sets: the process environment is shared.
+        std::env::set_var("IMGCLF_TEST_SECRET_FILE", &path);
+        assert_eq!(
+            super::env_or_file("IMGCLF_TEST_SECRET").unwrap().as_deref(),
+            Some("from-a-file"),
+            "the file's contents, without the trailing newline"
+        );
+        std::env::set_var("IMGCLF_TEST_SECRET", "direct");
+        assert_eq!(
+            super::env_or_file("IMGCLF_TEST_SECRET").unwrap().as_deref(),
+            Some("direct"),
+            "the variable itself wins"
+        );
+        std::env::remove_var("IMGCLF_TEST_SECRET");
+        std::env::set_var("IMGCLF_TEST_SECRET_FILE", dir.path().join("missing"));
+        let error = super::env_or_file("IMGCLF_TEST_SECRET").unwrap_err();
+        assert!(
+            error.to_string().contains("IMGCLF_TEST_SECRET_FILE"),
+            "{error}"
+        );
+        std::env::remove_var("IMGCLF_TEST_SECRET_FILE");
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! Five small ports, each an object-safe trait used as `Arc<dyn …>`:
 //! [`Storage`] (image bytes), [`Queue`] (jobs), [`Classifier`] (the model, synchronous, on its own
 //! thread behind a [`ClassifierHandle`]), [`ResultStore`] (task records and their guarded state
-//! machine) and [`Notifier`] (callbacks). [`Pipeline`] is the one place where they meet.
+//! machine) and [`Notifier`] (callbacks). They meet in two places: a [`Submitter`] accepts
+//! images and holds no model; a [`Worker`] owns the model and turns queued jobs into results;
+//! [`Pipeline`] runs both in one process. `Settings::build_submitter`, `build_worker` and
+//! `build_pipeline` build either side or both.
 //! Backends are chosen at run time from URLs ([`Settings`]); cargo features decide only which
 //! are compiled in.
 //!
@@ -14,7 +17,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use std::sync::Arc;
+//! use std::time::Duration;
 //! use imgclf::{Settings, Upload, TaskState};
 //!
 //! let settings = Settings {
@@ -22,24 +25,22 @@
 //!     results: Some("memory://".into()),
 //!     ..Settings::default()
 //! };
-//! let pipeline = Arc::new(settings.build_pipeline().await?);
+//! let pipeline = settings.build_pipeline().await?;
 //! let (stop, stopped) = tokio::sync::watch::channel(false);
-//! let worker = tokio::spawn(pipeline.clone().run_worker(stopped));
+//! let worker = tokio::spawn(pipeline.worker().clone().run(stopped));
 //!
 //! let bytes = std::fs::read("cat.jpg")?;
-//! let id = pipeline.submit(Upload { bytes: bytes.into(), ..Upload::default() }).await?;
-//! loop {
-//!     let record = pipeline.status(id).await?.expect("accepted tasks are recorded");
-//!     if record.state == TaskState::Success {
-//!         println!("{:?}", record.result.unwrap().classification[0]);
-//!         break;
-//!     }
-//!     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-//! }
+//! let submitter = pipeline.submitter();
+//! let id = submitter.submit(Upload { bytes: bytes.into(), ..Upload::default() }).await?;
+//! let record = submitter.wait(id, Duration::from_secs(30)).await?.expect("accepted tasks are recorded");
+//! assert_eq!(record.state, TaskState::Success);
+//! println!("{:?}", record.result.unwrap().classification[0]);
 //! stop.send(true)?;
 //! worker.await?;
 //! # Ok(()) }
 //! ```
+
+#![warn(missing_docs)]
 
 pub mod classifier;
 pub mod config;
@@ -61,7 +62,8 @@ pub use metrics::Metrics;
 pub use model::{ModelError, ModelSpec};
 pub use notify::{Notifier, NotifyError};
 pub use pipeline::{
-    shutdown_signal, ClassifyNowError, Pipeline, PipelineConfig, Ports, SubmitError, Upload,
+    shutdown_signal, ClassifyNowError, Pipeline, PipelineConfig, Ports, SubmitError, Submitter,
+    Upload, Worker,
 };
 pub use preprocess::{ImageError, Transform};
 pub use queue::{Delivery, Queue, QueueError};
@@ -71,3 +73,16 @@ pub use task::{
     Job, Prediction, StageTimings, TaskId, TaskRecord, TaskResult, TaskState, WebhookDelivery,
     WebhookState,
 };
+
+/// The source of a backend error, kept so the log can say what really failed.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A fresh id that ties what a client is told ("error id …") to the log line with the details.
+pub fn error_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// Cores this process may use.
+pub(crate) fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}

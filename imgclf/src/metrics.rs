@@ -8,18 +8,27 @@ use prometheus::{
 /// The content type of [`Metrics::render`]'s text.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+/// Every metric of one process, in its own registry.
 pub struct Metrics {
+    /// The registry they are rendered from.
     pub registry: Registry,
+    /// Tasks that reached `SUCCESS` here.
     pub task_success: IntCounter,
+    /// Tasks that reached `FAILURE` here.
     pub task_failure: IntCounter,
     /// From acceptance to the final state.
     pub task_latency: Histogram,
+    /// Callbacks delivered.
     pub webhook_success: IntCounter,
+    /// Callbacks given up on.
     pub webhook_failure: IntCounter,
+    /// Time to deliver (or give up on) a callback.
     pub webhook_latency: Histogram,
+    /// Jobs waiting, as last read.
     pub queue_depth: IntGauge,
     /// Per-stage time: fetch, preprocess, infer, persist.
     pub stage_seconds: HistogramVec,
+    /// Images per model run.
     pub batch_size: Histogram,
 }
 
@@ -30,6 +39,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Every metric, registered and at zero.
     pub fn new() -> Self {
         let registry = Registry::new();
         let counter = |name: &str, help: &str| {

@@ -9,44 +9,65 @@ use crate::preprocess::Transform;
 use crate::task::Prediction;
 
 /// The ImageNet-1k class names (torchvision's order), used when a manifest names no labels file.
-pub const IMAGENET_LABELS: &str = include_str!("../../imagenet_classes.txt");
+pub const IMAGENET_LABELS: &str = include_str!("../imagenet_classes.txt");
 
 /// The manifest's file name inside a model directory.
 pub const MANIFEST: &str = "model.json";
 
+/// Why a model could not be loaded.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ModelError {
+    /// A file of the model cannot be read.
     #[error("cannot read {path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// Why.
         source: std::io::Error,
     },
+    /// `model.json` is not a valid manifest.
     #[error("invalid model manifest {path}: {source}")]
     Manifest {
+        /// The manifest.
         path: PathBuf,
+        /// Why.
         source: serde_json::Error,
     },
+    /// The ONNX file is not the one the manifest names.
     #[error("checksum mismatch for {path}: expected sha256 {expected}, found {found}")]
     Checksum {
+        /// The ONNX file.
         path: PathBuf,
+        /// The manifest's sha256.
         expected: String,
+        /// The file's.
         found: String,
     },
+    /// The model cannot be used as it is.
     #[error("model {name}: {message}")]
-    Invalid { name: String, message: String },
+    Invalid {
+        /// The model.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 /// The manifest as written in `model.json`; paths are relative to the manifest's directory.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
+    /// The model's name, reported with every result.
     pub name: String,
+    /// The ONNX file [default: `model.onnx`].
     #[serde(default = "default_file")]
     pub file: String,
     /// Hex sha256 of the ONNX file, checked at load when given.
     pub sha256: Option<String>,
     /// A file with one class name a line; the ImageNet-1k names when absent.
     pub labels: Option<String>,
+    /// The input transform [default: ImageNet's].
     #[serde(default)]
     pub transform: Transform,
 }
@@ -58,9 +79,13 @@ fn default_file() -> String {
 /// A model ready to hand to a classifier backend: its bytes are checked, its labels read.
 #[derive(Clone, Debug)]
 pub struct ModelSpec {
+    /// The model's name, reported with every result.
     pub name: String,
+    /// The ONNX file.
     pub onnx_path: PathBuf,
+    /// Class names, by class index.
     pub labels: Vec<String>,
+    /// How images become its input.
     pub transform: Transform,
 }
 

@@ -1,11 +1,15 @@
-//! Where the ports meet: `submit` accepts an image, `run_worker` turns queued jobs into results.
+//! Where the ports meet, read top to bottom: the accepting side ([`Submitter`]: check, store,
+//! record, enqueue, status, admission) and the working side ([`Worker`]: fetch, preprocess,
+//! batched inference, persist, notify). A distributed `imgclf-http` holds only a `Submitter`, so
+//! it loads no model; an `imgclf-worker` holds a `Worker`; the embedded default ([`Pipeline`])
+//! holds both over the same ports, metrics and CPU slots.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::{Map, Value};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -14,21 +18,39 @@ use crate::metrics::Metrics;
 use crate::notify::{Notifier, NotifyError};
 use crate::preprocess::{self, ImageError};
 use crate::queue::{Delivery, Queue};
-use crate::results::ResultStore;
-use crate::storage::Storage;
+use crate::results::{ResultStore, ResultsError};
+use crate::storage::{Storage, StorageError};
 use crate::task::{
-    now_ms, Prediction, StageTimings, TaskId, TaskRecord, TaskResult, WebhookDelivery, WebhookState,
+    now_ms, Prediction, StageTimings, TaskId, TaskRecord, TaskResult, TaskState, WebhookDelivery,
+    WebhookState,
 };
+use crate::BoxError;
+
+/// Images per inference batch, by default.
+pub const DEFAULT_MAX_BATCH: usize = 8;
+/// Classes returned per image, by default.
+pub const DEFAULT_TOP_K: usize = 5;
+/// Deliveries of one job before it fails for good, by default.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+/// Uploads get 429 while this many jobs wait, by default.
+pub const DEFAULT_MAX_QUEUE_DEPTH: u64 = 10_000;
+/// How long a stopping worker waits for the jobs it holds, by default.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The backends a pipeline runs on.
 #[derive(Clone)]
 pub struct Ports {
+    /// Where uploaded images are kept.
     pub storage: Arc<dyn Storage>,
+    /// Where jobs wait for a worker.
     pub queue: Arc<dyn Queue>,
+    /// The record of every accepted task.
     pub results: Arc<dyn ResultStore>,
+    /// Who tells clients that their task finished.
     pub notifier: Arc<dyn Notifier>,
 }
 
+/// Limits and knobs shared by both sides.
 #[derive(Clone, Debug)]
 pub struct PipelineConfig {
     /// Most images per inference batch.
@@ -52,94 +74,63 @@ pub struct PipelineConfig {
 impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
-            max_batch: 8,
+            max_batch: DEFAULT_MAX_BATCH,
             max_pixels: preprocess::DEFAULT_MAX_PIXELS,
-            top_k: 5,
-            max_attempts: 5,
+            top_k: DEFAULT_TOP_K,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
             retry_backoff: Duration::from_secs(1),
-            preprocess_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            drain_timeout: Duration::from_secs(30),
-            max_queue_depth: 10_000,
+            preprocess_threads: crate::cores(),
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            max_queue_depth: DEFAULT_MAX_QUEUE_DEPTH,
         }
     }
 }
 
-/// One image as uploaded.
-#[derive(Clone, Debug, Default)]
-pub struct Upload {
-    pub bytes: Bytes,
-    pub filename: Option<String>,
-    pub metadata: Map<String, Value>,
-    pub callback_url: Option<String>,
-    /// A client's key for retrying an upload safely: the same key and bytes give the same task.
-    pub idempotency_key: Option<String>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum SubmitError {
-    #[error(transparent)]
-    Image(#[from] ImageError),
-    #[error(transparent)]
-    Callback(#[from] NotifyError),
-    /// The queue is deeper than the configured limit: try again later.
-    #[error("the service is busy ({depth} tasks waiting); retry later")]
-    Busy { depth: u64, retry_after: Duration },
-    /// A backend could not take the task; nothing was kept.
-    #[error("the service cannot accept tasks right now: {0}")]
-    Unavailable(String),
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ClassifyNowError {
-    #[error(transparent)]
-    Image(#[from] ImageError),
-    #[error(transparent)]
-    Classify(#[from] Arc<ClassifyError>),
-}
-
-/// Why a job did not produce a result this time.
-enum Failure {
-    /// Trying again cannot help (the image is broken): fail the task now.
-    Permanent(String),
-    /// A backend hiccup: retry later, up to `max_attempts`.
-    Temporary(String),
-}
-
-pub struct Pipeline {
+/// What both sides share inside one process.
+#[derive(Clone)]
+struct Shared {
     ports: Ports,
-    classifier: ClassifierHandle,
-    metrics: Arc<Metrics>,
     config: PipelineConfig,
-    preprocess_slots: Arc<Semaphore>,
-    /// The last queue depth read, and when.
-    depth: std::sync::Mutex<Option<(Instant, u64)>>,
+    metrics: Arc<Metrics>,
+    /// Decoding and preprocessing slots: one pool for upload checks and worker preprocessing.
+    cpu_slots: Arc<Semaphore>,
+    /// Woken whenever a task of this process becomes final, so waiters need not poll.
+    finished: Arc<Notify>,
 }
 
-impl Pipeline {
-    pub fn new(ports: Ports, classifier: ClassifierHandle, config: PipelineConfig) -> Self {
-        let preprocess_slots = Arc::new(Semaphore::new(config.preprocess_threads.max(1)));
-        let metrics = Arc::new(Metrics::new());
-        classifier.record_batch_sizes(metrics.batch_size.clone());
+impl Shared {
+    fn new(ports: Ports, config: PipelineConfig) -> Self {
         Self {
+            cpu_slots: Arc::new(Semaphore::new(config.preprocess_threads.max(1))),
             ports,
-            classifier,
-            metrics,
             config,
-            preprocess_slots,
-            depth: std::sync::Mutex::new(None),
+            metrics: Arc::new(Metrics::new()),
+            finished: Arc::new(Notify::new()),
         }
     }
 
-    pub fn ports(&self) -> &Ports {
-        &self.ports
+    /// Histograms the time since `started` under `stage`; returns it in milliseconds.
+    fn observe(&self, stage: &str, started: Instant) -> f64 {
+        let seconds = started.elapsed().as_secs_f64();
+        self.metrics
+            .stage_seconds
+            .with_label_values(&[stage])
+            .observe(seconds);
+        seconds * 1e3
     }
 
-    pub fn classifier(&self) -> &ClassifierHandle {
-        &self.classifier
+    /// Runs CPU-heavy work on the blocking pool once a slot is free, never on a runtime worker.
+    async fn on_cpu<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> Result<T, ImageError> + Send + 'static,
+    ) -> Result<T, ImageError> {
+        let _slot = self.cpu_slots.acquire().await.expect("never closed");
+        tokio::task::spawn_blocking(work)
+            .await
+            .unwrap_or_else(|e| Err(ImageError::Undecodable(format!("decoder crashed: {e}"))))
     }
 
-    /// The Prometheus text of every metric, with the queue depth read now.
-    pub async fn render_metrics(&self) -> String {
+    async fn render_metrics(&self) -> String {
         match self.ports.queue.depth().await {
             Ok(depth) => self
                 .metrics
@@ -149,21 +140,115 @@ impl Pipeline {
         }
         self.metrics.render()
     }
+}
 
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
+// ---------------------------------------------------------------------------------------------
+// The accepting side.
+
+/// One image as uploaded.
+#[derive(Clone, Debug, Default)]
+pub struct Upload {
+    /// The file as sent.
+    pub bytes: Bytes,
+    /// The client's name for it, kept in the metadata.
+    pub filename: Option<String>,
+    /// The client's metadata (a JSON object), returned with the result.
+    pub metadata: Map<String, Value>,
+    /// Where to POST the task status when it ends.
+    pub callback_url: Option<String>,
+    /// A client's key for retrying an upload safely: the same key and bytes give the same task.
+    pub idempotency_key: Option<String>,
+    /// Classes to return for this image [default: the configured `top_k`].
+    pub top_k: Option<usize>,
+}
+
+/// Why an upload was not accepted. Nothing of it was kept.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubmitError {
+    /// Not an image this service reads, or one over the limits.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// The callback URL is refused.
+    #[error(transparent)]
+    Callback(#[from] NotifyError),
+    /// The queue is deeper than the configured limit: try again later.
+    #[error("the service is busy ({depth} tasks waiting); retry later")]
+    Busy {
+        /// Jobs waiting.
+        depth: u64,
+        /// When to try again.
+        retry_after: Duration,
+    },
+    /// A backend could not take the task.
+    #[error("the service cannot accept tasks right now: {what} failed: {source}")]
+    Unavailable {
+        /// The step that failed.
+        what: &'static str,
+        /// Why (for the log: it may name hosts, paths or SQL).
+        source: BoxError,
+    },
+}
+
+impl SubmitError {
+    fn unavailable(what: &'static str) -> impl FnOnce(BoxError) -> Self {
+        move |source| Self::Unavailable { what, source }
+    }
+}
+
+/// The accepting side: checks, stores, records and queues images and answers for their state.
+/// Holds no model.
+pub struct Submitter {
+    shared: Shared,
+    /// The last queue depth read, and when.
+    depth: std::sync::Mutex<Option<(Instant, u64)>>,
+}
+
+impl Submitter {
+    /// An accepting side on `ports`.
+    pub fn new(ports: Ports, config: PipelineConfig) -> Self {
+        Self::with(Shared::new(ports, config))
     }
 
+    fn with(shared: Shared) -> Self {
+        Self {
+            shared,
+            depth: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The backends.
+    pub fn ports(&self) -> &Ports {
+        &self.shared.ports
+    }
+
+    /// The limits in force.
     pub fn config(&self) -> &PipelineConfig {
-        &self.config
+        &self.shared.config
+    }
+
+    /// This process's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    /// The Prometheus text of every metric, with the queue depth read now.
+    pub async fn render_metrics(&self) -> String {
+        self.shared.render_metrics().await
     }
 
     /// Checks, stores, records and queues an image; returns its task id. On any failure nothing
     /// is left behind.
     pub async fn submit(&self, upload: Upload) -> Result<TaskId, SubmitError> {
         let info = self.validate(upload.bytes.clone()).await?;
+        let Ports {
+            storage,
+            queue,
+            results,
+            notifier,
+        } = &self.shared.ports;
         if let Some(url) = &upload.callback_url {
-            self.ports.notifier.check_url(url).await?;
+            notifier.check_url(url).await?;
         }
         // The same key and bytes name the same task, so a retried upload finds the first one.
         let task_id = match &upload.idempotency_key {
@@ -171,13 +256,12 @@ impl Pipeline {
             None => TaskId::new(),
         };
         if upload.idempotency_key.is_some() {
-            match self.ports.results.get(task_id).await {
-                Ok(Some(_)) => return Ok(task_id),
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::error!(%task_id, error = %e, "idempotency lookup failed");
-                    return Err(SubmitError::Unavailable("recording the task failed".into()));
-                }
+            let found = results.get(task_id).await;
+            if found
+                .map_err(|e| SubmitError::unavailable("recording the task")(e.into()))?
+                .is_some()
+            {
+                return Ok(task_id);
             }
         }
         self.admit().await?;
@@ -189,35 +273,27 @@ impl Pipeline {
         metadata.insert("object_name".into(), key.clone().into());
         let record = TaskRecord::pending(task_id, key.clone(), metadata, upload.callback_url);
 
-        let Ports {
-            storage,
-            queue,
-            results,
-            ..
-        } = &self.ports;
-        let unavailable = |what: &str, e: &dyn std::fmt::Display| {
-            tracing::error!(%task_id, error = %e, "{what} failed; upload refused");
-            SubmitError::Unavailable(format!("{what} failed"))
-        };
         storage
             .put(&key, upload.bytes)
             .await
-            .map_err(|e| unavailable("storing the image", &e))?;
+            .map_err(|e| SubmitError::unavailable("storing the image")(e.into()))?;
         match results.create(&record).await {
             Ok(()) => {}
             // A concurrent upload with the same idempotency key won; its task is this one.
-            Err(crate::ResultsError::Conflict(_)) if upload.idempotency_key.is_some() => {
+            Err(ResultsError::Conflict(_)) if upload.idempotency_key.is_some() => {
                 return Ok(task_id)
             }
             Err(e) => {
                 let _ = storage.delete(&key).await;
-                return Err(unavailable("recording the task", &e));
+                return Err(SubmitError::unavailable("recording the task")(e.into()));
             }
         }
-        if let Err(e) = queue.enqueue(&record.job()).await {
+        let mut job = record.job();
+        job.top_k = upload.top_k;
+        if let Err(e) = queue.enqueue(&job).await {
             let _ = results.delete(task_id).await;
             let _ = storage.delete(&key).await;
-            return Err(unavailable("queueing the task", &e));
+            return Err(SubmitError::unavailable("queueing the task")(e.into()));
         }
         tracing::debug!(%task_id, %key, "task accepted");
         Ok(task_id)
@@ -226,7 +302,7 @@ impl Pipeline {
     /// Refuses new work while the queue is deeper than `max_queue_depth`. The depth is read at
     /// most once a second: a broker round trip per upload would cost more than it tells.
     async fn admit(&self) -> Result<(), SubmitError> {
-        let limit = self.config.max_queue_depth;
+        let limit = self.shared.config.max_queue_depth;
         if limit == 0 {
             return Ok(());
         }
@@ -234,10 +310,10 @@ impl Pipeline {
         let depth = match cached {
             Some((at, depth)) if at.elapsed() < Duration::from_secs(1) => depth,
             _ => {
-                let depth = self.ports.queue.depth().await.map_err(|e| {
-                    tracing::error!(error = %e, "queue depth unavailable; upload refused");
-                    SubmitError::Unavailable("the queue is unreachable".into())
-                })?;
+                let depth =
+                    self.shared.ports.queue.depth().await.map_err(|e| {
+                        SubmitError::unavailable("reading the queue depth")(e.into())
+                    })?;
                 *self.depth.lock().unwrap() = Some((Instant::now(), depth));
                 depth
             }
@@ -251,11 +327,172 @@ impl Pipeline {
         Ok(())
     }
 
-    pub async fn status(&self, id: TaskId) -> Result<Option<TaskRecord>, crate::ResultsError> {
-        self.ports.results.get(id).await
+    /// The task's record, `None` for an unknown id.
+    pub async fn status(&self, id: TaskId) -> Result<Option<TaskRecord>, ResultsError> {
+        self.shared.ports.results.get(id).await
     }
 
-    /// Classifies an image now, without a task: the synchronous API.
+    /// The task's record as soon as it is final, or as it stands when `timeout` ends; `None`
+    /// for an unknown id. A worker in this process wakes the wait at once; otherwise the result
+    /// store is read at short, growing intervals.
+    pub async fn wait(
+        &self,
+        id: TaskId,
+        timeout: Duration,
+    ) -> Result<Option<TaskRecord>, ResultsError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut interval = Duration::from_millis(20);
+        loop {
+            // Registered before the read, so a completion between the two is not missed.
+            let finished = self.shared.finished.notified();
+            tokio::pin!(finished);
+            finished.as_mut().enable();
+            let record = self.status(id).await?;
+            match &record {
+                Some(r) if !r.state.is_final() && tokio::time::Instant::now() < deadline => {}
+                _ => return Ok(record),
+            }
+            tokio::select! {
+                _ = finished => {}
+                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+            interval = (interval * 2).min(Duration::from_millis(250));
+        }
+    }
+
+    /// Refuses what is not a whole, decodable image of acceptable size before anything is
+    /// stored: the header first (cheap, stops decompression bombs), then a full decode on the
+    /// bounded pool, so a truncated or corrupt file is a 4xx now rather than a FAILURE later.
+    async fn validate(&self, bytes: Bytes) -> Result<preprocess::ImageInfo, ImageError> {
+        let max_pixels = self.shared.config.max_pixels;
+        let info = preprocess::inspect(&bytes, max_pixels)?;
+        self.shared
+            .on_cpu(move || preprocess::validate(&bytes, max_pixels).map(|_| info))
+            .await
+    }
+
+    /// Re-enqueues every task that is not final: after a restart of the embedded service, whose
+    /// in-memory queue died with the process, the result store is the record of what was
+    /// accepted. Do not use with a durable queue, which still holds those jobs.
+    pub async fn requeue_unfinished(&self) -> Result<usize, SubmitError> {
+        let Ports { queue, results, .. } = &self.shared.ports;
+        let open = results
+            .unfinished(usize::MAX)
+            .await
+            .map_err(|e| SubmitError::unavailable("listing unfinished tasks")(e.into()))?;
+        for record in &open {
+            queue
+                .enqueue(&record.job())
+                .await
+                .map_err(|e| SubmitError::unavailable("queueing the task")(e.into()))?;
+        }
+        Ok(open.len())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The working side.
+
+/// Why a job produced no result this time. Its text goes to the log; clients see only
+/// [`JobError::public`] and an error id.
+#[derive(Debug, thiserror::Error)]
+enum JobError {
+    #[error("starting the task: {0}")]
+    Start(#[source] ResultsError),
+    #[error("fetching the image: {0}")]
+    Fetch(#[source] StorageError),
+    #[error("decoding the image: {0}")]
+    Image(#[source] ImageError),
+    #[error("classifying: {0}")]
+    Classify(#[source] Arc<ClassifyError>),
+    #[error("storing the result: {0}")]
+    Persist(#[source] ResultsError),
+    #[error("gave up after {0} attempts (the worker stopped while processing it)")]
+    Exhausted(u32),
+}
+
+impl JobError {
+    /// Whether another attempt may succeed: the one question retry decisions ask.
+    fn is_temporary(&self) -> bool {
+        match self {
+            Self::Start(e) | Self::Persist(e) => e.is_temporary(),
+            Self::Fetch(e) => e.is_temporary(),
+            Self::Classify(e) => e.is_temporary(),
+            Self::Image(_) | Self::Exhausted(_) => false,
+        }
+    }
+
+    /// What a client may read: no paths, hosts, URIs or SQL.
+    fn public(&self) -> String {
+        match self {
+            Self::Start(_) | Self::Persist(_) => "the task could not be recorded".into(),
+            Self::Fetch(_) => "the image could not be read from storage".into(),
+            Self::Image(_) => "the image could not be decoded".into(),
+            Self::Classify(_) => "the model could not classify the image".into(),
+            Self::Exhausted(n) => {
+                format!("gave up after {n} attempts: the worker stopped while processing it")
+            }
+        }
+    }
+}
+
+/// Why [`Worker::classify_now`] gave no answer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClassifyNowError {
+    /// Not an image this service reads, or one over the limits.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// The model failed.
+    #[error(transparent)]
+    Classify(#[from] Arc<ClassifyError>),
+}
+
+/// The working side: takes jobs from the queue, classifies them in batches with the model it
+/// owns, stores the results and sends the callbacks.
+pub struct Worker {
+    shared: Shared,
+    classifier: ClassifierHandle,
+}
+
+impl Worker {
+    /// A working side on `ports` with its model.
+    pub fn new(ports: Ports, classifier: ClassifierHandle, config: PipelineConfig) -> Self {
+        Self::with(Shared::new(ports, config), classifier)
+    }
+
+    fn with(shared: Shared, classifier: ClassifierHandle) -> Self {
+        classifier.record_batch_sizes(shared.metrics.batch_size.clone());
+        Self { shared, classifier }
+    }
+
+    /// The backends.
+    pub fn ports(&self) -> &Ports {
+        &self.shared.ports
+    }
+
+    /// The model.
+    pub fn classifier(&self) -> &ClassifierHandle {
+        &self.classifier
+    }
+
+    /// The limits in force.
+    pub fn config(&self) -> &PipelineConfig {
+        &self.shared.config
+    }
+
+    /// This process's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    /// The Prometheus text of every metric, with the queue depth read now.
+    pub async fn render_metrics(&self) -> String {
+        self.shared.render_metrics().await
+    }
+
+    /// Classifies an image now, without a task: the synchronous API where the model is local.
     pub async fn classify_now(
         &self,
         bytes: Bytes,
@@ -266,72 +503,31 @@ impl Pipeline {
         Ok(self.classifier.spec().top_k(&logits, top_k))
     }
 
-    /// Refuses what is not a whole, decodable image of acceptable size before anything is
-    /// stored: the header first (cheap, stops decompression bombs), then a full decode on the
-    /// bounded pool, so a truncated or corrupt file is a 4xx now rather than a FAILURE later.
-    async fn validate(&self, bytes: Bytes) -> Result<preprocess::ImageInfo, ImageError> {
-        let max_pixels = self.config.max_pixels;
-        let info = preprocess::inspect(&bytes, max_pixels)?;
-        let _slot = self.preprocess_slots.acquire().await.expect("never closed");
-        tokio::task::spawn_blocking(move || preprocess::validate(&bytes, max_pixels).map(|_| info))
-            .await
-            .unwrap_or_else(|e| Err(ImageError::Undecodable(format!("decoder crashed: {e}"))))
-    }
-
-    /// Decodes and preprocesses on the bounded blocking pool, never on a runtime worker.
-    async fn tensor(&self, bytes: Bytes) -> Result<Vec<f32>, ImageError> {
-        let _slot = self.preprocess_slots.acquire().await.expect("never closed");
-        let transform = self.classifier.spec().transform.clone();
-        let max_pixels = self.config.max_pixels;
-        let started = Instant::now();
-        let tensor =
-            tokio::task::spawn_blocking(move || transform.tensor_from_bytes(&bytes, max_pixels))
-                .await
-                .unwrap_or_else(|e| Err(ImageError::Undecodable(format!("decoder crashed: {e}"))));
-        self.observe("preprocess", started);
-        tensor
-    }
-
-    /// Re-enqueues every task that is not final: after a restart of the embedded service, whose
-    /// in-memory queue died with the process, the result store is the record of what was
-    /// accepted. Do not use with a durable queue, which still holds those jobs.
-    pub async fn requeue_unfinished(&self) -> Result<usize, String> {
-        let open = self
-            .ports
-            .results
-            .unfinished(usize::MAX)
-            .await
-            .map_err(|e| e.to_string())?;
-        for record in &open {
-            self.ports
-                .queue
-                .enqueue(&record.job())
-                .await
-                .map_err(|e| e.to_string())?;
-        }
-        Ok(open.len())
-    }
-
-    /// Takes jobs from the queue until `shutdown` turns true (or its sender drops), then waits
-    /// up to `drain_timeout` for the jobs in hand. Jobs still unfinished then are dropped
+    /// Takes jobs from the queue until `shutdown` turns true or its sender is dropped, then
+    /// waits up to `drain_timeout` for the jobs in hand. Jobs still unfinished then are dropped
     /// unacknowledged, so the queue delivers them again.
-    pub async fn run_worker(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         // Two batches in flight: one in the model, the next being fetched and preprocessed.
-        let slots = Arc::new(Semaphore::new(2 * self.config.max_batch.max(1)));
+        let max_batch = self.shared.config.max_batch.max(1);
+        let slots = Arc::new(Semaphore::new(2 * max_batch));
         let mut running = JoinSet::new();
         let mut backoff = Duration::from_millis(100);
-        loop {
-            if *shutdown.borrow() {
-                break;
+        // Resolves once a stop is asked for, or can never be (the sender is gone).
+        let stop = |shutdown: &mut watch::Receiver<bool>| {
+            let mut shutdown = shutdown.clone();
+            async move {
+                let _ = shutdown.wait_for(|stop| *stop).await;
             }
+        };
+        while !*shutdown.borrow_and_update() && shutdown.has_changed().is_ok() {
             let first = tokio::select! {
                 permit = slots.clone().acquire_owned() => permit.expect("never closed"),
-                _ = shutdown.changed() => continue,
+                _ = stop(&mut shutdown) => break,
             };
-            let max = (1 + slots.available_permits()).min(self.config.max_batch.max(1));
+            let max = (1 + slots.available_permits()).min(max_batch);
             let received = tokio::select! {
-                received = self.ports.queue.receive(max, Duration::from_secs(1)) => received,
-                _ = shutdown.changed() => continue,
+                received = self.shared.ports.queue.receive(max, Duration::from_secs(1)) => received,
+                _ = stop(&mut shutdown) => break,
             };
             let deliveries = match received {
                 Ok(deliveries) => {
@@ -340,7 +536,10 @@ impl Pipeline {
                 }
                 Err(error) => {
                     tracing::warn!(%error, ?backoff, "receiving from the queue failed");
-                    tokio::time::sleep(backoff).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop(&mut shutdown) => break,
+                    }
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                     continue;
                 }
@@ -351,7 +550,7 @@ impl Pipeline {
                     Some(permit) => permit,
                     None => slots.clone().acquire_owned().await.expect("never closed"),
                 };
-                let pipeline = self.clone();
+                let worker = self.clone();
                 let span = tracing::info_span!(
                     "task",
                     task_id = %delivery.job().task_id,
@@ -359,7 +558,7 @@ impl Pipeline {
                 );
                 running.spawn(
                     async move {
-                        pipeline.process(delivery).await;
+                        worker.process(delivery).await;
                         drop(permit);
                     }
                     .instrument(span),
@@ -371,7 +570,7 @@ impl Pipeline {
             jobs = running.len(),
             "worker stopping; draining jobs in hand"
         );
-        let drained = tokio::time::timeout(self.config.drain_timeout, async {
+        let drained = tokio::time::timeout(self.shared.config.drain_timeout, async {
             while running.join_next().await.is_some() {}
         })
         .await;
@@ -388,37 +587,37 @@ impl Pipeline {
     async fn process(&self, delivery: Box<dyn Delivery>) {
         let task_id = delivery.job().task_id;
         let attempt = delivery.attempt();
+        let config = &self.shared.config;
         // A job that already used every attempt (its workers kept dying on it) is not run
         // again: one poisonous image must not take down every worker in turn.
-        let outcome = if attempt > self.config.max_attempts {
-            Err(Failure::Permanent(format!(
-                "gave up after {} attempts (the worker stopped while processing it)",
-                self.config.max_attempts
-            )))
+        let outcome = if attempt > config.max_attempts {
+            Err(JobError::Exhausted(config.max_attempts))
         } else {
             self.try_process(delivery.as_ref()).await
         };
         let settled = match outcome {
             Ok(Some(record)) => {
                 let settled = delivery.ack().await;
-                self.metrics.task_success.inc();
+                self.shared.metrics.task_success.inc();
                 self.finished(record);
                 settled
             }
             Ok(None) => delivery.ack().await,
-            Err(Failure::Temporary(error)) if attempt < self.config.max_attempts => {
-                let after = self.config.retry_backoff * 2u32.saturating_pow(attempt - 1).min(64);
+            Err(error) if error.is_temporary() && attempt < config.max_attempts => {
+                let after = config.retry_backoff * 2u32.saturating_pow(attempt - 1).min(64);
                 tracing::warn!(%task_id, attempt, %error, ?after, "task will be retried");
                 delivery.retry(after).await
             }
-            Err(Failure::Temporary(error) | Failure::Permanent(error)) => {
-                tracing::warn!(%task_id, attempt, %error, "task failed");
-                match self.ports.results.fail(task_id, &error).await {
+            Err(error) => {
+                let error_id = crate::error_id();
+                tracing::warn!(%task_id, attempt, %error, %error_id, "task failed");
+                let stored = format!("{} (error id {error_id})", error.public());
+                match self.shared.ports.results.fail(task_id, &stored).await {
                     Ok(wrote) => {
-                        let settled = delivery.dead_letter(&error).await;
+                        let settled = delivery.dead_letter(&error.to_string()).await;
                         if wrote {
-                            self.metrics.task_failure.inc();
-                            if let Ok(Some(record)) = self.ports.results.get(task_id).await {
+                            self.shared.metrics.task_failure.inc();
+                            if let Ok(Some(record)) = self.shared.ports.results.get(task_id).await {
                                 self.finished(record);
                             }
                         }
@@ -426,7 +625,7 @@ impl Pipeline {
                     }
                     Err(e) => {
                         tracing::error!(%task_id, error = %e, "cannot record the failure; retrying");
-                        delivery.retry(self.config.retry_backoff).await
+                        delivery.retry(config.retry_backoff).await
                     }
                 }
             }
@@ -439,55 +638,53 @@ impl Pipeline {
 
     /// Returns the finished record if this delivery produced the result, `None` if there is
     /// nothing to do (the task is already final or unknown).
-    async fn try_process(&self, delivery: &dyn Delivery) -> Result<Option<TaskRecord>, Failure> {
+    async fn try_process(&self, delivery: &dyn Delivery) -> Result<Option<TaskRecord>, JobError> {
         let job = delivery.job();
-        let results = &self.ports.results;
-        let temporary =
-            |what: &str, e: &dyn std::fmt::Display| Failure::Temporary(format!("{what}: {e}"));
-        let record = match results.start(job.task_id).await {
-            Ok(Some(record)) if record.state.is_final() => return Ok(None),
-            Ok(Some(record)) => record,
-            Ok(None) => {
+        let Ports {
+            storage, results, ..
+        } = &self.shared.ports;
+        let record = match results.start(job.task_id).await.map_err(JobError::Start)? {
+            Some(record) if record.state.is_final() => return Ok(None),
+            Some(record) => record,
+            None => {
                 tracing::warn!(task_id = %job.task_id, "job for an unknown task dropped");
                 return Ok(None);
             }
-            Err(e) => return Err(temporary("starting the task", &e)),
         };
         let mut timings = StageTimings::default();
         if record.attempts == 1 {
             timings.queue_wait_ms = (now_ms() - record.created_at_ms).max(0) as f64;
-            self.metrics
+            self.shared
+                .metrics
                 .stage_seconds
                 .with_label_values(&["queue_wait"])
                 .observe(timings.queue_wait_ms / 1000.0);
         }
 
         let started = Instant::now();
-        let bytes = match self.ports.storage.get(&job.object_key).await {
-            Ok(bytes) => bytes,
-            Err(e) if e.is_temporary() => return Err(temporary("fetching the image", &e)),
-            Err(e) => return Err(Failure::Permanent(format!("fetching the image: {e}"))),
-        };
-        timings.fetch_ms = self.observe("fetch", started);
+        let bytes = storage
+            .get(&job.object_key)
+            .await
+            .map_err(JobError::Fetch)?;
+        timings.fetch_ms = self.shared.observe("fetch", started);
 
         let started = Instant::now();
-        let tensor = self
-            .tensor(bytes)
-            .await
-            .map_err(|e| Failure::Permanent(e.to_string()))?;
+        let tensor = self.tensor(bytes).await.map_err(JobError::Image)?;
         timings.preprocess_ms = started.elapsed().as_secs_f64() * 1e3;
         let started = Instant::now();
-        let logits = self.classifier.logits(tensor).await.map_err(|e| match *e {
-            ClassifyError::Stopped => temporary("classifying", &e),
-            _ => Failure::Permanent(format!("classifying: {e}")),
-        })?;
-        timings.infer_ms = self.observe("infer", started);
+        let logits = self
+            .classifier
+            .logits(tensor)
+            .await
+            .map_err(JobError::Classify)?;
+        timings.infer_ms = self.shared.observe("infer", started);
 
         let spec = self.classifier.spec();
+        let top_k = job.top_k.unwrap_or(self.shared.config.top_k);
         let result = TaskResult {
             task_id: job.task_id,
             metadata: record.metadata.clone(),
-            classification: spec.top_k(&logits, self.config.top_k),
+            classification: spec.top_k(&logits, top_k),
             model: spec.name.clone(),
             timings,
         };
@@ -495,29 +692,50 @@ impl Pipeline {
         let wrote = results
             .complete(job.task_id, &result)
             .await
-            .map_err(|e| temporary("storing the result", &e))?;
-        self.observe("persist", started);
+            .map_err(JobError::Persist)?;
+        self.shared.observe("persist", started);
         if !wrote {
             return Ok(None);
         }
         let mut record = record;
-        record.state = crate::TaskState::Success;
+        record.state = TaskState::Success;
         record.result = Some(result);
         Ok(Some(record))
     }
 
-    /// Records the latency of a final task and sends its callback, without holding up the worker.
+    /// Decodes and preprocesses on the bounded blocking pool.
+    async fn tensor(&self, bytes: Bytes) -> Result<Vec<f32>, ImageError> {
+        let transform = self.classifier.spec().transform.clone();
+        let max_pixels = self.shared.config.max_pixels;
+        let started = Instant::now();
+        let tensor = self
+            .shared
+            .on_cpu(move || transform.tensor_from_bytes(&bytes, max_pixels))
+            .await;
+        self.shared.observe("preprocess", started);
+        tensor
+    }
+
+    /// Records the latency of a final task, wakes its waiters and sends its callback, without
+    /// holding up the worker.
     fn finished(&self, record: TaskRecord) {
+        let Shared {
+            ports,
+            metrics,
+            finished,
+            ..
+        } = &self.shared;
+        finished.notify_waiters();
         let latency = (now_ms() - record.created_at_ms).max(0) as f64 / 1000.0;
-        self.metrics.task_latency.observe(latency);
+        metrics.task_latency.observe(latency);
         let Some(url) = record.callback_url.clone() else {
             return;
         };
-        if !self.ports.notifier.enabled() {
+        if !ports.notifier.enabled() {
             return;
         }
-        let (notifier, results) = (self.ports.notifier.clone(), self.ports.results.clone());
-        let metrics = self.metrics.clone();
+        let (notifier, results) = (ports.notifier.clone(), ports.results.clone());
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let started = Instant::now();
             let task_id = record.task_id;
@@ -538,12 +756,22 @@ impl Pipeline {
                 }
                 Err(error) => {
                     metrics.webhook_failure.inc();
-                    tracing::warn!(%task_id, %error, "callback not delivered");
-                    let attempts = match &error {
-                        NotifyError::Failed { attempts, .. } => *attempts,
-                        NotifyError::Refused(_) => 0,
+                    let error_id = crate::error_id();
+                    tracing::warn!(%task_id, %error, %error_id, "callback not delivered");
+                    // The receiver's HTTP status is the client's own business; anything else
+                    // (addresses, TLS details) stays in the log.
+                    let (attempts, last_status) = match &error {
+                        NotifyError::Failed {
+                            attempts,
+                            status: Some(status),
+                            ..
+                        } => (*attempts, format!("HTTP {status}")),
+                        NotifyError::Failed { attempts, .. } => {
+                            (*attempts, format!("no answer (error id {error_id})"))
+                        }
+                        NotifyError::Refused(why) => (0, format!("refused: {why}")),
                     };
-                    delivery(WebhookState::Failed, attempts, Some(error.to_string()))
+                    delivery(WebhookState::Failed, attempts, Some(last_status))
                 }
             };
             metrics
@@ -554,15 +782,51 @@ impl Pipeline {
             }
         });
     }
+}
 
-    /// Histograms the time since `started` under `stage`; returns it in milliseconds.
-    fn observe(&self, stage: &str, started: Instant) -> f64 {
-        let seconds = started.elapsed().as_secs_f64();
-        self.metrics
-            .stage_seconds
-            .with_label_values(&[stage])
-            .observe(seconds);
-        seconds * 1e3
+// ---------------------------------------------------------------------------------------------
+// Both, in one process.
+
+/// The embedded service: a [`Submitter`] and a [`Worker`] over the same ports, metrics and CPU
+/// slots, so a finished task wakes its waiters at once.
+pub struct Pipeline {
+    submitter: Arc<Submitter>,
+    worker: Arc<Worker>,
+}
+
+impl Pipeline {
+    /// Both sides on `ports`, the worker with its model.
+    pub fn new(ports: Ports, classifier: ClassifierHandle, config: PipelineConfig) -> Self {
+        let shared = Shared::new(ports, config);
+        Self {
+            submitter: Arc::new(Submitter::with(shared.clone())),
+            worker: Arc::new(Worker::with(shared, classifier)),
+        }
+    }
+
+    /// The accepting side.
+    pub fn submitter(&self) -> &Arc<Submitter> {
+        &self.submitter
+    }
+
+    /// The working side.
+    pub fn worker(&self) -> &Arc<Worker> {
+        &self.worker
+    }
+
+    /// See [`Submitter::submit`].
+    pub async fn submit(&self, upload: Upload) -> Result<TaskId, SubmitError> {
+        self.submitter.submit(upload).await
+    }
+
+    /// See [`Submitter::status`].
+    pub async fn status(&self, id: TaskId) -> Result<Option<TaskRecord>, ResultsError> {
+        self.submitter.status(id).await
+    }
+
+    /// See [`Worker::run`].
+    pub async fn run_worker(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
+        self.worker.clone().run(shutdown).await
     }
 }
 
@@ -587,4 +851,54 @@ pub async fn shutdown_signal() {
         _ = terminate => {},
     }
     tracing::info!("shutdown signal received");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::notify::NoopNotifier;
+    use crate::queue::MemoryQueue;
+    use crate::results::MemoryResults;
+    use crate::storage::MemoryStorage;
+
+    fn ports() -> Ports {
+        Ports {
+            storage: Arc::new(MemoryStorage::new()),
+            queue: Arc::new(MemoryQueue::new(Duration::from_secs(60))),
+            results: Arc::new(MemoryResults::new()),
+            notifier: Arc::new(NoopNotifier),
+        }
+    }
+
+    /// A worker whose stop sender is dropped stops (and does not spin on the closed channel).
+    #[cfg(feature = "tract")]
+    #[tokio::test]
+    async fn worker_stops_when_its_stop_sender_is_dropped() {
+        let spec = crate::ModelSpec::load(crate::config::default_model_dir()).unwrap();
+        let model = crate::classifier::TractClassifier::new(spec).unwrap();
+        let classifier = ClassifierHandle::spawn(Box::new(model), 1);
+        let worker = Arc::new(Worker::new(ports(), classifier, PipelineConfig::default()));
+        let (stop, stopped) = watch::channel(false);
+        let running = tokio::spawn(worker.run(stopped));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(stop);
+        tokio::time::timeout(Duration::from_secs(5), running)
+            .await
+            .expect("the worker stops within 5 s of its stop sender being dropped")
+            .unwrap();
+    }
+
+    /// Errors decide retries by what they are, never by their text.
+    #[test]
+    fn job_errors_say_whether_they_are_temporary() {
+        let temporary = JobError::Fetch(StorageError::temporary("connection reset"));
+        let permanent = JobError::Persist(ResultsError::Codec("bad row".into()));
+        assert!(temporary.is_temporary());
+        assert!(!permanent.is_temporary(), "a codec error is not retried");
+        assert!(JobError::Classify(Arc::new(ClassifyError::Stopped)).is_temporary());
+        assert!(!JobError::Image(ImageError::Empty).is_temporary());
+        // What clients read names no backend detail.
+        let leaky = JobError::Fetch(StorageError::temporary("s3://secret-bucket/images/x.jpg"));
+        assert!(!leaky.public().contains("secret-bucket"));
+    }
 }

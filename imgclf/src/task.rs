@@ -13,6 +13,7 @@ use uuid::Uuid;
 pub struct TaskId(Uuid);
 
 impl TaskId {
+    /// A fresh random id.
     pub fn new() -> Self {
         Self(Uuid::new_v4())
     }
@@ -31,6 +32,7 @@ impl TaskId {
         Self(uuid::Builder::from_custom_bytes(first).into_uuid())
     }
 
+    /// The id as a UUID.
     pub fn as_uuid(&self) -> Uuid {
         self.0
     }
@@ -65,13 +67,18 @@ impl FromStr for TaskId {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum TaskState {
+    /// Accepted, waiting for a worker.
     Pending,
+    /// A worker has it (again, after a redelivery).
     Started,
+    /// Classified; the result is stored.
     Success,
+    /// Given up on; the error is stored.
     Failure,
 }
 
 impl TaskState {
+    /// The state's name in the API.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "PENDING",
@@ -109,23 +116,34 @@ impl FromStr for TaskState {
 /// The queue message: small on purpose, the image itself stays in storage.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Job {
+    /// The task this job runs.
     pub task_id: TaskId,
+    /// Where the image is in storage.
     pub object_key: String,
+    /// Classes to return, when the client asked for other than the configured number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
 }
 
 /// One class of the model's answer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Prediction {
+    /// The class name.
     pub label: String,
+    /// The class index in the model's output.
     pub class_id: usize,
+    /// Softmax probability.
     pub probability: f32,
 }
 
 /// The result payload, in the shape the replaced service returned.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskResult {
+    /// The task.
     pub task_id: TaskId,
+    /// Client metadata plus `filename` and `object_name`.
     pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// The top-k classes, most probable first.
     pub classification: Vec<Prediction>,
     /// Which model produced the classification.
     pub model: String,
@@ -139,6 +157,7 @@ pub struct TaskResult {
 pub struct StageTimings {
     /// From acceptance to the worker starting it (first attempt).
     pub queue_wait_ms: f64,
+    /// Reading the image from storage.
     pub fetch_ms: f64,
     /// Decoding and preprocessing, waiting for a preprocessing thread included.
     pub preprocess_ms: f64,
@@ -149,17 +168,25 @@ pub struct StageTimings {
 /// Everything the result store knows about one task.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskRecord {
+    /// The task.
     pub task_id: TaskId,
+    /// Where it stands.
     pub state: TaskState,
+    /// Where the image is in storage.
     pub object_key: String,
     /// Client metadata plus `filename` and `object_name`.
     pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// Where to POST the status when the task ends.
     pub callback_url: Option<String>,
+    /// The result, once `SUCCESS`.
     pub result: Option<TaskResult>,
+    /// What went wrong, once `FAILURE`: a generic message and an error id.
     pub error: Option<String>,
     /// How many times a worker has started this task.
     pub attempts: u32,
+    /// When it was accepted (ms since the Unix epoch).
     pub created_at_ms: i64,
+    /// When it last changed.
     pub updated_at_ms: i64,
     /// The callback's delivery, kept apart from the task's own state.
     pub webhook: Option<WebhookDelivery>,
@@ -169,18 +196,24 @@ pub struct TaskRecord {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WebhookState {
+    /// Not delivered yet.
     Pending,
+    /// The receiver answered 2xx.
     Delivered,
+    /// Every attempt failed.
     Failed,
 }
 
+/// The state of a task's callback.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WebhookDelivery {
+    /// Pending, delivered or failed.
     pub state: WebhookState,
     /// Requests sent so far.
     pub attempts: u32,
     /// The last answer (`HTTP 503`) or error, if any.
     pub last_status: Option<String>,
+    /// When it last changed.
     pub updated_at_ms: i64,
 }
 
@@ -208,10 +241,12 @@ impl TaskRecord {
         }
     }
 
+    /// The queue message for this task.
     pub fn job(&self) -> Job {
         Job {
             task_id: self.task_id,
             object_key: self.object_key.clone(),
+            top_k: None,
         }
     }
 }

@@ -5,30 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub use imgclf_test_support::{
+    fresh_postgres_database, reference_images, service_url, unique_name,
+};
 use serde_json::Value;
 use sqlx::Connection;
-
-pub fn shared() -> PathBuf {
-    std::env::var_os("IMGCLF_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared")))
-}
-
-/// A service URL from the environment; `None` skips the test (it says so), except under CI.
-pub fn service(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var_os("CI").is_some() => panic!("CI must test every backend: set {var}"),
-        _ => {
-            eprintln!("skipped: set {var} to run this test against a real service");
-            None
-        }
-    }
-}
-
-pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
-}
 
 /// A child process, killed when dropped.
 pub struct Process(pub Child);
@@ -94,17 +75,6 @@ pub fn spawn(binary: &Path, env: &[(String, String)], work: &Path) -> Process {
     )
 }
 
-/// A fresh database on the server of `base` (a `postgres://…/db` URL); returns its URL.
-pub async fn fresh_database(base: &str) -> String {
-    let name = unique("imgclf_e2e").replace('-', "_");
-    let mut conn = sqlx::PgConnection::connect(base).await.expect("PostgreSQL");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    format!("{}/{name}", base.rsplit_once('/').unwrap().0)
-}
-
 /// Settings for a distributed run on `queue`, PostgreSQL and S3 from the test environment,
 /// with names of its own; `None` when a service is not configured.
 pub async fn distributed_env(
@@ -112,15 +82,21 @@ pub async fn distributed_env(
     port: u16,
     work: &Path,
 ) -> Option<(Vec<(String, String)>, String)> {
-    let (pg, s3) = (service("IMGCLF_TEST_POSTGRES")?, service("IMGCLF_TEST_S3")?);
-    let results = fresh_database(&pg).await;
+    let (pg, s3) = (
+        service_url("IMGCLF_TEST_POSTGRES")?,
+        service_url("IMGCLF_TEST_S3")?,
+    );
+    let results = fresh_postgres_database(&pg).await;
     let key = |var: &str, default: &str| std::env::var(var).unwrap_or_else(|_| default.into());
     let env = [
         ("IMGCLF_ADDR", format!("127.0.0.1:{port}")),
         ("IMGCLF_QUEUE", queue),
-        ("IMGCLF_QUEUE_NAME", unique("imgclf-e2e")),
+        ("IMGCLF_QUEUE_NAME", unique_name("imgclf-e2e")),
         ("IMGCLF_RESULTS", results.clone()),
-        ("IMGCLF_STORAGE", format!("s3://{}", unique("imgclf-e2e"))),
+        (
+            "IMGCLF_STORAGE",
+            format!("s3://{}", unique_name("imgclf-e2e")),
+        ),
         ("IMGCLF_S3_ENDPOINT", s3),
         (
             "IMGCLF_S3_ACCESS_KEY",
@@ -169,26 +145,6 @@ pub async fn wait_ready_within(client: &reqwest::Client, base: &str, limit: Dura
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// Every shared image: (file name, reference top-1 label, bytes).
-pub fn reference_images() -> Vec<(String, String, Vec<u8>)> {
-    let text =
-        std::fs::read_to_string(shared().join("images/reference-efficientnet-lite0.json")).unwrap();
-    let reference: Value = serde_json::from_str(&text).unwrap();
-    reference["top5"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(name, top)| {
-            let bytes = std::fs::read(shared().join("images").join(name)).unwrap();
-            (
-                name.clone(),
-                top[0]["label"].as_str().unwrap().to_string(),
-                bytes,
-            )
-        })
-        .collect()
 }
 
 /// Uploads one image; returns the HTTP status and, on 202, the task id.
@@ -244,4 +200,11 @@ pub async fn wait_final_count(results: &str, count: usize, within: Duration) {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Resident memory of a process, in KiB.
+pub fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }

@@ -83,6 +83,7 @@ impl ClassifierHandle {
         let _ = self.batch_sizes.set(histogram);
     }
 
+    /// The model these threads run.
     pub fn spec(&self) -> &ModelSpec {
         &self.spec
     }

@@ -29,6 +29,7 @@ fn environment(library: &Path) -> Result<&'static Environment, String> {
         .map_err(Clone::clone)
 }
 
+/// A model on ONNX Runtime: the whole batch runs as one tensor.
 pub struct OrtClassifier {
     spec: ModelSpec,
     session: Session,

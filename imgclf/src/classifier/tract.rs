@@ -17,6 +17,7 @@ pub struct TractClassifier {
 }
 
 impl TractClassifier {
+    /// Compiles the model for one image of its input size.
     pub fn new(spec: ModelSpec) -> Result<Self, ClassifyError> {
         let side = spec.transform.crop as usize;
         let plan = tract_onnx::onnx()

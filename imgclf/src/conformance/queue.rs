@@ -31,6 +31,8 @@ fn job() -> Job {
     Job {
         task_id,
         object_key: format!("images/{task_id}.jpg"),
+        // Every backend carries the optional fields through.
+        top_k: Some(3),
     }
 }
 

@@ -11,17 +11,84 @@ pub use webhook::{
     WebhookConfig, WebhookNotifier, DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
 };
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use async_trait::async_trait;
 
+use crate::config::ConfigError;
+
+/// Seconds one callback attempt may take, by default.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 10;
+/// Attempts per callback, by default.
+pub const DEFAULT_ATTEMPTS: u32 = 5;
+
+/// How callbacks are sent.
+#[derive(Clone, Default)]
+pub struct NotifierOptions {
+    /// Attempts per callback; 0 turns callbacks off.
+    pub attempts: u32,
+    /// How long one attempt may take.
+    pub timeout: Duration,
+    /// Signs every callback (HMAC-SHA256).
+    pub secret: Option<String>,
+    /// Internal networks callbacks may reach anyway.
+    pub allow: Vec<IpNet>,
+}
+
+impl std::fmt::Debug for NotifierOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NotifierOptions")
+            .field("attempts", &self.attempts)
+            .field("timeout", &self.timeout)
+            .field("secret", &self.secret.as_ref().map(|_| "***"))
+            .field("allow", &self.allow)
+            .finish()
+    }
+}
+
+/// Webhooks, unless `attempts` is 0 or the `webhook` feature is off.
+pub fn build(options: &NotifierOptions) -> Result<Arc<dyn Notifier>, ConfigError> {
+    #[cfg(feature = "webhook")]
+    if options.attempts > 0 {
+        if options.secret.is_none() {
+            tracing::warn!("IMGCLF_WEBHOOK_SECRET is unset: callbacks go out unsigned");
+        }
+        return Ok(Arc::new(WebhookNotifier::new(WebhookConfig {
+            timeout: options.timeout.max(Duration::from_secs(1)),
+            attempts: options.attempts,
+            secret: options.secret.clone(),
+            policy: CallbackPolicy::new(options.allow.clone()),
+            ..WebhookConfig::default()
+        })?));
+    }
+    #[cfg(not(feature = "webhook"))]
+    if options.attempts > 0 {
+        tracing::warn!("callbacks are off: this build lacks the `webhook` feature");
+    }
+    Ok(Arc::new(NoopNotifier))
+}
+
+/// Why a callback was not delivered.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum NotifyError {
+    /// The URL may not be a callback; the reason is safe to show the client.
     #[error("callback URL refused: {0}")]
     Refused(String),
-    #[error("callback failed after {attempts} attempts: {message}")]
-    Failed { attempts: u32, message: String },
+    /// Every attempt failed.
+    #[error("callback failed after {attempts} attempts: {source}")]
+    Failed {
+        /// Requests sent.
+        attempts: u32,
+        /// The HTTP status of the last answer, if there was one.
+        status: Option<u16>,
+        /// The last failure.
+        source: crate::BoxError,
+    },
 }
 
+/// Tells clients that their task finished.
 #[async_trait]
 pub trait Notifier: Send + Sync + 'static {
     /// Whether `url` may be a callback; asked at upload, so a refused URL is a 422 then rather

@@ -35,6 +35,7 @@ impl FromStr for IpNet {
 }
 
 impl IpNet {
+    /// Whether `ip` lies in this network (IPv4-mapped IPv6 addresses count as IPv4).
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, canonical(ip)) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
@@ -112,10 +113,12 @@ pub struct CallbackPolicy {
 }
 
 impl CallbackPolicy {
+    /// Public addresses, plus the internal networks in `allow`.
     pub fn new(allow: Vec<IpNet>) -> Self {
         Self { allow }
     }
 
+    /// Whether a callback may connect to `ip`.
     pub fn allows(&self, ip: IpAddr) -> bool {
         !is_internal(ip) || self.allow.iter().any(|net| net.contains(ip))
     }

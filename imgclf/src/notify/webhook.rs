@@ -11,15 +11,19 @@ use sha2::Sha256;
 use super::policy::CallbackPolicy;
 use super::{validate_callback_url, Notifier, NotifyError};
 
-/// Headers of a callback request, documented in the README for receivers.
+/// The id of one notification, the same on every retry (receivers deduplicate on it).
 pub const DELIVERY_HEADER: &str = "x-imgclf-delivery";
+/// Unix seconds when this attempt was sent.
 pub const TIMESTAMP_HEADER: &str = "x-imgclf-timestamp";
+/// `v1=` and the hex HMAC-SHA256 of `<timestamp>.<body>` (see the README).
 pub const SIGNATURE_HEADER: &str = "x-imgclf-signature";
 
-#[derive(Clone, Debug)]
+/// How the webhook client behaves.
+#[derive(Clone)]
 pub struct WebhookConfig {
     /// Per attempt.
     pub timeout: Duration,
+    /// Requests per callback at most.
     pub attempts: u32,
     /// First retry delay; doubles each time, with jitter.
     pub backoff: Duration,
@@ -27,14 +31,28 @@ pub struct WebhookConfig {
     pub max_age: Duration,
     /// Signs every request (HMAC-SHA256) when set.
     pub secret: Option<String>,
+    /// Which addresses callbacks may reach.
     pub policy: CallbackPolicy,
+}
+
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("timeout", &self.timeout)
+            .field("attempts", &self.attempts)
+            .field("backoff", &self.backoff)
+            .field("max_age", &self.max_age)
+            .field("secret", &self.secret.as_ref().map(|_| "***"))
+            .field("policy", &self.policy)
+            .finish()
+    }
 }
 
 impl Default for WebhookConfig {
     fn default() -> Self {
         Self {
-            timeout: Duration::from_secs(10),
-            attempts: 5,
+            timeout: Duration::from_secs(super::DEFAULT_TIMEOUT_SECS),
+            attempts: super::DEFAULT_ATTEMPTS,
             backoff: Duration::from_millis(500),
             max_age: Duration::from_secs(3600),
             secret: None,
@@ -79,6 +97,7 @@ impl Resolve for PolicyResolver {
 }
 
 impl WebhookNotifier {
+    /// A client with `config`'s timeouts, policy and signing secret.
     pub fn new(config: WebhookConfig) -> Result<Self, NotifyError> {
         let client = reqwest::Client::builder()
             .timeout(config.timeout)
@@ -88,7 +107,8 @@ impl WebhookNotifier {
             .build()
             .map_err(|e| NotifyError::Failed {
                 attempts: 0,
-                message: e.to_string(),
+                status: None,
+                source: e.into(),
             })?;
         Ok(Self { client, config })
     }
@@ -155,12 +175,13 @@ impl Notifier for WebhookNotifier {
         validate_callback_url(url)?;
         let body = serde_json::to_vec(payload).map_err(|e| NotifyError::Failed {
             attempts: 0,
-            message: e.to_string(),
+            status: None,
+            source: e.into(),
         })?;
         // One id for every attempt of this notification: receivers deduplicate on it.
         let delivery = uuid::Uuid::new_v4().to_string();
         let started = Instant::now();
-        let mut message = String::new();
+        let mut last: (Option<u16>, crate::BoxError) = (None, "no attempt was made".into());
         let mut attempt = 0;
         while attempt < self.config.attempts.max(1) {
             if attempt > 0 {
@@ -187,18 +208,19 @@ impl Notifier for WebhookNotifier {
                 Ok(response) if response.status().is_success() => return Ok(attempt),
                 Ok(response) => {
                     let status = response.status();
-                    message = format!("HTTP {status}");
+                    last = (Some(status.as_u16()), format!("HTTP {status}").into());
                     // Another 4xx will not change on a retry; 408 and 429 may.
                     if status.is_client_error() && status != 408 && status != 429 {
                         break;
                     }
                 }
-                Err(error) => message = error.without_url().to_string(),
+                Err(error) => last = (None, error.without_url().into()),
             }
         }
         Err(NotifyError::Failed {
             attempts: attempt,
-            message,
+            status: last.0,
+            source: last.1,
         })
     }
 }

@@ -29,31 +29,48 @@ pub const ACCEPTED_FORMATS: [ImageFormat; 6] = [
 /// Default cap on decoded pixels: stops decompression bombs before any pixel is allocated.
 pub const DEFAULT_MAX_PIXELS: u64 = 50_000_000;
 
+/// Why bytes are not an image this service reads. The messages are meant for the client.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ImageError {
+    /// No bytes at all.
     #[error("the upload is empty")]
     Empty,
+    /// Magic bytes of no accepted format.
     #[error("unsupported image format: accepted are JPEG, PNG, WebP, GIF, BMP and TIFF")]
     UnsupportedFormat,
+    /// An accepted format, but broken (the decoder's words).
     #[error("the image cannot be decoded: {0}")]
     Undecodable(String),
+    /// More pixels than the limit, read from the header before any is decoded.
     #[error("the image is {width}x{height} pixels, more than the limit of {max} pixels")]
-    TooManyPixels { width: u32, height: u32, max: u64 },
+    TooManyPixels {
+        /// Width in pixels.
+        width: u32,
+        /// Height in pixels.
+        height: u32,
+        /// The limit.
+        max: u64,
+    },
 }
 
 /// What a header read tells about an upload, without decoding the pixels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ImageInfo {
+    /// The format its magic bytes name.
     pub format: ImageFormat,
+    /// Width in pixels, as stored.
     pub width: u32,
+    /// Height in pixels, as stored.
     pub height: u32,
 }
 
 impl ImageInfo {
+    /// The format's MIME type.
     pub fn mime_type(&self) -> &'static str {
         self.format.to_mime_type()
     }
 
+    /// The format's usual file extension.
     pub fn extension(&self) -> &'static str {
         self.format
             .extensions_str()
@@ -213,7 +230,9 @@ pub struct Transform {
     pub resize: u32,
     /// Then a centred square of this size is cut out.
     pub crop: u32,
+    /// Per-channel mean subtracted (RGB, on values scaled to 0..1).
     pub mean: [f32; 3],
+    /// Per-channel standard deviation divided by.
     pub std: [f32; 3],
 }
 

@@ -363,10 +363,40 @@ mod tests {
         }
     }
 
-    /// Every resize of a noisy image, through the SIMD kernel where the CPU has one, gives the
-    /// bytes of the scalar pass (which follows Pillow's code line by line).
+    /// Needs AVX2 to test the SIMD kernels; says so where the CPU lacks it (the scalar pass,
+    /// the only one such a CPU runs, is then what the other tests cover).
+    fn cpu_has_avx2() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            return true;
+        }
+        eprintln!("this CPU has no AVX2: the SIMD kernels are not tested here");
+        false
+    }
+
+    /// The vertical pass's AVX2 build of `accumulate` gives the scalar sums.
+    #[test]
+    fn the_simd_accumulate_gives_the_scalar_sums() {
+        if !cpu_has_avx2() {
+            return;
+        }
+        let row: Vec<u8> = (0..4099u32).map(|i| (i * 37 % 256) as u8).collect();
+        for weight in [-3000, -1, 0, 1, 4321, 1 << 21] {
+            let (mut simd, mut scalar) = (vec![7i32; row.len()], vec![7i32; row.len()]);
+            #[cfg(target_arch = "x86_64")]
+            avx2::accumulate(&mut simd, &row, weight);
+            accumulate(&mut scalar, &row, weight);
+            assert_eq!(simd, scalar, "weight {weight}");
+        }
+    }
+
+    /// Every resize of a noisy image through the AVX2 horizontal kernel gives the bytes of the
+    /// scalar pass (which follows Pillow's code line by line).
     #[test]
     fn the_simd_pass_gives_the_scalar_bytes() {
+        if !cpu_has_avx2() {
+            return;
+        }
         let mut seed = 0x2545_f491_u32;
         let mut noise = || {
             seed ^= seed << 13;
@@ -388,6 +418,11 @@ mod tests {
                 height: 224,
             };
             let plan = Plan::new(width, height, new_w, new_h, window);
+            #[cfg(target_arch = "x86_64")]
+            assert!(
+                plan.avx2_taps.is_some(),
+                "{width}x{height}: the CPU has AVX2, so the plan takes the SIMD path"
+            );
             let source = plan.source();
             let src: Vec<u8> = (0..source.width * source.height * 3)
                 .map(|_| noise())

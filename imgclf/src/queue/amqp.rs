@@ -62,7 +62,7 @@ fn backend(error: lapin::Error) -> QueueError {
         lapin::Error::ProtocolError(_) | lapin::Error::ParsingError(_)
     );
     QueueError::Backend {
-        message: error.to_string(),
+        source: error.into(),
         temporary,
     }
 }
@@ -224,10 +224,7 @@ impl Inner {
         .await;
         match published {
             Ok(confirmation) if confirmation.is_ack() => Ok(()),
-            Ok(_) => Err(QueueError::Backend {
-                message: "the broker refused the message".into(),
-                temporary: true,
-            }),
+            Ok(_) => Err(QueueError::temporary("the broker refused the message")),
             Err(e) => {
                 self.reset().await;
                 Err(backend(e))
@@ -278,7 +275,7 @@ impl Inner {
 #[async_trait]
 impl Queue for AmqpQueue {
     async fn enqueue(&self, job: &Job) -> Result<(), QueueError> {
-        let payload = serde_json::to_vec(job).map_err(|e| QueueError::Codec(e.to_string()))?;
+        let payload = serde_json::to_vec(job).map_err(QueueError::Codec)?;
         self.inner
             .publish(&self.inner.name, &payload, FieldTable::default())
             .await
@@ -313,10 +310,7 @@ impl Queue for AmqpQueue {
                 None => {
                     inner.reset().await;
                     if out.is_empty() {
-                        return Err(QueueError::Backend {
-                            message: "the consumer was cancelled".into(),
-                            temporary: true,
-                        });
+                        return Err(QueueError::temporary("the consumer was cancelled"));
                     }
                     break;
                 }
@@ -385,8 +379,7 @@ struct AmqpDelivery {
 impl AmqpDelivery {
     /// Publishes the job to `queue` with this attempt count (and `reason`), then acks.
     async fn move_to(&mut self, queue: &str, reason: Option<&str>) -> Result<(), QueueError> {
-        let payload =
-            serde_json::to_vec(&self.job).map_err(|e| QueueError::Codec(e.to_string()))?;
+        let payload = serde_json::to_vec(&self.job).map_err(QueueError::Codec)?;
         let mut headers = args(&[(
             ATTEMPT_HEADER,
             AMQPValue::LongLongInt(i64::from(self.attempt)),

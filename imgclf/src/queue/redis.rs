@@ -51,6 +51,7 @@ struct Keys {
     dead: String,
 }
 
+/// Jobs in a Redis stream with a consumer group.
 pub struct RedisQueue {
     conn: ConnectionManager,
     keys: Keys,
@@ -69,7 +70,7 @@ fn backend(error: RedisError) -> QueueError {
             Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN")
         );
     QueueError::Backend {
-        message: error.to_string(),
+        source: error.into(),
         temporary,
     }
 }
@@ -221,7 +222,7 @@ fn parse_entries(value: Value) -> Vec<(String, Job, u32)> {
 #[async_trait]
 impl Queue for RedisQueue {
     async fn enqueue(&self, job: &Job) -> Result<(), QueueError> {
-        let payload = serde_json::to_string(job).map_err(|e| QueueError::Codec(e.to_string()))?;
+        let payload = serde_json::to_string(job).map_err(QueueError::Codec)?;
         redis::cmd("XADD")
             .arg(&self.keys.stream)
             .arg("*")
@@ -352,7 +353,7 @@ impl RedisDelivery {
     }
 
     fn payload(&self) -> Result<String, QueueError> {
-        serde_json::to_string(&self.job).map_err(|e| QueueError::Codec(e.to_string()))
+        serde_json::to_string(&self.job).map_err(QueueError::Codec)
     }
 }
 
@@ -376,8 +377,7 @@ impl Delivery for RedisDelivery {
             attempt: self.attempt,
             nonce: uuid::Uuid::new_v4().simple().to_string(),
         };
-        let member =
-            serde_json::to_string(&delayed).map_err(|e| QueueError::Codec(e.to_string()))?;
+        let member = serde_json::to_string(&delayed).map_err(QueueError::Codec)?;
         let due = now_ms() + after.as_millis() as i64;
         let key = self.keys.delayed.clone();
         self.settle(|pipe| {

@@ -13,6 +13,7 @@ pub struct MemoryResults {
 }
 
 impl MemoryResults {
+    /// An empty store.
     pub fn new() -> Self {
         Self::default()
     }

@@ -15,23 +15,86 @@ pub use postgres::PostgresResults;
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteResults;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
+use crate::config::ConfigError;
 use crate::task::{TaskId, TaskRecord, TaskResult, WebhookDelivery};
+use crate::BoxError;
 
+/// The result store a URL names: `postgres(ql)://…`, `sqlite://path` or `memory://`.
+pub async fn from_url(url: &str) -> Result<Arc<dyn ResultStore>, ConfigError> {
+    if url.starts_with("memory:") {
+        return Ok(Arc::new(MemoryResults::new()));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        #[cfg(feature = "postgres")]
+        return Ok(Arc::new(PostgresResults::connect(url).await.map_err(
+            // A connection error may quote the URL, password and all.
+            |e| {
+                let temporary = e.is_temporary();
+                let text = e.to_string().replace(url, &crate::config::redact(url));
+                ConfigError::Results(ResultsError::Backend {
+                    source: text.into(),
+                    temporary,
+                })
+            },
+        )?));
+        #[cfg(not(feature = "postgres"))]
+        return Err(ConfigError::not_compiled("results", url, "postgres"));
+    }
+    if url.starts_with("sqlite:") {
+        #[cfg(feature = "sqlite")]
+        return Ok(Arc::new(SqliteResults::connect(url).await?));
+        #[cfg(not(feature = "sqlite"))]
+        return Err(ConfigError::not_compiled("results", url, "sqlite"));
+    }
+    Err(ConfigError::unsupported(
+        "results",
+        url,
+        "use postgres://…, sqlite://path or memory://",
+    ))
+}
+
+/// Why a result store operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ResultsError {
+    /// `create` for an id that exists.
     #[error("task {0} already exists")]
     Conflict(TaskId),
+    /// A stored record that cannot be read back (never temporary).
     #[error("stored task is unreadable: {0}")]
-    Codec(String),
-    /// The backend failed; `temporary` says whether trying again may help.
-    #[error("result store backend: {message}")]
-    Backend { message: String, temporary: bool },
+    Codec(#[source] BoxError),
+    /// The backend failed.
+    #[error("result store backend: {source}")]
+    Backend {
+        /// What the backend said.
+        source: BoxError,
+        /// Whether trying again may help.
+        temporary: bool,
+    },
 }
 
 impl ResultsError {
+    /// A backend failure that may pass (a dropped connection, a deadlock, a locked database).
+    pub fn temporary(source: impl Into<BoxError>) -> Self {
+        Self::Backend {
+            source: source.into(),
+            temporary: true,
+        }
+    }
+
+    /// A backend failure that trying again cannot mend.
+    pub fn permanent(source: impl Into<BoxError>) -> Self {
+        Self::Backend {
+            source: source.into(),
+            temporary: false,
+        }
+    }
+
+    /// Whether trying again may help: the one thing retry decisions read.
     pub fn is_temporary(&self) -> bool {
         matches!(
             self,
@@ -43,11 +106,13 @@ impl ResultsError {
     }
 }
 
+/// The record of every accepted task.
 #[async_trait]
 pub trait ResultStore: Send + Sync + 'static {
     /// Records a newly accepted task; fails with `Conflict` if the id exists.
     async fn create(&self, record: &TaskRecord) -> Result<(), ResultsError>;
 
+    /// The task's record; `None` for an unknown id.
     async fn get(&self, id: TaskId) -> Result<Option<TaskRecord>, ResultsError>;
 
     /// Moves a task to `STARTED` and counts the attempt, unless it is already final. Returns the

@@ -29,13 +29,7 @@ impl PostgresResults {
             .connect(url)
             .await
             .map_err(backend)?;
-        MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|e| ResultsError::Backend {
-                message: format!("migrations: {e}"),
-                temporary: false,
-            })?;
+        MIGRATOR.run(&pool).await.map_err(ResultsError::permanent)?;
         Ok(Self { pool })
     }
 }
@@ -58,13 +52,13 @@ fn backend(error: sqlx::Error) -> ResultsError {
         _ => false,
     };
     ResultsError::Backend {
-        message: error.to_string(),
+        source: error.into(),
         temporary,
     }
 }
 
-fn codec(error: impl std::fmt::Display) -> ResultsError {
-    ResultsError::Codec(error.to_string())
+fn codec(error: impl Into<crate::BoxError>) -> ResultsError {
+    ResultsError::Codec(error.into())
 }
 
 fn record(row: &PgRow) -> Result<TaskRecord, ResultsError> {

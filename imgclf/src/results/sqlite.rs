@@ -22,23 +22,21 @@ impl SqliteResults {
     /// Opens (creating if needed) the database at a `sqlite://` URL and applies migrations.
     pub async fn connect(url: &str) -> Result<Self, ResultsError> {
         let options = SqliteConnectOptions::from_str(url)
-            .map_err(|e| permanent(format!("invalid SQLite URL: {e}")))?
+            .map_err(ResultsError::permanent)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(Duration::from_secs(10));
         if let Some(parent) = options.get_filename().parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| permanent(format!("cannot create {}: {e}", parent.display())))?;
+            std::fs::create_dir_all(parent).map_err(|e| {
+                ResultsError::permanent(format!("cannot create {}: {e}", parent.display()))
+            })?;
         }
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
             .await
             .map_err(backend)?;
-        MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|e| permanent(format!("migrations: {e}")))?;
+        MIGRATOR.run(&pool).await.map_err(ResultsError::permanent)?;
         Ok(Self { pool })
     }
 
@@ -54,26 +52,19 @@ impl SqliteResults {
     }
 }
 
-fn permanent(message: String) -> ResultsError {
-    ResultsError::Backend {
-        message,
-        temporary: false,
-    }
-}
-
 fn backend(error: sqlx::Error) -> ResultsError {
     let temporary = matches!(
         error,
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
     ) || matches!(&error, sqlx::Error::Database(db) if db.message().contains("locked"));
     ResultsError::Backend {
-        message: error.to_string(),
+        source: error.into(),
         temporary,
     }
 }
 
-fn codec(error: impl std::fmt::Display) -> ResultsError {
-    ResultsError::Codec(error.to_string())
+fn codec(error: impl Into<crate::BoxError>) -> ResultsError {
+    ResultsError::Codec(error.into())
 }
 
 fn record(row: &SqliteRow) -> Result<TaskRecord, ResultsError> {

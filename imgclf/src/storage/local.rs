@@ -13,12 +13,14 @@ pub struct LocalStorage {
 }
 
 impl LocalStorage {
+    /// Files under `root`, created if missing.
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, StorageError> {
         let root = root.into();
         std::fs::create_dir_all(&root).map_err(|e| io_error(&root, e))?;
         Ok(Self { root })
     }
 
+    /// The directory objects are kept in.
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -34,8 +36,9 @@ fn io_error(path: &Path, error: std::io::Error) -> StorageError {
         error.kind(),
         ErrorKind::PermissionDenied | ErrorKind::InvalidInput
     );
+    let source = std::io::Error::new(error.kind(), format!("{}: {error}", path.display()));
     StorageError::Backend {
-        message: format!("{}: {error}", path.display()),
+        source: source.into(),
         temporary,
     }
 }
@@ -83,10 +86,10 @@ impl Storage for LocalStorage {
         if meta.is_dir() {
             Ok(())
         } else {
-            Err(StorageError::Backend {
-                message: format!("{} is not a directory", self.root.display()),
-                temporary: false,
-            })
+            Err(StorageError::permanent(format!(
+                "{} is not a directory",
+                self.root.display()
+            )))
         }
     }
 }

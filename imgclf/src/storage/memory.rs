@@ -13,14 +13,17 @@ pub struct MemoryStorage {
 }
 
 impl MemoryStorage {
+    /// An empty store.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Objects stored.
     pub fn len(&self) -> usize {
         self.objects.lock().unwrap().len()
     }
 
+    /// Whether nothing is stored.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -13,19 +13,9 @@ use sha2::{Digest, Sha256};
 
 use super::{validate_key, Storage, StorageError};
 
-/// Where and how to reach the bucket.
-#[derive(Clone, Debug)]
-pub struct S3Config {
-    pub bucket: String,
-    /// `http(s)://host:port` of an S3-compatible server; AWS when `None`.
-    pub endpoint: Option<String>,
-    pub access_key: Option<String>,
-    pub secret_key: Option<String>,
-    pub region: String,
-    /// `https://endpoint/bucket/key` rather than `https://bucket.endpoint/key` (MinIO wants it).
-    pub path_style: bool,
-}
+use super::S3Config;
 
+/// Objects in one bucket.
 pub struct S3Storage {
     store: Arc<dyn ObjectStore>,
     bucket: String,
@@ -36,14 +26,8 @@ fn backend(error: object_store::Error) -> StorageError {
         object_store::Error::NotFound { path, .. } => StorageError::NotFound(path),
         object_store::Error::PermissionDenied { .. }
         | object_store::Error::Unauthenticated { .. }
-        | object_store::Error::NotSupported { .. } => StorageError::Backend {
-            message: error.to_string(),
-            temporary: false,
-        },
-        other => StorageError::Backend {
-            message: other.to_string(),
-            temporary: true,
-        },
+        | object_store::Error::NotSupported { .. } => StorageError::permanent(error),
+        other => StorageError::temporary(other),
     }
 }
 
@@ -73,10 +57,7 @@ impl S3Storage {
                 .with_access_key_id(key)
                 .with_secret_access_key(secret);
         }
-        let store = builder.build().map_err(|e| StorageError::Backend {
-            message: format!("S3 configuration: {e}"),
-            temporary: false,
-        })?;
+        let store = builder.build().map_err(StorageError::permanent)?;
         if let Err(error) = create_bucket(&config).await {
             tracing::warn!(bucket = %config.bucket, %error, "could not create the bucket; assuming it exists");
         }
@@ -86,6 +67,7 @@ impl S3Storage {
         })
     }
 
+    /// The bucket.
     pub fn bucket(&self) -> &str {
         &self.bucket
     }

@@ -62,7 +62,10 @@ impl From<ImageError> for ApiError {
     fn from(error: ImageError) -> Self {
         let status = match error {
             ImageError::UnsupportedFormat => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ImageError::Empty | ImageError::Undecodable(_) | ImageError::TooManyPixels { .. } => {
+            ImageError::Empty
+            | ImageError::Undecodable(_)
+            | ImageError::TooCostly(_)
+            | ImageError::TooManyPixels { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
         };

@@ -7,6 +7,9 @@
 //! decoding only), columns beside it are cropped (no IDCT, upsampling or colour conversion), and
 //! decoding stops after its last row. libjpeg treats the edges of a crop as image edges, so a few
 //! pixels of margin are decoded and dropped to keep every kept pixel as a full decode has it.
+//!
+//! A progress monitor bounds the cost: at most [`MAX_JPEG_SCANS`] progressive scans, and the
+//! decode's CPU-time [`Budget`].
 
 // The crate's one FFI module; every unsafe block says why it holds.
 #![allow(unsafe_code)]
@@ -15,9 +18,11 @@ use std::marker::PhantomData;
 use std::mem;
 
 use mozjpeg_sys::{
-    boolean, jpeg_common_struct, jpeg_decompress_struct, jpeg_error_mgr, J_COLOR_SPACE,
+    boolean, jpeg_common_struct, jpeg_decompress_struct, jpeg_error_mgr, jpeg_progress_mgr,
+    J_COLOR_SPACE,
 };
 
+use super::budget::{Budget, MAX_JPEG_SCANS};
 use super::{ImageError, Rect};
 
 /// Pixels decoded beside a crop so that upsampling at its edges sees real neighbours.
@@ -26,8 +31,8 @@ const CROP_MARGIN: usize = 4;
 /// Checks a JPEG as far as libjpeg can without decoding pixels: markers, tables, frame and
 /// scan headers, and that the data is not cut short. `Ok(false)` for colour spaces libjpeg does
 /// not turn into RGB, which the caller checks another way.
-pub(super) fn check(bytes: &[u8]) -> Result<bool, ImageError> {
-    guarded(bytes, |decoder| {
+pub(super) fn check(bytes: &[u8], budget: &Budget) -> Result<bool, ImageError> {
+    guarded(bytes, budget, |decoder| {
         if !decoder.converts_to_rgb() {
             return false;
         }
@@ -38,14 +43,23 @@ pub(super) fn check(bytes: &[u8]) -> Result<bool, ImageError> {
 
 /// 8-bit RGB of the `rect` of a JPEG, packed rows; `None` for colour spaces libjpeg does not
 /// turn into RGB (CMYK, YCCK), which the caller decodes another way.
-pub(super) fn decode_rect(bytes: &[u8], rect: Rect) -> Result<Option<Vec<u8>>, ImageError> {
-    guarded(bytes, |decoder| {
+pub(super) fn decode_rect(
+    bytes: &[u8],
+    rect: Rect,
+    budget: &Budget,
+) -> Result<Option<Vec<u8>>, ImageError> {
+    guarded(bytes, budget, |decoder| {
         decoder.converts_to_rgb().then(|| decoder.read_rect(rect))
     })
 }
 
-/// Runs `work` on a decoder of `bytes`, turning libjpeg's fatal errors into `Undecodable`.
-fn guarded<T>(bytes: &[u8], work: impl FnOnce(&mut Decoder) -> T) -> Result<T, ImageError> {
+/// Runs `work` on a decoder of `bytes`, turning libjpeg's fatal errors into `Undecodable` and
+/// the progress monitor's stops into `TooCostly`.
+fn guarded<T>(
+    bytes: &[u8],
+    budget: &Budget,
+    work: impl FnOnce(&mut Decoder) -> T,
+) -> Result<T, ImageError> {
     // libjpeg only warns about missing data and fills the rest with grey; refuse instead, as
     // Pillow does.
     if !ends_its_scan(bytes) {
@@ -55,9 +69,47 @@ fn guarded<T>(bytes: &[u8], work: impl FnOnce(&mut Decoder) -> T) -> Result<T, I
     }
     // libjpeg reports fatal errors by unwinding out of the C code (see `unwind_error_exit`).
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        work(&mut Decoder::new(bytes))
+        work(&mut Decoder::new(bytes, budget))
     }))
-    .map_err(|panic| ImageError::Undecodable(panic_message(panic)))
+    .map_err(|panic| match panic.downcast::<TooCostly>() {
+        Ok(costly) => ImageError::TooCostly(costly.0),
+        Err(panic) => ImageError::Undecodable(panic_message(panic)),
+    })
+}
+
+/// Why the progress monitor stopped a decode (unwound through libjpeg like its own errors).
+struct TooCostly(String);
+
+/// libjpeg's progress hook and what it checks. `mgr` first: libjpeg sees only that part.
+#[repr(C)]
+struct Progress<'a> {
+    mgr: jpeg_progress_mgr,
+    budget: &'a Budget,
+    calls: u32,
+}
+
+/// Called by libjpeg as it reads each scan and each row.
+extern "C-unwind" fn monitor(cinfo: &mut jpeg_common_struct) {
+    // SAFETY: `Decoder::new` points `progress` at the `mgr` of a `Progress` that outlives the
+    // decompressor, and only decompressors are created here, so `cinfo` is the `common` head
+    // of a `jpeg_decompress_struct`.
+    let (progress, scan) = unsafe {
+        let progress = &mut *(cinfo.progress as *mut Progress);
+        let dinfo = &*(cinfo as *const jpeg_common_struct as *const jpeg_decompress_struct);
+        (progress, dinfo.input_scan_number)
+    };
+    if scan > MAX_JPEG_SCANS {
+        let why = format!("more than {MAX_JPEG_SCANS} progressive scans");
+        std::panic::resume_unwind(Box::new(TooCostly(why)));
+    }
+    // Reading the clock costs a system call: look every few calls.
+    progress.calls = progress.calls.wrapping_add(1);
+    if progress.calls % 64 == 0 && progress.budget.exceeded() {
+        let ImageError::TooCostly(why) = progress.budget.error() else {
+            unreachable!("a budget's error is TooCostly")
+        };
+        std::panic::resume_unwind(Box::new(TooCostly(why)));
+    }
 }
 
 fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
@@ -71,14 +123,15 @@ fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
 /// A libjpeg decompressor over bytes in memory, with its header read. Its methods unwind on a
 /// fatal libjpeg error; it is destroyed on drop, also during that unwinding.
 struct Decoder<'a> {
-    // Boxed: libjpeg keeps pointers to both.
+    // Boxed: libjpeg keeps pointers to all three.
     cinfo: Box<jpeg_decompress_struct>,
     _err: Box<jpeg_error_mgr>,
+    _progress: Box<Progress<'a>>,
     _bytes: PhantomData<&'a [u8]>,
 }
 
 impl<'a> Decoder<'a> {
-    fn new(bytes: &'a [u8]) -> Self {
+    fn new(bytes: &'a [u8], budget: &'a Budget) -> Self {
         // SAFETY: both structs are plain C data that libjpeg initialises (zeroed is their
         // documented starting state); `bytes` outlives the decoder through `'a`.
         unsafe {
@@ -86,12 +139,20 @@ impl<'a> Decoder<'a> {
             mozjpeg_sys::jpeg_std_error(&mut err);
             err.error_exit = Some(unwind_error_exit);
             err.emit_message = Some(silence_message);
+            let mut progress = Box::new(Progress {
+                mgr: mem::zeroed(),
+                budget,
+                calls: 0,
+            });
+            progress.mgr.progress_monitor = Some(monitor);
             let mut cinfo: Box<jpeg_decompress_struct> = Box::new(mem::zeroed());
             cinfo.common.err = &mut *err;
             mozjpeg_sys::jpeg_create_decompress(&mut *cinfo);
+            cinfo.common.progress = &mut progress.mgr;
             let mut decoder = Decoder {
                 cinfo,
                 _err: err,
+                _progress: progress,
                 _bytes: PhantomData,
             };
             mozjpeg_sys::jpeg_mem_src(&mut decoder.cinfo, bytes.as_ptr(), bytes.len() as _);

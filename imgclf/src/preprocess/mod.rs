@@ -5,16 +5,18 @@
 //! to the bit in [`resample`]), centre crop, scale to [0, 1], normalise per channel.
 //! Everything here is pure and synchronous; callers run it on a bounded blocking pool.
 
-use std::io::Cursor;
-
 use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
 use serde::{Deserialize, Serialize};
 
+use budget::{Budget, BudgetReader};
 use resample::Plan;
 
+mod budget;
 mod jpeg;
 mod resample;
+
+pub use budget::{DECODE_CPU_BUDGET, MAX_ALLOC_PER_PIXEL, MAX_JPEG_SCANS};
 
 /// Formats accepted at upload; everything else is refused before it is stored.
 pub const ACCEPTED_FORMATS: [ImageFormat; 6] = [
@@ -41,6 +43,10 @@ pub enum ImageError {
     /// An accepted format, but broken (the decoder's words).
     #[error("the image cannot be decoded: {0}")]
     Undecodable(String),
+    /// Small on the wire, expensive to decode: too many scans, a frame beyond the pixel cap,
+    /// or more CPU time than a decode may take.
+    #[error("the image costs too much to decode: {0}")]
+    TooCostly(String),
     /// More pixels than the limit, read from the header before any is decoded.
     #[error("the image is {width}x{height} pixels, more than the limit of {max} pixels")]
     TooManyPixels {
@@ -119,7 +125,11 @@ impl Rect {
 
 /// Checks the magic bytes and reads the header: cheap enough for every upload.
 pub fn inspect(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, ImageError> {
-    let (format, decoder) = open(bytes)?;
+    inspect_within(bytes, max_pixels, &Budget::start())
+}
+
+fn inspect_within(bytes: &[u8], max_pixels: u64, budget: &Budget) -> Result<ImageInfo, ImageError> {
+    let (format, decoder) = open(bytes, max_pixels, budget)?;
     let (width, height) = decoder.dimensions();
     check_pixels(width, height, max_pixels)?;
     Ok(ImageInfo {
@@ -134,17 +144,27 @@ pub fn inspect(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, ImageError> {
 /// only warns about damaged entropy-coded data) at a fraction of its cost, so the pixels are
 /// decoded once, by the worker. Other formats are decoded fully.
 pub fn validate(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, ImageError> {
-    let info = inspect(bytes, max_pixels)?;
-    if info.format == ImageFormat::Jpeg && jpeg::check(bytes)? {
+    let budget = Budget::start();
+    let info = inspect_within(bytes, max_pixels, &budget)?;
+    if info.format == ImageFormat::Jpeg && jpeg::check(bytes, &budget)? {
         return Ok(info);
     }
-    decode_rgb8(bytes, max_pixels).map(|_| info)
+    decode_rgb8_within(bytes, max_pixels, &budget).map(|_| info)
 }
 
 /// Fully decodes an image, applies its EXIF orientation and returns 8-bit RGB
-/// (alpha dropped, grey replicated, 16-bit scaled down, first frame of an animation).
+/// (alpha dropped, grey replicated, 16-bit scaled down, first frame of an animation), within
+/// [`DECODE_CPU_BUDGET`].
 pub fn decode_rgb8(bytes: &[u8], max_pixels: u64) -> Result<image::RgbImage, ImageError> {
-    let (format, mut decoder) = open(bytes)?;
+    decode_rgb8_within(bytes, max_pixels, &Budget::start())
+}
+
+fn decode_rgb8_within(
+    bytes: &[u8],
+    max_pixels: u64,
+    budget: &Budget,
+) -> Result<image::RgbImage, ImageError> {
+    let (format, mut decoder) = open(bytes, max_pixels, budget)?;
     let (width, height) = decoder.dimensions();
     check_pixels(width, height, max_pixels)?;
     let orientation = decoder.orientation().ok();
@@ -155,12 +175,12 @@ pub fn decode_rgb8(bytes: &[u8], max_pixels: u64) -> Result<image::RgbImage, Ima
         height: height as usize,
     };
     let jpeg = match format {
-        ImageFormat::Jpeg => jpeg::decode_rect(bytes, whole)?,
+        ImageFormat::Jpeg => jpeg::decode_rect(bytes, whole, budget)?,
         _ => None,
     };
     let mut image = match jpeg {
         Some(pixels) => DynamicImage::ImageRgb8(rgb_image(whole, pixels)),
-        None => DynamicImage::from_decoder(decoder).map_err(undecodable)?,
+        None => DynamicImage::from_decoder(decoder).map_err(|e| decode_error(e, budget))?,
     };
     if let Some(orientation) = orientation {
         image.apply_orientation(orientation);
@@ -194,7 +214,14 @@ fn rgb_image(rect: Rect, pixels: Vec<u8>) -> RgbImage {
         .expect("the decoder returns the whole rectangle")
 }
 
-fn open(bytes: &[u8]) -> Result<(ImageFormat, Box<dyn ImageDecoder + '_>), ImageError> {
+/// A decoder of `bytes` that allocates no more than the pixel cap needs (a GIF frame larger
+/// than its screen, a TIFF strip table, a PNG chunk: each asks the allocation limit) and stops
+/// reading once `budget` is spent.
+fn open<'a>(
+    bytes: &'a [u8],
+    max_pixels: u64,
+    budget: &'a Budget,
+) -> Result<(ImageFormat, Box<dyn ImageDecoder + 'a>), ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
@@ -202,9 +229,28 @@ fn open(bytes: &[u8]) -> Result<(ImageFormat, Box<dyn ImageDecoder + '_>), Image
     if !ACCEPTED_FORMATS.contains(&format) {
         return Err(ImageError::UnsupportedFormat);
     }
-    let reader = ImageReader::with_format(Cursor::new(bytes), format);
-    let decoder = reader.into_decoder().map_err(undecodable)?;
+    // GIF decodes to RGBA8 only, so its frames get no more than 4 bytes per pixel of the cap.
+    let per_pixel = match format {
+        ImageFormat::Gif => 4,
+        _ => MAX_ALLOC_PER_PIXEL,
+    };
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(max_pixels.saturating_mul(per_pixel).max(1 << 20));
+    let mut reader = ImageReader::with_format(BudgetReader::new(bytes, budget), format);
+    reader.limits(limits);
+    let decoder = reader.into_decoder().map_err(|e| decode_error(e, budget))?;
     Ok((format, Box::new(decoder)))
+}
+
+/// A decoder's error, told apart: over budget, over the allocation limit, or broken.
+fn decode_error(error: image::ImageError, budget: &Budget) -> ImageError {
+    match error {
+        _ if budget.exceeded() => budget.error(),
+        image::ImageError::Limits(limit) => ImageError::TooCostly(format!(
+            "decoding needs more memory than the pixel limit allows ({limit})"
+        )),
+        other => undecodable(other),
+    }
 }
 
 fn check_pixels(width: u32, height: u32, max: u64) -> Result<(), ImageError> {
@@ -257,7 +303,8 @@ impl Transform {
     /// Decodes and transforms one image into a CHW tensor. A JPEG is decoded only where the
     /// resize reads it; the tensor is the same as from the whole image.
     pub fn tensor_from_bytes(&self, bytes: &[u8], max_pixels: u64) -> Result<Vec<f32>, ImageError> {
-        let (format, mut decoder) = open(bytes)?;
+        let budget = Budget::start();
+        let (format, mut decoder) = open(bytes, max_pixels, &budget)?;
         if format == ImageFormat::Jpeg {
             let (width, height) = decoder.dimensions();
             check_pixels(width, height, max_pixels)?;
@@ -279,14 +326,14 @@ impl Transform {
             let stored = plan
                 .source()
                 .stored(orientation, width as usize, height as usize);
-            if let Some(pixels) = jpeg::decode_rect(bytes, stored)? {
+            if let Some(pixels) = jpeg::decode_rect(bytes, stored, &budget)? {
                 let mut region = DynamicImage::ImageRgb8(rgb_image(stored, pixels));
                 region.apply_orientation(orientation);
                 let pitch = region.width() as usize * 3;
                 return Ok(self.normalise(&plan, &plan.run(region.as_bytes(), pitch)));
             }
         }
-        let rgb = decode_rgb8(bytes, max_pixels)?;
+        let rgb = decode_rgb8_within(bytes, max_pixels, &budget)?;
         Ok(self.tensor_from_rgb(&rgb))
     }
 
@@ -365,6 +412,7 @@ pub fn centre_offset(size: u32, crop: u32) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Cursor;
     use super::*;
 
     #[test]

@@ -303,16 +303,18 @@ async fn the_webhook_receives_the_final_status_signed_and_retried() {
         "a retry carries the same delivery id"
     );
     for received in [&first, &second] {
-        // What a receiver does: HMAC-SHA256 over "<timestamp>.<body>" with the shared secret.
+        // What a receiver does: HMAC-SHA256 over "<delivery id>.<timestamp>.<body>" with the
+        // shared secret.
         use hmac::Mac;
+        let delivery = received.headers["x-imgclf-delivery"].to_str().unwrap();
         let timestamp = received.headers["x-imgclf-timestamp"].to_str().unwrap();
         let signature = received.headers["x-imgclf-signature"].to_str().unwrap();
         let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-        mac.update(format!("{timestamp}.").as_bytes());
+        mac.update(format!("{delivery}.{timestamp}.").as_bytes());
         mac.update(&received.body);
         assert_eq!(
             signature,
-            format!("v1={}", hex::encode(mac.finalize().into_bytes()))
+            format!("v2={}", hex::encode(mac.finalize().into_bytes()))
         );
     }
     let delivered: Value = serde_json::from_slice(&second.body).unwrap();
@@ -1207,4 +1209,247 @@ async fn an_idempotency_key_returns_the_same_task() {
         StatusCode::UNPROCESSABLE_ENTITY,
         "an oversize key is refused"
     );
+}
+
+/// Takes every waiting job off the queue and acknowledges it: the jobs are lost, as a crash
+/// between recording and queueing (or a broker dropping them) would lose them.
+async fn lose_every_job(queue: &MemoryQueue) -> usize {
+    let deliveries = imgclf::Queue::receive(queue, 100, Duration::from_millis(10))
+        .await
+        .unwrap();
+    let lost = deliveries.len();
+    for delivery in deliveries {
+        delivery.ack().await.unwrap();
+    }
+    lost
+}
+
+fn quick_requeue() -> PipelineConfig {
+    PipelineConfig {
+        requeue_after: Duration::from_secs(1),
+        ..PipelineConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn a_task_that_lost_its_job_is_queued_again_by_the_sweeper() {
+    let s = service_custom(Arc::new(NoopNotifier), quick_requeue(), false);
+    let jpeg = image("opencv_apple.jpg");
+    let (status, body) = call(
+        &s.app,
+        multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg)]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(lose_every_job(&s.queue).await, 1);
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(s.pipeline.clone().run_worker(stopped));
+    let done = wait_final(&s.app, body["task_id"].as_str().unwrap()).await;
+    assert_eq!(
+        done["state"], "SUCCESS",
+        "the sweeper queued it again: {done}"
+    );
+}
+
+#[tokio::test]
+async fn a_retried_upload_requeues_its_stranded_task() {
+    let s = service_custom(Arc::new(NoopNotifier), quick_requeue(), false);
+    let jpeg = image("opencv_apple.jpg");
+    let upload = || {
+        let mut request = multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg)]);
+        request
+            .headers_mut()
+            .insert("idempotency-key", "stranded-1".parse().unwrap());
+        request
+    };
+    let (status, first) = call(&s.app, upload()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    assert_eq!(lose_every_job(&s.queue).await, 1);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (status, again) = call(&s.app, upload()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{again}");
+    assert_eq!(again["task_id"], first["task_id"], "the same task");
+    let waiting = imgclf::Queue::depth(s.queue.as_ref()).await.unwrap();
+    assert_eq!(waiting, 1, "the retry queued the stranded task again");
+}
+
+#[tokio::test]
+async fn attempts_counted_by_the_record_outlive_the_queue_s_count() {
+    // An in-memory queue forgets its delivery counts when the process restarts; the record
+    // keeps counting, so an image that kills every worker is still given up on.
+    let config = PipelineConfig {
+        max_attempts: 3,
+        ..PipelineConfig::default()
+    };
+    let s = service_custom(Arc::new(NoopNotifier), config, false);
+    let jpeg = image("opencv_apple.jpg");
+    let (_, body) = call(
+        &s.app,
+        multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg)]),
+    )
+    .await;
+    let id: imgclf::TaskId = body["task_id"].as_str().unwrap().parse().unwrap();
+    for _ in 0..3 {
+        // Three starts whose workers died (as counted before a restart).
+        s.results.start(id).await.unwrap();
+    }
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(s.pipeline.clone().run_worker(stopped));
+    let done = wait_final(&s.app, &id.to_string()).await;
+    assert_eq!(done["state"], "FAILURE", "{done}");
+    assert!(
+        done["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("gave up after 3 attempts"),
+        "{done}"
+    );
+}
+
+/// A broker that never confirms a publish (RabbitMQ in flow control, say).
+struct StuckQueue(MemoryQueue);
+
+#[async_trait::async_trait]
+impl imgclf::Queue for StuckQueue {
+    async fn enqueue(&self, _job: &imgclf::Job) -> Result<(), imgclf::QueueError> {
+        std::future::pending().await
+    }
+    async fn receive(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Box<dyn imgclf::Delivery>>, imgclf::QueueError> {
+        self.0.receive(max, wait).await
+    }
+    async fn depth(&self) -> Result<u64, imgclf::QueueError> {
+        self.0.depth().await
+    }
+    async fn dead_letters(&self) -> Result<u64, imgclf::QueueError> {
+        self.0.dead_letters().await
+    }
+    async fn check(&self) -> Result<(), imgclf::QueueError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_publish_that_never_returns_is_a_clean_503_with_nothing_kept() {
+    let storage = Arc::new(MemoryStorage::new());
+    let results = Arc::new(MemoryResults::new());
+    let ports = Ports {
+        storage: storage.clone(),
+        queue: Arc::new(StuckQueue(MemoryQueue::default())),
+        results: results.clone(),
+        notifier: Arc::new(NoopNotifier),
+    };
+    let config = PipelineConfig {
+        publish_timeout: Duration::from_millis(300),
+        ..PipelineConfig::default()
+    };
+    let submitter = Arc::new(imgclf::Submitter::new(ports, config));
+    let app = router(
+        AppState::new(submitter, None, MAX_UPLOAD),
+        Duration::from_secs(30),
+    );
+    let jpeg = image("opencv_apple.jpg");
+    let response = app
+        .clone()
+        .oneshot(multipart(
+            "/api/upload-image",
+            &[Part::File("a.jpg", &jpeg)],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(response.headers().contains_key("retry-after"));
+    assert!(storage.is_empty(), "the image was removed");
+    assert!(
+        results.unfinished(usize::MAX).await.unwrap().is_empty(),
+        "the record was removed"
+    );
+}
+
+#[tokio::test]
+async fn file_names_and_metadata_hold_only_what_every_database_stores() {
+    let s = service_custom(Arc::new(NoopNotifier), PipelineConfig::default(), false);
+    let jpeg = image("opencv_apple.jpg");
+    let long_name = format!("{}.jpg", "é".repeat(200));
+    let (status, body) = call(
+        &s.app,
+        multipart("/api/upload-image", &[Part::File(&long_name, &jpeg)]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let id: imgclf::TaskId = body["task_id"].as_str().unwrap().parse().unwrap();
+    let record = s.results.get(id).await.unwrap().unwrap();
+    let kept = record.metadata["filename"].as_str().unwrap();
+    assert!(kept.len() <= 255 && long_name.starts_with(kept), "{kept}");
+
+    for (what, request) in [
+        (
+            "a NUL in metadata",
+            multipart(
+                "/api/upload-image",
+                &[
+                    Part::File("a.jpg", &jpeg),
+                    Part::Text("metadata", r#"{"note": "a\u0000b"}"#),
+                ],
+            ),
+        ),
+        (
+            "a NUL in a metadata key",
+            multipart(
+                "/api/upload-image",
+                &[
+                    Part::File("a.jpg", &jpeg),
+                    Part::Text("metadata", r#"{"deep": [{"k\u0000": 1}]}"#),
+                ],
+            ),
+        ),
+        (
+            "a control character in the file name",
+            multipart("/api/upload-image", &[Part::File("a\tb.jpg", &jpeg)]),
+        ),
+    ] {
+        let before = s.storage.len();
+        let (status, body) = call(&s.app, request).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{what}: {body}");
+        assert_eq!(s.storage.len(), before, "{what}: nothing stored");
+    }
+}
+
+#[tokio::test]
+async fn uploads_beyond_the_bytes_in_flight_budget_get_503() {
+    let s = service_custom(Arc::new(NoopNotifier), PipelineConfig::default(), false);
+    let state = AppState::new(s.pipeline.submitter().clone(), None, MAX_UPLOAD)
+        .with_inflight_budget(64 * 1024);
+    let app = router(state, Duration::from_secs(30));
+    let big = image("skimage_chelsea.png");
+    assert!(big.len() > 64 * 1024);
+    let request = with_length(multipart(
+        "/api/upload-image",
+        &[Part::File("big.png", &big)],
+    ));
+    let response = app.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert!(s.storage.is_empty());
+    let small = image("opencv_apple.jpg");
+    assert!(small.len() < 60 * 1024);
+    let request = with_length(multipart(
+        "/api/upload-image",
+        &[Part::File("a.jpg", &small)],
+    ));
+    let (status, body) = call(&app, request).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+}
+
+/// A request built by [`multipart`] with its `Content-Length`, as clients send it.
+fn with_length(mut request: Request<Body>) -> Request<Body> {
+    use axum::body::HttpBody as _;
+    let length = request.body().size_hint().exact().unwrap();
+    request
+        .headers_mut()
+        .insert("content-length", length.to_string().parse().unwrap());
+    request
 }

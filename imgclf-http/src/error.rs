@@ -24,7 +24,8 @@ impl ApiError {
         }
     }
 
-    fn retry_after(mut self, seconds: u64) -> Self {
+    /// Tells the client to retry after `seconds`.
+    pub fn with_retry_after(mut self, seconds: u64) -> Self {
         self.retry_after = Some(seconds);
         self
     }
@@ -42,7 +43,7 @@ impl ApiError {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("the service is temporarily unavailable (error id {id})"),
         )
-        .retry_after(5)
+        .with_retry_after(5)
     }
 }
 
@@ -65,9 +66,7 @@ impl From<ImageError> for ApiError {
             ImageError::Empty
             | ImageError::Undecodable(_)
             | ImageError::TooCostly(_)
-            | ImageError::TooManyPixels { .. } => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            | ImageError::TooManyPixels { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         };
         Self::new(status, error.to_string())
     }
@@ -80,7 +79,8 @@ impl From<SubmitError> for ApiError {
             SubmitError::Callback(e) => Self::unprocessable(e.to_string()),
             SubmitError::Busy { retry_after, .. } => {
                 let seconds = retry_after.as_secs().max(1);
-                Self::new(StatusCode::TOO_MANY_REQUESTS, error.to_string()).retry_after(seconds)
+                Self::new(StatusCode::TOO_MANY_REQUESTS, error.to_string())
+                    .with_retry_after(seconds)
             }
             // Unavailable, and whatever a later version adds.
             other => Self::unavailable(other),
@@ -93,6 +93,9 @@ impl From<ClassifyNowError> for ApiError {
         match error {
             ClassifyNowError::Image(e) => e.into(),
             ClassifyNowError::Classify(e) if e.is_temporary() => Self::unavailable(&e),
+            ClassifyNowError::Busy => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, error.to_string()).with_retry_after(1)
+            }
             other => {
                 let id = imgclf::error_id();
                 tracing::error!(error = %other, error_id = %id, "classification failed");

@@ -17,6 +17,7 @@ use bytes::{Bytes, BytesMut};
 use imgclf::{Pipeline, Submitter, TaskId, TaskState, Upload, Worker};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use tokio::sync::Semaphore;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
@@ -47,7 +48,13 @@ pub struct AppState {
     pub serve_metrics: bool,
     /// How long `/api/classify` waits for a worker (set by [`router`] from its timeout).
     pub classify_wait: Duration,
+    /// KiB of request bodies this process holds at once (503 beyond, see [`limit_inflight`]).
+    pub inflight_kib: Arc<Semaphore>,
 }
+
+/// Bytes of request bodies held at once, by default: room for a dozen uploads at the size cap,
+/// a few hundred typical photos.
+pub const DEFAULT_MAX_INFLIGHT_BYTES: usize = 256 * 1024 * 1024;
 
 impl AppState {
     /// The API over an accepting side and, where this process runs one, a worker.
@@ -63,7 +70,14 @@ impl AppState {
             api_keys: Arc::new(Vec::new()),
             serve_metrics: true,
             classify_wait: Duration::from_secs(30),
+            inflight_kib: Arc::new(Semaphore::new(DEFAULT_MAX_INFLIGHT_BYTES / 1024)),
         }
+    }
+
+    /// Holds at most `bytes` of request bodies at once.
+    pub fn with_inflight_budget(mut self, bytes: usize) -> Self {
+        self.inflight_kib = Arc::new(Semaphore::new((bytes / 1024).max(1)));
+        self
     }
 
     /// The API over the embedded pipeline: both sides in this process.
@@ -103,6 +117,10 @@ pub fn router(mut state: AppState, request_timeout: Duration) -> Router {
         .route("/api/task-status/{task_id}", get(task_status))
         .route("/api/classify", post(classify))
         .layer(DefaultBodyLimit::max(body_limit))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            limit_inflight,
+        ))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     let mut open = Router::new()
         .route("/health", get(health))
@@ -125,6 +143,33 @@ pub fn metrics_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+/// A global budget of request bytes in flight, taken before the body is read: beyond it a
+/// client gets 503 with `Retry-After` at once, instead of every upload slowing down together
+/// until memory runs out. A body without `Content-Length` is charged the size cap.
+async fn limit_inflight(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let cap = state.max_upload_bytes + 2 * MAX_FIELD_BYTES + 64 * 1024;
+    let bytes = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(cap, |length| length.min(cap));
+    let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+    match state.inflight_kib.clone().try_acquire_many_owned(kib) {
+        Ok(held) => {
+            let response = next.run(request).await;
+            drop(held);
+            response
+        }
+        Err(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many uploads in flight; retry shortly",
+        )
+        .with_retry_after(1)
+        .into_response(),
+    }
 }
 
 /// Bearer-token check. Keys are compared as SHA-256 digests, in constant time, so neither
@@ -211,12 +256,22 @@ async fn upload_image(
         idempotency_key,
         top_k: None,
     };
-    let task_id = state.submitter.submit(upload).await?;
+    let task_id = submit_to_completion(&state, upload).await?;
     let body = json!({
         "task_id": task_id,
         "status_url": format!("/api/task-status/{task_id}"),
     });
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// Once the bytes are in, acceptance runs to its end on a task of its own: a client that
+/// disconnects or times out cannot stop it between storing, recording and queueing.
+async fn submit_to_completion(state: &AppState, upload: Upload) -> Result<TaskId, ApiError> {
+    let submitter = state.submitter.clone();
+    tokio::spawn(async move { submitter.submit(upload).await })
+        .await
+        .map_err(ApiError::unavailable)?
+        .map_err(Into::into)
 }
 
 async fn task_status(
@@ -284,7 +339,7 @@ async fn classify_by_workers(
     upload: Upload,
 ) -> Result<(Vec<imgclf::Prediction>, String), ApiError> {
     let submitter = &state.submitter;
-    let task_id = submitter.submit(upload).await?;
+    let task_id = submit_to_completion(state, upload).await?;
     let record = submitter
         .wait(task_id, state.classify_wait)
         .await
@@ -368,7 +423,7 @@ async fn read_form(
                         "send exactly one field named 'file'",
                     ));
                 }
-                let filename = field.file_name().map(str::to_string);
+                let filename = field.file_name().map(checked_filename).transpose()?;
                 file = Some((
                     read_field(field, max_upload_bytes, "the image").await?,
                     filename,
@@ -402,7 +457,14 @@ async fn read_form(
             )))
         }
         Some(text) => match serde_json::from_str(text) {
-            Ok(Value::Object(map)) => map,
+            Ok(Value::Object(map)) => {
+                if map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)) {
+                    return Err(ApiError::unprocessable(
+                        "'metadata' may not contain NUL characters",
+                    ));
+                }
+                map
+            }
             Ok(_) => return Err(ApiError::unprocessable("'metadata' must be a JSON object")),
             Err(e) => {
                 return Err(ApiError::unprocessable(format!(
@@ -433,6 +495,35 @@ async fn read_form(
         metadata,
         top_k,
     })
+}
+
+/// Most bytes of a kept file name.
+const MAX_FILENAME_BYTES: usize = 255;
+
+/// A client's file name, as kept in the metadata: no control characters (a NUL is text no
+/// database stores), at most [`MAX_FILENAME_BYTES`] (longer names are cut at a character).
+fn checked_filename(name: &str) -> Result<String, ApiError> {
+    if name.chars().any(char::is_control) {
+        return Err(ApiError::unprocessable(
+            "the file name may not contain control characters",
+        ));
+    }
+    let mut end = name.len().min(MAX_FILENAME_BYTES);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    Ok(name[..end].to_string())
+}
+
+/// Whether a JSON value holds a NUL anywhere, in a key or a string (PostgreSQL's JSONB, for
+/// one, refuses it).
+fn has_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
 }
 
 /// Reads a field, refusing it with 413 as soon as it passes `max` bytes.

@@ -36,6 +36,9 @@ struct Args {
         hide_env_values = true
     )]
     api_keys: Vec<String>,
+    /// Most bytes of request bodies held at once; uploads beyond it get 503 with Retry-After.
+    #[arg(long, env = "IMGCLF_MAX_INFLIGHT_BYTES", default_value_t = imgclf_http::DEFAULT_MAX_INFLIGHT_BYTES)]
+    max_inflight_bytes: usize,
     /// Serve /metrics on this address only (e.g. an internal interface) instead of IMGCLF_ADDR.
     #[arg(long, env = "IMGCLF_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -90,8 +93,9 @@ async fn main() -> anyhow::Result<()> {
         "backends connected"
     );
 
-    let mut state =
-        AppState::new(submitter, worker, args.max_upload_bytes).with_api_keys(&args.api_keys);
+    let mut state = AppState::new(submitter, worker, args.max_upload_bytes)
+        .with_api_keys(&args.api_keys)
+        .with_inflight_budget(args.max_inflight_bytes);
     if state.api_keys.is_empty() {
         tracing::warn!("IMGCLF_API_KEYS is unset: the API is open to anyone who can reach it");
     }

@@ -236,6 +236,13 @@ pub struct Settings {
         arg(long, env = "IMGCLF_MAX_ATTEMPTS", default_value_t = pipeline::DEFAULT_MAX_ATTEMPTS)
     )]
     pub max_attempts: u32,
+    /// Seconds after its last change that a task still unfinished counts as stranded (its job
+    /// lost to a crash) and is queued again by the workers' sweeper.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "IMGCLF_REQUEUE_AFTER", default_value_t = pipeline::DEFAULT_REQUEUE_AFTER_SECS)
+    )]
+    pub requeue_after: u64,
     /// Threads decoding and preprocessing at once [default: one per core].
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_PREPROCESS_THREADS"))]
     pub preprocess_threads: Option<usize>,
@@ -245,13 +252,21 @@ pub struct Settings {
         arg(long, env = "IMGCLF_WEBHOOK_TIMEOUT", default_value_t = notify::DEFAULT_TIMEOUT_SECS)
     )]
     pub webhook_timeout: u64,
-    /// Secret that signs every callback (HMAC-SHA256, see the README); unsigned when unset.
-    /// Also read from the file IMGCLF_WEBHOOK_SECRET_FILE names.
+    /// Secret that signs every callback (HMAC-SHA256, see the README); when unset, callbacks
+    /// are refused unless IMGCLF_WEBHOOK_UNSIGNED is true. Also read from the file
+    /// IMGCLF_WEBHOOK_SECRET_FILE names.
     #[cfg_attr(
         feature = "cli",
         arg(long, env = "IMGCLF_WEBHOOK_SECRET", hide_env_values = true)
     )]
     pub webhook_secret: Option<String>,
+    /// Sends callbacks unsigned when IMGCLF_WEBHOOK_SECRET is unset; otherwise uploads with a
+    /// callback are refused then.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "IMGCLF_WEBHOOK_UNSIGNED", default_value_t = false, action = clap::ArgAction::Set)
+    )]
+    pub webhook_unsigned: bool,
     /// Internal networks callbacks may reach anyway, comma-separated (`10.1.0.0/16,127.0.0.1`);
     /// loopback, private, link-local, multicast and reserved addresses are refused otherwise.
     #[cfg_attr(
@@ -294,9 +309,11 @@ impl Default for Settings {
             top_k: pipeline::DEFAULT_TOP_K,
             max_attempts: pipeline::DEFAULT_MAX_ATTEMPTS,
             max_queue_depth: pipeline::DEFAULT_MAX_QUEUE_DEPTH,
+            requeue_after: pipeline::DEFAULT_REQUEUE_AFTER_SECS,
             preprocess_threads: None,
             webhook_timeout: notify::DEFAULT_TIMEOUT_SECS,
             webhook_secret: None,
+            webhook_unsigned: false,
             webhook_allow: Vec::new(),
             webhook_attempts: notify::DEFAULT_ATTEMPTS,
         }
@@ -330,9 +347,11 @@ impl std::fmt::Debug for Settings {
             .field("top_k", &self.top_k)
             .field("max_queue_depth", &self.max_queue_depth)
             .field("max_attempts", &self.max_attempts)
+            .field("requeue_after", &self.requeue_after)
             .field("preprocess_threads", &self.preprocess_threads)
             .field("webhook_timeout", &self.webhook_timeout)
             .field("webhook_secret", &hidden(&self.webhook_secret))
+            .field("webhook_unsigned", &self.webhook_unsigned)
             .field("webhook_allow", &self.webhook_allow)
             .field("webhook_attempts", &self.webhook_attempts)
             .finish()
@@ -469,6 +488,7 @@ impl Settings {
                 .preprocess_threads
                 .unwrap_or(defaults.preprocess_threads),
             max_queue_depth: self.max_queue_depth,
+            requeue_after: Duration::from_secs(self.requeue_after.max(1)),
             ..defaults
         }
     }
@@ -502,6 +522,7 @@ impl Settings {
             timeout: Duration::from_secs(self.webhook_timeout),
             secret: self.webhook_secret.clone(),
             allow: self.webhook_allow.clone(),
+            unsigned: self.webhook_unsigned,
         }
     }
 

@@ -36,6 +36,13 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 pub const DEFAULT_MAX_QUEUE_DEPTH: u64 = 10_000;
 /// How long a stopping worker waits for the jobs it holds, by default.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Seconds after its last change that an unfinished task counts as stranded, by default: far
+/// longer than any job runs or waits for a retry, so a live job is rarely doubled (and a double
+/// is harmless).
+pub const DEFAULT_REQUEUE_AFTER_SECS: u64 = 900;
+/// How long a publish may take before the upload is refused, by default (a broker in flow
+/// control holds publishes indefinitely).
+pub const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The backends a pipeline runs on.
 #[derive(Clone)]
@@ -69,6 +76,11 @@ pub struct PipelineConfig {
     pub drain_timeout: Duration,
     /// Uploads get `Busy` (429) while this many jobs wait; 0 for no limit.
     pub max_queue_depth: u64,
+    /// A task still `PENDING` or `STARTED` this long after its last change has lost its job
+    /// (a crash between recording and queueing, a broker that dropped it): it is queued again.
+    pub requeue_after: Duration,
+    /// How long a publish may take before the upload is refused with nothing kept.
+    pub publish_timeout: Duration,
 }
 
 impl Default for PipelineConfig {
@@ -82,6 +94,8 @@ impl Default for PipelineConfig {
             preprocess_threads: crate::cores(),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_queue_depth: DEFAULT_MAX_QUEUE_DEPTH,
+            requeue_after: Duration::from_secs(DEFAULT_REQUEUE_AFTER_SECS),
+            publish_timeout: DEFAULT_PUBLISH_TIMEOUT,
         }
     }
 }
@@ -120,14 +134,24 @@ impl Shared {
     }
 
     /// Runs CPU-heavy work on the blocking pool once a slot is free, never on a runtime worker.
+    /// The slot travels with the work: a caller that goes away (a dropped request) leaves the
+    /// work to finish in its slot, so abandoned decodes can never pile up beyond the pool.
     async fn on_cpu<T: Send + 'static>(
         &self,
         work: impl FnOnce() -> Result<T, ImageError> + Send + 'static,
     ) -> Result<T, ImageError> {
-        let _slot = self.cpu_slots.acquire().await.expect("never closed");
-        tokio::task::spawn_blocking(work)
+        let slot = self
+            .cpu_slots
+            .clone()
+            .acquire_owned()
             .await
-            .unwrap_or_else(|e| Err(ImageError::Undecodable(format!("decoder crashed: {e}"))))
+            .expect("never closed");
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            work()
+        })
+        .await
+        .unwrap_or_else(|e| Err(ImageError::Undecodable(format!("decoder crashed: {e}"))))
     }
 
     async fn render_metrics(&self) -> String {
@@ -239,32 +263,37 @@ impl Submitter {
 
     /// Checks, stores, records and queues an image; returns its task id. On any failure nothing
     /// is left behind.
+    ///
+    /// The cheap refusals come first (a known idempotency key, a full queue), then the decode.
+    /// Not cancel-safe: dropped half-way it can leave an image or a record behind, so a server
+    /// runs it to completion on a task of its own once the bytes are in.
     pub async fn submit(&self, upload: Upload) -> Result<TaskId, SubmitError> {
-        let info = self.validate(upload.bytes.clone()).await?;
         let Ports {
             storage,
-            queue,
             results,
             notifier,
+            ..
         } = &self.shared.ports;
-        if let Some(url) = &upload.callback_url {
-            notifier.check_url(url).await?;
-        }
         // The same key and bytes name the same task, so a retried upload finds the first one.
         let task_id = match &upload.idempotency_key {
             Some(key) => TaskId::derived(key, &upload.bytes),
             None => TaskId::new(),
         };
         if upload.idempotency_key.is_some() {
-            let found = results.get(task_id).await;
-            if found
-                .map_err(|e| SubmitError::unavailable("recording the task")(e.into()))?
-                .is_some()
-            {
+            let found = results
+                .get(task_id)
+                .await
+                .map_err(|e| SubmitError::unavailable("recording the task")(e.into()))?;
+            if let Some(record) = found {
+                self.requeue_if_stranded(&record).await?;
                 return Ok(task_id);
             }
         }
         self.admit().await?;
+        let info = self.validate(upload.bytes.clone()).await?;
+        if let Some(url) = &upload.callback_url {
+            notifier.check_url(url).await?;
+        }
         let key = format!("images/{task_id}.{}", info.extension());
         let mut metadata = upload.metadata;
         if let Some(filename) = upload.filename {
@@ -290,13 +319,29 @@ impl Submitter {
         }
         let mut job = record.job();
         job.top_k = upload.top_k;
-        if let Err(e) = queue.enqueue(&job).await {
+        if let Err(e) = self.shared.publish(&job).await {
+            // A publish that went through after its timeout finds no task and is dropped.
             let _ = results.delete(task_id).await;
             let _ = storage.delete(&key).await;
-            return Err(SubmitError::unavailable("queueing the task")(e.into()));
+            return Err(SubmitError::unavailable("queueing the task")(e));
         }
         tracing::debug!(%task_id, %key, "task accepted");
         Ok(task_id)
+    }
+
+    /// A retried upload that finds its task still `PENDING` long after it was accepted (its
+    /// first try died between recording and queueing) queues it again. A second job for a
+    /// task that still has one is harmless: transitions are guarded, completion idempotent.
+    async fn requeue_if_stranded(&self, record: &TaskRecord) -> Result<(), SubmitError> {
+        let stranded_after = self.shared.config.requeue_after.as_millis() as i64;
+        if record.state == TaskState::Pending && now_ms() - record.updated_at_ms > stranded_after {
+            tracing::info!(task_id = %record.task_id, "stranded task queued again");
+            self.shared
+                .publish(&record.job())
+                .await
+                .map_err(SubmitError::unavailable("queueing the task"))?;
+        }
+        Ok(())
     }
 
     /// Refuses new work while the queue is deeper than `max_queue_depth`. The depth is read at
@@ -376,18 +421,31 @@ impl Submitter {
     /// in-memory queue died with the process, the result store is the record of what was
     /// accepted. Do not use with a durable queue, which still holds those jobs.
     pub async fn requeue_unfinished(&self) -> Result<usize, SubmitError> {
-        let Ports { queue, results, .. } = &self.shared.ports;
-        let open = results
+        let open = self
+            .shared
+            .ports
+            .results
             .unfinished(usize::MAX)
             .await
             .map_err(|e| SubmitError::unavailable("listing unfinished tasks")(e.into()))?;
         for record in &open {
-            queue
-                .enqueue(&record.job())
+            self.shared
+                .publish(&record.job())
                 .await
-                .map_err(|e| SubmitError::unavailable("queueing the task")(e.into()))?;
+                .map_err(SubmitError::unavailable("queueing the task"))?;
         }
         Ok(open.len())
+    }
+}
+
+impl Shared {
+    /// Enqueues within `publish_timeout`.
+    async fn publish(&self, job: &crate::task::Job) -> Result<(), BoxError> {
+        let limit = self.config.publish_timeout;
+        match tokio::time::timeout(limit, self.ports.queue.enqueue(job)).await {
+            Ok(published) => published.map_err(Into::into),
+            Err(_) => Err(format!("the broker did not confirm within {limit:?}").into()),
+        }
     }
 }
 
@@ -447,6 +505,9 @@ pub enum ClassifyNowError {
     /// The model failed.
     #[error(transparent)]
     Classify(#[from] Arc<ClassifyError>),
+    /// As many synchronous classifications as the model can queue are already waiting.
+    #[error("the model is busy with other synchronous classifications; retry later")]
+    Busy,
 }
 
 /// The working side: takes jobs from the queue, classifies them in batches with the model it
@@ -454,6 +515,9 @@ pub enum ClassifyNowError {
 pub struct Worker {
     shared: Shared,
     classifier: ClassifierHandle,
+    /// Synchronous classifications in flight: bounded, or `/api/classify` could queue without
+    /// end in front of the model.
+    classify_slots: Semaphore,
 }
 
 impl Worker {
@@ -464,7 +528,12 @@ impl Worker {
 
     fn with(shared: Shared, classifier: ClassifierHandle) -> Self {
         classifier.record_batch_sizes(shared.metrics.batch_size.clone());
-        Self { shared, classifier }
+        let classify_slots = Semaphore::new(4 * shared.config.max_batch.max(1));
+        Self {
+            shared,
+            classifier,
+            classify_slots,
+        }
     }
 
     /// The backends.
@@ -498,6 +567,10 @@ impl Worker {
         bytes: Bytes,
         top_k: usize,
     ) -> Result<Vec<Prediction>, ClassifyNowError> {
+        let _slot = self
+            .classify_slots
+            .try_acquire()
+            .map_err(|_| ClassifyNowError::Busy)?;
         let tensor = self.tensor(bytes).await?;
         let logits = self.classifier.logits(tensor).await?;
         Ok(self.classifier.spec().top_k(&logits, top_k))
@@ -512,6 +585,7 @@ impl Worker {
         let slots = Arc::new(Semaphore::new(2 * max_batch));
         let mut running = JoinSet::new();
         let mut backoff = Duration::from_millis(100);
+        let sweeper = tokio::spawn(self.clone().sweep());
         // Resolves once a stop is asked for, or can never be (the sender is gone).
         let stop = |shutdown: &mut watch::Receiver<bool>| {
             let mut shutdown = shutdown.clone();
@@ -566,6 +640,7 @@ impl Worker {
             }
             while running.try_join_next().is_some() {}
         }
+        sweeper.abort();
         tracing::info!(
             jobs = running.len(),
             "worker stopping; draining jobs in hand"
@@ -581,6 +656,34 @@ impl Worker {
             );
             running.shutdown().await;
         }
+    }
+
+    /// Every worker sweeps, a few times per `requeue_after`: several at once split the work.
+    async fn sweep(self: Arc<Self>) {
+        let period = (self.shared.config.requeue_after / 4)
+            .clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let mut ticks = tokio::time::interval(period);
+        loop {
+            ticks.tick().await;
+            if let Err(error) = self.sweep_once().await {
+                tracing::warn!(%error, "sweeping for stranded tasks failed");
+            }
+        }
+    }
+
+    /// Queues again the tasks left `PENDING` or `STARTED` for longer than `requeue_after`
+    /// (a crash between recording and queueing, a job a broker lost); returns how many.
+    pub async fn sweep_once(&self) -> Result<usize, BoxError> {
+        let results = &self.shared.ports.results;
+        let before = now_ms() - self.shared.config.requeue_after.as_millis() as i64;
+        let stale = results.claim_stale(before, 100).await?;
+        for record in &stale {
+            self.shared.publish(&record.job()).await?;
+        }
+        if !stale.is_empty() {
+            tracing::info!(tasks = stale.len(), "stranded tasks queued again");
+        }
+        Ok(stale.len())
     }
 
     /// One delivery, from fetch to ack. Every path settles the delivery.
@@ -651,6 +754,13 @@ impl Worker {
                 return Ok(None);
             }
         };
+        // The record counts starts durably, whatever the queue counts (an in-memory queue
+        // forgets its counts when the process restarts): an image that kills its worker
+        // every time is given up on all the same.
+        let max_attempts = self.shared.config.max_attempts;
+        if record.attempts > max_attempts {
+            return Err(JobError::Exhausted(max_attempts));
+        }
         let mut timings = StageTimings::default();
         if record.attempts == 1 {
             timings.queue_wait_ms = (now_ms() - record.created_at_ms).max(0) as f64;

@@ -12,6 +12,7 @@ pub async fn run(store: &dyn ResultStore) {
     idempotent_completion(store).await;
     failure_is_final(store).await;
     unfinished_lists_open_tasks(store).await;
+    stale_tasks_are_claimed_once(store).await;
     concurrent_completions_write_once(store).await;
     webhook_state_is_kept_apart(store).await;
     store
@@ -175,6 +176,50 @@ async fn unfinished_lists_open_tasks(store: &dyn ResultStore) {
         store.unfinished(1).await.expect("unfinished").len() <= 1,
         "the limit holds"
     );
+}
+
+async fn stale_tasks_are_claimed_once(store: &dyn ResultStore) {
+    let hour_ago = now_ms() - 3_600_000;
+    let aged = |mut r: TaskRecord| {
+        r.created_at_ms = hour_ago;
+        r.updated_at_ms = hour_ago;
+        r
+    };
+    let (stale_pending, stale_done, fresh) = (aged(record()), aged(record()), record());
+    for r in [&stale_pending, &stale_done, &fresh] {
+        store.create(r).await.expect("create");
+    }
+    store
+        .complete(stale_done.task_id, &result(stale_done.task_id, "x"))
+        .await
+        .expect("complete");
+    let cutoff = now_ms() - 600_000;
+    // Two sweepers at once: each stale task goes to exactly one of them.
+    let (a, b) = tokio::join!(
+        store.claim_stale(cutoff, usize::MAX),
+        store.claim_stale(cutoff, usize::MAX)
+    );
+    let claimed: Vec<TaskId> = a
+        .expect("claim")
+        .into_iter()
+        .chain(b.expect("claim"))
+        .map(|r| r.task_id)
+        .collect();
+    let count = |id: TaskId| claimed.iter().filter(|c| **c == id).count();
+    assert_eq!(
+        count(stale_pending.task_id),
+        1,
+        "a stale pending task, claimed once"
+    );
+    assert_eq!(count(stale_done.task_id), 0, "final tasks are never stale");
+    assert_eq!(count(fresh.task_id), 0, "a recent task is not stale");
+    let again = store.claim_stale(cutoff, usize::MAX).await.expect("claim");
+    assert!(
+        !again.iter().any(|r| r.task_id == stale_pending.task_id),
+        "claiming marks the task changed, so the next sweep leaves it alone"
+    );
+    let got = store.get(stale_pending.task_id).await.unwrap().unwrap();
+    assert_eq!(got.state, TaskState::Pending, "claiming changes no state");
 }
 
 async fn concurrent_completions_write_once(store: &dyn ResultStore) {

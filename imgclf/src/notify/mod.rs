@@ -5,7 +5,7 @@ mod policy;
 #[cfg(feature = "webhook")]
 mod webhook;
 
-pub use policy::{is_internal, CallbackPolicy, IpNet};
+pub use policy::{is_internal, CallbackPolicy, IpNet, PUBLIC_PORTS};
 #[cfg(feature = "webhook")]
 pub use webhook::{
     WebhookConfig, WebhookNotifier, DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
@@ -34,6 +34,8 @@ pub struct NotifierOptions {
     pub secret: Option<String>,
     /// Internal networks callbacks may reach anyway.
     pub allow: Vec<IpNet>,
+    /// Sends callbacks unsigned when `secret` is unset; they are refused otherwise.
+    pub unsigned: bool,
 }
 
 impl std::fmt::Debug for NotifierOptions {
@@ -43,6 +45,7 @@ impl std::fmt::Debug for NotifierOptions {
             .field("timeout", &self.timeout)
             .field("secret", &self.secret.as_ref().map(|_| "***"))
             .field("allow", &self.allow)
+            .field("unsigned", &self.unsigned)
             .finish()
     }
 }
@@ -52,12 +55,20 @@ pub fn build(options: &NotifierOptions) -> Result<Arc<dyn Notifier>, ConfigError
     #[cfg(feature = "webhook")]
     if options.attempts > 0 {
         if options.secret.is_none() {
-            tracing::warn!("IMGCLF_WEBHOOK_SECRET is unset: callbacks go out unsigned");
+            if options.unsigned {
+                tracing::warn!("IMGCLF_WEBHOOK_SECRET is unset: callbacks go out unsigned");
+            } else {
+                tracing::warn!(
+                    "IMGCLF_WEBHOOK_SECRET is unset: callbacks are refused at upload \
+                     unless IMGCLF_WEBHOOK_UNSIGNED=true"
+                );
+            }
         }
         return Ok(Arc::new(WebhookNotifier::new(WebhookConfig {
             timeout: options.timeout.max(Duration::from_secs(1)),
             attempts: options.attempts,
             secret: options.secret.clone(),
+            unsigned: options.unsigned,
             policy: CallbackPolicy::new(options.allow.clone()),
             ..WebhookConfig::default()
         })?));

@@ -1,7 +1,8 @@
 //! Which addresses a callback may reach. Loopback, private, link-local (cloud metadata lives
-//! there), shared, multicast and reserved ranges are refused unless an allowlist names them.
+//! there), shared, multicast, reserved and IPv6 transition ranges are refused unless an
+//! allowlist names them, and a public address takes ports 80 and 443 only.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 
 /// An IP network, `10.0.0.0/8` or a single address.
@@ -93,20 +94,27 @@ pub fn is_internal(ip: IpAddr) -> bool {
                 || o[0] >= 240 // reserved
         }
         IpAddr::V6(v6) => {
-            let first = v6.segments()[0];
-            v6.is_unspecified()
-                || v6.is_loopback()
-                || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00 // unique local, incl. fd00:ec2::254 (metadata)
-                || (first & 0xffc0) == 0xfe80 // link-local
-                || (first & 0xffc0) == 0xfec0 // site-local (deprecated)
-                || (first == 0x2001 && v6.segments()[1] == 0x0db8) // documentation
-                || v6 == Ipv6Addr::from(0u128)
+            let s = v6.segments();
+            v6.is_multicast()
+                || s[..6] == [0; 6] // IPv4-compatible ::/96, with :: and ::1
+                || (s[0] & 0xfe00) == 0xfc00 // unique local, incl. fd00:ec2::254 (metadata)
+                || (s[0] & 0xffc0) == 0xfe80 // link-local
+                || (s[0] & 0xffc0) == 0xfec0 // site-local (deprecated)
+                || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
+                // Transition ranges tunnel to an IPv4 address, or through a relay, that the
+                // policy cannot judge: 6to4, Teredo and local-use NAT64.
+                || s[0] == 0x2002 // 6to4 2002::/16
+                || (s[0] == 0x2001 && s[1] == 0) // Teredo 2001::/32
+                || s[..3] == [0x64, 0xff9b, 1] // local-use NAT64 64:ff9b:1::/48
         }
     }
 }
 
-/// The callback address policy: public addresses, plus whatever the allowlist names.
+/// The ports a callback may use on a public address; an allowlisted address may use any.
+pub const PUBLIC_PORTS: [u16; 2] = [80, 443];
+
+/// The callback address policy: public addresses on ports 80 and 443, plus whatever the
+/// allowlist names, on any port.
 #[derive(Clone, Debug, Default)]
 pub struct CallbackPolicy {
     allow: Vec<IpNet>,
@@ -118,9 +126,24 @@ impl CallbackPolicy {
         Self { allow }
     }
 
-    /// Whether a callback may connect to `ip`.
+    /// Whether a callback may connect to `ip` on one of the [`PUBLIC_PORTS`].
     pub fn allows(&self, ip: IpAddr) -> bool {
-        !is_internal(ip) || self.allow.iter().any(|net| net.contains(ip))
+        !is_internal(ip) || self.allowlisted(ip)
+    }
+
+    /// Whether the allowlist names `ip`: a callback may then connect to it on any port.
+    pub fn allowlisted(&self, ip: IpAddr) -> bool {
+        self.allow.iter().any(|net| net.contains(ip))
+    }
+
+    /// Whether a callback may connect to `addr`: a public address on port 80 or 443, or an
+    /// allowlisted address on any port.
+    pub fn allows_socket(&self, addr: SocketAddr) -> bool {
+        if PUBLIC_PORTS.contains(&addr.port()) {
+            self.allows(addr.ip())
+        } else {
+            self.allowlisted(addr.ip())
+        }
     }
 }
 
@@ -179,6 +202,11 @@ mod tests {
         assert!(policy.allows(ip("fd12::5")));
         assert!(!policy.allows(ip("10.0.0.1")));
         assert!(!policy.allows(ip("169.254.169.254")));
+        assert!(policy.allowlisted(ip("127.0.0.1")));
+        assert!(
+            !policy.allowlisted(ip("8.8.8.8")),
+            "public is not allowlisted"
+        );
         assert!("10.0.0.0/33".parse::<IpNet>().is_err());
         assert!("nonsense".parse::<IpNet>().is_err());
         assert_eq!(
@@ -188,5 +216,70 @@ mod tests {
                 prefix: 32
             }
         );
+    }
+
+    #[test]
+    fn ipv6_transition_ranges_are_refused() {
+        let policy = CallbackPolicy::default();
+        for refused in [
+            "2002:7f00:1::1",                       // 6to4 for 127.0.0.1
+            "2002:a9fe:a9fe::1",                    // 6to4 for 169.254.169.254
+            "2002:808:808::1",                      // 6to4, even for a public IPv4 address
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2", // Teredo
+            "2001::1",
+            "64:ff9b:1::a9fe:a9fe", // local-use NAT64
+            "64:ff9b:1:ffff::1",
+            "::7f00:1",        // IPv4-compatible 127.0.0.1
+            "::a00:1",         // IPv4-compatible 10.0.0.1
+            "::808:808",       // IPv4-compatible, even for a public IPv4 address
+            "::ffff",          // inside ::/96 too
+            "64:ff9b::7f00:1", // well-known NAT64 of 127.0.0.1
+            "64:ff9b::a00:1",  // well-known NAT64 of 10.0.0.1
+        ] {
+            assert!(is_internal(ip(refused)), "{refused} must be internal");
+            assert!(!policy.allows(ip(refused)), "{refused} must be refused");
+        }
+        for allowed in [
+            "64:ff9b::808:808",     // well-known NAT64 of 8.8.8.8: judged as 8.8.8.8
+            "2001:4860:4860::8888", // in 2001::/16, not in Teredo's 2001::/32
+            "2003::1",
+        ] {
+            assert!(policy.allows(ip(allowed)), "{allowed} must be allowed");
+        }
+    }
+
+    #[test]
+    fn public_addresses_take_ports_80_and_443_only() {
+        let socket = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let policy = CallbackPolicy::new(vec![
+            "127.0.0.0/8".parse().unwrap(),
+            "93.184.216.0/24".parse().unwrap(),
+        ]);
+        for allowed in [
+            "8.8.8.8:80",
+            "8.8.8.8:443",
+            "[2606:4700:4700::1111]:443",
+            "127.0.0.1:8080", // allowlisted: any port
+            "127.0.0.1:80",
+            "93.184.216.34:8443", // public but allowlisted: any port
+            "[::ffff:127.0.0.1]:9000",
+        ] {
+            assert!(policy.allows_socket(socket(allowed)), "{allowed}");
+        }
+        for refused in [
+            "8.8.8.8:8080",
+            "8.8.8.8:22",
+            "8.8.8.8:0",
+            "[2606:4700:4700::1111]:8443",
+            "10.0.0.1:80", // internal, not allowlisted: no port helps
+            "169.254.169.254:80",
+            "[::1]:443",
+        ] {
+            assert!(!policy.allows_socket(socket(refused)), "{refused}");
+        }
+        let default = CallbackPolicy::default();
+        assert!(default.allows_socket(socket("8.8.8.8:443")));
+        assert!(!default.allows_socket(socket("8.8.8.8:8443")));
+        assert!(!default.allows_socket(socket("127.0.0.1:80")));
     }
 }

@@ -1,4 +1,6 @@
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -8,15 +10,24 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::Url;
 use sha2::Sha256;
 
-use super::policy::CallbackPolicy;
+use super::policy::{CallbackPolicy, PUBLIC_PORTS};
 use super::{validate_callback_url, Notifier, NotifyError};
 
 /// The id of one notification, the same on every retry (receivers deduplicate on it).
 pub const DELIVERY_HEADER: &str = "x-imgclf-delivery";
 /// Unix seconds when this attempt was sent.
 pub const TIMESTAMP_HEADER: &str = "x-imgclf-timestamp";
-/// `v1=` and the hex HMAC-SHA256 of `<timestamp>.<body>` (see the README).
+/// `v2=` and the hex HMAC-SHA256 of `<delivery id>.<timestamp>.<body>` (see the README).
 pub const SIGNATURE_HEADER: &str = "x-imgclf-signature";
+
+/// What a client reads when a callback's address or port is refused: the same words whatever
+/// the reason, so that a refusal reveals nothing of what a name resolves to.
+const REFUSED_ADDRESS: &str = "the host resolves to an address callbacks may not reach \
+                               (or does not resolve); public addresses take ports 80 and 443 only";
+
+/// What a client reads when callbacks would go out unsigned without the operator's consent.
+const SECRET_REQUIRED: &str = "a signing secret is required: this service sends callbacks once \
+                               IMGCLF_WEBHOOK_SECRET is set (or IMGCLF_WEBHOOK_UNSIGNED=true)";
 
 /// How the webhook client behaves.
 #[derive(Clone)]
@@ -31,6 +42,8 @@ pub struct WebhookConfig {
     pub max_age: Duration,
     /// Signs every request (HMAC-SHA256) when set.
     pub secret: Option<String>,
+    /// Sends callbacks unsigned when `secret` is unset; without it they are refused.
+    pub unsigned: bool,
     /// Which addresses callbacks may reach.
     pub policy: CallbackPolicy,
 }
@@ -43,6 +56,7 @@ impl std::fmt::Debug for WebhookConfig {
             .field("backoff", &self.backoff)
             .field("max_age", &self.max_age)
             .field("secret", &self.secret.as_ref().map(|_| "***"))
+            .field("unsigned", &self.unsigned)
             .field("policy", &self.policy)
             .finish()
     }
@@ -56,75 +70,205 @@ impl Default for WebhookConfig {
             backoff: Duration::from_millis(500),
             max_age: Duration::from_secs(3600),
             secret: None,
+            unsigned: false,
             policy: CallbackPolicy::default(),
         }
     }
 }
 
 /// POSTs the payload as JSON, signed, at least once, retrying with exponential backoff and
-/// jitter. Safe against SSRF: only http(s), the resolved addresses must pass the
-/// [`CallbackPolicy`] (checked at upload, and again by the resolver the client connects
-/// through, so DNS rebinding gains nothing), and redirects are not followed.
+/// jitter. Safe against SSRF: only http(s); every address the client connects to must pass the
+/// [`CallbackPolicy`], port included, checked at upload and again at delivery (by the resolver
+/// the client connects through, or here for an IP-literal host, which reqwest never resolves),
+/// so DNS rebinding gains nothing; proxy variables are ignored, since a proxy would resolve the
+/// name itself; and redirects are not followed.
 pub struct WebhookNotifier {
+    /// Connects on ports 80 and 443, to public or allowlisted addresses.
     client: reqwest::Client,
+    /// Connects on any other port, to allowlisted addresses only.
+    other_ports: reqwest::Client,
+    lookup: Lookup,
     config: WebhookConfig,
 }
 
-/// Resolves names for the webhook client, dropping every address the policy refuses.
-struct PolicyResolver(Arc<CallbackPolicy>);
+/// A name lookup: every address the name has (ports are the URL's business).
+type Lookup = Arc<
+    dyn Fn(String) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<IpAddr>>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// The system's resolver.
+fn system_lookup() -> Lookup {
+    Arc::new(|host: String| {
+        Box::pin(async move {
+            Ok(tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .map(|a| a.ip())
+                .collect())
+        })
+    })
+}
+
+/// The resolver's answer when the policy refuses every address a name has; `notify` finds it
+/// in the error's chain and gives up at once.
+#[derive(Debug)]
+struct AddressRefused;
+
+impl std::fmt::Display for AddressRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(REFUSED_ADDRESS)
+    }
+}
+
+impl std::error::Error for AddressRefused {}
+
+/// Whether `error` (or anything it wraps) is the resolver's refusal.
+fn refused_by_resolver(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if error.is::<AddressRefused>() {
+            return true;
+        }
+        // An io::Error's source() skips the error it wraps: look at that one too.
+        if let Some(inner) = error
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            if inner.is::<AddressRefused>() {
+                return true;
+            }
+        }
+        next = error.source();
+    }
+    false
+}
+
+/// Resolves names for a webhook client, dropping every address the policy refuses for the
+/// ports that client connects on.
+struct PolicyResolver {
+    policy: Arc<CallbackPolicy>,
+    /// The client connects on one of the [`PUBLIC_PORTS`]: public addresses pass too.
+    public_ports: bool,
+    lookup: Lookup,
+}
 
 impl Resolve for PolicyResolver {
     fn resolve(&self, name: Name) -> Resolving {
-        let policy = self.0.clone();
+        let (policy, public_ports) = (self.policy.clone(), self.public_ports);
+        let host = name.as_str().to_string();
+        let lookup = (self.lookup)(host.clone());
         Box::pin(async move {
-            let host = name.as_str().to_string();
-            let found: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let allowed: Vec<SocketAddr> = found
-                .into_iter()
-                .filter(|a| policy.allows(a.ip()))
-                .collect();
-            if allowed.is_empty() {
-                let refused = std::io::Error::new(
-                    std::io::ErrorKind::PermissionDenied,
-                    format!("{host} resolves only to refused addresses"),
-                );
-                return Err(Box::new(refused) as Box<dyn std::error::Error + Send + Sync>);
+            let found = lookup.await?;
+            let (allowed, refused): (Vec<IpAddr>, Vec<IpAddr>) =
+                found.into_iter().partition(|ip| {
+                    if public_ports {
+                        policy.allows(*ip)
+                    } else {
+                        policy.allowlisted(*ip)
+                    }
+                });
+            if !refused.is_empty() {
+                tracing::debug!(%host, ?refused, public_ports, "callback addresses dropped");
             }
-            Ok(Box::new(allowed.into_iter()) as Addrs)
+            if allowed.is_empty() {
+                if refused.is_empty() {
+                    let none = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+                    return Err(Box::new(none) as Box<dyn std::error::Error + Send + Sync>);
+                }
+                return Err(Box::new(AddressRefused) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            let addrs = allowed.into_iter().map(|ip| SocketAddr::new(ip, 0));
+            Ok(Box::new(addrs) as Addrs)
         })
     }
+}
+
+/// Where a callback URL points: the parsed URL, its port, and its host if that is an address.
+struct Target {
+    url: Url,
+    port: u16,
+    literal: Option<IpAddr>,
 }
 
 impl WebhookNotifier {
     /// A client with `config`'s timeouts, policy and signing secret.
     pub fn new(config: WebhookConfig) -> Result<Self, NotifyError> {
-        let client = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .dns_resolver(Arc::new(PolicyResolver(Arc::new(config.policy.clone()))))
-            .user_agent(concat!("imgclf/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| NotifyError::Failed {
-                attempts: 0,
-                status: None,
-                source: e.into(),
-            })?;
-        Ok(Self { client, config })
+        Self::with_lookup(config, system_lookup())
+    }
+
+    /// The same, resolving names with `lookup`: tests answer as a rebinding DNS server would.
+    fn with_lookup(config: WebhookConfig, lookup: Lookup) -> Result<Self, NotifyError> {
+        let policy = Arc::new(config.policy.clone());
+        let client = |public_ports: bool| {
+            let resolver = PolicyResolver {
+                policy: policy.clone(),
+                public_ports,
+                lookup: lookup.clone(),
+            };
+            reqwest::Client::builder()
+                .timeout(config.timeout)
+                .redirect(reqwest::redirect::Policy::none())
+                // A proxy would resolve the name itself, past the policy's resolver.
+                .no_proxy()
+                .dns_resolver(Arc::new(resolver))
+                .user_agent(concat!("imgclf/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .map_err(|e| NotifyError::Failed {
+                    attempts: 0,
+                    status: None,
+                    source: e.into(),
+                })
+        };
+        Ok(Self {
+            client: client(true)?,
+            other_ports: client(false)?,
+            lookup,
+            config,
+        })
     }
 
     fn refused(&self, why: impl Into<String>) -> NotifyError {
         NotifyError::Refused(why.into())
     }
 
-    /// `v1=<hex HMAC-SHA256 of "<timestamp>.<body>">`.
-    fn signature(&self, timestamp: u64, body: &[u8]) -> Option<String> {
+    /// Callbacks without a secret go out only where the operator said they may.
+    fn check_signing(&self) -> Result<(), NotifyError> {
+        if self.config.secret.is_none() && !self.config.unsigned {
+            return Err(self.refused(SECRET_REQUIRED));
+        }
+        Ok(())
+    }
+
+    /// Parses a URL `validate_callback_url` accepted, as the client will read it.
+    fn target(&self, url: &str) -> Result<Target, NotifyError> {
+        let url = Url::parse(url).map_err(|e| self.refused(format!("not a valid URL: {e}")))?;
+        let port = url
+            .port_or_known_default()
+            .ok_or_else(|| self.refused("not a valid URL"))?;
+        // The parser has already read any IPv4 form (decimal, octal, hex) into dotted decimal,
+        // the form reqwest tests for a literal before it would resolve a name.
+        let host = url
+            .host_str()
+            .ok_or_else(|| self.refused("the URL has no host"))?;
+        let literal = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .ok();
+        Ok(Target { url, port, literal })
+    }
+
+    /// `v2=<hex HMAC-SHA256 of "<delivery id>.<timestamp>.<body>">`.
+    fn signature(&self, delivery: &str, timestamp: u64, body: &[u8]) -> Option<String> {
         let secret = self.config.secret.as_ref()?;
         let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+        mac.update(delivery.as_bytes());
+        mac.update(b".");
         mac.update(timestamp.to_string().as_bytes());
         mac.update(b".");
         mac.update(body);
-        Some(format!("v1={}", hex::encode(mac.finalize().into_bytes())))
+        Some(format!("v2={}", hex::encode(mac.finalize().into_bytes())))
     }
 
     /// Exponential backoff with ±50% jitter, so retries from many tasks do not synchronise.
@@ -142,37 +286,62 @@ impl WebhookNotifier {
 impl Notifier for WebhookNotifier {
     async fn check_url(&self, url: &str) -> Result<(), NotifyError> {
         validate_callback_url(url)?;
-        let parsed = Url::parse(url).map_err(|e| self.refused(format!("not a valid URL: {e}")))?;
-        let port = parsed.port_or_known_default().unwrap_or(80);
-        let host = parsed
-            .host_str()
-            .ok_or_else(|| self.refused("the URL has no host"))?;
-        let literal = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>();
-        let addresses: Vec<IpAddr> = match literal {
-            Ok(ip) => vec![ip],
-            Err(_) => tokio::net::lookup_host((host, port))
-                .await
-                .map_err(|_| self.refused(format!("the host {host:?} does not resolve")))?
-                .map(|a| a.ip())
-                .collect(),
+        self.check_signing()?;
+        let target = self.target(url)?;
+        let addresses: Vec<IpAddr> = match (target.literal, target.url.host_str()) {
+            (Some(ip), _) => vec![ip],
+            (None, Some(host)) => match (self.lookup)(host.to_string()).await {
+                Ok(found) => found,
+                Err(error) => {
+                    tracing::debug!(%host, %error, "callback host does not resolve");
+                    return Err(self.refused(REFUSED_ADDRESS));
+                }
+            },
+            (None, None) => return Err(self.refused("the URL has no host")),
         };
-        if addresses.is_empty() {
-            return Err(self.refused("the host has no address"));
-        }
-        if let Some(ip) = addresses.iter().find(|ip| !self.config.policy.allows(**ip)) {
-            return Err(self.refused(format!(
-                "it points to {ip}, an internal address (loopback, private, link-local, \
-                 multicast or reserved); allow it with IMGCLF_WEBHOOK_ALLOW"
-            )));
+        let refused: Vec<&IpAddr> = addresses
+            .iter()
+            .filter(|ip| {
+                !self
+                    .config
+                    .policy
+                    .allows_socket(SocketAddr::new(**ip, target.port))
+            })
+            .collect();
+        if addresses.is_empty() || !refused.is_empty() {
+            // The addresses stay in the log: the client learns nothing of the network.
+            tracing::debug!(
+                host = target.url.host_str(),
+                port = target.port,
+                ?refused,
+                "callback URL refused"
+            );
+            return Err(self.refused(REFUSED_ADDRESS));
         }
         Ok(())
     }
 
     async fn notify(&self, url: &str, payload: &serde_json::Value) -> Result<u32, NotifyError> {
         validate_callback_url(url)?;
+        self.check_signing()?;
+        let target = self.target(url)?;
+        // reqwest connects to an IP literal without asking the resolver: judge it here.
+        if let Some(ip) = target.literal {
+            if !self
+                .config
+                .policy
+                .allows_socket(SocketAddr::new(ip, target.port))
+            {
+                tracing::debug!(%ip, port = target.port, "callback address refused at delivery");
+                return Err(self.refused(REFUSED_ADDRESS));
+            }
+        }
+        // Names are judged by the resolver of the client for this port.
+        let client = if PUBLIC_PORTS.contains(&target.port) {
+            &self.client
+        } else {
+            &self.other_ports
+        };
         let body = serde_json::to_vec(payload).map_err(|e| NotifyError::Failed {
             attempts: 0,
             status: None,
@@ -195,13 +364,12 @@ impl Notifier for WebhookNotifier {
             let timestamp = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            let mut request = self
-                .client
-                .post(url)
+            let mut request = client
+                .post(target.url.clone())
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .header(DELIVERY_HEADER, &delivery)
                 .header(TIMESTAMP_HEADER, timestamp.to_string());
-            if let Some(signature) = self.signature(timestamp, &body) {
+            if let Some(signature) = self.signature(&delivery, timestamp, &body) {
                 request = request.header(SIGNATURE_HEADER, signature);
             }
             match request.body(body.clone()).send().await {
@@ -209,10 +377,18 @@ impl Notifier for WebhookNotifier {
                 Ok(response) => {
                     let status = response.status();
                     last = (Some(status.as_u16()), format!("HTTP {status}").into());
-                    // Another 4xx will not change on a retry; 408 and 429 may.
-                    if status.is_client_error() && status != 408 && status != 429 {
+                    // A redirect is not followed, and it and another 4xx will not change on a
+                    // retry; 408 and 429 may.
+                    if status.is_redirection()
+                        || (status.is_client_error() && status != 408 && status != 429)
+                    {
                         break;
                     }
+                }
+                // The name now resolves only to refused addresses: no retry will help.
+                Err(error) if refused_by_resolver(&error) => {
+                    tracing::debug!(attempt, "callback address refused at delivery");
+                    return Err(self.refused(REFUSED_ADDRESS));
                 }
                 Err(error) => last = (None, error.without_url().into()),
             }
@@ -222,5 +398,197 @@ impl Notifier for WebhookNotifier {
             status: last.0,
             source: last.1,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A loopback HTTP receiver that answers 204 to everything and counts its connections.
+    async fn receiver() -> (u16, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    // Read the headers and the body they announce, then answer.
+                    let mut seen = Vec::new();
+                    let mut buffer = [0u8; 4096];
+                    loop {
+                        let Ok(n) = socket.read(&mut buffer).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buffer[..n]);
+                        let text = String::from_utf8_lossy(&seen).to_ascii_lowercase();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let length = text[..end]
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            if seen.len() >= end + 4 + length {
+                                break;
+                            }
+                        }
+                    }
+                    let answer = "HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n";
+                    let _ = socket.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        (port, connections)
+    }
+
+    /// A DNS server that answers `first` once, then `then` to every later question.
+    fn rebinding(first: &str, then: &str) -> (Lookup, Arc<AtomicUsize>) {
+        let (first, then): (IpAddr, IpAddr) = (first.parse().unwrap(), then.parse().unwrap());
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counter = asked.clone();
+        let lookup: Lookup = Arc::new(move |_host: String| {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move { Ok(vec![if n == 0 { first } else { then }]) })
+        });
+        (lookup, asked)
+    }
+
+    fn config(allow: &[&str]) -> WebhookConfig {
+        WebhookConfig {
+            timeout: Duration::from_secs(5),
+            attempts: 2,
+            backoff: Duration::from_millis(10),
+            secret: Some("unit-test-secret".into()),
+            policy: CallbackPolicy::new(allow.iter().map(|n| n.parse().unwrap()).collect()),
+            ..WebhookConfig::default()
+        }
+    }
+
+    fn payload() -> serde_json::Value {
+        serde_json::json!({"task_id": "t", "state": "SUCCESS"})
+    }
+
+    #[tokio::test]
+    async fn a_name_rebound_after_the_upload_check_is_refused_at_delivery() {
+        let (port, connections) = receiver().await;
+        // The upload check sees an allowlisted address; delivery is answered with the
+        // receiver's, which the policy refuses.
+        let (lookup, asked) = rebinding("127.0.0.2", "127.0.0.1");
+        let notifier = WebhookNotifier::with_lookup(config(&["127.0.0.2/32"]), lookup).unwrap();
+        let url = format!("http://rebind.example:{port}/hook");
+        notifier
+            .check_url(&url)
+            .await
+            .expect("the first answer passes");
+        let error = notifier.notify(&url, &payload()).await.unwrap_err();
+        assert!(
+            matches!(&error, NotifyError::Refused(why) if why == REFUSED_ADDRESS),
+            "{error}"
+        );
+        assert!(
+            asked.load(Ordering::SeqCst) >= 2,
+            "the client asked the lookup"
+        );
+        assert_eq!(
+            connections.load(Ordering::SeqCst),
+            0,
+            "nothing reached the refused address"
+        );
+        assert!(
+            !error.to_string().contains("127.0.0"),
+            "no address is echoed: {error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_resolver_delivers_to_an_allowlisted_address() {
+        let (port, connections) = receiver().await;
+        let (lookup, _) = rebinding("127.0.0.1", "127.0.0.1");
+        let notifier = WebhookNotifier::with_lookup(config(&["127.0.0.1"]), lookup).unwrap();
+        let url = format!("http://hook.example:{port}/hook");
+        notifier.check_url(&url).await.unwrap();
+        assert_eq!(notifier.notify(&url, &payload()).await.unwrap(), 1);
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_public_name_on_another_port_is_refused_by_the_resolver() {
+        // A public answer each time: fine on port 80 or 443, refused on any other port, at
+        // upload and at delivery, without a connection attempt.
+        let (lookup, _) = rebinding("93.184.216.34", "93.184.216.34");
+        let notifier = WebhookNotifier::with_lookup(config(&[]), lookup).unwrap();
+        notifier
+            .check_url("http://public.example/hook")
+            .await
+            .unwrap();
+        notifier
+            .check_url("https://public.example/hook")
+            .await
+            .unwrap();
+        let url = "http://public.example:8080/hook";
+        let refused = notifier.check_url(url).await.unwrap_err();
+        assert!(matches!(refused, NotifyError::Refused(_)), "{refused}");
+        let started = Instant::now();
+        let error = notifier.notify(url, &payload()).await.unwrap_err();
+        assert!(
+            matches!(&error, NotifyError::Refused(why) if why == REFUSED_ADDRESS),
+            "{error}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2), "no retries");
+    }
+
+    #[tokio::test]
+    async fn a_name_that_does_not_resolve_is_refused_like_an_internal_one() {
+        let lookup: Lookup = Arc::new(|_host: String| {
+            Box::pin(async {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such host",
+                ))
+            })
+        });
+        let notifier = WebhookNotifier::with_lookup(config(&[]), lookup).unwrap();
+        let missing = notifier.check_url("http://missing.example/").await;
+        let (internal, _) = rebinding("10.0.0.1", "10.0.0.1");
+        let notifier = WebhookNotifier::with_lookup(config(&[]), internal).unwrap();
+        let internal = notifier.check_url("http://internal.example/").await;
+        assert_eq!(
+            missing.unwrap_err().to_string(),
+            internal.unwrap_err().to_string(),
+            "a refusal does not tell which names exist inside"
+        );
+    }
+
+    #[test]
+    fn the_signature_covers_the_delivery_id_the_timestamp_and_the_body() {
+        let notifier = WebhookNotifier::new(config(&[])).unwrap();
+        let signed = notifier.signature("d-1", 1700000000, b"{}").unwrap();
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"unit-test-secret").unwrap();
+        mac.update(b"d-1.1700000000.{}");
+        assert_eq!(
+            signed,
+            format!("v2={}", hex::encode(mac.finalize().into_bytes()))
+        );
+        assert_ne!(
+            signed,
+            notifier.signature("d-2", 1700000000, b"{}").unwrap()
+        );
+        assert_ne!(
+            signed,
+            notifier.signature("d-1", 1700000001, b"{}").unwrap()
+        );
+        assert_ne!(
+            signed,
+            notifier.signature("d-1", 1700000000, b"[]").unwrap()
+        );
     }
 }

@@ -73,7 +73,7 @@ impl<'a> BudgetReader<'a> {
     fn check(&mut self) -> std::io::Result<()> {
         // Reading the clock costs a system call: look every few reads.
         self.reads = self.reads.wrapping_add(1);
-        if self.reads % 16 == 0 && self.budget.exceeded() {
+        if self.reads.is_multiple_of(16) && self.budget.exceeded() {
             return Err(std::io::Error::other("decode budget exceeded"));
         }
         Ok(())

@@ -104,7 +104,7 @@ extern "C-unwind" fn monitor(cinfo: &mut jpeg_common_struct) {
     }
     // Reading the clock costs a system call: look every few calls.
     progress.calls = progress.calls.wrapping_add(1);
-    if progress.calls % 64 == 0 && progress.budget.exceeded() {
+    if progress.calls.is_multiple_of(64) && progress.budget.exceeded() {
         let ImageError::TooCostly(why) = progress.budget.error() else {
             unreachable!("a budget's error is TooCostly")
         };

@@ -93,6 +93,28 @@ impl ResultStore for MemoryResults {
         Ok(open)
     }
 
+    async fn claim_stale(
+        &self,
+        before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, ResultsError> {
+        let mut tasks = self.tasks.lock().unwrap();
+        let mut stale: Vec<&mut TaskRecord> = tasks
+            .values_mut()
+            .filter(|r| !r.state.is_final() && r.updated_at_ms < before_ms)
+            .collect();
+        stale.sort_by_key(|r| (r.updated_at_ms, r.task_id));
+        stale.truncate(limit);
+        let now = now_ms();
+        Ok(stale
+            .into_iter()
+            .map(|r| {
+                r.updated_at_ms = now;
+                r.clone()
+            })
+            .collect())
+    }
+
     async fn delete(&self, id: TaskId) -> Result<(), ResultsError> {
         self.tasks.lock().unwrap().remove(&id);
         Ok(())

@@ -136,6 +136,15 @@ pub trait ResultStore: Send + Sync + 'static {
     /// Tasks not yet final, oldest first, at most `limit`.
     async fn unfinished(&self, limit: usize) -> Result<Vec<TaskRecord>, ResultsError>;
 
+    /// Unfinished tasks unchanged since `before_ms` (ms since the Unix epoch), oldest change
+    /// first, at most `limit`; each is marked changed now, so that sweepers running at once
+    /// claim a task once per period.
+    async fn claim_stale(
+        &self,
+        before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, ResultsError>;
+
     /// Forgets a task (an upload rolled back before it was queued).
     async fn delete(&self, id: TaskId) -> Result<(), ResultsError>;
 

@@ -227,6 +227,27 @@ impl ResultStore for PostgresResults {
         rows.iter().map(record).collect()
     }
 
+    async fn claim_stale(
+        &self,
+        before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, ResultsError> {
+        // SKIP LOCKED: sweepers of several workers split the stale tasks between them.
+        let sql = format!(
+            "UPDATE tasks SET updated_at_ms = $1 WHERE task_id IN (SELECT task_id FROM tasks \
+             WHERE state IN ('PENDING', 'STARTED') AND updated_at_ms < $2 \
+             ORDER BY updated_at_ms, task_id LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING {COLUMNS}"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(now_ms())
+            .bind(before_ms)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(record).collect()
+    }
+
     async fn delete(&self, id: TaskId) -> Result<(), ResultsError> {
         sqlx::query("DELETE FROM tasks WHERE task_id = $1")
             .bind(id.as_uuid())

@@ -201,6 +201,27 @@ impl ResultStore for SqliteResults {
         rows.iter().map(record).collect()
     }
 
+    async fn claim_stale(
+        &self,
+        before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, ResultsError> {
+        // One statement: SQLite runs it under its single writer lock.
+        let sql = format!(
+            "UPDATE tasks SET updated_at_ms = ? WHERE task_id IN (SELECT task_id FROM tasks \
+             WHERE state IN ('PENDING', 'STARTED') AND updated_at_ms < ? \
+             ORDER BY updated_at_ms, task_id LIMIT ?) RETURNING {COLUMNS}"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(now_ms())
+            .bind(before_ms)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(record).collect()
+    }
+
     async fn delete(&self, id: TaskId) -> Result<(), ResultsError> {
         sqlx::query("DELETE FROM tasks WHERE task_id = ?")
             .bind(id.to_string())

@@ -226,3 +226,79 @@ async fn storage_s3() {
 async fn storage_s3_second_server() {
     storage_s3_on("IMGCLF_TEST_S3_SECOND").await;
 }
+
+#[tokio::test]
+async fn queue_redis_unreadable_entries_go_to_the_dead_stream() {
+    let Some(url) = imgclf_suite::service_url("IMGCLF_TEST_REDIS") else {
+        return;
+    };
+    let name = imgclf_suite::unique_name("imgclf-test");
+    let queue = imgclf::queue::RedisQueue::connect(&url, &name, Duration::from_millis(300))
+        .await
+        .unwrap();
+    // An entry no version of the worker can read, written beside a good job.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("XADD")
+        .arg(&name)
+        .arg("*")
+        .arg("job")
+        .arg("{not a job")
+        .query_async::<String>(&mut conn)
+        .await
+        .unwrap();
+    let job = imgclf::Job {
+        task_id: imgclf::TaskId::new(),
+        object_key: "images/x.jpg".into(),
+        top_k: None,
+    };
+    imgclf::Queue::enqueue(&queue, &job).await.unwrap();
+    let got = imgclf::Queue::receive(&queue, 10, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1, "the good job is delivered");
+    assert_eq!(got[0].job(), &job);
+    for delivery in got {
+        delivery.ack().await.unwrap();
+    }
+    assert_eq!(imgclf::Queue::dead_letters(&queue).await.unwrap(), 1);
+    // Past the lease nothing comes back: the unreadable entry is no longer pending.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let again = imgclf::Queue::receive(&queue, 10, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "nothing left to reclaim");
+    let left: u64 = redis::cmd("XLEN")
+        .arg(&name)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the unreadable entry left the stream");
+}
+
+#[tokio::test]
+async fn queue_amqp_refuses_a_publish_no_queue_takes() {
+    let Some(url) = imgclf_suite::service_url("IMGCLF_TEST_AMQP") else {
+        return;
+    };
+    let name = imgclf_suite::unique_name("imgclf-test");
+    let queue = imgclf::queue::AmqpQueue::connect(&url, &name, 8)
+        .await
+        .expect("connects");
+    // Someone deletes the queue under a running publisher.
+    let deleted = std::process::Command::new("rabbitmqctl")
+        .args(["delete_queue", &name])
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(deleted.status.success(), "{deleted:?}");
+    let job = imgclf::Job {
+        task_id: imgclf::TaskId::new(),
+        object_key: "images/x.jpg".into(),
+        top_k: None,
+    };
+    let published = imgclf::Queue::enqueue(&queue, &job).await;
+    assert!(
+        published.is_err(),
+        "a message no queue takes is an error, not a confirmed drop"
+    );
+}

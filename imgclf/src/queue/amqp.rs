@@ -3,9 +3,12 @@
 //! - The job queue is a durable quorum queue: persistent messages, publisher confirms, manual
 //!   acks only after the result is committed, and a broker-kept delivery count
 //!   (`x-delivery-count`) that survives worker crashes and reconnects.
-//! - `retry(after)` republishes to a delay queue (`<name>.delay.<ms>`: per-queue TTL, then
-//!   dead-lettered back to the job queue; unused delay queues expire), then acks the original.
-//!   The attempts so far travel in the `x-imgclf-attempt` header.
+//! - `retry(after)` republishes to a delay queue (`<name>.retry.<ms>`: a quorum queue with a
+//!   per-queue TTL whose expired messages are dead-lettered back to the job queue at least
+//!   once; unused delay queues expire), then acks the original. The attempts so far travel in
+//!   the `x-imgclf-attempt` header.
+//! - Every publish is `mandatory` and confirmed: a message no queue takes is an error, never a
+//!   silent drop.
 //! - `dead_letter` publishes to `<name>.dead` with the reason, then acks.
 //! - The connection is re-established on the next call after it drops; the consumer channel's
 //!   prefetch (`basic_qos`) is applied on every (re)connect. Publishing processes never consume.
@@ -211,10 +214,15 @@ impl Inner {
         let published = async {
             session
                 .publisher
+                // Mandatory: a message no queue takes comes back instead of being confirmed
+                // and dropped.
                 .basic_publish(
                     "",
                     queue,
-                    BasicPublishOptions::default(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
                     payload,
                     properties,
                 )
@@ -223,7 +231,13 @@ impl Inner {
         }
         .await;
         match published {
-            Ok(confirmation) if confirmation.is_ack() => Ok(()),
+            Ok(lapin::publisher_confirm::Confirmation::Ack(None)) => Ok(()),
+            Ok(lapin::publisher_confirm::Confirmation::Ack(Some(returned))) => {
+                Err(QueueError::temporary(format!(
+                    "no queue took the message ({} {}): is queue {queue:?} declared?",
+                    returned.reply_code, returned.reply_text
+                )))
+            }
             Ok(_) => Err(QueueError::temporary("the broker refused the message")),
             Err(e) => {
                 self.reset().await;
@@ -232,18 +246,29 @@ impl Inner {
         }
     }
 
-    /// Declares the delay queue for `after` and returns its name.
+    /// Declares the delay queue for `after` and returns its name. A quorum queue whose expired
+    /// messages are dead-lettered back into the job queue at least once (a classic queue does
+    /// it at most once: a retry could vanish); at-least-once dead-lettering needs
+    /// `reject-publish` overflow.
     async fn delay_queue(&self, after: Duration) -> Result<String, QueueError> {
         let ms = after.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
-        let name = format!("{}.delay.{ms}", self.name);
+        // `.retry.` rather than the classic delay queues' `.delay.`: a queue's type and
+        // arguments cannot change once declared.
+        let name = format!("{}.retry.{ms}", self.name);
         let session = self.session(false).await?;
         let arguments = args(&[
+            ("x-queue-type", AMQPValue::LongString("quorum".into())),
             ("x-message-ttl", AMQPValue::LongUInt(ms)),
             ("x-dead-letter-exchange", AMQPValue::LongString("".into())),
             (
                 "x-dead-letter-routing-key",
                 AMQPValue::LongString(self.name.clone().into()),
             ),
+            (
+                "x-dead-letter-strategy",
+                AMQPValue::LongString("at-least-once".into()),
+            ),
+            ("x-overflow", AMQPValue::LongString("reject-publish".into())),
             ("x-expires", AMQPValue::LongUInt(ms.saturating_add(600_000))),
         ]);
         session

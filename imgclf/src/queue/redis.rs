@@ -137,11 +137,12 @@ impl RedisQueue {
             .arg(max)
             .query_async(&mut conn)
             .await?;
+        let mut unreadable = Vec::new();
         let mut entries = match claimed {
             Value::Array(parts) => parts
                 .into_iter()
                 .nth(1)
-                .map(parse_entries)
+                .map(|value| parse_entries(value, &mut unreadable))
                 .unwrap_or_default(),
             _ => Vec::new(),
         };
@@ -162,13 +163,43 @@ impl RedisQueue {
                 for stream in streams {
                     if let Value::Array(mut parts) = stream {
                         if parts.len() == 2 {
-                            entries.extend(parse_entries(parts.remove(1)));
+                            entries.extend(parse_entries(parts.remove(1), &mut unreadable));
                         }
                     }
                 }
             }
         }
+        self.bury(&unreadable).await?;
         Ok(entries)
+    }
+
+    /// Moves entries no worker can read to the dead stream, as they were: left pending they
+    /// would be reclaimed after every lease, forever.
+    async fn bury(&self, unreadable: &[(String, String)]) -> Result<(), RedisError> {
+        for (id, raw) in unreadable {
+            tracing::error!(%id, "unreadable queue entry moved to the dead stream");
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .cmd("XADD")
+                .arg(&self.keys.dead)
+                .arg("*")
+                .arg("job")
+                .arg(raw)
+                .arg("reason")
+                .arg("unreadable queue entry")
+                .ignore()
+                .cmd("XACK")
+                .arg(&self.keys.stream)
+                .arg(GROUP)
+                .arg(id)
+                .ignore()
+                .cmd("XDEL")
+                .arg(&self.keys.stream)
+                .arg(id)
+                .ignore();
+            pipe.query_async::<()>(&mut self.conn.clone()).await?;
+        }
+        Ok(())
     }
 
     fn delivery(&self, id: String, job: Job, attempt: u32) -> RedisDelivery {
@@ -184,8 +215,9 @@ impl RedisQueue {
 }
 
 /// `[[id, [field, value, …]], …]` -> (id, job, attempts before this entry). Entries that were
-/// deleted meanwhile come back as nil and are skipped; unreadable ones are logged and skipped.
-fn parse_entries(value: Value) -> Vec<(String, Job, u32)> {
+/// deleted meanwhile come back as nil and are skipped; unreadable ones go to `unreadable` as
+/// (id, whatever its `job` field held), for the dead stream.
+fn parse_entries(value: Value, unreadable: &mut Vec<(String, String)>) -> Vec<(String, Job, u32)> {
     let Value::Array(entries) = value else {
         return Vec::new();
     };
@@ -200,20 +232,23 @@ fn parse_entries(value: Value) -> Vec<(String, Job, u32)> {
         let Ok(id) = redis::from_redis_value::<String>(&id) else {
             continue;
         };
-        let mut job = None;
+        let (mut job, mut raw) = (None, String::new());
         let mut base = 0;
         for pair in fields.chunks_exact(2) {
             let key: String = redis::from_redis_value(&pair[0]).unwrap_or_default();
             let value: String = redis::from_redis_value(&pair[1]).unwrap_or_default();
             match key.as_str() {
-                "job" => job = serde_json::from_str::<Job>(&value).ok(),
+                "job" => {
+                    job = serde_json::from_str::<Job>(&value).ok();
+                    raw = value;
+                }
                 "attempt" => base = value.parse().unwrap_or(0),
                 _ => {}
             }
         }
         match job {
             Some(job) => out.push((id, job, base)),
-            None => tracing::error!(%id, "unreadable queue entry skipped"),
+            None => unreadable.push((id, raw)),
         }
     }
     out

@@ -36,6 +36,10 @@ struct Args {
         hide_env_values = true
     )]
     api_keys: Vec<String>,
+    /// Seconds a client has to send a request's head (also the idle time before a keep-alive
+    /// connection is closed).
+    #[arg(long, env = "IMGCLF_HEADER_TIMEOUT", default_value_t = imgclf_http::DEFAULT_HEADER_TIMEOUT.as_secs())]
+    header_timeout: u64,
     /// Most bytes of request bodies held at once; uploads beyond it get 503 with Retry-After.
     #[arg(long, env = "IMGCLF_MAX_INFLIGHT_BYTES", default_value_t = imgclf_http::DEFAULT_MAX_INFLIGHT_BYTES)]
     max_inflight_bytes: usize,
@@ -113,9 +117,8 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.addr))?;
     tracing::info!("listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let header_timeout = Duration::from_secs(args.header_timeout.max(1));
+    imgclf_http::serve(listener, app, header_timeout, shutdown_signal()).await;
 
     let _ = stop.send(true);
     if let Some(task) = worker_task {

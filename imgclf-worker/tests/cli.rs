@@ -38,6 +38,7 @@ fn help_names_every_environment_variable() {
         "IMGCLF_INTRA_THREADS",
         "IMGCLF_METRICS_ADDR",
         "IMGCLF_INFERENCE_THREADS",
+        "IMGCLF_REQUEUE_AFTER",
     ] {
         assert!(help.contains(var), "--help does not mention {var}");
     }

@@ -489,6 +489,8 @@ impl Settings {
                 .unwrap_or(defaults.preprocess_threads),
             max_queue_depth: self.max_queue_depth,
             requeue_after: Duration::from_secs(self.requeue_after.max(1)),
+            callback_attempts: self.webhook_attempts,
+            callback_lease: Duration::from_secs(2 * self.webhook_timeout.max(1) + 5),
             ..defaults
         }
     }

@@ -81,6 +81,15 @@ pub struct PipelineConfig {
     pub requeue_after: Duration,
     /// How long a publish may take before the upload is refused with nothing kept.
     pub publish_timeout: Duration,
+    /// Attempts per callback before it is given up on.
+    pub callback_attempts: u32,
+    /// Wait before a callback's second attempt; doubles with each, with jitter.
+    pub callback_backoff: Duration,
+    /// No callback attempt starts later than this after the task ended.
+    pub callback_max_age: Duration,
+    /// How long a claimed callback is left to its dispatcher before another may take it (a
+    /// dispatcher that died mid-attempt): longer than one attempt may take.
+    pub callback_lease: Duration,
 }
 
 impl Default for PipelineConfig {
@@ -96,6 +105,10 @@ impl Default for PipelineConfig {
             max_queue_depth: DEFAULT_MAX_QUEUE_DEPTH,
             requeue_after: Duration::from_secs(DEFAULT_REQUEUE_AFTER_SECS),
             publish_timeout: DEFAULT_PUBLISH_TIMEOUT,
+            callback_attempts: crate::notify::DEFAULT_ATTEMPTS,
+            callback_backoff: Duration::from_millis(500),
+            callback_max_age: Duration::from_secs(3600),
+            callback_lease: Duration::from_secs(2 * crate::notify::DEFAULT_TIMEOUT_SECS + 5),
         }
     }
 }
@@ -293,6 +306,10 @@ impl Submitter {
         let info = self.validate(upload.bytes.clone()).await?;
         if let Some(url) = &upload.callback_url {
             notifier.check_url(url).await?;
+            if !notifier.enabled() {
+                let why = "callbacks are turned off on this server".to_string();
+                return Err(NotifyError::Refused(why).into());
+            }
         }
         let key = format!("images/{task_id}.{}", info.extension());
         let mut metadata = upload.metadata;
@@ -518,6 +535,8 @@ pub struct Worker {
     /// Synchronous classifications in flight: bounded, or `/api/classify` could queue without
     /// end in front of the model.
     classify_slots: Semaphore,
+    /// Wakes the callback dispatcher when a task of this worker made a callback due.
+    callbacks_due: Notify,
 }
 
 impl Worker {
@@ -533,6 +552,7 @@ impl Worker {
             shared,
             classifier,
             classify_slots,
+            callbacks_due: Notify::new(),
         }
     }
 
@@ -586,6 +606,7 @@ impl Worker {
         let mut running = JoinSet::new();
         let mut backoff = Duration::from_millis(100);
         let sweeper = tokio::spawn(self.clone().sweep());
+        let dispatcher = tokio::spawn(self.clone().dispatch_callbacks(shutdown.clone()));
         // Resolves once a stop is asked for, or can never be (the sender is gone).
         let stop = |shutdown: &mut watch::Receiver<bool>| {
             let mut shutdown = shutdown.clone();
@@ -656,6 +677,8 @@ impl Worker {
             );
             running.shutdown().await;
         }
+        // The callbacks of the jobs just finished go out too, within the drain timeout.
+        let _ = dispatcher.await;
     }
 
     /// Every worker sweeps, a few times per `requeue_after`: several at once split the work.
@@ -826,72 +849,165 @@ impl Worker {
         tensor
     }
 
-    /// Records the latency of a final task, wakes its waiters and sends its callback, without
-    /// holding up the worker.
+    /// Records the latency of a final task and wakes its waiters and the callback dispatcher.
+    /// (The callback itself was made due with the final state, in the same write.)
     fn finished(&self, record: TaskRecord) {
+        let latency = (now_ms() - record.created_at_ms).max(0) as f64 / 1000.0;
+        self.shared.metrics.task_latency.observe(latency);
+        self.shared.finished.notify_waiters();
+        if record.callback_url.is_some() {
+            self.callbacks_due.notify_one();
+        }
+    }
+
+    /// Delivers due callbacks from the result store's outbox until `shutdown`, a few at a
+    /// time, each attempt recorded with the next one's time; then waits up to `drain_timeout`
+    /// for the deliveries in flight. Whatever a crash interrupts is claimed again after its
+    /// lease, by this worker after a restart or by any other.
+    async fn dispatch_callbacks(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        if !self.shared.ports.notifier.enabled() {
+            return;
+        }
+        let slots = Arc::new(Semaphore::new(CALLBACKS_IN_FLIGHT));
+        let mut delivering = JoinSet::new();
+        while !*shutdown.borrow_and_update() && shutdown.has_changed().is_ok() {
+            let free = slots.available_permits();
+            let due = if free == 0 {
+                Vec::new()
+            } else {
+                let lease = self.shared.config.callback_lease.as_millis() as i64;
+                let claimed = self
+                    .shared
+                    .ports
+                    .results
+                    .claim_callbacks(now_ms(), lease, free);
+                claimed.await.unwrap_or_else(|error| {
+                    tracing::warn!(%error, "reading the callback outbox failed");
+                    Vec::new()
+                })
+            };
+            let busy = due.len() == free && free > 0;
+            for record in due {
+                let slot = slots.clone().acquire_owned().await.expect("never closed");
+                let worker = self.clone();
+                delivering.spawn(async move {
+                    worker.deliver_callback(record).await;
+                    drop(slot);
+                });
+            }
+            while delivering.try_join_next().is_some() {}
+            if busy {
+                continue;
+            }
+            tokio::select! {
+                _ = self.callbacks_due.notified() => {}
+                _ = tokio::time::sleep(CALLBACK_POLL) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+        let drained = tokio::time::timeout(self.shared.config.drain_timeout, async {
+            while delivering.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                callbacks = delivering.len(),
+                "drain timed out; callbacks in flight are due again after their lease"
+            );
+        }
+    }
+
+    /// One attempt at a claimed callback, and where it leaves the callback: delivered, due
+    /// again later, or failed for good.
+    async fn deliver_callback(&self, record: TaskRecord) {
+        let (Some(url), Some(webhook)) = (&record.callback_url, &record.webhook) else {
+            return;
+        };
         let Shared {
             ports,
             metrics,
-            finished,
+            config,
             ..
         } = &self.shared;
-        finished.notify_waiters();
-        let latency = (now_ms() - record.created_at_ms).max(0) as f64 / 1000.0;
-        metrics.task_latency.observe(latency);
-        let Some(url) = record.callback_url.clone() else {
-            return;
-        };
-        if !ports.notifier.enabled() {
-            return;
-        }
-        let (notifier, results) = (ports.notifier.clone(), ports.results.clone());
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let task_id = record.task_id;
-            let delivery = |state, attempts, last_status| WebhookDelivery {
-                state,
-                attempts,
-                last_status,
-                updated_at_ms: now_ms(),
-            };
-            let pending = delivery(WebhookState::Pending, 0, None);
-            if let Err(error) = results.record_webhook(task_id, &pending).await {
-                tracing::warn!(%task_id, %error, "cannot record the callback's state");
+        let task_id = record.task_id;
+        let attempts = webhook.attempts + 1;
+        // One id for every attempt of this notification, across restarts: receivers
+        // deduplicate on it.
+        let delivery_id = task_id.to_string();
+        let outcome = ports
+            .notifier
+            .deliver(url, &record.status(), &delivery_id)
+            .await;
+        let now = now_ms();
+        let age = Duration::from_millis((now - record.updated_at_ms).max(0) as u64);
+        let next = match outcome {
+            Ok(()) => {
+                metrics.webhook_success.inc();
+                metrics.webhook_latency.observe(age.as_secs_f64());
+                (WebhookState::Delivered, None, 0)
             }
-            let outcome = match notifier.notify(&url, &record.status()).await {
-                Ok(attempts) => {
-                    metrics.webhook_success.inc();
-                    delivery(WebhookState::Delivered, attempts, None)
-                }
-                Err(error) => {
+            Err(error) => {
+                let error_id = crate::error_id();
+                tracing::warn!(%task_id, attempts, %error, %error_id, "callback attempt failed");
+                // The receiver's HTTP status is the client's own business; anything else
+                // (addresses, TLS details) stays in the log.
+                let (last_status, retryable) = match &error {
+                    NotifyError::Attempt {
+                        status: Some(status),
+                        retryable,
+                        ..
+                    } => (format!("HTTP {status}"), *retryable),
+                    NotifyError::Attempt { retryable, .. } => {
+                        (format!("no answer (error id {error_id})"), *retryable)
+                    }
+                    NotifyError::Refused(why) => (format!("refused: {why}"), false),
+                    NotifyError::Failed { .. } => (format!("failed (error id {error_id})"), false),
+                };
+                let wait = callback_backoff(config.callback_backoff, attempts);
+                if retryable
+                    && attempts < config.callback_attempts
+                    && age + wait < config.callback_max_age
+                {
+                    (
+                        WebhookState::Pending,
+                        Some(last_status),
+                        now + wait.as_millis() as i64,
+                    )
+                } else {
                     metrics.webhook_failure.inc();
-                    let error_id = crate::error_id();
-                    tracing::warn!(%task_id, %error, %error_id, "callback not delivered");
-                    // The receiver's HTTP status is the client's own business; anything else
-                    // (addresses, TLS details) stays in the log.
-                    let (attempts, last_status) = match &error {
-                        NotifyError::Failed {
-                            attempts,
-                            status: Some(status),
-                            ..
-                        } => (*attempts, format!("HTTP {status}")),
-                        NotifyError::Failed { attempts, .. } => {
-                            (*attempts, format!("no answer (error id {error_id})"))
-                        }
-                        NotifyError::Refused(why) => (0, format!("refused: {why}")),
-                    };
-                    delivery(WebhookState::Failed, attempts, Some(last_status))
+                    metrics.webhook_latency.observe(age.as_secs_f64());
+                    (WebhookState::Failed, Some(last_status), 0)
                 }
-            };
-            metrics
-                .webhook_latency
-                .observe(started.elapsed().as_secs_f64());
-            if let Err(error) = results.record_webhook(task_id, &outcome).await {
-                tracing::warn!(%task_id, %error, "cannot record the callback's state");
             }
-        });
+        };
+        let (state, last_status, next_attempt_at_ms) = next;
+        let recorded = WebhookDelivery {
+            state,
+            attempts,
+            last_status,
+            updated_at_ms: now,
+            next_attempt_at_ms,
+        };
+        if let Err(error) = ports.results.record_webhook(task_id, &recorded).await {
+            // Still pending in the store: due again after its lease.
+            tracing::warn!(%task_id, %error, "cannot record the callback's state");
+        }
     }
+}
+
+/// Callbacks delivered at once by one worker.
+const CALLBACKS_IN_FLIGHT: usize = 16;
+/// How often the outbox is read when nothing wakes the dispatcher (callbacks made due by other
+/// processes, retries coming due).
+const CALLBACK_POLL: Duration = Duration::from_millis(500);
+
+/// Exponential backoff with jitter (between half and one and a half times the step).
+fn callback_backoff(first: Duration, attempts: u32) -> Duration {
+    let step = first
+        .saturating_mul(2u32.saturating_pow(attempts.saturating_sub(1).min(16)))
+        .min(Duration::from_secs(600));
+    let jitter = f64::from(uuid::Uuid::new_v4().as_u128() as u16) / f64::from(u16::MAX);
+    step.mul_f64(0.5 + jitter)
 }
 
 // ---------------------------------------------------------------------------------------------

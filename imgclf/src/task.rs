@@ -215,6 +215,23 @@ pub struct WebhookDelivery {
     pub last_status: Option<String>,
     /// When it last changed.
     pub updated_at_ms: i64,
+    /// While pending: not before this (ms since the Unix epoch) is it tried next.
+    #[serde(default)]
+    pub next_attempt_at_ms: i64,
+}
+
+impl WebhookDelivery {
+    /// A callback due now: what finishing a task with a `callback_url` writes, in the same
+    /// transaction as the task's final state (the outbox the dispatcher delivers from).
+    pub fn due(now_ms: i64) -> Self {
+        Self {
+            state: WebhookState::Pending,
+            attempts: 0,
+            last_status: None,
+            updated_at_ms: now_ms,
+            next_attempt_at_ms: now_ms,
+        }
+    }
 }
 
 impl TaskRecord {

@@ -15,6 +15,7 @@ pub async fn run(store: &dyn ResultStore) {
     stale_tasks_are_claimed_once(store).await;
     concurrent_completions_write_once(store).await;
     webhook_state_is_kept_apart(store).await;
+    callbacks_are_due_with_the_final_state_and_claimed_once(store).await;
     store
         .check()
         .await
@@ -259,6 +260,7 @@ async fn webhook_state_is_kept_apart(store: &dyn ResultStore) {
         attempts: 0,
         last_status: None,
         updated_at_ms: now_ms(),
+        next_attempt_at_ms: now_ms(),
     };
     store
         .record_webhook(r.task_id, &pending)
@@ -269,6 +271,7 @@ async fn webhook_state_is_kept_apart(store: &dyn ResultStore) {
         attempts: 5,
         last_status: Some("HTTP 503 Service Unavailable".into()),
         updated_at_ms: now_ms(),
+        next_attempt_at_ms: 0,
     };
     store
         .record_webhook(r.task_id, &failed)
@@ -289,4 +292,82 @@ async fn webhook_state_is_kept_apart(store: &dyn ResultStore) {
         .record_webhook(TaskId::new(), &pending)
         .await
         .expect("unknown ids are ignored");
+}
+
+async fn callbacks_are_due_with_the_final_state_and_claimed_once(store: &dyn ResultStore) {
+    let (succeeds, fails, silent) = (record(), record(), {
+        let mut r = record();
+        r.callback_url = None;
+        r
+    });
+    for r in [&succeeds, &fails, &silent] {
+        store.create(r).await.expect("create");
+    }
+    store
+        .complete(succeeds.task_id, &result(succeeds.task_id, "tabby"))
+        .await
+        .expect("complete");
+    store.fail(fails.task_id, "broken").await.expect("fail");
+    store
+        .complete(silent.task_id, &result(silent.task_id, "tabby"))
+        .await
+        .expect("complete");
+    for id in [succeeds.task_id, fails.task_id] {
+        let got = store.get(id).await.unwrap().unwrap();
+        let webhook = got
+            .webhook
+            .expect("the final state brings its callback due");
+        assert_eq!(webhook.state, WebhookState::Pending);
+        assert_eq!(webhook.attempts, 0);
+    }
+    let got = store.get(silent.task_id).await.unwrap().unwrap();
+    assert_eq!(got.webhook, None, "no callback_url, no callback");
+
+    // Two dispatchers at once: each due callback goes to exactly one of them.
+    let now = now_ms() + 1;
+    let (a, b) = tokio::join!(
+        store.claim_callbacks(now, 60_000, usize::MAX),
+        store.claim_callbacks(now, 60_000, usize::MAX)
+    );
+    let claimed: Vec<TaskId> = a
+        .expect("claim")
+        .into_iter()
+        .chain(b.expect("claim"))
+        .map(|r| r.task_id)
+        .collect();
+    let count = |id: TaskId| claimed.iter().filter(|c| **c == id).count();
+    assert_eq!(count(succeeds.task_id), 1, "claimed once");
+    assert_eq!(count(fails.task_id), 1, "a failure's callback too, once");
+    assert_eq!(count(silent.task_id), 0);
+    let again = store
+        .claim_callbacks(now, 60_000, usize::MAX)
+        .await
+        .unwrap();
+    assert!(
+        !again.iter().any(|r| r.task_id == succeeds.task_id),
+        "within the lease it is not claimed again"
+    );
+    // After the lease (a dispatcher died mid-delivery) it is due again.
+    let later = store
+        .claim_callbacks(now + 60_001, 60_000, usize::MAX)
+        .await
+        .unwrap();
+    assert!(later.iter().any(|r| r.task_id == succeeds.task_id));
+    // Delivered: never claimed again.
+    let delivered = WebhookDelivery {
+        state: WebhookState::Delivered,
+        attempts: 1,
+        last_status: None,
+        updated_at_ms: now_ms(),
+        next_attempt_at_ms: 0,
+    };
+    store
+        .record_webhook(succeeds.task_id, &delivered)
+        .await
+        .unwrap();
+    let after = store
+        .claim_callbacks(now + 1_000_000, 60_000, usize::MAX)
+        .await
+        .unwrap();
+    assert!(!after.iter().any(|r| r.task_id == succeeds.task_id));
 }

@@ -87,6 +87,17 @@ pub enum NotifyError {
     /// The URL may not be a callback; the reason is safe to show the client.
     #[error("callback URL refused: {0}")]
     Refused(String),
+    /// One attempt failed; `retryable` says whether another may succeed (network errors, 5xx,
+    /// 408 and 429 may; a redirect or another 4xx will not).
+    #[error("callback attempt failed: {source}")]
+    Attempt {
+        /// The HTTP status of the answer, if there was one.
+        status: Option<u16>,
+        /// Whether trying again may help.
+        retryable: bool,
+        /// What went wrong.
+        source: crate::BoxError,
+    },
     /// Every attempt failed.
     #[error("callback failed after {attempts} attempts: {source}")]
     Failed {
@@ -111,6 +122,16 @@ pub trait Notifier: Send + Sync + 'static {
     /// Delivers `payload` (JSON) to `url`; returns how many requests it took.
     async fn notify(&self, url: &str, payload: &serde_json::Value) -> Result<u32, NotifyError>;
 
+    /// One attempt to deliver `payload` (JSON) to `url` as notification `delivery` (the same id
+    /// on every attempt: receivers deduplicate on it). The worker's dispatcher calls it and
+    /// keeps the schedule of retries in the result store, so they survive restarts.
+    async fn deliver(
+        &self,
+        url: &str,
+        payload: &serde_json::Value,
+        delivery: &str,
+    ) -> Result<(), NotifyError>;
+
     /// False for a notifier that sends nothing: no delivery state is recorded then.
     fn enabled(&self) -> bool {
         true
@@ -124,6 +145,15 @@ pub struct NoopNotifier;
 impl Notifier for NoopNotifier {
     async fn notify(&self, _url: &str, _payload: &serde_json::Value) -> Result<u32, NotifyError> {
         Ok(0)
+    }
+
+    async fn deliver(
+        &self,
+        _url: &str,
+        _payload: &serde_json::Value,
+        _delivery: &str,
+    ) -> Result<(), NotifyError> {
+        Ok(())
     }
 
     fn enabled(&self) -> bool {

@@ -321,6 +321,75 @@ impl Notifier for WebhookNotifier {
         Ok(())
     }
 
+    async fn deliver(
+        &self,
+        url: &str,
+        payload: &serde_json::Value,
+        delivery: &str,
+    ) -> Result<(), NotifyError> {
+        validate_callback_url(url)?;
+        self.check_signing()?;
+        let target = self.target(url)?;
+        // reqwest connects to an IP literal without asking the resolver: judge it here.
+        if let Some(ip) = target.literal {
+            if !self
+                .config
+                .policy
+                .allows_socket(SocketAddr::new(ip, target.port))
+            {
+                tracing::debug!(%ip, port = target.port, "callback address refused at delivery");
+                return Err(self.refused(REFUSED_ADDRESS));
+            }
+        }
+        // Names are judged by the resolver of the client for this port.
+        let client = if PUBLIC_PORTS.contains(&target.port) {
+            &self.client
+        } else {
+            &self.other_ports
+        };
+        let body = serde_json::to_vec(payload).map_err(|e| NotifyError::Attempt {
+            status: None,
+            retryable: false,
+            source: e.into(),
+        })?;
+        let timestamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut request = client
+            .post(target.url.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(DELIVERY_HEADER, delivery)
+            .header(TIMESTAMP_HEADER, timestamp.to_string());
+        if let Some(signature) = self.signature(delivery, timestamp, &body) {
+            request = request.header(SIGNATURE_HEADER, signature);
+        }
+        match request.body(body).send().await {
+            Ok(response) if response.status().is_success() => Ok(()),
+            Ok(response) => {
+                let status = response.status();
+                // A redirect is not followed, and it and another 4xx will not change on a
+                // retry; 408 and 429 may.
+                let retryable = !(status.is_redirection()
+                    || (status.is_client_error() && status != 408 && status != 429));
+                Err(NotifyError::Attempt {
+                    status: Some(status.as_u16()),
+                    retryable,
+                    source: format!("HTTP {status}").into(),
+                })
+            }
+            // The name now resolves only to refused addresses: no retry will help.
+            Err(error) if refused_by_resolver(&error) => {
+                tracing::debug!("callback address refused at delivery");
+                Err(self.refused(REFUSED_ADDRESS))
+            }
+            Err(error) => Err(NotifyError::Attempt {
+                status: None,
+                retryable: true,
+                source: error.without_url().into(),
+            }),
+        }
+    }
+
     async fn notify(&self, url: &str, payload: &serde_json::Value) -> Result<u32, NotifyError> {
         validate_callback_url(url)?;
         self.check_signing()?;
@@ -498,6 +567,11 @@ mod tests {
             asked.load(Ordering::SeqCst) >= 2,
             "the client asked the lookup"
         );
+        let error = notifier.deliver(&url, &payload(), "d-1").await.unwrap_err();
+        assert!(
+            matches!(&error, NotifyError::Refused(why) if why == REFUSED_ADDRESS),
+            "one attempt is refused the same way: {error}"
+        );
         assert_eq!(
             connections.load(Ordering::SeqCst),
             0,
@@ -539,6 +613,11 @@ mod tests {
         assert!(matches!(refused, NotifyError::Refused(_)), "{refused}");
         let started = Instant::now();
         let error = notifier.notify(url, &payload()).await.unwrap_err();
+        assert!(
+            matches!(&error, NotifyError::Refused(why) if why == REFUSED_ADDRESS),
+            "{error}"
+        );
+        let error = notifier.deliver(url, &payload(), "d-1").await.unwrap_err();
         assert!(
             matches!(&error, NotifyError::Refused(why) if why == REFUSED_ADDRESS),
             "{error}"

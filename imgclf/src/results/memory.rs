@@ -4,7 +4,9 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use super::{ResultStore, ResultsError};
-use crate::task::{now_ms, TaskId, TaskRecord, TaskResult, TaskState, WebhookDelivery};
+use crate::task::{
+    now_ms, TaskId, TaskRecord, TaskResult, TaskState, WebhookDelivery, WebhookState,
+};
 
 /// Task records in a map: for tests, examples and benches.
 #[derive(Default)]
@@ -25,6 +27,9 @@ impl MemoryResults {
             Some(record) if !record.state.is_final() => {
                 change(record);
                 record.updated_at_ms = now_ms();
+                if record.callback_url.is_some() {
+                    record.webhook = Some(WebhookDelivery::due(record.updated_at_ms));
+                }
                 true
             }
             _ => false,
@@ -91,6 +96,34 @@ impl ResultStore for MemoryResults {
         open.sort_by_key(|r| (r.created_at_ms, r.task_id));
         open.truncate(limit);
         Ok(open)
+    }
+
+    async fn claim_callbacks(
+        &self,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, ResultsError> {
+        let mut tasks = self.tasks.lock().unwrap();
+        let mut due: Vec<&mut TaskRecord> = tasks
+            .values_mut()
+            .filter(|r| {
+                r.webhook.as_ref().is_some_and(|w| {
+                    w.state == WebhookState::Pending && w.next_attempt_at_ms <= now_ms
+                })
+            })
+            .collect();
+        due.sort_by_key(|r| (r.webhook.as_ref().map(|w| w.next_attempt_at_ms), r.task_id));
+        due.truncate(limit);
+        Ok(due
+            .into_iter()
+            .map(|r| {
+                if let Some(w) = r.webhook.as_mut() {
+                    w.next_attempt_at_ms = now_ms + lease_ms;
+                }
+                r.clone()
+            })
+            .collect())
     }
 
     async fn claim_stale(

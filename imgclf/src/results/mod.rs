@@ -119,12 +119,24 @@ pub trait ResultStore: Send + Sync + 'static {
     /// record as it now is (a final one unchanged), or `None` for an unknown id.
     async fn start(&self, id: TaskId) -> Result<Option<TaskRecord>, ResultsError>;
 
-    /// Stores the result and moves the task to `SUCCESS`. True if this call did it; false if the
-    /// task was already final (or unknown), in which case nothing changes.
+    /// Stores the result and moves the task to `SUCCESS`; a task with a `callback_url` gets its
+    /// callback due ([`WebhookDelivery::due`]) in the same write. True if this call did it;
+    /// false if the task was already final (or unknown), in which case nothing changes.
     async fn complete(&self, id: TaskId, result: &TaskResult) -> Result<bool, ResultsError>;
 
-    /// Moves the task to `FAILURE` with an error message, with the same guard as `complete`.
+    /// Moves the task to `FAILURE` with an error message, with the same guard and the same
+    /// callback as `complete`.
     async fn fail(&self, id: TaskId, error: &str) -> Result<bool, ResultsError>;
+
+    /// Callbacks pending and due by `now_ms`, at most `limit`; each is put off by `lease_ms`
+    /// (its `next_attempt_at_ms` moved), so dispatchers running at once take each once, and one
+    /// that dies mid-delivery leaves it to be taken again after the lease.
+    async fn claim_callbacks(
+        &self,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, ResultsError>;
 
     /// Records where the task's callback stands; the task's own state does not change.
     async fn record_webhook(

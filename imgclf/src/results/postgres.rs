@@ -158,15 +158,19 @@ impl ResultStore for PostgresResults {
 
     async fn complete(&self, id: TaskId, result: &TaskResult) -> Result<bool, ResultsError> {
         let payload = serde_json::to_value(result).map_err(codec)?;
+        let now = now_ms();
+        let due = serde_json::to_value(WebhookDelivery::due(now)).map_err(codec)?;
         let mut tx = self.pool.begin().await.map_err(backend)?;
         let done = sqlx::query(
             "UPDATE tasks SET state = 'SUCCESS', result = $1, model = $2, error = NULL, \
-             updated_at_ms = $3 WHERE task_id = $4 AND state IN ('PENDING', 'STARTED')",
+             updated_at_ms = $3, webhook = CASE WHEN callback_url IS NULL THEN webhook ELSE $5 END \
+             WHERE task_id = $4 AND state IN ('PENDING', 'STARTED')",
         )
         .bind(&payload)
         .bind(&result.model)
-        .bind(now_ms())
+        .bind(now)
         .bind(id.as_uuid())
+        .bind(&due)
         .execute(&mut *tx)
         .await
         .map_err(backend)?;
@@ -186,17 +190,45 @@ impl ResultStore for PostgresResults {
     }
 
     async fn fail(&self, id: TaskId, error: &str) -> Result<bool, ResultsError> {
+        let now = now_ms();
+        let due = serde_json::to_value(WebhookDelivery::due(now)).map_err(codec)?;
         let done = sqlx::query(
-            "UPDATE tasks SET state = 'FAILURE', error = $1, updated_at_ms = $2 \
+            "UPDATE tasks SET state = 'FAILURE', error = $1, updated_at_ms = $2, \
+             webhook = CASE WHEN callback_url IS NULL THEN webhook ELSE $4 END \
              WHERE task_id = $3 AND state IN ('PENDING', 'STARTED')",
         )
         .bind(error)
-        .bind(now_ms())
+        .bind(now)
         .bind(id.as_uuid())
+        .bind(&due)
         .execute(&self.pool)
         .await
         .map_err(backend)?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn claim_callbacks(
+        &self,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, ResultsError> {
+        // SKIP LOCKED: dispatchers of several workers split the due callbacks between them.
+        let sql = format!(
+            "UPDATE tasks SET webhook = jsonb_set(webhook, '{{next_attempt_at_ms}}', to_jsonb($1::bigint)) \
+             WHERE task_id IN (SELECT task_id FROM tasks WHERE webhook->>'state' = 'pending' \
+             AND COALESCE((webhook->>'next_attempt_at_ms')::bigint, 0) <= $2 \
+             ORDER BY (webhook->>'next_attempt_at_ms')::bigint, task_id LIMIT $3 \
+             FOR UPDATE SKIP LOCKED) RETURNING {COLUMNS}"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(now_ms + lease_ms)
+            .bind(now_ms)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(record).collect()
     }
 
     async fn record_webhook(

@@ -40,10 +40,14 @@ impl SqliteResults {
         Ok(Self { pool })
     }
 
+    /// Runs a final transition: `value`, the time, the callback made due, the id.
     async fn finish(&self, sql: &str, id: TaskId, value: &str) -> Result<bool, ResultsError> {
+        let now = now_ms();
+        let due = serde_json::to_string(&WebhookDelivery::due(now)).map_err(codec)?;
         let done = sqlx::query(sql)
             .bind(value)
-            .bind(now_ms())
+            .bind(now)
+            .bind(due)
             .bind(id.to_string())
             .execute(&self.pool)
             .await
@@ -161,16 +165,41 @@ impl ResultStore for SqliteResults {
 
     async fn complete(&self, id: TaskId, result: &TaskResult) -> Result<bool, ResultsError> {
         let payload = serde_json::to_string(result).map_err(codec)?;
-        let sql =
-            "UPDATE tasks SET state = 'SUCCESS', result = ?, error = NULL, updated_at_ms = ? \
-                   WHERE task_id = ? AND state IN ('PENDING', 'STARTED')";
+        let sql = "UPDATE tasks SET state = 'SUCCESS', result = ?, error = NULL, \
+                   updated_at_ms = ?, webhook = CASE WHEN callback_url IS NULL THEN webhook \
+                   ELSE ? END WHERE task_id = ? AND state IN ('PENDING', 'STARTED')";
         self.finish(sql, id, &payload).await
     }
 
     async fn fail(&self, id: TaskId, error: &str) -> Result<bool, ResultsError> {
-        let sql = "UPDATE tasks SET state = 'FAILURE', error = ?, updated_at_ms = ? \
+        let sql = "UPDATE tasks SET state = 'FAILURE', error = ?, updated_at_ms = ?, \
+                   webhook = CASE WHEN callback_url IS NULL THEN webhook ELSE ? END \
                    WHERE task_id = ? AND state IN ('PENDING', 'STARTED')";
         self.finish(sql, id, error).await
+    }
+
+    async fn claim_callbacks(
+        &self,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, ResultsError> {
+        let sql = format!(
+            "UPDATE tasks SET webhook = json_set(webhook, '$.next_attempt_at_ms', ?) \
+             WHERE task_id IN (SELECT task_id FROM tasks \
+             WHERE json_extract(webhook, '$.state') = 'pending' \
+             AND COALESCE(json_extract(webhook, '$.next_attempt_at_ms'), 0) <= ? \
+             ORDER BY json_extract(webhook, '$.next_attempt_at_ms'), task_id LIMIT ?) \
+             RETURNING {COLUMNS}"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(now_ms + lease_ms)
+            .bind(now_ms)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(record).collect()
     }
 
     async fn record_webhook(

@@ -1,0 +1,4 @@
+-- The callback outbox: tasks whose callback is still to be delivered, by when it is next due.
+CREATE INDEX IF NOT EXISTS tasks_callbacks_due
+    ON tasks (json_extract(webhook, '$.next_attempt_at_ms'))
+    WHERE json_extract(webhook, '$.state') = 'pending';

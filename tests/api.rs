@@ -238,8 +238,6 @@ struct Received {
 fn signed_webhooks(secret: &str, allow: &str) -> Arc<dyn imgclf::Notifier> {
     let config = imgclf::notify::WebhookConfig {
         timeout: Duration::from_secs(5),
-        attempts: 3,
-        backoff: Duration::from_millis(50),
         secret: Some(secret.into()),
         policy: imgclf::notify::CallbackPolicy::new(
             allow

@@ -961,7 +961,6 @@ impl Worker {
                         (format!("no answer (error id {error_id})"), *retryable)
                     }
                     NotifyError::Refused(why) => (format!("refused: {why}"), false),
-                    NotifyError::Failed { .. } => (format!("failed (error id {error_id})"), false),
                 };
                 let wait = callback_backoff(config.callback_backoff, attempts);
                 if retryable

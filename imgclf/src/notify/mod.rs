@@ -66,11 +66,9 @@ pub fn build(options: &NotifierOptions) -> Result<Arc<dyn Notifier>, ConfigError
         }
         return Ok(Arc::new(WebhookNotifier::new(WebhookConfig {
             timeout: options.timeout.max(Duration::from_secs(1)),
-            attempts: options.attempts,
             secret: options.secret.clone(),
             unsigned: options.unsigned,
             policy: CallbackPolicy::new(options.allow.clone()),
-            ..WebhookConfig::default()
         })?));
     }
     #[cfg(not(feature = "webhook"))]
@@ -98,16 +96,6 @@ pub enum NotifyError {
         /// What went wrong.
         source: crate::BoxError,
     },
-    /// Every attempt failed.
-    #[error("callback failed after {attempts} attempts: {source}")]
-    Failed {
-        /// Requests sent.
-        attempts: u32,
-        /// The HTTP status of the last answer, if there was one.
-        status: Option<u16>,
-        /// The last failure.
-        source: crate::BoxError,
-    },
 }
 
 /// Tells clients that their task finished.
@@ -118,9 +106,6 @@ pub trait Notifier: Send + Sync + 'static {
     async fn check_url(&self, url: &str) -> Result<(), NotifyError> {
         validate_callback_url(url)
     }
-
-    /// Delivers `payload` (JSON) to `url`; returns how many requests it took.
-    async fn notify(&self, url: &str, payload: &serde_json::Value) -> Result<u32, NotifyError>;
 
     /// One attempt to deliver `payload` (JSON) to `url` as notification `delivery` (the same id
     /// on every attempt: receivers deduplicate on it). The worker's dispatcher calls it and
@@ -143,10 +128,6 @@ pub struct NoopNotifier;
 
 #[async_trait]
 impl Notifier for NoopNotifier {
-    async fn notify(&self, _url: &str, _payload: &serde_json::Value) -> Result<u32, NotifyError> {
-        Ok(0)
-    }
-
     async fn deliver(
         &self,
         _url: &str,

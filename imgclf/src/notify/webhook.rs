@@ -2,7 +2,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use hmac::{Hmac, Mac};
@@ -34,12 +34,6 @@ const SECRET_REQUIRED: &str = "a signing secret is required: this service sends 
 pub struct WebhookConfig {
     /// Per attempt.
     pub timeout: Duration,
-    /// Requests per callback at most.
-    pub attempts: u32,
-    /// First retry delay; doubles each time, with jitter.
-    pub backoff: Duration,
-    /// No attempt starts later than this after the first.
-    pub max_age: Duration,
     /// Signs every request (HMAC-SHA256) when set.
     pub secret: Option<String>,
     /// Sends callbacks unsigned when `secret` is unset; without it they are refused.
@@ -52,9 +46,6 @@ impl std::fmt::Debug for WebhookConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebhookConfig")
             .field("timeout", &self.timeout)
-            .field("attempts", &self.attempts)
-            .field("backoff", &self.backoff)
-            .field("max_age", &self.max_age)
             .field("secret", &self.secret.as_ref().map(|_| "***"))
             .field("unsigned", &self.unsigned)
             .field("policy", &self.policy)
@@ -66,9 +57,6 @@ impl Default for WebhookConfig {
     fn default() -> Self {
         Self {
             timeout: Duration::from_secs(super::DEFAULT_TIMEOUT_SECS),
-            attempts: super::DEFAULT_ATTEMPTS,
-            backoff: Duration::from_millis(500),
-            max_age: Duration::from_secs(3600),
             secret: None,
             unsigned: false,
             policy: CallbackPolicy::default(),
@@ -76,8 +64,8 @@ impl Default for WebhookConfig {
     }
 }
 
-/// POSTs the payload as JSON, signed, at least once, retrying with exponential backoff and
-/// jitter. Safe against SSRF: only http(s); every address the client connects to must pass the
+/// POSTs the payload as JSON, signed, one attempt at a time (the worker's dispatcher keeps the
+/// schedule of retries in the result store). Safe against SSRF: only http(s); every address the client connects to must pass the
 /// [`CallbackPolicy`], port included, checked at upload and again at delivery (by the resolver
 /// the client connects through, or here for an IP-literal host, which reqwest never resolves),
 /// so DNS rebinding gains nothing; proxy variables are ignored, since a proxy would resolve the
@@ -214,9 +202,9 @@ impl WebhookNotifier {
                 .dns_resolver(Arc::new(resolver))
                 .user_agent(concat!("imgclf/", env!("CARGO_PKG_VERSION")))
                 .build()
-                .map_err(|e| NotifyError::Failed {
-                    attempts: 0,
+                .map_err(|e| NotifyError::Attempt {
                     status: None,
+                    retryable: false,
                     source: e.into(),
                 })
         };
@@ -269,16 +257,6 @@ impl WebhookNotifier {
         mac.update(b".");
         mac.update(body);
         Some(format!("v2={}", hex::encode(mac.finalize().into_bytes())))
-    }
-
-    /// Exponential backoff with ±50% jitter, so retries from many tasks do not synchronise.
-    fn delay(&self, retry: u32) -> Duration {
-        let base = self
-            .config
-            .backoff
-            .saturating_mul(2u32.saturating_pow(retry.min(16)));
-        let jitter = f64::from(uuid::Uuid::new_v4().as_u128() as u16) / f64::from(u16::MAX);
-        base.mul_f64(0.5 + jitter)
     }
 }
 
@@ -389,85 +367,6 @@ impl Notifier for WebhookNotifier {
             }),
         }
     }
-
-    async fn notify(&self, url: &str, payload: &serde_json::Value) -> Result<u32, NotifyError> {
-        validate_callback_url(url)?;
-        self.check_signing()?;
-        let target = self.target(url)?;
-        // reqwest connects to an IP literal without asking the resolver: judge it here.
-        if let Some(ip) = target.literal {
-            if !self
-                .config
-                .policy
-                .allows_socket(SocketAddr::new(ip, target.port))
-            {
-                tracing::debug!(%ip, port = target.port, "callback address refused at delivery");
-                return Err(self.refused(REFUSED_ADDRESS));
-            }
-        }
-        // Names are judged by the resolver of the client for this port.
-        let client = if PUBLIC_PORTS.contains(&target.port) {
-            &self.client
-        } else {
-            &self.other_ports
-        };
-        let body = serde_json::to_vec(payload).map_err(|e| NotifyError::Failed {
-            attempts: 0,
-            status: None,
-            source: e.into(),
-        })?;
-        // One id for every attempt of this notification: receivers deduplicate on it.
-        let delivery = uuid::Uuid::new_v4().to_string();
-        let started = Instant::now();
-        let mut last: (Option<u16>, crate::BoxError) = (None, "no attempt was made".into());
-        let mut attempt = 0;
-        while attempt < self.config.attempts.max(1) {
-            if attempt > 0 {
-                let wait = self.delay(attempt - 1);
-                if started.elapsed() + wait > self.config.max_age {
-                    break;
-                }
-                tokio::time::sleep(wait).await;
-            }
-            attempt += 1;
-            let timestamp = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            let mut request = client
-                .post(target.url.clone())
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .header(DELIVERY_HEADER, &delivery)
-                .header(TIMESTAMP_HEADER, timestamp.to_string());
-            if let Some(signature) = self.signature(&delivery, timestamp, &body) {
-                request = request.header(SIGNATURE_HEADER, signature);
-            }
-            match request.body(body.clone()).send().await {
-                Ok(response) if response.status().is_success() => return Ok(attempt),
-                Ok(response) => {
-                    let status = response.status();
-                    last = (Some(status.as_u16()), format!("HTTP {status}").into());
-                    // A redirect is not followed, and it and another 4xx will not change on a
-                    // retry; 408 and 429 may.
-                    if status.is_redirection()
-                        || (status.is_client_error() && status != 408 && status != 429)
-                    {
-                        break;
-                    }
-                }
-                // The name now resolves only to refused addresses: no retry will help.
-                Err(error) if refused_by_resolver(&error) => {
-                    tracing::debug!(attempt, "callback address refused at delivery");
-                    return Err(self.refused(REFUSED_ADDRESS));
-                }
-                Err(error) => last = (None, error.without_url().into()),
-            }
-        }
-        Err(NotifyError::Failed {
-            attempts: attempt,
-            status: last.0,
-            source: last.1,
-        })
-    }
 }
 
 #[cfg(test)]
@@ -534,8 +433,6 @@ mod tests {
     fn config(allow: &[&str]) -> WebhookConfig {
         WebhookConfig {
             timeout: Duration::from_secs(5),
-            attempts: 2,
-            backoff: Duration::from_millis(10),
             secret: Some("unit-test-secret".into()),
             policy: CallbackPolicy::new(allow.iter().map(|n| n.parse().unwrap()).collect()),
             ..WebhookConfig::default()
@@ -558,7 +455,7 @@ mod tests {
             .check_url(&url)
             .await
             .expect("the first answer passes");
-        let error = notifier.notify(&url, &payload()).await.unwrap_err();
+        let error = notifier.deliver(&url, &payload(), "d-1").await.unwrap_err();
         assert!(
             matches!(&error, NotifyError::Refused(why) if why == REFUSED_ADDRESS),
             "{error}"
@@ -566,11 +463,6 @@ mod tests {
         assert!(
             asked.load(Ordering::SeqCst) >= 2,
             "the client asked the lookup"
-        );
-        let error = notifier.deliver(&url, &payload(), "d-1").await.unwrap_err();
-        assert!(
-            matches!(&error, NotifyError::Refused(why) if why == REFUSED_ADDRESS),
-            "one attempt is refused the same way: {error}"
         );
         assert_eq!(
             connections.load(Ordering::SeqCst),
@@ -590,7 +482,7 @@ mod tests {
         let notifier = WebhookNotifier::with_lookup(config(&["127.0.0.1"]), lookup).unwrap();
         let url = format!("http://hook.example:{port}/hook");
         notifier.check_url(&url).await.unwrap();
-        assert_eq!(notifier.notify(&url, &payload()).await.unwrap(), 1);
+        notifier.deliver(&url, &payload(), "d-1").await.unwrap();
         assert_eq!(connections.load(Ordering::SeqCst), 1);
     }
 
@@ -611,18 +503,11 @@ mod tests {
         let url = "http://public.example:8080/hook";
         let refused = notifier.check_url(url).await.unwrap_err();
         assert!(matches!(refused, NotifyError::Refused(_)), "{refused}");
-        let started = Instant::now();
-        let error = notifier.notify(url, &payload()).await.unwrap_err();
-        assert!(
-            matches!(&error, NotifyError::Refused(why) if why == REFUSED_ADDRESS),
-            "{error}"
-        );
         let error = notifier.deliver(url, &payload(), "d-1").await.unwrap_err();
         assert!(
             matches!(&error, NotifyError::Refused(why) if why == REFUSED_ADDRESS),
             "{error}"
         );
-        assert!(started.elapsed() < Duration::from_secs(2), "no retries");
     }
 
     #[tokio::test]

@@ -412,8 +412,8 @@ pub fn centre_offset(size: u32, crop: u32) -> u32 {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Cursor;
     use super::*;
+    use std::io::Cursor;
 
     #[test]
     fn resize_keeps_torchvision_rounding() {

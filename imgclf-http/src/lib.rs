@@ -48,7 +48,7 @@ pub struct AppState {
     pub serve_metrics: bool,
     /// How long `/api/classify` waits for a worker (set by [`router`] from its timeout).
     pub classify_wait: Duration,
-    /// KiB of request bodies this process holds at once (503 beyond, see [`limit_inflight`]).
+    /// KiB of request bodies this process holds at once (503 with `Retry-After` beyond).
     pub inflight_kib: Arc<Semaphore>,
 }
 

@@ -2,7 +2,7 @@
 //!
 //! The transform is torchvision's ImageNet evaluation transform (what the reference results use):
 //! RGB, antialiased bilinear resize of the shorter side (Pillow's convolution, reproduced
-//! to the bit in [`resample`]), centre crop, scale to [0, 1], normalise per channel.
+//! to the bit in `resample.rs`), centre crop, scale to [0, 1], normalise per channel.
 //! Everything here is pure and synchronous; callers run it on a bounded blocking pool.
 
 use image::metadata::Orientation;

@@ -191,6 +191,32 @@ async fn a_rabbitmq_restart_loses_nothing() {
     .await;
 }
 
+/// RabbitMQ's Erlang VM killed with SIGKILL, not stopped: quorum queues confirm a publish only
+/// once it is on disk, so what was accepted survives; the init script starts the broker again
+/// as its own user.
+#[tokio::test]
+async fn a_rabbitmq_killed_under_a_run_loses_nothing() {
+    if !restarts_enabled() {
+        return;
+    }
+    let Some(amqp) = service_url("IMGCLF_TEST_AMQP") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    restart_during_a_run(
+        amqp,
+        || {
+            // pkill exits 1 when nothing matched: the broker must have been running.
+            run_cmd("pkill", &["-KILL", "-f", "beam.smp.*rabbit"]);
+        },
+        || {
+            run_cmd("/etc/init.d/rabbitmq-server", &["start"]);
+            run_cmd("rabbitmqctl", &["await_startup"]);
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_postgres_restart_loses_nothing() {
     if !restarts_enabled() {

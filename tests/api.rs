@@ -430,13 +430,7 @@ async fn a_job_that_keeps_killing_workers_is_given_up_after_max_attempts() {
         ..PipelineConfig::default()
     };
     let s = service_custom(Arc::new(NoopNotifier), config, false);
-    let jpeg = image("opencv_apple.jpg");
-    let (_, body) = call(
-        &s.app,
-        multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg)]),
-    )
-    .await;
-    let id = body["task_id"].as_str().unwrap();
+    let id = &upload_apple(&s).await;
     // Three workers take the job and die before settling it.
     for attempt in 1..=3 {
         let held = imgclf::Queue::receive(s.queue.as_ref(), 1, Duration::from_secs(1))
@@ -461,7 +455,7 @@ async fn a_job_that_keeps_killing_workers_is_given_up_after_max_attempts() {
     );
     let dead = s.queue.dead_letter_jobs();
     assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].0.task_id.to_string(), id);
+    assert_eq!(&dead[0].0.task_id.to_string(), id);
 }
 
 /// Encodes an image with the image crate.
@@ -1232,17 +1226,11 @@ fn quick_requeue() -> PipelineConfig {
 #[tokio::test]
 async fn a_task_that_lost_its_job_is_queued_again_by_the_sweeper() {
     let s = service_custom(Arc::new(NoopNotifier), quick_requeue(), false);
-    let jpeg = image("opencv_apple.jpg");
-    let (status, body) = call(
-        &s.app,
-        multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg)]),
-    )
-    .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let id = upload_apple(&s).await;
     assert_eq!(lose_every_job(&s.queue).await, 1);
     let (_stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(s.pipeline.clone().run_worker(stopped));
-    let done = wait_final(&s.app, body["task_id"].as_str().unwrap()).await;
+    let done = wait_final(&s.app, &id).await;
     assert_eq!(
         done["state"], "SUCCESS",
         "the sweeper queued it again: {done}"
@@ -1280,13 +1268,7 @@ async fn attempts_counted_by_the_record_outlive_the_queue_s_count() {
         ..PipelineConfig::default()
     };
     let s = service_custom(Arc::new(NoopNotifier), config, false);
-    let jpeg = image("opencv_apple.jpg");
-    let (_, body) = call(
-        &s.app,
-        multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg)]),
-    )
-    .await;
-    let id: imgclf::TaskId = body["task_id"].as_str().unwrap().parse().unwrap();
+    let id: imgclf::TaskId = upload_apple(&s).await.parse().unwrap();
     for _ in 0..3 {
         // Three starts whose workers died (as counted before a restart).
         s.results.start(id).await.unwrap();
@@ -1450,4 +1432,13 @@ fn with_length(mut request: Request<Body>) -> Request<Body> {
         .headers_mut()
         .insert("content-length", length.to_string().parse().unwrap());
     request
+}
+
+/// Uploads a photo that is accepted; returns its task id.
+async fn upload_apple(s: &Service) -> String {
+    let jpeg = image("opencv_apple.jpg");
+    let request = multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg)]);
+    let (status, body) = call(&s.app, request).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    body["task_id"].as_str().unwrap().to_string()
 }

@@ -27,11 +27,7 @@ async fn queue_memory() {
 async fn queue_memory_lease_expiry_redelivers() {
     // A worker that hangs forever holds its job only for the lease.
     let queue = MemoryQueue::new(Duration::from_millis(300));
-    let job = imgclf::Job {
-        task_id: imgclf::TaskId::new(),
-        object_key: "images/x.jpg".into(),
-        top_k: None,
-    };
+    let job = a_job();
     imgclf::Queue::enqueue(&queue, &job).await.unwrap();
     let held = imgclf::Queue::receive(&queue, 1, Duration::from_secs(1))
         .await
@@ -114,11 +110,7 @@ async fn queue_redis_orphans_are_reclaimed_after_the_lease() {
     let crashed = imgclf::queue::RedisQueue::connect(&url, &name, lease)
         .await
         .unwrap();
-    let job = imgclf::Job {
-        task_id: imgclf::TaskId::new(),
-        object_key: "images/x.jpg".into(),
-        top_k: None,
-    };
+    let job = a_job();
     imgclf::Queue::enqueue(&crashed, &job).await.unwrap();
     let held = imgclf::Queue::receive(&crashed, 1, Duration::from_secs(2))
         .await
@@ -165,11 +157,7 @@ async fn queue_amqp_unacked_jobs_survive_a_dead_connection() {
     let crashed = imgclf::queue::AmqpQueue::connect(&url, &name, 8)
         .await
         .unwrap();
-    let job = imgclf::Job {
-        task_id: imgclf::TaskId::new(),
-        object_key: "images/x.jpg".into(),
-        top_k: None,
-    };
+    let job = a_job();
     imgclf::Queue::enqueue(&crashed, &job).await.unwrap();
     let held = imgclf::Queue::receive(&crashed, 1, Duration::from_secs(5))
         .await
@@ -247,11 +235,7 @@ async fn queue_redis_unreadable_entries_go_to_the_dead_stream() {
         .query_async::<String>(&mut conn)
         .await
         .unwrap();
-    let job = imgclf::Job {
-        task_id: imgclf::TaskId::new(),
-        object_key: "images/x.jpg".into(),
-        top_k: None,
-    };
+    let job = a_job();
     imgclf::Queue::enqueue(&queue, &job).await.unwrap();
     let got = imgclf::Queue::receive(&queue, 10, Duration::from_secs(2))
         .await
@@ -291,14 +275,19 @@ async fn queue_amqp_refuses_a_publish_no_queue_takes() {
         .output()
         .expect("rabbitmqctl runs");
     assert!(deleted.status.success(), "{deleted:?}");
-    let job = imgclf::Job {
-        task_id: imgclf::TaskId::new(),
-        object_key: "images/x.jpg".into(),
-        top_k: None,
-    };
+    let job = a_job();
     let published = imgclf::Queue::enqueue(&queue, &job).await;
     assert!(
         published.is_err(),
         "a message no queue takes is an error, not a confirmed drop"
     );
+}
+
+/// A job for a task of its own.
+fn a_job() -> imgclf::Job {
+    imgclf::Job {
+        task_id: imgclf::TaskId::new(),
+        object_key: "images/x.jpg".into(),
+        top_k: None,
+    }
 }

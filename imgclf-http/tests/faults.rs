@@ -174,8 +174,8 @@ fn restarts_enabled() -> bool {
     }
 }
 
-#[tokio::test]
-async fn a_rabbitmq_restart_loses_nothing() {
+/// A RabbitMQ outage under a run on the machine's broker, one at a time.
+async fn rabbitmq_outage(outage: impl Fn(), restore: impl Fn()) {
     if !restarts_enabled() {
         return;
     }
@@ -183,8 +183,12 @@ async fn a_rabbitmq_restart_loses_nothing() {
         return;
     };
     let _serial = SERIAL.lock().await;
-    restart_during_a_run(
-        amqp,
+    restart_during_a_run(amqp, outage, restore).await;
+}
+
+#[tokio::test]
+async fn a_rabbitmq_restart_loses_nothing() {
+    rabbitmq_outage(
         || run_cmd("rabbitmqctl", &["stop_app"]),
         || run_cmd("rabbitmqctl", &["start_app"]),
     )
@@ -196,19 +200,9 @@ async fn a_rabbitmq_restart_loses_nothing() {
 /// as its own user.
 #[tokio::test]
 async fn a_rabbitmq_killed_under_a_run_loses_nothing() {
-    if !restarts_enabled() {
-        return;
-    }
-    let Some(amqp) = service_url("IMGCLF_TEST_AMQP") else {
-        return;
-    };
-    let _serial = SERIAL.lock().await;
-    restart_during_a_run(
-        amqp,
-        || {
-            // pkill exits 1 when nothing matched: the broker must have been running.
-            run_cmd("pkill", &["-KILL", "-f", "beam.smp.*rabbit"]);
-        },
+    rabbitmq_outage(
+        // pkill exits 1 when nothing matched: the broker must have been running.
+        || run_cmd("pkill", &["-KILL", "-f", "beam.smp.*rabbit"]),
         || {
             run_cmd("/etc/init.d/rabbitmq-server", &["start"]);
             run_cmd("rabbitmqctl", &["await_startup"]);

@@ -1442,3 +1442,47 @@ async fn upload_apple(s: &Service) -> String {
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     body["task_id"].as_str().unwrap().to_string()
 }
+
+/// `?wait=` answers as soon as the task ends (an in-process worker wakes the wait), and a
+/// process without the worker (reading the result store) answers within a poll interval.
+#[tokio::test]
+async fn a_status_request_can_wait_for_the_end_of_its_task() {
+    let s = service_custom(Arc::new(NoopNotifier), PipelineConfig::default(), false);
+    let id = upload_apple(&s).await;
+    let (status, body) = get(&s.app, &format!("/api/task-status/{id}?wait=0.2")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["state"], "PENDING",
+        "no worker yet: the wait ends as it stands"
+    );
+    for bad in ["31", "-1", "soon"] {
+        let (status, body) = get(&s.app, &format!("/api/task-status/{id}?wait={bad}")).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {body}");
+    }
+
+    let app = s.app.clone();
+    let waiting = tokio::spawn({
+        let id = id.clone();
+        async move {
+            let answer = get(&app, &format!("/api/task-status/{id}?wait=30")).await;
+            (answer, std::time::Instant::now())
+        }
+    });
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(s.pipeline.clone().run_worker(stopped));
+    let ((status, body), answered) = waiting.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["state"], "SUCCESS", "{body}");
+    let id: imgclf::TaskId = id.parse().unwrap();
+    let record = s.results.get(id).await.unwrap().unwrap();
+    let ended =
+        std::time::SystemTime::UNIX_EPOCH + Duration::from_millis(record.updated_at_ms as u64);
+    let late = std::time::SystemTime::now()
+        .duration_since(ended)
+        .unwrap_or_default()
+        .saturating_sub(answered.elapsed());
+    assert!(
+        late < Duration::from_millis(100),
+        "answered {late:?} after the end"
+    );
+}

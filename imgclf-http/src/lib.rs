@@ -274,9 +274,21 @@ async fn submit_to_completion(state: &AppState, upload: Upload) -> Result<TaskId
         .map_err(Into::into)
 }
 
+/// Most seconds a status request may wait for its task to end.
+const MAX_WAIT_SECONDS: f64 = 30.0;
+
+/// `?wait=SECONDS` on a status request.
+#[derive(Debug, Default, Deserialize)]
+pub struct StatusParams {
+    wait: Option<String>,
+}
+
+/// The task's status; with `?wait=SECONDS` (at most 30) it answers as soon as the task is
+/// final or the wait ends, so clients need not poll.
 async fn task_status(
     State(state): State<AppState>,
     Path(task_id): Path<String>,
+    Query(params): Query<StatusParams>,
 ) -> Result<Json<Value>, ApiError> {
     let unknown = || {
         ApiError::new(
@@ -284,12 +296,26 @@ async fn task_status(
             format!("unknown task id {task_id:?}"),
         )
     };
+    let wait = match params.wait.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(text) => match text.parse::<f64>() {
+            Ok(seconds) if (0.0..=MAX_WAIT_SECONDS).contains(&seconds) => {
+                Some(Duration::from_secs_f64(seconds))
+            }
+            _ => {
+                return Err(ApiError::unprocessable(format!(
+                    "'wait' must be a number of seconds from 0 to {MAX_WAIT_SECONDS}"
+                )))
+            }
+        },
+    };
     let id: TaskId = task_id.parse().map_err(|_| unknown())?;
-    let record = state
-        .submitter
-        .status(id)
-        .await
-        .map_err(ApiError::unavailable)?;
+    let submitter = &state.submitter;
+    let record = match wait {
+        Some(wait) => submitter.wait(id, wait).await,
+        None => submitter.status(id).await,
+    };
+    let record = record.map_err(ApiError::unavailable)?;
     record.map(|r| Json(r.status())).ok_or_else(unknown)
 }
 

@@ -118,3 +118,40 @@ fn write_seed(name: &str, bytes: &[u8]) {
         std::fs::write(&path, bytes).unwrap();
     }
 }
+
+/// Flat images of many pixels in the formats that compress them to almost nothing: each is
+/// decoded, or refused as too costly, within the budget, at upload and in the worker.
+#[test]
+fn flat_images_near_the_pixel_cap_cost_at_most_the_budget() {
+    let limit = DECODE_CPU_BUDGET + Duration::from_millis(500);
+    let side = 6000u32; // 36 megapixels, under the default cap of 50
+    let grey = image::GrayImage::from_pixel(side, side, image::Luma([77]));
+    for format in [image::ImageFormat::Png, image::ImageFormat::WebP] {
+        let mut bytes = Vec::new();
+        image::DynamicImage::ImageLuma8(grey.clone())
+            .to_rgb8()
+            .write_to(&mut std::io::Cursor::new(&mut bytes), format)
+            .unwrap();
+        eprintln!("{format:?} {side}x{side}: {} bytes", bytes.len());
+        let (checked, took) = timed(|| preprocess::validate(&bytes, 50_000_000));
+        eprintln!(
+            "{format:?}: upload check {took:?}: {:?}",
+            checked.as_ref().err()
+        );
+        assert!(
+            matches!(checked, Ok(_) | Err(ImageError::TooCostly(_))),
+            "{format:?}: {checked:?}"
+        );
+        assert!(took < limit, "{format:?}: the upload check took {took:?}");
+        let (decoded, took) = timed(|| Transform::default().tensor_from_bytes(&bytes, 50_000_000));
+        assert!(
+            matches!(decoded, Ok(_) | Err(ImageError::TooCostly(_))),
+            "{format:?}: {:?}",
+            decoded.err()
+        );
+        assert!(
+            took < limit,
+            "{format:?}: the worker's decode took {took:?}"
+        );
+    }
+}

@@ -312,7 +312,8 @@ async fn task_status(
     let id: TaskId = task_id.parse().map_err(|_| unknown())?;
     let submitter = &state.submitter;
     let record = match wait {
-        Some(wait) => submitter.wait(id, wait).await,
+        // Within the request's own timeout, whatever the client asked.
+        Some(wait) => submitter.wait(id, wait.min(state.classify_wait)).await,
         None => submitter.status(id).await,
     };
     let record = record.map_err(ApiError::unavailable)?;

@@ -1083,6 +1083,20 @@ async fn health_ready_metrics_and_openapi() {
         metrics.contains("image_queue_depth 1"),
         "queue depth is real: {metrics}"
     );
+    assert!(
+        metrics.contains("celery_queue_depth 1"),
+        "under the replaced service's name too"
+    );
+    let (status, slashed) = get(&s.app, "/metrics/").await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the replaced service's path, with its slash"
+    );
+    assert!(slashed
+        .as_str()
+        .unwrap()
+        .contains("image_task_success_total"));
 
     let (status, doc) = get(&s.app, "/openapi.json").await;
     assert_eq!(status, StatusCode::OK);

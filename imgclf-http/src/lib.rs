@@ -127,7 +127,10 @@ pub fn router(mut state: AppState, request_timeout: Duration) -> Router {
         .route("/ready", get(ready))
         .route("/openapi.json", get(openapi));
     if state.serve_metrics {
-        open = open.route("/metrics", get(metrics));
+        // With the trailing slash too, as the replaced service's README documents it.
+        open = open
+            .route("/metrics", get(metrics))
+            .route("/metrics/", get(metrics));
     }
     api.merge(open)
         .layer(TimeoutLayer::with_status_code(
@@ -142,6 +145,7 @@ pub fn router(mut state: AppState, request_timeout: Duration) -> Router {
 pub fn metrics_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
+        .route("/metrics/", get(metrics))
         .with_state(state)
 }
 

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub webhook_latency: Histogram,
     /// Jobs waiting, as last read.
     pub queue_depth: IntGauge,
+    /// The same, under the replaced service's name.
+    pub celery_queue_depth: IntGauge,
     /// Per-stage time: fetch, preprocess, infer, persist.
     pub stage_seconds: HistogramVec,
     /// Images per model run.
@@ -63,6 +65,15 @@ impl Metrics {
         registry
             .register(Box::new(queue_depth.clone()))
             .expect("unique metric");
+        // The replaced service's README lists this name; dashboards built on it keep working.
+        let celery_queue_depth = IntGauge::new(
+            "celery_queue_depth",
+            "Jobs waiting in the queue (the replaced service's name for image_queue_depth)",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(celery_queue_depth.clone()))
+            .expect("unique metric");
         let stage_seconds = HistogramVec::new(
             HistogramOpts::new("image_stage_seconds", "Time per pipeline stage").buckets(seconds()),
             &["stage"],
@@ -92,6 +103,7 @@ impl Metrics {
                 vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
             ),
             queue_depth,
+            celery_queue_depth,
             stage_seconds,
             registry,
         }

@@ -169,10 +169,11 @@ impl Shared {
 
     async fn render_metrics(&self) -> String {
         match self.ports.queue.depth().await {
-            Ok(depth) => self
-                .metrics
-                .queue_depth
-                .set(depth.try_into().unwrap_or(i64::MAX)),
+            Ok(depth) => {
+                let depth = depth.try_into().unwrap_or(i64::MAX);
+                self.metrics.queue_depth.set(depth);
+                self.metrics.celery_queue_depth.set(depth);
+            }
             Err(error) => tracing::warn!(%error, "queue depth unavailable"),
         }
         self.metrics.render()

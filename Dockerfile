@@ -25,5 +25,7 @@ ENV IMGCLF_MODEL=/opt/imgclf/models/efficientnet-lite0 \
     IMGCLF_DATA_DIR=/var/lib/imgclf/data \
     IMGCLF_ADDR=0.0.0.0:8000
 EXPOSE 8000
-HEALTHCHECK --interval=10s --timeout=3s CMD ["/bin/sh", "-c", "exec 3<>/dev/tcp/127.0.0.1/8000"]
+# The binary probes its own /health (the slim image's shell, dash, has no /dev/tcp). Worker
+# containers override it: `imgclf-worker healthcheck`, with IMGCLF_METRICS_ADDR set.
+HEALTHCHECK --interval=10s --timeout=5s CMD ["imgclf-http", "healthcheck"]
 CMD ["imgclf-http"]

@@ -48,6 +48,15 @@ struct Args {
     metrics_addr: Option<SocketAddr>,
     #[command(flatten)]
     settings: Settings,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Exits 0 if the service on IMGCLF_ADDR answers /health, 1 otherwise: a container health
+    /// check that needs nothing but this binary.
+    Healthcheck,
 }
 
 #[tokio::main]
@@ -57,6 +66,13 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let mut args = Args::parse();
+    if let Some(Command::Healthcheck) = args.command {
+        let probed = imgclf::health::probe(args.addr, "/health", Duration::from_secs(3));
+        if let Err(error) = &probed {
+            eprintln!("unhealthy: {error}");
+        }
+        std::process::exit(if probed.is_ok() { 0 } else { 1 });
+    }
     args.settings.apply_env()?;
     if args.api_keys.is_empty() {
         if let Some(keys) = env_or_file("IMGCLF_API_KEYS")? {

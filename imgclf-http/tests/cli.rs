@@ -17,3 +17,39 @@ fn help_never_shows_a_secret_value() {
     assert!(help.contains("IMGCLF_API_KEYS"), "{help}");
     assert!(!help.contains("s3cret"), "{help}");
 }
+
+#[test]
+fn healthcheck_exits_0_for_a_live_server_and_1_for_a_dead_one() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let live = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        if let Ok((mut stream, _)) = listener.accept() {
+            let mut request = [0u8; 512];
+            let n = stream.read(&mut request).unwrap_or(0);
+            let asked_health = String::from_utf8_lossy(&request[..n]).starts_with("GET /health ");
+            let status = if asked_health {
+                "200 OK"
+            } else {
+                "404 Not Found"
+            };
+            let _ = write!(stream, "HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    let run = |addr: String| {
+        Command::new(env!("CARGO_BIN_EXE_imgclf-http"))
+            .arg("healthcheck")
+            .env("IMGCLF_ADDR", addr)
+            .output()
+            .unwrap()
+    };
+    let ok = run(live.to_string());
+    assert_eq!(ok.status.code(), Some(0), "{ok:?}");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let down = run(dead.to_string());
+    assert_eq!(down.status.code(), Some(1), "{down:?}");
+    assert!(String::from_utf8_lossy(&down.stderr).contains("unhealthy"));
+}

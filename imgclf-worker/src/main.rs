@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -18,10 +19,20 @@ struct Args {
     #[command(flatten)]
     settings: Settings,
 
-    /// Serve Prometheus metrics (stage timings, batch sizes, outcomes) at /metrics on this
-    /// address; off when unset.
+    /// Serve Prometheus metrics (stage timings, batch sizes, outcomes) at /metrics, and /health,
+    /// on this address; off when unset.
     #[arg(long, env = "IMGCLF_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Exits 0 if the worker on IMGCLF_METRICS_ADDR answers /health, 1 otherwise: a container
+    /// health check that needs nothing but this binary.
+    Healthcheck,
 }
 
 #[tokio::main]
@@ -31,6 +42,16 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
+    if let Some(Command::Healthcheck) = args.command {
+        let probed = match args.metrics_addr {
+            Some(addr) => imgclf::health::probe(addr, "/health", Duration::from_secs(3)),
+            None => Err("set IMGCLF_METRICS_ADDR: the worker serves /health there".into()),
+        };
+        if let Err(error) = &probed {
+            eprintln!("unhealthy: {error}");
+        }
+        std::process::exit(if probed.is_ok() { 0 } else { 1 });
+    }
     let mut settings = args.settings;
     settings.apply_env()?;
     if settings.embedded_queue() {
@@ -52,16 +73,18 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("binding the metrics address {addr}"))?;
         tracing::info!("metrics on http://{addr}/metrics");
         let worker = worker.clone();
-        let metrics = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || async move {
-                let content_type = [(
-                    axum::http::header::CONTENT_TYPE,
-                    imgclf::metrics::CONTENT_TYPE,
-                )];
-                (content_type, worker.render_metrics().await)
-            }),
-        );
+        let metrics = axum::Router::new()
+            .route(
+                "/metrics",
+                axum::routing::get(move || async move {
+                    let content_type = [(
+                        axum::http::header::CONTENT_TYPE,
+                        imgclf::metrics::CONTENT_TYPE,
+                    )];
+                    (content_type, worker.render_metrics().await)
+                }),
+            )
+            .route("/health", axum::routing::get(|| async { "ok" }));
         tokio::spawn(async move { axum::serve(listener, metrics).await });
     }
     let (stop, stopped) = tokio::sync::watch::channel(false);

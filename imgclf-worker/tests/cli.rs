@@ -157,3 +157,43 @@ fn secrets_come_from_files_and_errors_hide_them() {
     assert!(stderr.contains("IMGCLF_WEBHOOK_SECRET_FILE"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// Answers one `GET /health` with `status`, on a port of its own; returns the address.
+fn health_server(status: &'static str) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        if let Ok((mut stream, _)) = listener.accept() {
+            let mut request = [0u8; 512];
+            let _ = stream.read(&mut request);
+            let _ = write!(stream, "HTTP/1.1 {status}\r\nContent-Length: 2\r\n\r\nok");
+        }
+    });
+    addr
+}
+
+#[test]
+fn healthcheck_exits_0_for_a_live_worker_and_1_otherwise() {
+    let run = |metrics_addr: Option<String>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_imgclf-worker"));
+        command.arg("healthcheck").env_remove("IMGCLF_METRICS_ADDR");
+        if let Some(addr) = metrics_addr {
+            command.env("IMGCLF_METRICS_ADDR", addr);
+        }
+        command.output().unwrap()
+    };
+    let live = run(Some(health_server("200 OK").to_string()));
+    assert_eq!(live.status.code(), Some(0), "{live:?}");
+    let failing = run(Some(health_server("503 Service Unavailable").to_string()));
+    assert_eq!(failing.status.code(), Some(1), "{failing:?}");
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dead = run(Some(dead_port.to_string()));
+    assert_eq!(dead.status.code(), Some(1), "{dead:?}");
+    let unset = run(None);
+    assert_eq!(unset.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unset.stderr).contains("IMGCLF_METRICS_ADDR"));
+}

@@ -46,6 +46,7 @@ pub mod classifier;
 pub mod config;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod health;
 pub mod metrics;
 pub mod model;
 pub mod notify;

@@ -1500,3 +1500,51 @@ async fn a_status_request_can_wait_for_the_end_of_its_task() {
         "answered {late:?} after the end"
     );
 }
+
+#[tokio::test]
+async fn cors_headers_only_for_the_configured_origins() {
+    let s = service_custom(Arc::new(NoopNotifier), PipelineConfig::default(), false);
+    let preflight = |origin: &str| {
+        Request::builder()
+            .method("OPTIONS")
+            .uri("/api/upload-image")
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let allowed = |response: &axum::response::Response| {
+        response
+            .headers()
+            .get("access-control-allow-origin")
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    // Unset: no CORS headers at all.
+    let response = s
+        .app
+        .clone()
+        .oneshot(preflight("https://app.example"))
+        .await
+        .unwrap();
+    assert_eq!(allowed(&response), None);
+
+    let state = AppState::embedded(&s.pipeline, MAX_UPLOAD)
+        .with_cors_origins(&["https://app.example".into()])
+        .unwrap();
+    let app = router(state, Duration::from_secs(30));
+    let response = app
+        .clone()
+        .oneshot(preflight("https://app.example"))
+        .await
+        .unwrap();
+    assert_eq!(allowed(&response).as_deref(), Some("https://app.example"));
+    let response = app
+        .clone()
+        .oneshot(preflight("https://evil.example"))
+        .await
+        .unwrap();
+    assert_eq!(allowed(&response), None, "another origin gets nothing");
+    assert!(AppState::embedded(&s.pipeline, MAX_UPLOAD)
+        .with_cors_origins(&["bad\norigin".into()])
+        .is_err());
+}

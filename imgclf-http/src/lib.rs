@@ -46,6 +46,8 @@ pub struct AppState {
     pub api_keys: Arc<Vec<[u8; 32]>>,
     /// Whether `/metrics` is served on this router (false when it has its own address).
     pub serve_metrics: bool,
+    /// Origins browsers may call the API from; empty sends no CORS headers at all.
+    pub cors_origins: Vec<header::HeaderValue>,
     /// How long `/api/classify` waits for a worker (set by [`router`] from its timeout).
     pub classify_wait: Duration,
     /// KiB of request bodies this process holds at once (503 with `Retry-After` beyond).
@@ -69,9 +71,21 @@ impl AppState {
             max_upload_bytes,
             api_keys: Arc::new(Vec::new()),
             serve_metrics: true,
+            cors_origins: Vec::new(),
             classify_wait: Duration::from_secs(30),
             inflight_kib: Arc::new(Semaphore::new(DEFAULT_MAX_INFLIGHT_BYTES / 1024)),
         }
+    }
+
+    /// Lets browsers on `origins` (exact `scheme://host[:port]`) call the API.
+    pub fn with_cors_origins(mut self, origins: &[String]) -> Result<Self, String> {
+        self.cors_origins = origins
+            .iter()
+            .map(|o| o.trim())
+            .filter(|o| !o.is_empty())
+            .map(|o| header::HeaderValue::from_str(o).map_err(|_| format!("not an origin: {o:?}")))
+            .collect::<Result<_, _>>()?;
+        Ok(self)
     }
 
     /// Holds at most `bytes` of request bodies at once.
@@ -132,7 +146,20 @@ pub fn router(mut state: AppState, request_timeout: Duration) -> Router {
             .route("/metrics", get(metrics))
             .route("/metrics/", get(metrics));
     }
+    let cors = (!state.cors_origins.is_empty()).then(|| {
+        tower_http::cors::CorsLayer::new()
+            .allow_origin(state.cors_origins.clone())
+            .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::HeaderName::from_static("idempotency-key"),
+            ])
+            .expose_headers([header::RETRY_AFTER])
+            .max_age(Duration::from_secs(600))
+    });
     api.merge(open)
+        .layer(tower::util::option_layer(cors))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             request_timeout,

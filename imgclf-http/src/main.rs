@@ -40,6 +40,10 @@ struct Args {
     /// connection is closed).
     #[arg(long, env = "IMGCLF_HEADER_TIMEOUT", default_value_t = imgclf_http::DEFAULT_HEADER_TIMEOUT.as_secs())]
     header_timeout: u64,
+    /// Origins browsers may call the API from, comma-separated (`https://app.example.com`);
+    /// unset sends no CORS headers.
+    #[arg(long, env = "IMGCLF_CORS_ORIGINS", value_delimiter = ',')]
+    cors_origins: Vec<String>,
     /// Most bytes of request bodies held at once; uploads beyond it get 503 with Retry-After.
     #[arg(long, env = "IMGCLF_MAX_INFLIGHT_BYTES", default_value_t = imgclf_http::DEFAULT_MAX_INFLIGHT_BYTES)]
     max_inflight_bytes: usize,
@@ -115,7 +119,9 @@ async fn main() -> anyhow::Result<()> {
 
     let mut state = AppState::new(submitter, worker, args.max_upload_bytes)
         .with_api_keys(&args.api_keys)
-        .with_inflight_budget(args.max_inflight_bytes);
+        .with_inflight_budget(args.max_inflight_bytes)
+        .with_cors_origins(&args.cors_origins)
+        .map_err(anyhow::Error::msg)?;
     if state.api_keys.is_empty() {
         tracing::warn!("IMGCLF_API_KEYS is unset: the API is open to anyone who can reach it");
     }

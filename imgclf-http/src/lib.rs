@@ -88,6 +88,12 @@ impl AppState {
         Ok(self)
     }
 
+    /// Most bytes of a request body: the image plus room for the multipart framing and the
+    /// small fields around it.
+    fn body_limit(&self) -> usize {
+        self.max_upload_bytes + 2 * MAX_FIELD_BYTES + 64 * 1024
+    }
+
     /// Holds at most `bytes` of request bodies at once.
     pub fn with_inflight_budget(mut self, bytes: usize) -> Self {
         self.inflight_kib = Arc::new(Semaphore::new((bytes / 1024).max(1)));
@@ -124,8 +130,7 @@ fn digest(bytes: &[u8]) -> [u8; 32] {
 pub fn router(mut state: AppState, request_timeout: Duration) -> Router {
     // `/api/classify` answers before the timeout cuts it off.
     state.classify_wait = request_timeout.saturating_sub(Duration::from_secs(1));
-    // Room for the multipart framing and the small fields around the image.
-    let body_limit = state.max_upload_bytes + 2 * MAX_FIELD_BYTES + 64 * 1024;
+    let body_limit = state.body_limit();
     let api = Router::new()
         .route("/api/upload-image", post(upload_image))
         .route("/api/task-status/{task_id}", get(task_status))
@@ -180,7 +185,7 @@ pub fn metrics_router(state: AppState) -> Router {
 /// client gets 503 with `Retry-After` at once, instead of every upload slowing down together
 /// until memory runs out. A body without `Content-Length` is charged the size cap.
 async fn limit_inflight(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let cap = state.max_upload_bytes + 2 * MAX_FIELD_BYTES + 64 * 1024;
+    let cap = state.body_limit();
     let bytes = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -310,7 +315,7 @@ const MAX_WAIT_SECONDS: f64 = 30.0;
 
 /// `?wait=SECONDS` on a status request.
 #[derive(Debug, Default, Deserialize)]
-pub struct StatusParams {
+struct StatusParams {
     wait: Option<String>,
 }
 
@@ -516,7 +521,7 @@ async fn read_form(
         }
         Some(text) => match serde_json::from_str(text) {
             Ok(Value::Object(map)) => {
-                if map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)) {
+                if map_has_nul(&map) {
                     return Err(ApiError::unprocessable(
                         "'metadata' may not contain NUL characters",
                     ));
@@ -579,9 +584,14 @@ fn has_nul(value: &Value) -> bool {
     match value {
         Value::String(s) => s.contains('\0'),
         Value::Array(items) => items.iter().any(has_nul),
-        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        Value::Object(map) => map_has_nul(map),
         _ => false,
     }
+}
+
+/// Whether a JSON object holds a NUL in a key or anywhere in a value.
+fn map_has_nul(map: &Map<String, Value>) -> bool {
+    map.iter().any(|(k, v)| k.contains('\0') || has_nul(v))
 }
 
 /// Reads a field, refusing it with 413 as soon as it passes `max` bytes.

@@ -82,18 +82,6 @@ impl ConfigError {
     }
 }
 
-/// The settings that may hold a credential: their values are hidden from `--help` and `Debug`,
-/// and each is also read from the file that `<NAME>_FILE` names (as Docker and Kubernetes mount
-/// secrets).
-pub const SECRET_SETTINGS: &[&str] = &[
-    "IMGCLF_QUEUE",
-    "IMGCLF_RESULTS",
-    "IMGCLF_S3_ACCESS_KEY",
-    "IMGCLF_S3_SECRET_KEY",
-    "IMGCLF_WEBHOOK_SECRET",
-    "IMGCLF_API_KEYS",
-];
-
 /// The value of environment variable `name`, or else the contents of the file that
 /// `<name>_FILE` names (one trailing newline dropped). `None` when neither is set.
 pub fn env_or_file(name: &str) -> Result<Option<String>, ConfigError> {
@@ -115,8 +103,10 @@ pub fn env_or_file(name: &str) -> Result<Option<String>, ConfigError> {
 }
 
 /// Settings shared by `imgclf-http` and `imgclf-worker`. With the `cli` feature they are clap
-/// arguments, each also read from its `IMGCLF_*` environment variable; `Debug` and `--help`
-/// never show the values of [`SECRET_SETTINGS`].
+/// arguments, each also read from its `IMGCLF_*` environment variable. The settings that can
+/// hold a credential (the queue and result-store URLs, the S3 keys, the webhook secret) are
+/// never shown by `Debug` or `--help`, and [`Settings::apply_env`] also reads each from the
+/// file its `<NAME>_FILE` names, as Docker and Kubernetes mount secrets.
 #[derive(Clone)]
 #[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct Settings {
@@ -546,7 +536,7 @@ impl Settings {
 
     /// Loads the model and starts its inference threads, off the async runtime (compiling a
     /// model takes seconds).
-    pub async fn classifier(&self) -> Result<ClassifierHandle, ConfigError> {
+    pub async fn spawn_classifier(&self) -> Result<ClassifierHandle, ConfigError> {
         let spec = self.model_spec()?;
         let (name, max_batch) = (self.classifier.clone(), self.max_batch);
         let options = ClassifierOptions {
@@ -572,7 +562,7 @@ impl Settings {
         let ports = self.ports().await?;
         Ok(Worker::new(
             ports,
-            self.classifier().await?,
+            self.spawn_classifier().await?,
             self.pipeline_config(),
         ))
     }
@@ -582,7 +572,7 @@ impl Settings {
         let ports = self.ports().await?;
         Ok(Pipeline::new(
             ports,
-            self.classifier().await?,
+            self.spawn_classifier().await?,
             self.pipeline_config(),
         ))
     }

@@ -200,13 +200,7 @@ async fn stale_tasks_are_claimed_once(store: &dyn ResultStore) {
         store.claim_stale(cutoff, usize::MAX),
         store.claim_stale(cutoff, usize::MAX)
     );
-    let claimed: Vec<TaskId> = a
-        .expect("claim")
-        .into_iter()
-        .chain(b.expect("claim"))
-        .map(|r| r.task_id)
-        .collect();
-    let count = |id: TaskId| claimed.iter().filter(|c| **c == id).count();
+    let count = times_claimed(a, b);
     assert_eq!(
         count(stale_pending.task_id),
         1,
@@ -329,13 +323,7 @@ async fn callbacks_are_due_with_the_final_state_and_claimed_once(store: &dyn Res
         store.claim_callbacks(now, 60_000, usize::MAX),
         store.claim_callbacks(now, 60_000, usize::MAX)
     );
-    let claimed: Vec<TaskId> = a
-        .expect("claim")
-        .into_iter()
-        .chain(b.expect("claim"))
-        .map(|r| r.task_id)
-        .collect();
-    let count = |id: TaskId| claimed.iter().filter(|c| **c == id).count();
+    let count = times_claimed(a, b);
     assert_eq!(count(succeeds.task_id), 1, "claimed once");
     assert_eq!(count(fails.task_id), 1, "a failure's callback too, once");
     assert_eq!(count(silent.task_id), 0);
@@ -370,4 +358,18 @@ async fn callbacks_are_due_with_the_final_state_and_claimed_once(store: &dyn Res
         .await
         .unwrap();
     assert!(!after.iter().any(|r| r.task_id == succeeds.task_id));
+}
+
+/// How often each task came back from two claims made at once.
+fn times_claimed(
+    a: Result<Vec<TaskRecord>, ResultsError>,
+    b: Result<Vec<TaskRecord>, ResultsError>,
+) -> impl Fn(TaskId) -> usize {
+    let claimed: Vec<TaskId> = a
+        .expect("claim")
+        .into_iter()
+        .chain(b.expect("claim"))
+        .map(|r| r.task_id)
+        .collect();
+    move |id| claimed.iter().filter(|c| **c == id).count()
 }

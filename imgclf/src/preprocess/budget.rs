@@ -29,13 +29,9 @@ pub(crate) struct Budget {
 impl Budget {
     /// Starts counting this thread's CPU time.
     pub(crate) fn start() -> Self {
-        Self::with_limit(DECODE_CPU_BUDGET)
-    }
-
-    pub(crate) fn with_limit(limit: Duration) -> Self {
         Self {
             started: ThreadTime::now(),
-            limit,
+            limit: DECODE_CPU_BUDGET,
         }
     }
 

@@ -374,22 +374,6 @@ mod tests {
         false
     }
 
-    /// The vertical pass's AVX2 build of `accumulate` gives the scalar sums.
-    #[test]
-    fn the_simd_accumulate_gives_the_scalar_sums() {
-        if !cpu_has_avx2() {
-            return;
-        }
-        let row: Vec<u8> = (0..4099u32).map(|i| (i * 37 % 256) as u8).collect();
-        for weight in [-3000, -1, 0, 1, 4321, 1 << 21] {
-            let (mut simd, mut scalar) = (vec![7i32; row.len()], vec![7i32; row.len()]);
-            #[cfg(target_arch = "x86_64")]
-            avx2::accumulate(&mut simd, &row, weight);
-            accumulate(&mut scalar, &row, weight);
-            assert_eq!(simd, scalar, "weight {weight}");
-        }
-    }
-
     /// Every resize of a noisy image through the AVX2 horizontal kernel gives the bytes of the
     /// scalar pass (which follows Pillow's code line by line).
     #[test]

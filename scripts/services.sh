@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Starts what the tests talk to and prints the environment that points the tests at it, and
-# installs ONNX Runtime's library for the ort classifier's tests.
+# installs ONNX Runtime's library for the ort classifier's tests and Chromium for the page's.
 # PostgreSQL, Redis and RabbitMQ are expected on their standard local ports (started here if
 # their commands exist and they are down); the S3 server (moto, from PyPI) is installed into a
 # virtualenv under $IMGCLF_SERVICES_DIR and started on 127.0.0.1:9000.
@@ -63,6 +63,7 @@ if ! up 9002; then
 fi
 
 ort_lib="$("$(dirname "$0")/setup-ort.sh")"
+"$(dirname "$0")/setup-chromium.sh" >&2
 
 wait_for 5432 PostgreSQL
 wait_for 6379 Redis
@@ -79,4 +80,5 @@ export IMGCLF_TEST_S3_SECOND=http://127.0.0.1:9002
 export IMGCLF_TEST_S3_ACCESS_KEY=test
 export IMGCLF_TEST_S3_SECRET_KEY=testtest
 export IMGCLF_TEST_ORT_LIB=$ort_lib
+export IMGCLF_TEST_CHROMEDRIVER=/usr/bin/chromedriver
 ENV

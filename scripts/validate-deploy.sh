@@ -11,7 +11,8 @@
 #     code's settings, grace periods against the drain and request timeouts, the KEDA queue
 #     names against IMGCLF_QUEUE_NAME;
 #   - promtool (extracted from Debian's prometheus package, never started) checks the alert
-#     rules, runs their unit tests, and checks prometheus.yml; the Grafana dashboard is parsed.
+#     rules, runs their unit tests, and checks prometheus.yml; the Grafana dashboard is parsed;
+#     the Dockerfile's ONNX Runtime is the version scripts/setup-ort.sh installs.
 # Tools live under /var/tmp/imgclf-services (installed once, quietly). About 5 s once installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -215,6 +216,14 @@ if errors:
     print("\n".join(errors), file=sys.stderr)
     sys.exit(1)
 PY
+
+# The image's ONNX Runtime is the version the tests run with.
+image_ort="$(sed -n 's/^ARG ORT_VERSION=//p' Dockerfile)"
+tested_ort="$(sed -n 's/.*ORT_VERSION:-\([0-9.]*\)}.*/\1/p' scripts/setup-ort.sh)"
+if [ -z "$image_ort" ] || [ "$image_ort" != "$tested_ort" ]; then
+  echo "validate-deploy: Dockerfile's ORT_VERSION ($image_ort) is not scripts/setup-ort.sh's ($tested_ort)" >&2
+  exit 1
+fi
 
 "$promtool" check rules deploy/prometheus/alerts.yml >/dev/null
 "$promtool" test rules deploy/prometheus/alerts.test.yml >/dev/null

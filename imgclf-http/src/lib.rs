@@ -2,6 +2,7 @@
 //! tests can drive it without a socket; `main.rs` only reads configuration and serves it.
 
 mod error;
+mod observe;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -170,6 +171,7 @@ pub fn router(mut state: AppState, request_timeout: Duration) -> Router {
             request_timeout,
         ))
         .layer(TraceLayer::new_for_http())
+        .layer(middleware::from_fn_with_state(state.clone(), observe::record))
         .with_state(state)
 }
 

@@ -101,6 +101,8 @@ async fn main() -> anyhow::Result<()> {
         }
         let task = tokio::spawn(pipeline.worker().clone().run(stopped));
         let worker = pipeline.worker().clone();
+        let model = &worker.classifier().spec().name;
+        worker.metrics().set_build_info(model, &settings.classifier);
         tracing::info!(model = %worker.classifier().spec().name, "embedded worker started");
         (pipeline.submitter().clone(), Some(worker), Some(task))
     } else {

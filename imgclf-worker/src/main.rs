@@ -66,6 +66,8 @@ async fn main() -> anyhow::Result<()> {
             .await
             .context("building the worker")?,
     );
+    let model = &worker.classifier().spec().name;
+    worker.metrics().set_build_info(model, &settings.classifier);
     tracing::info!(model = %worker.classifier().spec().name, "worker started");
     if let Some(addr) = args.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)

@@ -1,8 +1,8 @@
 //! Prometheus metrics of the pipeline. Labels are bounded: stages and outcomes, never ids.
 
 use prometheus::{
-    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge,
-    Registry, TextEncoder,
+    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The content type of [`Metrics::render`]'s text.
@@ -32,7 +32,16 @@ pub struct Metrics {
     pub stage_seconds: HistogramVec,
     /// Images per model run.
     pub batch_size: Histogram,
+    /// HTTP requests answered, by method, route template and status (`imgclf-http`).
+    pub http_requests: IntCounterVec,
+    /// HTTP request time, by method and route template.
+    pub http_request_duration: HistogramVec,
+    /// `imgclf_build_info{version,model,backend}`: one series, at 1.
+    build_info: IntGaugeVec,
 }
+
+/// `imgclf_build_info`'s `backend` in a process that runs no model (one that only accepts).
+pub const NO_BACKEND: &str = "none";
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -82,7 +91,46 @@ impl Metrics {
         registry
             .register(Box::new(stage_seconds.clone()))
             .expect("unique metric");
-        Self {
+        // Labelled by route template, never by the path itself, so task ids stay out.
+        let http_requests = IntCounterVec::new(
+            Opts::new("imgclf_http_requests_total", "HTTP requests answered"),
+            &["method", "route", "status"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(http_requests.clone()))
+            .expect("unique metric");
+        let http_request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "imgclf_http_request_duration_seconds",
+                "Time to answer an HTTP request, to the response head",
+            )
+            .buckets(seconds()),
+            &["method", "route"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(http_request_duration.clone()))
+            .expect("unique metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "imgclf_build_info",
+                "1, labelled with the version, the model and the classifier backend",
+            ),
+            &["version", "model", "backend"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(build_info.clone()))
+            .expect("unique metric");
+        // CPU, memory, descriptors and threads of this process, read from /proc at each scrape.
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
+        let metrics = Self {
             task_success: counter("image_task_success_total", "Tasks classified successfully"),
             task_failure: counter("image_task_failure_total", "Tasks that ended in FAILURE"),
             task_latency: histogram(
@@ -105,8 +153,24 @@ impl Metrics {
             queue_depth,
             celery_queue_depth,
             stage_seconds,
+            http_requests,
+            http_request_duration,
+            build_info,
             registry,
-        }
+        };
+        // Present from the start, so a process that never loads a model still reports its
+        // version; one that does names it with `set_build_info`.
+        metrics.set_build_info("", NO_BACKEND);
+        metrics
+    }
+
+    /// Sets `imgclf_build_info` to this build's version with `model` run by `backend` (`tract`,
+    /// `ort`, or [`NO_BACKEND`]), replacing the series set before.
+    pub fn set_build_info(&self, model: &str, backend: &str) {
+        self.build_info.reset();
+        self.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), model, backend])
+            .set(1);
     }
 
     /// The Prometheus text exposition of every metric.
@@ -116,5 +180,51 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .expect("encoding to a Vec");
         String::from_utf8(out).expect("Prometheus text is UTF-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_info_names_one_model_at_a_time() {
+        let metrics = Metrics::new();
+        let text = metrics.render();
+        let version = env!("CARGO_PKG_VERSION");
+        assert!(
+            text.contains(&format!(
+                "imgclf_build_info{{backend=\"none\",model=\"\",version=\"{version}\"}} 1"
+            )),
+            "{text}"
+        );
+        metrics.set_build_info("efficientnet-lite0", "tract");
+        let text = metrics.render();
+        let series: Vec<_> = text
+            .lines()
+            .filter(|l| l.starts_with("imgclf_build_info{"))
+            .collect();
+        assert_eq!(
+            series,
+            [format!(
+                "imgclf_build_info{{backend=\"tract\",model=\"efficientnet-lite0\",version=\"{version}\"}} 1"
+            )]
+        );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn process_metrics_come_from_proc() {
+        let text = Metrics::new().render();
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in {text}"))
+        };
+        // A running test binary holds megabytes, at least one thread and a few descriptors.
+        assert!(value("process_resident_memory_bytes") > 1e6);
+        assert!(value("process_threads") >= 1.0);
+        assert!(value("process_open_fds") >= 3.0);
+        assert!(value("process_start_time_seconds") > 1.6e9);
     }
 }

@@ -44,7 +44,7 @@
     event.preventDefault();
     $("key-state").textContent = keyInput.value ? "API key saved" : "No API key";
     retryUnauthorized();
-    refreshMonitor();
+    if (monitorShown()) refreshMonitor();
   });
   $("key-clear").addEventListener("click", () => {
     keyInput.value = "";
@@ -127,8 +127,11 @@
       $(t.getAttribute("aria-controls")).hidden = !selected;
     }
     if (focus) tab.focus();
-    const hash = tab.id === "tab-monitor" ? "#tasks" : "#classify";
-    if (location.hash !== hash) history.replaceState(null, "", hash);
+    // #tasks opens the monitor, so it can be bookmarked; the upload view is the bare URL.
+    const hash = tab.id === "tab-monitor" ? "#tasks" : "";
+    if (location.hash !== hash) {
+      history.replaceState(null, "", `${location.pathname}${location.search}${hash}`);
+    }
     monitorVisibilityChanged();
   }
 
@@ -405,6 +408,7 @@
     generation: 0, // bumped when the filter changes, so answers to older requests are dropped
     timer: null,
     busy: false,
+    again: false, // a refresh was asked for while one was in flight
     errors: { list: null, summary: null },
   };
 
@@ -444,8 +448,12 @@
   }
 
   async function refreshMonitor() {
-    if (monitor.busy) return;
+    if (monitor.busy) {
+      monitor.again = true;
+      return;
+    }
     monitor.busy = true;
+    monitor.again = false;
     const generation = monitor.generation;
     const limit = Math.min(Math.max(monitor.tasks.length, PAGE), MAX_LIMIT);
     try {
@@ -470,7 +478,8 @@
       $("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
     } finally {
       monitor.busy = false;
-      schedule();
+      if (monitor.again && monitorShown()) refreshMonitor();
+      else schedule();
     }
   }
 

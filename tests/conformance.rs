@@ -81,6 +81,25 @@ async fn results_postgres() {
     .await
     .unwrap();
     assert_eq!(rows, tasks, "one legacy results row per successful task");
+    // Expired tasks take their legacy rows with them.
+    let expired = imgclf::ResultStore::delete_expired(&store, imgclf::task::now_ms() + 1, 1000)
+        .await
+        .unwrap();
+    let succeeded = expired
+        .iter()
+        .filter(|r| r.state == imgclf::TaskState::Success);
+    assert!(
+        succeeded.count() > 0,
+        "the suite leaves successes to expire"
+    );
+    let (left, tasks): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM results), (SELECT count(*) FROM tasks WHERE state = 'SUCCESS')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(left < rows, "legacy rows were deleted");
+    assert_eq!(left, tasks, "still one legacy row per successful task");
     drop(store);
     let store = imgclf::results::PostgresResults::connect(&url)
         .await

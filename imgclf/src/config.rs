@@ -233,6 +233,18 @@ pub struct Settings {
         arg(long, env = "IMGCLF_REQUEUE_AFTER", default_value_t = pipeline::DEFAULT_REQUEUE_AFTER_SECS)
     )]
     pub requeue_after: u64,
+    /// Seconds a task is kept after it ended (SUCCESS or FAILURE): then the workers delete its
+    /// record, its image and its dead letter, and its status answers 404. 0 keeps them forever.
+    /// Unfinished tasks never expire.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "IMGCLF_RESULT_TTL", default_value_t = pipeline::DEFAULT_RESULT_TTL_SECS)
+    )]
+    pub result_ttl: u64,
+    /// Seconds a task's image is kept after the task ended, when sooner than IMGCLF_RESULT_TTL
+    /// (the record stays) [default: as long as its task].
+    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_IMAGE_TTL"))]
+    pub image_ttl: Option<u64>,
     /// Threads decoding and preprocessing at once [default: one per core].
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_PREPROCESS_THREADS"))]
     pub preprocess_threads: Option<usize>,
@@ -300,6 +312,8 @@ impl Default for Settings {
             max_attempts: pipeline::DEFAULT_MAX_ATTEMPTS,
             max_queue_depth: pipeline::DEFAULT_MAX_QUEUE_DEPTH,
             requeue_after: pipeline::DEFAULT_REQUEUE_AFTER_SECS,
+            result_ttl: pipeline::DEFAULT_RESULT_TTL_SECS,
+            image_ttl: None,
             preprocess_threads: None,
             webhook_timeout: notify::DEFAULT_TIMEOUT_SECS,
             webhook_secret: None,
@@ -338,6 +352,8 @@ impl std::fmt::Debug for Settings {
             .field("max_queue_depth", &self.max_queue_depth)
             .field("max_attempts", &self.max_attempts)
             .field("requeue_after", &self.requeue_after)
+            .field("result_ttl", &self.result_ttl)
+            .field("image_ttl", &self.image_ttl)
             .field("preprocess_threads", &self.preprocess_threads)
             .field("webhook_timeout", &self.webhook_timeout)
             .field("webhook_secret", &hidden(&self.webhook_secret))
@@ -481,6 +497,8 @@ impl Settings {
             requeue_after: Duration::from_secs(self.requeue_after.max(1)),
             callback_attempts: self.webhook_attempts,
             callback_lease: Duration::from_secs(2 * self.webhook_timeout.max(1) + 5),
+            result_ttl: (self.result_ttl > 0).then(|| Duration::from_secs(self.result_ttl)),
+            image_ttl: self.image_ttl.map(Duration::from_secs),
             ..defaults
         }
     }

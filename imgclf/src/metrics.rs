@@ -32,6 +32,12 @@ pub struct Metrics {
     pub stage_seconds: HistogramVec,
     /// Images per model run.
     pub batch_size: Histogram,
+    /// Final tasks deleted after `IMGCLF_RESULT_TTL`.
+    pub expired_tasks: IntCounter,
+    /// Images deleted after `IMGCLF_IMAGE_TTL` or with their expired task.
+    pub expired_images: IntCounter,
+    /// Dead letters deleted after `IMGCLF_RESULT_TTL`.
+    pub expired_dead_letters: IntCounter,
     /// HTTP requests answered, by method, route template and status (`imgclf-http`).
     pub http_requests: IntCounterVec,
     /// HTTP request time, by method and route template.
@@ -137,6 +143,18 @@ impl Metrics {
                 "image_task_latency_seconds",
                 "Time from upload to final state",
                 seconds(),
+            ),
+            expired_tasks: counter(
+                "imgclf_expired_tasks_total",
+                "Final tasks deleted once older than IMGCLF_RESULT_TTL",
+            ),
+            expired_images: counter(
+                "imgclf_expired_images_total",
+                "Stored images deleted by the expiry sweeper",
+            ),
+            expired_dead_letters: counter(
+                "imgclf_expired_dead_letters_total",
+                "Dead letters deleted once older than IMGCLF_RESULT_TTL",
             ),
             webhook_success: counter("webhook_success_total", "Callbacks delivered"),
             webhook_failure: counter("webhook_failure_total", "Callbacks given up on"),

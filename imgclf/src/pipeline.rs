@@ -43,6 +43,10 @@ pub const DEFAULT_REQUEUE_AFTER_SECS: u64 = 900;
 /// How long a publish may take before the upload is refused, by default (a broker in flow
 /// control holds publishes indefinitely).
 pub const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Seconds a final task (its record, image and dead letter) is kept, by default: a week.
+pub const DEFAULT_RESULT_TTL_SECS: u64 = 7 * 24 * 3600;
+/// Tasks deleted per store call while expiring: bounded writes, however much is due.
+const EXPIRE_BATCH: usize = 500;
 
 /// The backends a pipeline runs on.
 #[derive(Clone)]
@@ -90,6 +94,12 @@ pub struct PipelineConfig {
     /// How long a claimed callback is left to its dispatcher before another may take it (a
     /// dispatcher that died mid-attempt): longer than one attempt may take.
     pub callback_lease: Duration,
+    /// How long a final task is kept after it ended: then its record, its image and its dead
+    /// letter are deleted (and the task answers as unknown). `None` keeps everything.
+    /// Unfinished tasks never expire.
+    pub result_ttl: Option<Duration>,
+    /// How long a final task's image is kept after it ended, when sooner than `result_ttl`.
+    pub image_ttl: Option<Duration>,
 }
 
 impl Default for PipelineConfig {
@@ -109,6 +119,8 @@ impl Default for PipelineConfig {
             callback_backoff: Duration::from_millis(500),
             callback_max_age: Duration::from_secs(3600),
             callback_lease: Duration::from_secs(2 * crate::notify::DEFAULT_TIMEOUT_SECS + 5),
+            result_ttl: Some(Duration::from_secs(DEFAULT_RESULT_TTL_SECS)),
+            image_ttl: None,
         }
     }
 }
@@ -608,6 +620,7 @@ impl Worker {
         let mut running = JoinSet::new();
         let mut backoff = Duration::from_millis(100);
         let sweeper = tokio::spawn(self.clone().sweep());
+        let expirer = tokio::spawn(self.clone().expire());
         let dispatcher = tokio::spawn(self.clone().dispatch_callbacks(shutdown.clone()));
         // Resolves once a stop is asked for, or can never be (the sender is gone).
         let stop = |shutdown: &mut watch::Receiver<bool>| {
@@ -664,6 +677,7 @@ impl Worker {
             while running.try_join_next().is_some() {}
         }
         sweeper.abort();
+        expirer.abort();
         tracing::info!(
             jobs = running.len(),
             "worker stopping; draining jobs in hand"
@@ -709,6 +723,104 @@ impl Worker {
             tracing::info!(tasks = stale.len(), "stranded tasks queued again");
         }
         Ok(stale.len())
+    }
+
+    /// Every worker expires what outlived its TTL, at least once per TTL (and per minute):
+    /// several at once split the work.
+    async fn expire(self: Arc<Self>) {
+        let config = &self.shared.config;
+        let Some(shortest) = [config.result_ttl, config.image_ttl]
+            .into_iter()
+            .flatten()
+            .min()
+        else {
+            return;
+        };
+        let period = (shortest / 2).clamp(Duration::from_millis(100), Duration::from_secs(60));
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            if let Err(error) = self.expire_once().await {
+                tracing::warn!(%error, "expiring old tasks failed");
+            }
+        }
+    }
+
+    /// Deletes the final tasks older than `result_ttl` with their images, the images of final
+    /// tasks older than `image_ttl`, and the dead letters older than `result_ttl`, in batches
+    /// until none is left.
+    pub async fn expire_once(&self) -> Result<Expired, BoxError> {
+        let Shared {
+            ports,
+            config,
+            metrics,
+            ..
+        } = &self.shared;
+        let mut expired = Expired::default();
+        let now = now_ms();
+        let cutoff =
+            |ttl: Duration| now.saturating_sub(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+        // Images alone only when they go sooner than their tasks.
+        if let Some(image_ttl) = config
+            .image_ttl
+            .filter(|image| config.result_ttl.is_none_or(|result| *image < result))
+        {
+            loop {
+                let due = ports
+                    .results
+                    .claim_expired_images(cutoff(image_ttl), EXPIRE_BATCH)
+                    .await?;
+                expired.images += self.delete_images(&due).await;
+                if due.len() < EXPIRE_BATCH {
+                    break;
+                }
+            }
+        }
+        if let Some(result_ttl) = config.result_ttl {
+            loop {
+                let gone = ports
+                    .results
+                    .delete_expired(cutoff(result_ttl), EXPIRE_BATCH)
+                    .await?;
+                expired.tasks += gone.len() as u64;
+                metrics.expired_tasks.inc_by(gone.len() as u64);
+                expired.images += self.delete_images(&gone).await;
+                if gone.len() < EXPIRE_BATCH {
+                    break;
+                }
+            }
+            expired.dead_letters = ports.queue.expire_dead_letters(cutoff(result_ttl)).await?;
+            metrics.expired_dead_letters.inc_by(expired.dead_letters);
+        }
+        if expired != Expired::default() {
+            tracing::info!(
+                tasks = expired.tasks,
+                images = expired.images,
+                dead_letters = expired.dead_letters,
+                "expired"
+            );
+        }
+        Ok(expired)
+    }
+
+    /// Deletes the images of `records`; returns how many. A failure is logged and skipped:
+    /// the record is already gone or marked, so only the object is left behind.
+    async fn delete_images(&self, records: &[TaskRecord]) -> u64 {
+        let mut deleted = 0;
+        for record in records {
+            match self.shared.ports.storage.delete(&record.object_key).await {
+                Ok(()) => deleted += 1,
+                Err(error) => tracing::warn!(
+                    task_id = %record.task_id,
+                    key = %record.object_key,
+                    %error,
+                    "deleting an expired image failed; the object is left behind"
+                ),
+            }
+        }
+        self.shared.metrics.expired_images.inc_by(deleted);
+        deleted
     }
 
     /// One delivery, from fetch to ack. Every path settles the delivery.
@@ -994,6 +1106,17 @@ impl Worker {
             tracing::warn!(%task_id, %error, "cannot record the callback's state");
         }
     }
+}
+
+/// What one [`Worker::expire_once`] deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Expired {
+    /// Task records (each with its image).
+    pub tasks: u64,
+    /// Images deleted (those of expired tasks included).
+    pub images: u64,
+    /// Dead letters.
+    pub dead_letters: u64,
 }
 
 /// Callbacks delivered at once by one worker.

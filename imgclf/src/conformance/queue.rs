@@ -19,6 +19,7 @@ pub async fn run(queue: &dyn Queue) {
     unsettled_deliveries_come_back(queue).await;
     retry_waits_and_counts(queue).await;
     dead_letters_are_counted(queue).await;
+    dead_letters_expire(queue).await;
     concurrent_consumers_share_nothing(queue).await;
     queue
         .check()
@@ -149,6 +150,42 @@ async fn dead_letters_are_counted(queue: &dyn Queue) {
         queue.receive(1, SHORT).await.expect("receive").is_empty(),
         "dead letters stay dead"
     );
+}
+
+/// Dead letters older than the cutoff are deleted, newer ones kept; a second expiry with the same
+/// cutoff deletes nothing.
+async fn dead_letters_expire(queue: &dyn Queue) {
+    let bury = |reason: &'static str| async move {
+        queue.enqueue(&job()).await.expect("enqueue");
+        let d = receive_n(queue, 1).await.pop().expect("delivered");
+        d.dead_letter(reason).await.expect("dead-letter");
+    };
+    bury("older").await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let cutoff = crate::task::now_ms();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    bury("newer").await;
+    let buried = queue.dead_letters().await.expect("dead letters");
+    assert!(buried >= 2);
+    let expired = queue.expire_dead_letters(cutoff).await.expect("expire");
+    assert_eq!(
+        expired,
+        buried - 1,
+        "every dead letter before the cutoff (earlier checks' too), and only those"
+    );
+    assert_eq!(
+        queue.dead_letters().await.expect("dead letters"),
+        1,
+        "the newer dead letter stays"
+    );
+    assert_eq!(
+        queue.expire_dead_letters(cutoff).await.expect("expire"),
+        0,
+        "nothing older is left"
+    );
+    let later = crate::task::now_ms() + 1;
+    assert_eq!(queue.expire_dead_letters(later).await.expect("expire"), 1);
+    assert_eq!(queue.dead_letters().await.expect("dead letters"), 0);
 }
 
 async fn concurrent_consumers_share_nothing(queue: &dyn Queue) {

@@ -1,6 +1,6 @@
 use serde_json::Map;
 
-use crate::results::{ResultStore, ResultsError};
+use crate::results::{ResultStore, ResultsError, TaskQuery};
 use crate::task::{
     now_ms, Prediction, TaskId, TaskRecord, TaskResult, TaskState, WebhookDelivery, WebhookState,
 };
@@ -16,6 +16,9 @@ pub async fn run(store: &dyn ResultStore) {
     concurrent_completions_write_once(store).await;
     webhook_state_is_kept_apart(store).await;
     callbacks_are_due_with_the_final_state_and_claimed_once(store).await;
+    listing_pages_newest_first(store).await;
+    expired_tasks_are_deleted_once(store).await;
+    expired_images_are_claimed_once(store).await;
     store
         .check()
         .await
@@ -372,4 +375,247 @@ fn times_claimed(
         .map(|r| r.task_id)
         .collect();
     move |id| claimed.iter().filter(|c| **c == id).count()
+}
+
+/// Pages of the task listing: newest first, each state's filter, cursors that neither skip nor
+/// repeat a task (ties on the acceptance time included), and counts per state.
+async fn listing_pages_newest_first(store: &dyn ResultStore) {
+    let before = store.count_by_state().await.expect("count");
+    // Accepted "in the future", so that these are the newest tasks whatever else the store
+    // holds; pairs share a timestamp, so the id must break ties.
+    let base = now_ms() + 1_000_000_000_000;
+    let mut created = Vec::new();
+    for i in 0..7 {
+        let mut r = record();
+        r.created_at_ms = base + i / 2;
+        store.create(&r).await.expect("create");
+        created.push(r);
+    }
+    for r in &created[..3] {
+        store.start(r.task_id).await.expect("start");
+        store.fail(r.task_id, "boom").await.expect("fail");
+    }
+    let mut newest: Vec<_> = created.iter().map(|r| (r.created_at_ms, r.task_id)).collect();
+    newest.sort_by(|a, b| b.cmp(a));
+
+    // Three pages of three, two and two in any state.
+    let mut seen = Vec::new();
+    let mut query = TaskQuery::newest(3);
+    for size in [3, 3, 1] {
+        let page = store.list(&query).await.expect("list");
+        let page: Vec<_> = page
+            .iter()
+            .map(|r| (r.created_at_ms, r.task_id))
+            .take_while(|(at, _)| *at >= base)
+            .collect();
+        assert_eq!(page.len(), size, "a page holds up to its limit");
+        query.after = page.last().copied();
+        seen.extend(page);
+    }
+    assert_eq!(seen, newest, "pages are newest first, with no task skipped or repeated");
+
+    let failed = TaskQuery {
+        state: Some(TaskState::Failure),
+        ..TaskQuery::newest(2)
+    };
+    let page = store.list(&failed).await.expect("list failed");
+    assert_eq!(page.len(), 2);
+    assert!(page.iter().all(|r| r.state == TaskState::Failure));
+    let rest = store
+        .list(&TaskQuery {
+            after: page.last().map(|r| (r.created_at_ms, r.task_id)),
+            ..failed.clone()
+        })
+        .await
+        .expect("list failed, second page");
+    let mut ours: Vec<_> = page
+        .iter()
+        .chain(&rest)
+        .filter(|r| r.created_at_ms >= base)
+        .map(|r| r.task_id)
+        .collect();
+    ours.sort();
+    let mut expected: Vec<_> = created[..3].iter().map(|r| r.task_id).collect();
+    expected.sort();
+    assert_eq!(ours, expected, "the state filter finds exactly the failed tasks");
+    let pending = TaskQuery {
+        state: Some(TaskState::Pending),
+        ..TaskQuery::newest(10)
+    };
+    let page = store.list(&pending).await.expect("list pending");
+    assert!(page.iter().all(|r| r.state == TaskState::Pending));
+    assert!(created[3..]
+        .iter()
+        .all(|c| page.iter().any(|r| r.task_id == c.task_id)));
+
+    let after = store.count_by_state().await.expect("count");
+    assert_eq!(
+        (after.pending, after.failure),
+        (before.pending + 4, before.failure + 3),
+        "counts per state"
+    );
+    for r in &created {
+        store.delete(r.task_id).await.expect("delete");
+    }
+}
+
+/// A task in `state` that ended `at` (ms since the epoch).
+fn ended(state: TaskState, at: i64) -> TaskRecord {
+    let mut r = record();
+    r.state = state;
+    (r.created_at_ms, r.updated_at_ms) = (at, at);
+    match state {
+        TaskState::Success => r.result = Some(result(r.task_id, "tabby")),
+        TaskState::Failure => r.error = Some("broken".into()),
+        _ => {}
+    }
+    r
+}
+
+/// Tasks that ended before a cutoff in 2001, so that no other task of the store is as old.
+const LONG_AGO: i64 = 1_000_000_000_000;
+
+/// Expiry deletes final tasks unchanged since the cutoff and nothing else, oldest first, at most
+/// the limit per call, each once however many sweepers run; one whose callback is still due
+/// waits for it.
+async fn expired_tasks_are_deleted_once(store: &dyn ResultStore) {
+    let cutoff = LONG_AGO + 1_000;
+    let finals: Vec<TaskRecord> = (0..12)
+        .map(|i| {
+            let state = [TaskState::Success, TaskState::Failure][i as usize % 2];
+            ended(state, LONG_AGO + i)
+        })
+        .collect();
+    let kept = [
+        ended(TaskState::Pending, LONG_AGO),
+        ended(TaskState::Started, LONG_AGO),
+        // Ended at the cutoff, not before it.
+        ended(TaskState::Success, cutoff),
+    ];
+    let mut calling_back = ended(TaskState::Failure, LONG_AGO);
+    calling_back.webhook = Some(WebhookDelivery::due(LONG_AGO));
+    for r in finals.iter().chain(&kept).chain([&calling_back]) {
+        store.create(r).await.expect("create");
+    }
+
+    let first = store
+        .delete_expired(cutoff, 5)
+        .await
+        .expect("delete expired");
+    assert_eq!(
+        first,
+        finals[..5],
+        "the oldest first, at most the limit, each as it was recorded"
+    );
+    // Three sweepers at once, in small batches: each task is deleted (and returned) once.
+    let sweep = || async {
+        let mut deleted = Vec::new();
+        loop {
+            let batch = store
+                .delete_expired(cutoff, 2)
+                .await
+                .expect("delete expired");
+            assert!(batch.len() <= 2, "the limit holds");
+            if batch.is_empty() {
+                return deleted;
+            }
+            deleted.extend(batch.into_iter().map(|r| r.task_id));
+        }
+    };
+    let (a, b, c) = tokio::join!(sweep(), sweep(), sweep());
+    let swept: Vec<TaskId> = a.into_iter().chain(b).chain(c).collect();
+    for r in &finals[5..] {
+        let times = swept.iter().filter(|id| **id == r.task_id).count();
+        assert_eq!(times, 1, "an expired task is deleted once");
+    }
+    for r in &finals {
+        assert!(
+            store.get(r.task_id).await.expect("get").is_none(),
+            "an expired task is gone"
+        );
+    }
+    for r in kept.iter().chain([&calling_back]) {
+        assert!(
+            !swept.contains(&r.task_id),
+            "unfinished, recent and calling-back tasks are kept"
+        );
+        assert_eq!(store.get(r.task_id).await.expect("get").as_ref(), Some(r));
+    }
+
+    // Its callback given up on, the last one expires too.
+    let failed = WebhookDelivery {
+        state: WebhookState::Failed,
+        attempts: 5,
+        last_status: Some("HTTP 500".into()),
+        updated_at_ms: now_ms(),
+        next_attempt_at_ms: 0,
+    };
+    store
+        .record_webhook(calling_back.task_id, &failed)
+        .await
+        .expect("record webhook");
+    let last = store
+        .delete_expired(cutoff, 100)
+        .await
+        .expect("delete expired");
+    let last: Vec<TaskId> = last.iter().map(|r| r.task_id).collect();
+    assert_eq!(last, [calling_back.task_id]);
+    for r in &kept {
+        store.delete(r.task_id).await.expect("delete");
+    }
+}
+
+/// Image expiry takes final tasks unchanged since the cutoff once each, however many sweepers
+/// run, and keeps their records.
+async fn expired_images_are_claimed_once(store: &dyn ResultStore) {
+    let cutoff = LONG_AGO + 1_000;
+    let finals: Vec<TaskRecord> = (0..6)
+        .map(|i| ended([TaskState::Failure, TaskState::Success][i % 2], LONG_AGO))
+        .collect();
+    let kept = [
+        ended(TaskState::Pending, LONG_AGO),
+        ended(TaskState::Success, cutoff),
+    ];
+    for r in finals.iter().chain(&kept) {
+        store.create(r).await.expect("create");
+    }
+    let claim = || async {
+        let mut claimed = Vec::new();
+        loop {
+            let batch = store
+                .claim_expired_images(cutoff, 2)
+                .await
+                .expect("claim images");
+            assert!(batch.len() <= 2, "the limit holds");
+            if batch.is_empty() {
+                return claimed;
+            }
+            claimed.extend(batch);
+        }
+    };
+    let (a, b) = tokio::join!(claim(), claim());
+    let claimed: Vec<TaskRecord> = a.into_iter().chain(b).collect();
+    for r in &finals {
+        let times: Vec<_> = claimed.iter().filter(|c| c.task_id == r.task_id).collect();
+        assert_eq!(times, [r], "claimed once, with its object key");
+    }
+    for r in &kept {
+        assert!(!claimed.iter().any(|c| c.task_id == r.task_id));
+    }
+    assert!(
+        store
+            .claim_expired_images(cutoff, usize::MAX)
+            .await
+            .expect("claim images")
+            .is_empty(),
+        "a claimed image is not claimed again"
+    );
+    for r in finals.iter().chain(&kept) {
+        assert_eq!(
+            store.get(r.task_id).await.expect("get").as_ref(),
+            Some(r),
+            "the record stays as it was"
+        );
+        store.delete(r.task_id).await.expect("delete");
+    }
 }

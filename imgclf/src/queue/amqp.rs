@@ -9,7 +9,10 @@
 //!   the `x-imgclf-attempt` header.
 //! - Every publish is `mandatory` and confirmed: a message no queue takes is an error, never a
 //!   silent drop.
-//! - `dead_letter` publishes to `<name>.dead` with the reason, then acks.
+//! - `dead_letter` publishes to `<name>.dead` with the reason and the time (`x-imgclf-dead-at`,
+//!   ms), then acks. `expire_dead_letters` takes expired ones from the head of that queue (the
+//!   oldest) and acks them: no queue argument or policy, so it works on queues declared by
+//!   earlier versions, whose arguments cannot change.
 //! - The connection is re-established on the next call after it drops; the consumer channel's
 //!   prefetch (`basic_qos`) is applied on every (re)connect. Publishing processes never consume.
 
@@ -21,8 +24,8 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use lapin::acker::Acker;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
@@ -30,10 +33,14 @@ use tokio::sync::Mutex;
 
 use super::{Delivery, Queue, QueueError};
 use crate::config::redact;
-use crate::task::Job;
+use crate::task::{now_ms, Job};
 
 const ATTEMPT_HEADER: &str = "x-imgclf-attempt";
 const REASON_HEADER: &str = "x-imgclf-reason";
+/// When a message was dead-lettered, in ms since the Unix epoch.
+const DEAD_AT_HEADER: &str = "x-imgclf-dead-at";
+/// Most dead letters one `expire_dead_letters` takes; the next sweep takes the rest.
+const EXPIRE_BATCH: usize = 1000;
 
 /// Cheap to share: deliveries hold the same connection state to publish retries.
 pub struct AmqpQueue {
@@ -48,6 +55,10 @@ struct Inner {
     session: Mutex<Option<Session>>,
     /// Delay queues this process has declared, counted in `depth`.
     delay_queues: SyncMutex<BTreeSet<String>>,
+    /// When the dead letter last seen at the head of the dead-letter queue was put there:
+    /// nothing behind it is older, so nothing expires before it does and the queue need not
+    /// be looked at until then.
+    dead_head: SyncMutex<Option<i64>>,
 }
 
 #[derive(Clone)]
@@ -103,6 +114,16 @@ fn header_u32(headers: Option<&FieldTable>, key: &str) -> u32 {
     n.clamp(0, i64::from(u32::MAX)) as u32
 }
 
+fn header_i64(headers: Option<&FieldTable>, key: &str) -> Option<i64> {
+    match headers?.inner().get(key)? {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::Timestamp(n) => i64::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
 impl AmqpQueue {
     /// Connects to `amqp://…` and declares queue `name` (and its dead-letter queue).
     /// `prefetch`: unacked deliveries this process may hold, tie it to the batch size.
@@ -114,6 +135,7 @@ impl AmqpQueue {
             prefetch: prefetch.max(1),
             session: Mutex::new(None),
             delay_queues: SyncMutex::new(BTreeSet::new()),
+            dead_head: SyncMutex::new(None),
         };
         inner.session(false).await?;
         Ok(Self {
@@ -280,6 +302,63 @@ impl Inner {
         Ok(name)
     }
 
+    /// Acks the dead letters at the head of the dead-letter queue put there before
+    /// `before_ms`, up to the first that was not. That one goes back to the head (where a
+    /// quorum queue returns a message) with `basic.nack`, which RabbitMQ 4.3 and later do not
+    /// count against a quorum queue's delivery limit; on 4.0 to 4.2 it counts, but `dead_head`
+    /// keeps each process to one look per head until it expires.
+    async fn expire_head(&self, channel: &Channel, before_ms: i64) -> Result<u64, QueueError> {
+        let mut expired = 0;
+        for _ in 0..EXPIRE_BATCH {
+            let got = channel
+                .basic_get(&self.dead, BasicGetOptions { no_ack: false })
+                .await
+                .map_err(backend)?;
+            let Some(got) = got else {
+                *self.dead_head.lock().unwrap() = None;
+                break;
+            };
+            let delivery = got.delivery;
+            let headers = delivery.properties.headers().as_ref();
+            let at = header_i64(headers, DEAD_AT_HEADER).or_else(|| {
+                let seconds = (*delivery.properties.timestamp())?;
+                i64::try_from(seconds).ok()?.checked_mul(1000)
+            });
+            match at {
+                Some(at) if at < before_ms => {
+                    delivery
+                        .acker
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .map_err(backend)?;
+                    expired += 1;
+                }
+                Some(at) => {
+                    let options = BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    };
+                    delivery.acker.nack(options).await.map_err(backend)?;
+                    *self.dead_head.lock().unwrap() = Some(at);
+                    break;
+                }
+                None => {
+                    // Dead-lettered by a version that kept no time: stamped now, at the tail,
+                    // so it expires one TTL after this version first saw it.
+                    let mut headers = headers.cloned().unwrap_or_default();
+                    headers.insert(DEAD_AT_HEADER.into(), AMQPValue::LongLongInt(now_ms()));
+                    self.publish(&self.dead, &delivery.data, headers).await?;
+                    delivery
+                        .acker
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .map_err(backend)?;
+                }
+            }
+        }
+        Ok(expired)
+    }
+
     /// Messages ready in a queue, on a throwaway channel: a passive declare of a missing queue
     /// closes its channel.
     async fn count(&self, queue: &str) -> Result<Option<u64>, QueueError> {
@@ -357,6 +436,7 @@ impl Queue for AmqpQueue {
                         REASON_HEADER.into(),
                         AMQPValue::LongString(format!("unreadable: {e}").into()),
                     );
+                    headers.insert(DEAD_AT_HEADER.into(), AMQPValue::LongLongInt(now_ms()));
                     inner.publish(&inner.dead, &delivery.data, headers).await?;
                     delivery
                         .acker
@@ -388,6 +468,24 @@ impl Queue for AmqpQueue {
         Ok(self.inner.count(&self.inner.dead).await?.unwrap_or(0))
     }
 
+    async fn expire_dead_letters(&self, before_ms: i64) -> Result<u64, QueueError> {
+        let inner = &self.inner;
+        if inner
+            .dead_head
+            .lock()
+            .unwrap()
+            .is_some_and(|head| head >= before_ms)
+        {
+            return Ok(0);
+        }
+        let session = inner.session(false).await?;
+        let channel = session.connection.create_channel().await.map_err(backend)?;
+        let expired = inner.expire_head(&channel, before_ms).await;
+        // Closing the channel returns whatever it still holds.
+        let _ = channel.close(200, "done").await;
+        expired
+    }
+
     async fn check(&self) -> Result<(), QueueError> {
         self.inner.session(false).await.map(|_| ())
     }
@@ -411,6 +509,7 @@ impl AmqpDelivery {
         )]);
         if let Some(reason) = reason {
             headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
+            headers.insert(DEAD_AT_HEADER.into(), AMQPValue::LongLongInt(now_ms()));
         }
         self.inner.publish(queue, &payload, headers).await?;
         self.ack_now().await

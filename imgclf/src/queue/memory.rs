@@ -28,7 +28,8 @@ struct State {
     ready: VecDeque<Entry>,
     delayed: Vec<(Instant, Entry)>,
     in_flight: HashMap<u64, (Instant, Entry)>,
-    dead: Vec<(Job, String)>,
+    /// Dead letters with the reason and when (ms since the epoch), oldest first.
+    dead: Vec<(Job, String, i64)>,
     next_tag: u64,
 }
 
@@ -92,7 +93,10 @@ impl MemoryQueue {
 
     /// The jobs in the dead-letter queue, with the reason each was put there.
     pub fn dead_letter_jobs(&self) -> Vec<(Job, String)> {
-        self.shared.state.lock().unwrap().dead.clone()
+        let state = self.shared.state.lock().unwrap();
+        let dead = state.dead.iter();
+        dead.map(|(job, reason, _)| (job.clone(), reason.clone()))
+            .collect()
     }
 }
 
@@ -160,6 +164,13 @@ impl Queue for MemoryQueue {
         Ok(self.shared.state.lock().unwrap().dead.len() as u64)
     }
 
+    async fn expire_dead_letters(&self, before_ms: i64) -> Result<u64, QueueError> {
+        let dead = &mut self.shared.state.lock().unwrap().dead;
+        let before = dead.len();
+        dead.retain(|(_, _, at)| *at >= before_ms);
+        Ok((before - dead.len()) as u64)
+    }
+
     async fn check(&self) -> Result<(), QueueError> {
         Ok(())
     }
@@ -208,7 +219,8 @@ impl Delivery for MemoryDelivery {
     }
 
     async fn dead_letter(mut self: Box<Self>, reason: &str) -> Result<(), QueueError> {
-        self.settle(|state, entry| state.dead.push((entry.job, reason.to_string())));
+        let at = crate::task::now_ms();
+        self.settle(|state, entry| state.dead.push((entry.job, reason.to_string(), at)));
         Ok(())
     }
 }

@@ -160,6 +160,13 @@ pub trait Queue: Send + Sync + 'static {
     /// Jobs that ended in the dead-letter queue.
     async fn dead_letters(&self) -> Result<u64, QueueError>;
 
+    /// Deletes the dead letters put there before `before_ms` (ms since the Unix epoch);
+    /// returns how many. A backend that keeps no dead letters has none to expire.
+    async fn expire_dead_letters(&self, before_ms: i64) -> Result<u64, QueueError> {
+        let _ = before_ms;
+        Ok(0)
+    }
+
     /// Whether the backend is reachable (for readiness).
     async fn check(&self) -> Result<(), QueueError>;
 }

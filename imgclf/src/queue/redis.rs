@@ -346,6 +346,18 @@ impl Queue for RedisQueue {
             .map_err(backend)
     }
 
+    /// Stream ids begin with the time of the `XADD` in ms, so trimming below the cutoff id
+    /// removes exactly the older entries, dead letters of older versions included.
+    async fn expire_dead_letters(&self, before_ms: i64) -> Result<u64, QueueError> {
+        redis::cmd("XTRIM")
+            .arg(&self.keys.dead)
+            .arg("MINID")
+            .arg(before_ms.max(0))
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(backend)
+    }
+
     async fn check(&self) -> Result<(), QueueError> {
         redis::cmd("PING")
             .query_async::<String>(&mut self.conn.clone())

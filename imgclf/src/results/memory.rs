@@ -1,9 +1,9 @@
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{ResultStore, ResultsError};
+use super::{ResultStore, ResultsError, StateCounts, TaskQuery};
 use crate::task::{
     now_ms, TaskId, TaskRecord, TaskResult, TaskState, WebhookDelivery, WebhookState,
 };
@@ -12,6 +12,8 @@ use crate::task::{
 #[derive(Default)]
 pub struct MemoryResults {
     tasks: Mutex<HashMap<TaskId, TaskRecord>>,
+    /// Tasks whose image the sweeper deleted. Locked after `tasks` when both are.
+    images_deleted: Mutex<HashSet<TaskId>>,
 }
 
 impl MemoryResults {
@@ -148,12 +150,85 @@ impl ResultStore for MemoryResults {
             .collect())
     }
 
+    async fn list(&self, query: &TaskQuery) -> Result<Vec<TaskRecord>, ResultsError> {
+        let tasks = self.tasks.lock().unwrap();
+        let mut page: Vec<TaskRecord> = tasks
+            .values()
+            .filter(|r| query.admits(r))
+            .cloned()
+            .collect();
+        page.sort_by_key(|r| std::cmp::Reverse((r.created_at_ms, r.task_id)));
+        page.truncate(query.limit);
+        Ok(page)
+    }
+
+    async fn count_by_state(&self) -> Result<StateCounts, ResultsError> {
+        let mut counts = StateCounts::default();
+        for record in self.tasks.lock().unwrap().values() {
+            counts.add(record.state, 1);
+        }
+        Ok(counts)
+    }
+
     async fn delete(&self, id: TaskId) -> Result<(), ResultsError> {
         self.tasks.lock().unwrap().remove(&id);
+        self.images_deleted.lock().unwrap().remove(&id);
         Ok(())
+    }
+
+    async fn delete_expired(
+        &self,
+        before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, ResultsError> {
+        let mut tasks = self.tasks.lock().unwrap();
+        let mut expired: Vec<(i64, TaskId)> = tasks
+            .values()
+            .filter(|r| expired(r, before_ms))
+            .filter(|r| {
+                r.webhook
+                    .as_ref()
+                    .is_none_or(|w| w.state != WebhookState::Pending)
+            })
+            .map(|r| (r.updated_at_ms, r.task_id))
+            .collect();
+        expired.sort();
+        expired.truncate(limit);
+        let mut images_deleted = self.images_deleted.lock().unwrap();
+        Ok(expired
+            .into_iter()
+            .filter_map(|(_, id)| {
+                images_deleted.remove(&id);
+                tasks.remove(&id)
+            })
+            .collect())
+    }
+
+    async fn claim_expired_images(
+        &self,
+        before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, ResultsError> {
+        let tasks = self.tasks.lock().unwrap();
+        let mut images_deleted = self.images_deleted.lock().unwrap();
+        let mut due: Vec<&TaskRecord> = tasks
+            .values()
+            .filter(|r| expired(r, before_ms) && !images_deleted.contains(&r.task_id))
+            .collect();
+        due.sort_by_key(|r| (r.updated_at_ms, r.task_id));
+        due.truncate(limit);
+        for r in &due {
+            images_deleted.insert(r.task_id);
+        }
+        Ok(due.into_iter().cloned().collect())
     }
 
     async fn check(&self) -> Result<(), ResultsError> {
         Ok(())
     }
+}
+
+/// Final and unchanged since `before_ms`.
+fn expired(record: &TaskRecord, before_ms: i64) -> bool {
+    record.state.is_final() && record.updated_at_ms < before_ms
 }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::config::ConfigError;
-use crate::task::{TaskId, TaskRecord, TaskResult, WebhookDelivery};
+use crate::task::{TaskId, TaskRecord, TaskResult, TaskState, WebhookDelivery};
 use crate::BoxError;
 
 /// The result store a URL names: `postgres(ql)://…`, `sqlite://path` or `memory://`.
@@ -157,9 +157,96 @@ pub trait ResultStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<TaskRecord>, ResultsError>;
 
+    /// Tasks newest first (by acceptance time, then id), in `query`'s state if it names one,
+    /// strictly after its cursor, at most its limit: a page of the task monitor.
+    async fn list(&self, query: &TaskQuery) -> Result<Vec<TaskRecord>, ResultsError>;
+
+    /// How many tasks are in each state.
+    async fn count_by_state(&self) -> Result<StateCounts, ResultsError>;
+
     /// Forgets a task (an upload rolled back before it was queued).
     async fn delete(&self, id: TaskId) -> Result<(), ResultsError>;
 
+    /// Deletes final tasks (`SUCCESS`, `FAILURE`) unchanged since `before_ms`, oldest first, at
+    /// most `limit`, and returns them, so that their images can be deleted too. Sweepers
+    /// running at once delete each task once. A task not yet final never expires (nothing
+    /// accepted is lost; a stuck one is queued again instead), nor does one whose callback is
+    /// still due: it expires once the callback is delivered or given up on. The replaced
+    /// service's `results` rows of the tasks go with them, in the same write.
+    async fn delete_expired(
+        &self,
+        before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, ResultsError>;
+
+    /// Final tasks unchanged since `before_ms` whose image is not yet marked deleted, oldest
+    /// first, at most `limit`; each is marked now, so that sweepers running at once take each
+    /// once and no sweep takes it again. The records stay.
+    async fn claim_expired_images(
+        &self,
+        before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, ResultsError>;
+
     /// Whether the backend is reachable (for readiness).
     async fn check(&self) -> Result<(), ResultsError>;
+}
+
+/// A page of [`ResultStore::list`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskQuery {
+    /// Only tasks in this state.
+    pub state: Option<TaskState>,
+    /// Only tasks older than this one, in the listing's order: the last task of the previous
+    /// page, as `(created_at_ms, task_id)`.
+    pub after: Option<(i64, TaskId)>,
+    /// Most tasks returned.
+    pub limit: usize,
+}
+
+impl TaskQuery {
+    /// The newest `limit` tasks in any state.
+    pub fn newest(limit: usize) -> Self {
+        Self {
+            state: None,
+            after: None,
+            limit,
+        }
+    }
+
+    /// Whether `record` belongs on this page (before the limit applies): the memory store's
+    /// filter, and the definition the SQL stores' queries follow.
+    pub fn admits(&self, record: &TaskRecord) -> bool {
+        self.state.is_none_or(|state| record.state == state)
+            && self.after.is_none_or(|after| {
+                (record.created_at_ms, record.task_id) < after
+            })
+    }
+}
+
+/// Tasks per state, as [`ResultStore::count_by_state`] counts them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct StateCounts {
+    /// Accepted, waiting for a worker.
+    pub pending: u64,
+    /// Being classified.
+    pub started: u64,
+    /// Classified.
+    pub success: u64,
+    /// Given up on.
+    pub failure: u64,
+}
+
+impl StateCounts {
+    /// Adds `count` tasks in `state`.
+    pub fn add(&mut self, state: TaskState, count: u64) {
+        match state {
+            TaskState::Pending => self.pending += count,
+            TaskState::Started => self.started += count,
+            TaskState::Success => self.success += count,
+            TaskState::Failure => self.failure += count,
+        }
+    }
 }

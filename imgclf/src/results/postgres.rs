@@ -5,7 +5,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{ResultStore, ResultsError};
+use super::{ResultStore, ResultsError, StateCounts, TaskQuery};
 use crate::task::{now_ms, TaskId, TaskRecord, TaskResult, TaskState, WebhookDelivery};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -280,6 +280,54 @@ impl ResultStore for PostgresResults {
         rows.iter().map(record).collect()
     }
 
+    async fn list(&self, query: &TaskQuery) -> Result<Vec<TaskRecord>, ResultsError> {
+        let mut conditions = Vec::new();
+        if query.state.is_some() {
+            conditions.push(format!("state = ${}", conditions.len() + 1));
+        }
+        if query.after.is_some() {
+            let n = conditions.len() + 1;
+            conditions.push(format!("(created_at_ms, task_id) < (${n}, ${})", n + 1));
+        }
+        let parameters = conditions.len() + usize::from(query.after.is_some());
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        let sql = format!(
+            "SELECT {COLUMNS} FROM tasks {filter} \
+             ORDER BY created_at_ms DESC, task_id DESC LIMIT ${}",
+            parameters + 1
+        );
+        let mut select = sqlx::query(&sql);
+        if let Some(state) = query.state {
+            select = select.bind(state.as_str());
+        }
+        if let Some((created_at_ms, id)) = query.after {
+            select = select.bind(created_at_ms).bind(id.as_uuid());
+        }
+        let rows = select
+            .bind(i64::try_from(query.limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(record).collect()
+    }
+
+    async fn count_by_state(&self) -> Result<StateCounts, ResultsError> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, count(*) FROM tasks GROUP BY state")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(backend)?;
+        let mut counts = StateCounts::default();
+        for (state, count) in rows {
+            counts.add(state.parse().map_err(codec)?, count as u64);
+        }
+        Ok(counts)
+    }
+
     async fn delete(&self, id: TaskId) -> Result<(), ResultsError> {
         sqlx::query("DELETE FROM tasks WHERE task_id = $1")
             .bind(id.as_uuid())
@@ -287,6 +335,58 @@ impl ResultStore for PostgresResults {
             .await
             .map_err(backend)?;
         Ok(())
+    }
+
+    async fn delete_expired(
+        &self,
+        before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, ResultsError> {
+        // SKIP LOCKED: sweepers of several workers split the expired tasks between them. The
+        // replaced service's `results` rows go in the same statement, so the two never disagree.
+        let sql = format!(
+            "WITH expired AS (DELETE FROM tasks WHERE task_id IN (SELECT task_id FROM tasks \
+             WHERE state IN ('SUCCESS', 'FAILURE') AND updated_at_ms < $1 \
+             AND COALESCE(webhook->>'state', '') <> 'pending' \
+             ORDER BY updated_at_ms, task_id LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             RETURNING {COLUMNS}), \
+             legacy AS (DELETE FROM results WHERE task_id IN (SELECT task_id::text FROM expired)) \
+             SELECT {COLUMNS} FROM expired"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(before_ms)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        let mut records = rows.iter().map(record).collect::<Result<Vec<_>, _>>()?;
+        // RETURNING keeps no order.
+        records.sort_by_key(|r| (r.updated_at_ms, r.task_id));
+        Ok(records)
+    }
+
+    async fn claim_expired_images(
+        &self,
+        before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, ResultsError> {
+        let sql = format!(
+            "UPDATE tasks SET image_deleted_at_ms = $1 WHERE task_id IN (SELECT task_id FROM tasks \
+             WHERE state IN ('SUCCESS', 'FAILURE') AND updated_at_ms < $2 \
+             AND image_deleted_at_ms IS NULL ORDER BY updated_at_ms, task_id LIMIT $3 \
+             FOR UPDATE SKIP LOCKED) RETURNING {COLUMNS}"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(now_ms())
+            .bind(before_ms)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        let mut records = rows.iter().map(record).collect::<Result<Vec<_>, _>>()?;
+        // RETURNING keeps no order.
+        records.sort_by_key(|r| (r.updated_at_ms, r.task_id));
+        Ok(records)
     }
 
     async fn check(&self) -> Result<(), ResultsError> {

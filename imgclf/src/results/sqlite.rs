@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
 use sqlx::{Row, SqlitePool};
 
-use super::{ResultStore, ResultsError};
+use super::{ResultStore, ResultsError, StateCounts, TaskQuery};
 use crate::task::{now_ms, TaskId, TaskRecord, TaskResult, TaskState, WebhookDelivery};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -251,6 +251,51 @@ impl ResultStore for SqliteResults {
         rows.iter().map(record).collect()
     }
 
+    async fn list(&self, query: &TaskQuery) -> Result<Vec<TaskRecord>, ResultsError> {
+        let mut conditions = Vec::new();
+        if query.state.is_some() {
+            conditions.push("state = ?");
+        }
+        if query.after.is_some() {
+            conditions.push("(created_at_ms, task_id) < (?, ?)");
+        }
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        let sql = format!(
+            "SELECT {COLUMNS} FROM tasks {filter} \
+             ORDER BY created_at_ms DESC, task_id DESC LIMIT ?"
+        );
+        let mut select = sqlx::query(&sql);
+        if let Some(state) = query.state {
+            select = select.bind(state.as_str());
+        }
+        if let Some((created_at_ms, id)) = query.after {
+            select = select.bind(created_at_ms).bind(id.to_string());
+        }
+        let rows = select
+            .bind(i64::try_from(query.limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(record).collect()
+    }
+
+    async fn count_by_state(&self) -> Result<StateCounts, ResultsError> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, count(*) FROM tasks GROUP BY state")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(backend)?;
+        let mut counts = StateCounts::default();
+        for (state, count) in rows {
+            counts.add(state.parse().map_err(codec)?, count as u64);
+        }
+        Ok(counts)
+    }
+
     async fn delete(&self, id: TaskId) -> Result<(), ResultsError> {
         sqlx::query("DELETE FROM tasks WHERE task_id = ?")
             .bind(id.to_string())
@@ -258,6 +303,55 @@ impl ResultStore for SqliteResults {
             .await
             .map_err(backend)?;
         Ok(())
+    }
+
+    async fn delete_expired(
+        &self,
+        before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, ResultsError> {
+        // One statement under SQLite's single writer lock: sweepers at once delete each task
+        // once. The legacy `results` is a view of `tasks`, so its rows go too.
+        let sql = format!(
+            "DELETE FROM tasks WHERE task_id IN (SELECT task_id FROM tasks \
+             WHERE state IN ('SUCCESS', 'FAILURE') AND updated_at_ms < ? \
+             AND COALESCE(json_extract(webhook, '$.state'), '') <> 'pending' \
+             ORDER BY updated_at_ms, task_id LIMIT ?) RETURNING {COLUMNS}"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(before_ms)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        let mut records = rows.iter().map(record).collect::<Result<Vec<_>, _>>()?;
+        // RETURNING keeps no order.
+        records.sort_by_key(|r| (r.updated_at_ms, r.task_id));
+        Ok(records)
+    }
+
+    async fn claim_expired_images(
+        &self,
+        before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, ResultsError> {
+        let sql = format!(
+            "UPDATE tasks SET image_deleted_at_ms = ? WHERE task_id IN (SELECT task_id FROM tasks \
+             WHERE state IN ('SUCCESS', 'FAILURE') AND updated_at_ms < ? \
+             AND image_deleted_at_ms IS NULL ORDER BY updated_at_ms, task_id LIMIT ?) \
+             RETURNING {COLUMNS}"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(now_ms())
+            .bind(before_ms)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        let mut records = rows.iter().map(record).collect::<Result<Vec<_>, _>>()?;
+        // RETURNING keeps no order.
+        records.sort_by_key(|r| (r.updated_at_ms, r.task_id));
+        Ok(records)
     }
 
     async fn check(&self) -> Result<(), ResultsError> {

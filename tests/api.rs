@@ -1,163 +1,24 @@
 //! The HTTP contract, driven through the router without a socket, on the real model with
 //! in-memory backends.
 
-use std::sync::{Arc, OnceLock};
+mod common;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
-use http_body_util::BodyExt;
-use imgclf::classifier::{self, ClassifierHandle};
+use common::*;
 use imgclf::notify::NoopNotifier;
 use imgclf::queue::MemoryQueue;
 use imgclf::results::MemoryResults;
 use imgclf::storage::MemoryStorage;
-use imgclf::{ModelSpec, Pipeline, PipelineConfig, Ports, ResultStore};
+use imgclf::{PipelineConfig, Ports, ResultStore};
 use imgclf_http::{router, AppState};
-use imgclf_suite::{default_model_dir, image, reference, with_exif_orientation};
+use imgclf_suite::{image, with_exif_orientation};
 use serde_json::Value;
 use tower::ServiceExt;
-
-const MAX_UPLOAD: usize = 2 * 1024 * 1024;
-const MAX_PIXELS: u64 = 4_200_000;
-
-/// One model for every test in this file: loading and compiling it is the slow part.
-fn classifier() -> ClassifierHandle {
-    static HANDLE: OnceLock<ClassifierHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let spec = ModelSpec::load(default_model_dir()).expect("model");
-            ClassifierHandle::spawn(
-                classifier::build("tract", spec, &Default::default()).expect("tract"),
-                4,
-            )
-        })
-        .clone()
-}
-
-struct Service {
-    app: Router,
-    storage: Arc<MemoryStorage>,
-    results: Arc<MemoryResults>,
-    queue: Arc<MemoryQueue>,
-    pipeline: Arc<Pipeline>,
-    _stop: tokio::sync::watch::Sender<bool>,
-}
-
-fn service_with(notifier: Arc<dyn imgclf::Notifier>) -> Service {
-    service_custom(notifier, PipelineConfig::default(), true)
-}
-
-/// In-memory backends, the shared model, and the worker running unless `worker` is false.
-fn service_custom(
-    notifier: Arc<dyn imgclf::Notifier>,
-    base: PipelineConfig,
-    worker: bool,
-) -> Service {
-    let storage = Arc::new(MemoryStorage::new());
-    let results = Arc::new(MemoryResults::new());
-    let queue = Arc::new(MemoryQueue::default());
-    let ports = Ports {
-        storage: storage.clone(),
-        queue: queue.clone(),
-        results: results.clone(),
-        notifier,
-    };
-    let config = PipelineConfig {
-        max_batch: 4,
-        max_pixels: MAX_PIXELS,
-        retry_backoff: Duration::from_millis(50),
-        ..base
-    };
-    let pipeline = Arc::new(Pipeline::new(ports, classifier(), config));
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    if worker {
-        tokio::spawn(pipeline.clone().run_worker(stopped));
-    }
-    let app = router(
-        AppState::embedded(&pipeline, MAX_UPLOAD),
-        Duration::from_secs(30),
-    );
-    Service {
-        app,
-        storage,
-        results,
-        queue,
-        pipeline,
-        _stop: stop,
-    }
-}
-
-fn service() -> Service {
-    service_with(Arc::new(NoopNotifier))
-}
-
-enum Part<'a> {
-    File(&'a str, &'a [u8]),
-    Text(&'a str, &'a str),
-}
-
-fn multipart(uri: &str, parts: &[Part]) -> Request<Body> {
-    let boundary = "imgclf-test-boundary-7d1f";
-    let mut body = Vec::new();
-    for part in parts {
-        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
-        match part {
-            Part::File(filename, bytes) => {
-                body.extend_from_slice(
-                    format!("Content-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
-                );
-                body.extend_from_slice(bytes);
-            }
-            Part::Text(name, value) => {
-                body.extend_from_slice(
-                    format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}")
-                        .as_bytes(),
-                );
-            }
-        }
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-    Request::post(uri)
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
-        .body(Body::from(body))
-        .unwrap()
-}
-
-async fn call(app: &Router, request: Request<Body>) -> (StatusCode, Value) {
-    let response = app.clone().oneshot(request).await.unwrap();
-    let status = response.status();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    let value = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-    (status, value)
-}
-
-async fn get(app: &Router, uri: &str) -> (StatusCode, Value) {
-    call(app, Request::get(uri).body(Body::empty()).unwrap()).await
-}
-
-/// Polls a task until it is final.
-async fn wait_final(app: &Router, task_id: &str) -> Value {
-    for _ in 0..600 {
-        let (status, body) = get(app, &format!("/api/task-status/{task_id}")).await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        if body["state"] == "SUCCESS" || body["state"] == "FAILURE" {
-            return body;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("task {task_id} did not finish");
-}
-
-fn top1(name: &str) -> String {
-    reference("efficientnet-lite0")[name][0].label.clone()
-}
 
 #[tokio::test]
 async fn upload_then_poll_returns_the_reference_classification() {
@@ -1420,32 +1281,16 @@ async fn uploads_beyond_the_bytes_in_flight_budget_get_503() {
     let app = router(state, Duration::from_secs(30));
     let big = image("skimage_chelsea.png");
     assert!(big.len() > 64 * 1024);
-    let request = with_length(multipart(
-        "/api/upload-image",
-        &[Part::File("big.png", &big)],
-    ));
+    let request = multipart("/api/upload-image", &[Part::File("big.png", &big)]);
     let response = app.clone().oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(response.headers()["retry-after"], "1");
     assert!(s.storage.is_empty());
     let small = image("opencv_apple.jpg");
     assert!(small.len() < 60 * 1024);
-    let request = with_length(multipart(
-        "/api/upload-image",
-        &[Part::File("a.jpg", &small)],
-    ));
+    let request = multipart("/api/upload-image", &[Part::File("a.jpg", &small)]);
     let (status, body) = call(&app, request).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-}
-
-/// A request built by [`multipart`] with its `Content-Length`, as clients send it.
-fn with_length(mut request: Request<Body>) -> Request<Body> {
-    use axum::body::HttpBody as _;
-    let length = request.body().size_hint().exact().unwrap();
-    request
-        .headers_mut()
-        .insert("content-length", length.to_string().parse().unwrap());
-    request
 }
 
 /// Uploads a photo that is accepted; returns its task id.

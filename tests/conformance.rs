@@ -308,5 +308,6 @@ fn a_job() -> imgclf::Job {
         task_id: imgclf::TaskId::new(),
         object_key: "images/x.jpg".into(),
         top_k: None,
+        request_id: None,
     }
 }

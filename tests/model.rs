@@ -257,3 +257,21 @@ async fn a_pool_of_models_answers_as_one_model_does() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// `auto` picks ONNX Runtime when its library is there (here the one `IMGCLF_TEST_ORT_LIB`
+/// names, as `IMGCLF_ORT_LIB` would), and the model it runs answers like the reference.
+#[test]
+fn auto_runs_onnx_runtime_when_its_library_is_found() {
+    let Some(library) = imgclf_suite::service_url("IMGCLF_TEST_ORT_LIB") else {
+        return;
+    };
+    let found = imgclf::classifier::find_ort_library(Some(library.as_ref()));
+    assert_eq!(found.as_deref(), Some(std::path::Path::new(&library)));
+    let spec = ModelSpec::load(default_model_dir()).expect("loads");
+    let options = imgclf::classifier::ClassifierOptions {
+        ort_library: found,
+        ..Default::default()
+    };
+    let handle = imgclf::classifier::spawn("auto", spec, &options, 2).expect("spawns");
+    assert_eq!(handle.backend(), "ort");
+}

@@ -1,31 +1,40 @@
 //! The HTTP API of imgclf, compatible with the service it replaces. The router is built here so
 //! tests can drive it without a socket; `main.rs` only reads configuration and serves it.
 
+mod docs;
 mod error;
 mod observe;
+mod page;
+mod tasks;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::multipart::{Field, MultipartRejection};
 use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
+use axum::Extension;
 use axum::{Json, Router};
 use bytes::{Bytes, BytesMut};
+use imgclf::notify::{CallbackPolicy, FetchError, IpNet, UrlFetcher};
 use imgclf::{Pipeline, Submitter, TaskId, TaskState, Upload, Worker};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio::sync::Semaphore;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+pub use docs::{
+    openapi_document, BulkAccepted, BulkItem, Classified, ErrorBody, TaskPage, TaskSummary,
+    UploadAccepted,
+};
 pub use error::ApiError;
-
-/// The OpenAPI 3 description of this API.
-pub const OPENAPI: &str = include_str!("../openapi.json");
 
 /// Most bytes of `metadata` (JSON) and of the other small form fields.
 const MAX_FIELD_BYTES: usize = 16 * 1024;
@@ -53,6 +62,8 @@ pub struct AppState {
     pub classify_wait: Duration,
     /// KiB of request bodies this process holds at once (503 with `Retry-After` beyond).
     pub inflight_kib: Arc<Semaphore>,
+    /// Fetches `image_url` uploads, under the callbacks' address policy.
+    pub fetcher: Arc<UrlFetcher>,
 }
 
 /// Bytes of request bodies held at once, by default: room for a dozen uploads at the size cap,
@@ -75,7 +86,15 @@ impl AppState {
             cors_origins: Vec::new(),
             classify_wait: Duration::from_secs(30),
             inflight_kib: Arc::new(Semaphore::new(DEFAULT_MAX_INFLIGHT_BYTES / 1024)),
+            fetcher: Arc::new(url_fetcher(&[], DEFAULT_FETCH_TIMEOUT, max_upload_bytes)),
         }
+    }
+
+    /// Fetches `image_url` uploads from public addresses and from `allow` (the callbacks'
+    /// allowlist), each within `timeout`.
+    pub fn with_url_policy(mut self, allow: &[IpNet], timeout: Duration) -> Self {
+        self.fetcher = Arc::new(url_fetcher(allow, timeout, self.max_upload_bytes));
+        self
     }
 
     /// Lets browsers on `origins` (exact `scheme://host[:port]`) call the API.
@@ -93,6 +112,11 @@ impl AppState {
     /// small fields around it.
     fn body_limit(&self) -> usize {
         self.max_upload_bytes + 2 * MAX_FIELD_BYTES + 64 * 1024
+    }
+
+    /// Most bytes of a bulk upload's body.
+    fn bulk_body_limit(&self) -> usize {
+        BULK_BODY_UPLOADS * self.body_limit()
     }
 
     /// Holds at most `bytes` of request bodies at once.
@@ -122,35 +146,72 @@ impl AppState {
     }
 }
 
+/// How long fetching an `image_url` may take, by default (as a callback attempt).
+const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(imgclf::notify::DEFAULT_TIMEOUT_SECS);
+
+fn url_fetcher(allow: &[IpNet], timeout: Duration, max_bytes: usize) -> UrlFetcher {
+    UrlFetcher::new(CallbackPolicy::new(allow.to_vec()), timeout, max_bytes)
+        .expect("an HTTP client with rustls builds")
+}
+
 fn digest(bytes: &[u8]) -> [u8; 32] {
     use sha2::Digest;
     sha2::Sha256::digest(bytes).into()
+}
+
+/// Every route with its documentation: the router and the OpenAPI document both come from
+/// here, so neither can list a route the other lacks. `/api/*` comes first (the layers in
+/// [`router`] apply to it alone).
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(<docs::ApiDoc as utoipa::OpenApi>::openapi())
+        .merge(api_routes())
+        .merge(open_routes())
+        .merge(metrics_routes())
+}
+
+/// The API proper: authenticated, body-limited, charged to the in-flight budget.
+fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(upload_image))
+        .routes(routes!(upload_images))
+        .routes(routes!(task_status))
+        .routes(routes!(classify))
+        .routes(routes!(tasks::list_tasks))
+        .routes(routes!(tasks::task_summary))
+}
+
+/// What needs no key: probes, metrics and the documentation.
+fn open_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(ready))
+        .routes(routes!(docs::openapi))
+}
+
+/// `/metrics` (and `/metrics/`, the replaced service's spelling), on the API's address or on
+/// an address of its own.
+fn metrics_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(metrics))
+        .route("/metrics/", get(metrics))
 }
 
 /// The whole API; `request_timeout` bounds each request so draining at shutdown cannot hang.
 pub fn router(mut state: AppState, request_timeout: Duration) -> Router {
     // `/api/classify` answers before the timeout cuts it off.
     state.classify_wait = request_timeout.saturating_sub(Duration::from_secs(1));
-    let body_limit = state.body_limit();
-    let api = Router::new()
-        .route("/api/upload-image", post(upload_image))
-        .route("/api/task-status/{task_id}", get(task_status))
-        .route("/api/classify", post(classify))
-        .layer(DefaultBodyLimit::max(body_limit))
+    let (api, _) = api_routes().split_for_parts();
+    let api = api
+        .layer(DefaultBodyLimit::max(state.bulk_body_limit()))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             limit_inflight,
         ))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
-    let mut open = Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/openapi.json", get(openapi));
+    let (mut open, _) = open_routes().split_for_parts();
+    open = open.merge(page::routes());
     if state.serve_metrics {
-        // With the trailing slash too, as the replaced service's README documents it.
-        open = open
-            .route("/metrics", get(metrics))
-            .route("/metrics/", get(metrics));
+        open = open.merge(metrics_routes().split_for_parts().0);
     }
     let cors = (!state.cors_origins.is_empty()).then(|| {
         tower_http::cors::CorsLayer::new()
@@ -160,40 +221,121 @@ pub fn router(mut state: AppState, request_timeout: Duration) -> Router {
                 header::AUTHORIZATION,
                 header::CONTENT_TYPE,
                 header::HeaderName::from_static("idempotency-key"),
+                REQUEST_ID_HEADER,
             ])
-            .expose_headers([header::RETRY_AFTER])
+            .expose_headers([header::RETRY_AFTER, REQUEST_ID_HEADER])
             .max_age(Duration::from_secs(600))
     });
-    api.merge(open)
+    let app = api
+        .merge(open)
+        .with_state(state.clone())
+        .merge(docs::ui())
         .layer(tower::util::option_layer(cors))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             request_timeout,
         ))
-        .layer(TraceLayer::new_for_http())
-        .layer(middleware::from_fn_with_state(state.clone(), observe::record))
-        .with_state(state)
+        .layer(access_log())
+        .layer(middleware::from_fn(request_id))
+        .layer(middleware::from_fn_with_state(state, observe::record));
+    // A router's own layers run after routing; this one must run before.
+    Router::new().fallback_service(
+        tower::ServiceBuilder::new()
+            .map_request(docs::one_slash)
+            .service(app),
+    )
+}
+
+/// The header that names a request, from the client or made here, and returned with the answer.
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Most characters of a client's request id; a longer or stranger one is replaced.
+const MAX_REQUEST_ID: usize = 128;
+
+/// A request's id, in the request's extensions: the handlers pass it on with the job.
+#[derive(Clone, Debug)]
+pub struct RequestId(pub String);
+
+/// Names every request: the client's `x-request-id` when it is a plain token, a new UUID
+/// otherwise. The id is in the access log, the response's header and the task's job, so one
+/// upload can be followed into the worker that ran it.
+async fn request_id(mut request: Request, next: Next) -> Response {
+    let given = request
+        .headers()
+        .get(&REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| {
+            (1..=MAX_REQUEST_ID).contains(&id.len())
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
+        .map(str::to_string);
+    let id = given.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let value = HeaderValue::from_str(&id).expect("a checked token or a UUID");
+    request
+        .headers_mut()
+        .insert(REQUEST_ID_HEADER, value.clone());
+    request.extensions_mut().insert(RequestId(id));
+    let mut response = next.run(request).await;
+    response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    response
+}
+
+/// One INFO line per request when it is answered: method, path, request id, status, latency.
+fn access_log() -> TraceLayer<
+    tower_http::classify::SharedClassifier<tower_http::classify::ServerErrorsAsFailures>,
+    impl Fn(&Request) -> tracing::Span + Clone,
+    (),
+    tower_http::trace::DefaultOnResponse,
+> {
+    TraceLayer::new_for_http()
+        .make_span_with(|request: &Request| {
+            let id = request.extensions().get::<RequestId>();
+            tracing::info_span!(
+                "request",
+                method = %request.method(),
+                path = %request.uri().path(),
+                request_id = id.map(|RequestId(id)| id.as_str()),
+            )
+        })
+        .on_request(())
+        .on_response(
+            tower_http::trace::DefaultOnResponse::new()
+                .level(tracing::Level::INFO)
+                .latency_unit(tower_http::LatencyUnit::Micros),
+        )
 }
 
 /// `/metrics` alone, for serving on its own (internal) address.
 pub fn metrics_router(state: AppState) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/metrics/", get(metrics))
-        .with_state(state)
+    metrics_routes().split_for_parts().0.with_state(state)
 }
 
 /// A global budget of request bytes in flight, taken before the body is read: beyond it a
 /// client gets 503 with `Retry-After` at once, instead of every upload slowing down together
-/// until memory runs out. A body without `Content-Length` is charged the size cap.
+/// until memory runs out. A chunked body (no `Content-Length`) is charged the size cap; a request
+/// without a body (a status request, a long poll) nothing.
 async fn limit_inflight(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let cap = state.body_limit();
-    let bytes = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        .map_or(cap, |length| length.min(cap));
+    let headers = request.headers();
+    let cap = if request.uri().path() == "/api/upload-images" {
+        state.bulk_body_limit()
+    } else {
+        state.body_limit()
+    };
+    let bytes = match headers.get(header::CONTENT_LENGTH) {
+        Some(length) => length
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(cap, |length| length.min(cap)),
+        None if headers.contains_key(header::TRANSFER_ENCODING) => cap,
+        // No body at all (a status request, a long poll): nothing to hold.
+        None => 0,
+    };
+    if bytes == 0 {
+        return next.run(request).await;
+    }
     let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
     match state.inflight_kib.clone().try_acquire_many_owned(kib) {
         Ok(held) => {
@@ -244,12 +386,22 @@ async fn authenticate(State(state): State<AppState>, request: Request, next: Nex
 }
 
 /// Fields accepted both in the query string and in the form.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct FormParams {
+    /// An http(s) URL to POST the task's status to when it ends (uploads only).
     callback_url: Option<String>,
+    /// A JSON object kept with the task and returned with its result.
     metadata: Option<String>,
+    /// Classes to return, 1 to 100 (`/api/classify` only).
     top_k: Option<String>,
 }
+
+/// How many single uploads' worth of bytes one bulk upload may carry.
+const BULK_BODY_UPLOADS: usize = 4;
+
+/// Most files in one bulk upload.
+const MAX_BULK_FILES: usize = 64;
 
 /// A parsed upload form.
 struct Form {
@@ -263,9 +415,30 @@ struct Form {
 /// Most bytes of an `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
+/// Upload one image: its task id comes back at once, the worker classifies it later.
+#[utoipa::path(
+    post,
+    path = "/api/upload-image",
+    tag = "tasks",
+    params(FormParams, ("Idempotency-Key" = Option<String>, Header, description = "Repeating an upload with the same key and bytes answers with the same task instead of a new one")),
+    request_body(content = docs::UploadForm, content_type = "multipart/form-data"),
+    security((), ("api_key" = [])),
+    responses(
+        (status = 202, description = "Accepted: the task to follow", body = UploadAccepted),
+        (status = 400, description = "The body is not a multipart form", body = ErrorBody),
+        (status = 401, description = "API keys are set and none was given", body = ErrorBody),
+        (status = 408, description = "The request took longer than the request timeout", body = ErrorBody),
+        (status = 413, description = "The image (or a field) is over its size limit", body = ErrorBody),
+        (status = 415, description = "The bytes are not JPEG, PNG, WebP, GIF, BMP or TIFF", body = ErrorBody),
+        (status = 422, description = "The image does not decode or is over the pixel limit; a field is missing or invalid", body = ErrorBody),
+        (status = 429, description = "Too many jobs are waiting; retry after `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "A backend cannot take the task, or too many uploads are in flight", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    )
+)]
 async fn upload_image(
     State(state): State<AppState>,
     Query(query): Query<FormParams>,
+    request_id: Option<Extension<RequestId>>,
     headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, ApiError> {
@@ -280,7 +453,7 @@ async fn upload_image(
             }
         },
     };
-    let form = read_form(multipart?, query, state.max_upload_bytes).await?;
+    let form = read_form(&state, multipart?, query).await?;
     if form.top_k.is_some() {
         return Err(ApiError::unprocessable(
             "top_k applies to /api/classify; uploads use the configured top_k",
@@ -293,13 +466,116 @@ async fn upload_image(
         callback_url: form.callback_url,
         idempotency_key,
         top_k: None,
+        request_id: request_id.map(|Extension(RequestId(id))| id),
     };
     let task_id = submit_to_completion(&state, upload).await?;
-    let body = json!({
-        "task_id": task_id,
-        "status_url": format!("/api/task-status/{task_id}"),
-    });
-    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+    Ok((StatusCode::ACCEPTED, Json(accepted(task_id))).into_response())
+}
+
+fn accepted(task_id: TaskId) -> UploadAccepted {
+    UploadAccepted {
+        task_id,
+        status_url: format!("/api/task-status/{task_id}"),
+    }
+}
+
+/// Upload several images at once (several `file` fields): each becomes a task of its own, and
+/// a file that is refused does not refuse the others.
+#[utoipa::path(
+    post,
+    path = "/api/upload-images",
+    tag = "tasks",
+    params(FormParams),
+    request_body(content = docs::BulkForm, content_type = "multipart/form-data"),
+    security((), ("api_key" = [])),
+    responses(
+        (status = 200, description = "One item per file, in order: its task, or why it was refused", body = BulkAccepted),
+        (status = 400, description = "The body is not a multipart form", body = ErrorBody),
+        (status = 401, description = "API keys are set and none was given", body = ErrorBody),
+        (status = 408, description = "The request took longer than the request timeout", body = ErrorBody),
+        (status = 413, description = "The body is over the bulk limit (four single uploads)", body = ErrorBody),
+        (status = 422, description = "No file, over 64 files, or invalid `metadata`/`callback_url`", body = ErrorBody),
+        (status = 503, description = "Too many uploads are in flight", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    )
+)]
+async fn upload_images(
+    State(state): State<AppState>,
+    Query(query): Query<FormParams>,
+    request_id: Option<Extension<RequestId>>,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Result<Json<BulkAccepted>, ApiError> {
+    let request_id = request_id.map(|Extension(RequestId(id))| id);
+    let mut multipart = multipart?;
+    let mut params = query;
+    let mut files = Vec::new();
+    while let Some(field) = multipart.next_field().await? {
+        match field.name().unwrap_or_default() {
+            "file" => {
+                if files.len() == MAX_BULK_FILES {
+                    return Err(ApiError::unprocessable(format!(
+                        "at most {MAX_BULK_FILES} files per bulk upload"
+                    )));
+                }
+                let raw_name = field.file_name().map(str::to_string);
+                let filename = raw_name.as_deref().map(checked_filename).transpose();
+                let bytes = read_field_or_skip(field, state.max_upload_bytes).await?;
+                files.push((raw_name, filename, bytes));
+            }
+            name @ ("callback_url" | "metadata") => {
+                let name = name.to_string();
+                let text = read_text_field(field, &name).await?;
+                if name == "callback_url" {
+                    params.callback_url = Some(text);
+                } else {
+                    params.metadata = Some(text);
+                }
+            }
+            _ => {}
+        }
+    }
+    if files.is_empty() {
+        return Err(ApiError::unprocessable(
+            "send one or more multipart fields named 'file'",
+        ));
+    }
+    if params.top_k.is_some() {
+        return Err(ApiError::unprocessable(
+            "top_k applies to /api/classify; uploads use the configured top_k",
+        ));
+    }
+    let (metadata, callback_url) = (
+        parse_metadata(params.metadata)?,
+        trimmed(params.callback_url),
+    );
+    let mut tasks = Vec::with_capacity(files.len());
+    for (raw_name, filename, bytes) in files {
+        let submitted = match (filename, bytes) {
+            (Ok(filename), Ok(bytes)) => {
+                let upload = Upload {
+                    bytes,
+                    filename,
+                    metadata: metadata.clone(),
+                    callback_url: callback_url.clone(),
+                    request_id: request_id.clone(),
+                    ..Upload::default()
+                };
+                submit_to_completion(&state, upload).await
+            }
+            (Err(error), _) | (_, Err(error)) => Err(error),
+        };
+        tasks.push(match submitted {
+            Ok(task_id) => BulkItem::Accepted {
+                filename: raw_name,
+                task_id,
+                status_url: format!("/api/task-status/{task_id}"),
+            },
+            Err(error) => BulkItem::Refused {
+                filename: raw_name,
+                detail: error.detail,
+            },
+        });
+    }
+    Ok(Json(BulkAccepted { tasks }))
 }
 
 /// Once the bytes are in, acceptance runs to its end on a task of its own: a client that
@@ -316,18 +592,35 @@ async fn submit_to_completion(state: &AppState, upload: Upload) -> Result<TaskId
 const MAX_WAIT_SECONDS: f64 = 30.0;
 
 /// `?wait=SECONDS` on a status request.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct StatusParams {
+    /// Seconds (at most 30) to wait for the task to end before answering.
     wait: Option<String>,
 }
 
 /// The task's status; with `?wait=SECONDS` (at most 30) it answers as soon as the task is
 /// final or the wait ends, so clients need not poll.
+#[utoipa::path(
+    get,
+    path = "/api/task-status/{task_id}",
+    tag = "tasks",
+    params(("task_id" = String, Path, description = "The task id an upload returned"), StatusParams),
+    security((), ("api_key" = [])),
+    responses(
+        (status = 200, description = "Where the task stands", body = imgclf::TaskStatus),
+        (status = 401, description = "API keys are set and none was given", body = ErrorBody),
+        (status = 404, description = "No such task", body = ErrorBody),
+        (status = 408, description = "The request took longer than the request timeout", body = ErrorBody),
+        (status = 422, description = "A bad `wait`", body = ErrorBody),
+        (status = 503, description = "The result store is unreachable", body = ErrorBody),
+    )
+)]
 async fn task_status(
     State(state): State<AppState>,
     Path(task_id): Path<String>,
     Query(params): Query<StatusParams>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<imgclf::TaskStatus>, ApiError> {
     let unknown = || {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -355,15 +648,37 @@ async fn task_status(
         None => submitter.status(id).await,
     };
     let record = record.map_err(ApiError::unavailable)?;
-    record.map(|r| Json(r.status())).ok_or_else(unknown)
+    record.map(|r| Json(r.to_status())).ok_or_else(unknown)
 }
 
+/// Classify one image now and answer with the result.
+#[utoipa::path(
+    post,
+    path = "/api/classify",
+    tag = "tasks",
+    params(FormParams),
+    request_body(content = docs::UploadForm, content_type = "multipart/form-data"),
+    security((), ("api_key" = [])),
+    responses(
+        (status = 200, description = "The classification", body = Classified),
+        (status = 400, description = "The body is not a multipart form", body = ErrorBody),
+        (status = 401, description = "API keys are set and none was given", body = ErrorBody),
+        (status = 408, description = "The request took longer than the request timeout", body = ErrorBody),
+        (status = 413, description = "The image (or a field) is over its size limit", body = ErrorBody),
+        (status = 415, description = "The bytes are not JPEG, PNG, WebP, GIF, BMP or TIFF", body = ErrorBody),
+        (status = 422, description = "The image does not decode or is over the pixel limit; a field is missing or invalid", body = ErrorBody),
+        (status = 429, description = "Too many classifications at once; retry after `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "A backend cannot take the task, or too many uploads are in flight", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 504, description = "No worker finished the image in time (a process without a model)", body = ErrorBody),
+    )
+)]
 async fn classify(
     State(state): State<AppState>,
     Query(query): Query<FormParams>,
+    request_id: Option<Extension<RequestId>>,
     multipart: Result<Multipart, MultipartRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let form = read_form(multipart?, query, state.max_upload_bytes).await?;
+) -> Result<Json<Classified>, ApiError> {
+    let form = read_form(&state, multipart?, query).await?;
     if form.callback_url.is_some() {
         return Err(ApiError::unprocessable(
             "callback_url applies to /api/upload-image only",
@@ -385,16 +700,17 @@ async fn classify(
                 filename: form.filename,
                 metadata: metadata.clone(),
                 top_k: Some(top_k),
+                request_id: request_id.map(|Extension(RequestId(id))| id),
                 ..Upload::default()
             };
             classify_by_workers(&state, upload).await?
         }
     };
-    Ok(Json(json!({
-        "metadata": metadata,
-        "classification": classification,
-        "model": model,
-    })))
+    Ok(Json(Classified {
+        metadata,
+        classification,
+        model,
+    }))
 }
 
 /// `/api/classify` in a process without a model: submit the image as a task and wait for a
@@ -426,11 +742,27 @@ async fn classify_by_workers(
     }
 }
 
+/// The process is alive.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "operations",
+    responses((status = 200, description = "Alive", body = Object, example = json!({"status": "ok"})))
+)]
 async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
 /// Ready when every backend answers and, where this process has a model, it has run once.
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready to take work", body = Object, example = json!({"status": "ready"})),
+        (status = 503, description = "Not ready, with the reason", body = Object, example = json!({"status": "not ready", "detail": "queue unreachable"})),
+    )
+)]
 async fn ready(State(state): State<AppState>) -> Response {
     let ports = state.submitter.ports();
     let (storage, queue, results) = tokio::join!(
@@ -464,22 +796,26 @@ async fn ready(State(state): State<AppState>) -> Response {
     }
 }
 
+/// Prometheus metrics (also at `/metrics/`, unless served on their own address).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain"))
+)]
 async fn metrics(State(state): State<AppState>) -> Response {
     let content_type = [(header::CONTENT_TYPE, imgclf::metrics::CONTENT_TYPE)];
     (content_type, state.submitter.render_metrics().await).into_response()
 }
 
-async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
-}
-
 async fn read_form(
+    state: &AppState,
     mut multipart: Multipart,
     query: FormParams,
-    max_upload_bytes: usize,
 ) -> Result<Form, ApiError> {
     let mut params = query;
     let mut file: Option<(Bytes, Option<String>)> = None;
+    let mut image_url = None;
     while let Some(field) = multipart.next_field().await? {
         match field.name().unwrap_or_default() {
             "file" => {
@@ -490,18 +826,17 @@ async fn read_form(
                 }
                 let filename = field.file_name().map(checked_filename).transpose()?;
                 file = Some((
-                    read_field(field, max_upload_bytes, "the image").await?,
+                    read_field(field, state.max_upload_bytes, "the image").await?,
                     filename,
                 ));
             }
-            name @ ("callback_url" | "metadata" | "top_k") => {
+            name @ ("callback_url" | "metadata" | "top_k" | "image_url") => {
                 let name = name.to_string();
-                let bytes = read_field(field, MAX_FIELD_BYTES, &name).await?;
-                let text = String::from_utf8(bytes.to_vec())
-                    .map_err(|_| ApiError::unprocessable(format!("'{name}' is not UTF-8 text")))?;
+                let text = read_text_field(field, &name).await?;
                 match name.as_str() {
                     "callback_url" => params.callback_url = Some(text),
                     "metadata" => params.metadata = Some(text),
+                    "image_url" => image_url = trimmed(Some(text)),
                     _ => params.top_k = Some(text),
                 }
             }
@@ -509,34 +844,19 @@ async fn read_form(
             _ => {}
         }
     }
-    let Some((bytes, filename)) = file else {
-        return Err(ApiError::unprocessable(
-            "missing multipart field 'file' with the image",
-        ));
-    };
-    let metadata = match params.metadata.as_deref().map(str::trim) {
-        None | Some("") => Map::new(),
-        Some(text) if text.len() > MAX_FIELD_BYTES => {
-            return Err(ApiError::unprocessable(format!(
-                "'metadata' is over {MAX_FIELD_BYTES} bytes"
-            )))
+    let (bytes, filename) = match (file, image_url) {
+        (Some(file), None) => file,
+        (None, Some(url)) => (fetch_image(state, &url).await?, url_filename(&url)),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::unprocessable(
+                "send either 'file' or 'image_url', not both",
+            ))
         }
-        Some(text) => match serde_json::from_str(text) {
-            Ok(Value::Object(map)) => {
-                if map_has_nul(&map) {
-                    return Err(ApiError::unprocessable(
-                        "'metadata' may not contain NUL characters",
-                    ));
-                }
-                map
-            }
-            Ok(_) => return Err(ApiError::unprocessable("'metadata' must be a JSON object")),
-            Err(e) => {
-                return Err(ApiError::unprocessable(format!(
-                    "'metadata' is not valid JSON: {e}"
-                )))
-            }
-        },
+        (None, None) => {
+            return Err(ApiError::unprocessable(
+                "missing multipart field 'file' with the image (or 'image_url')",
+            ))
+        }
     };
     let top_k = match params.top_k.as_deref().map(str::trim) {
         None => None,
@@ -549,17 +869,63 @@ async fn read_form(
             }
         },
     };
-    let callback_url = params
-        .callback_url
-        .map(|u| u.trim().to_string())
-        .filter(|u| !u.is_empty());
     Ok(Form {
         bytes,
         filename,
-        callback_url,
-        metadata,
+        callback_url: trimmed(params.callback_url),
+        metadata: parse_metadata(params.metadata)?,
         top_k,
     })
+}
+
+/// The image at a client's URL, fetched under the callbacks' address policy, with the upload's
+/// size limit (what is fetched is then checked like an uploaded file).
+async fn fetch_image(state: &AppState, url: &str) -> Result<Bytes, ApiError> {
+    state.fetcher.fetch(url).await.map_err(|error| match error {
+        FetchError::TooLarge { .. } => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, error.to_string())
+        }
+        other => ApiError::unprocessable(other.to_string()),
+    })
+}
+
+/// The last segment of a URL's path, as the file name kept with the task.
+fn url_filename(url: &str) -> Option<String> {
+    let path = url.split(['?', '#']).next()?.split_once("://")?.1;
+    let name = path.split_once('/')?.1.rsplit('/').next()?;
+    checked_filename(name).ok().filter(|n| !n.is_empty())
+}
+
+/// A small text field (`metadata`, `callback_url`, `top_k`), at most [`MAX_FIELD_BYTES`].
+async fn read_text_field(field: Field<'_>, name: &str) -> Result<String, ApiError> {
+    let bytes = read_field(field, MAX_FIELD_BYTES, name).await?;
+    String::from_utf8(bytes.to_vec())
+        .map_err(|_| ApiError::unprocessable(format!("'{name}' is not UTF-8 text")))
+}
+
+/// A field's text without surrounding blanks; nothing if that is empty.
+fn trimmed(text: Option<String>) -> Option<String> {
+    text.map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
+}
+
+/// `metadata`: a JSON object without NUL characters, or nothing.
+fn parse_metadata(text: Option<String>) -> Result<Map<String, Value>, ApiError> {
+    match text.as_deref().map(str::trim) {
+        None | Some("") => Ok(Map::new()),
+        Some(text) if text.len() > MAX_FIELD_BYTES => Err(ApiError::unprocessable(format!(
+            "'metadata' is over {MAX_FIELD_BYTES} bytes"
+        ))),
+        Some(text) => match serde_json::from_str(text) {
+            Ok(Value::Object(map)) if map_has_nul(&map) => Err(ApiError::unprocessable(
+                "'metadata' may not contain NUL characters",
+            )),
+            Ok(Value::Object(map)) => Ok(map),
+            Ok(_) => Err(ApiError::unprocessable("'metadata' must be a JSON object")),
+            Err(e) => Err(ApiError::unprocessable(format!(
+                "'metadata' is not valid JSON: {e}"
+            ))),
+        },
+    }
 }
 
 /// Most bytes of a kept file name.
@@ -594,6 +960,31 @@ fn has_nul(value: &Value) -> bool {
 /// Whether a JSON object holds a NUL in a key or anywhere in a value.
 fn map_has_nul(map: &Map<String, Value>) -> bool {
     map.iter().any(|(k, v)| k.contains('\0') || has_nul(v))
+}
+
+/// Reads a bulk upload's file: an oversized one is read to its end and dropped, so that the
+/// files after it still arrive. The outer error is the request's; the inner one the file's.
+async fn read_field_or_skip(
+    mut field: Field<'_>,
+    max: usize,
+) -> Result<Result<Bytes, ApiError>, ApiError> {
+    let mut buffer = BytesMut::new();
+    let mut oversized = false;
+    while let Some(chunk) = field.chunk().await? {
+        oversized |= buffer.len() + chunk.len() > max;
+        if oversized {
+            buffer = BytesMut::new();
+        } else {
+            buffer.extend_from_slice(&chunk);
+        }
+    }
+    if oversized {
+        return Ok(Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the image is larger than the limit of {max} bytes"),
+        )));
+    }
+    Ok(Ok(buffer.freeze()))
 }
 
 /// Reads a field, refusing it with 413 as soon as it passes `max` bytes.

@@ -10,7 +10,6 @@ use clap::Parser;
 use imgclf::config::{env_or_file, redact};
 use imgclf::{shutdown_signal, Settings};
 use imgclf_http::{metrics_router, router, AppState};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -52,6 +51,9 @@ struct Args {
     metrics_addr: Option<SocketAddr>,
     #[command(flatten)]
     settings: Settings,
+    /// Log lines as `text` (for people) or `json` (one object per line, for log collectors).
+    #[arg(long, env = "IMGCLF_LOG_FORMAT", value_enum, default_value_t)]
+    log_format: imgclf::logs::LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -66,10 +68,8 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     dotenvy::dotenv().ok();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
     let mut args = Args::parse();
+    imgclf::logs::init(args.log_format);
     if let Some(Command::Healthcheck) = args.command {
         let probed = imgclf::health::probe(args.addr, "/health", Duration::from_secs(3));
         if let Err(error) = &probed {
@@ -102,7 +102,9 @@ async fn main() -> anyhow::Result<()> {
         let task = tokio::spawn(pipeline.worker().clone().run(stopped));
         let worker = pipeline.worker().clone();
         let model = &worker.classifier().spec().name;
-        worker.metrics().set_build_info(model, &settings.classifier);
+        worker
+            .metrics()
+            .set_build_info(model, worker.classifier().backend());
         tracing::info!(model = %worker.classifier().spec().name, "embedded worker started");
         (pipeline.submitter().clone(), Some(worker), Some(task))
     } else {
@@ -121,6 +123,10 @@ async fn main() -> anyhow::Result<()> {
 
     let mut state = AppState::new(submitter, worker, args.max_upload_bytes)
         .with_api_keys(&args.api_keys)
+        .with_url_policy(
+            &settings.webhook_allow,
+            Duration::from_secs(settings.webhook_timeout.max(1)),
+        )
         .with_inflight_budget(args.max_inflight_bytes)
         .with_cors_origins(&args.cors_origins)
         .map_err(anyhow::Error::msg)?;

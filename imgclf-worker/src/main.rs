@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use imgclf::{shutdown_signal, Settings};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -24,6 +23,9 @@ struct Args {
     #[arg(long, env = "IMGCLF_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
 
+    /// Log lines as `text` (for people) or `json` (one object per line, for log collectors).
+    #[arg(long, env = "IMGCLF_LOG_FORMAT", value_enum, default_value_t)]
+    log_format: imgclf::logs::LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -38,10 +40,8 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     dotenvy::dotenv().ok();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
     let args = Args::parse();
+    imgclf::logs::init(args.log_format);
     if let Some(Command::Healthcheck) = args.command {
         let probed = match args.metrics_addr {
             Some(addr) => imgclf::health::probe(addr, "/health", Duration::from_secs(3)),
@@ -67,7 +67,9 @@ async fn main() -> anyhow::Result<()> {
             .context("building the worker")?,
     );
     let model = &worker.classifier().spec().name;
-    worker.metrics().set_build_info(model, &settings.classifier);
+    worker
+        .metrics()
+        .set_build_info(model, worker.classifier().backend());
     tracing::info!(model = %worker.classifier().spec().name, "worker started");
     if let Some(addr) = args.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)

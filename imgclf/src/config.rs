@@ -174,13 +174,15 @@ pub struct Settings {
         arg(long, env = "IMGCLF_RESULTS", hide_env_values = true)
     )]
     pub results: Option<String>,
-    /// Inference backend: `tract` (pure Rust) or `ort` (ONNX Runtime).
+    /// Inference backend: `auto` (ONNX Runtime when its library is found, else tract), `tract`
+    /// (pure Rust) or `ort` (ONNX Runtime).
     #[cfg_attr(
         feature = "cli",
         arg(long, env = "IMGCLF_CLASSIFIER", default_value = classifier::DEFAULT_BACKEND)
     )]
     pub classifier: String,
-    /// `libonnxruntime.so` for `IMGCLF_CLASSIFIER=ort` [default: $ORT_DYLIB_PATH].
+    /// `libonnxruntime.so` for `ort` (and `auto`) [default: $ORT_DYLIB_PATH, beside the
+    /// binary, or the `onnxruntime` Python package's].
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_ORT_LIB"))]
     pub ort_lib: Option<PathBuf>,
     /// Threads one inference may use (ort).

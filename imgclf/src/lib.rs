@@ -47,6 +47,8 @@ pub mod config;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod health;
+#[cfg(feature = "cli")]
+pub mod logs;
 pub mod metrics;
 pub mod model;
 pub mod notify;
@@ -68,11 +70,11 @@ pub use pipeline::{
 };
 pub use preprocess::{ImageError, Transform};
 pub use queue::{Delivery, Queue, QueueError};
-pub use results::{ResultStore, ResultsError};
+pub use results::{ResultStore, ResultsError, StateCounts, TaskQuery};
 pub use storage::{Storage, StorageError};
 pub use task::{
-    Job, Prediction, StageTimings, TaskId, TaskRecord, TaskResult, TaskState, WebhookDelivery,
-    WebhookState,
+    Job, Prediction, StageTimings, TaskId, TaskRecord, TaskResult, TaskState, TaskStatus,
+    WebhookDelivery, WebhookState,
 };
 
 /// The source of a backend error, kept so the log can say what really failed.

@@ -210,6 +210,8 @@ pub struct Upload {
     pub idempotency_key: Option<String>,
     /// Classes to return for this image [default: the configured `top_k`].
     pub top_k: Option<usize>,
+    /// The request that carried it (`x-request-id`), passed to the worker with the job.
+    pub request_id: Option<String>,
 }
 
 /// Why an upload was not accepted. Nothing of it was kept.
@@ -349,6 +351,7 @@ impl Submitter {
         }
         let mut job = record.job();
         job.top_k = upload.top_k;
+        job.request_id = upload.request_id;
         if let Err(e) = self.shared.publish(&job).await {
             // A publish that went through after its timeout finds no task and is dropped.
             let _ = results.delete(task_id).await;
@@ -661,9 +664,11 @@ impl Worker {
                     None => slots.clone().acquire_owned().await.expect("never closed"),
                 };
                 let worker = self.clone();
+                let job = delivery.job();
                 let span = tracing::info_span!(
                     "task",
-                    task_id = %delivery.job().task_id,
+                    task_id = %job.task_id,
+                    request_id = job.request_id.as_deref(),
                     attempt = delivery.attempt()
                 );
                 running.spawn(
@@ -967,6 +972,7 @@ impl Worker {
     /// (The callback itself was made due with the final state, in the same write.)
     fn finished(&self, record: TaskRecord) {
         let latency = (now_ms() - record.created_at_ms).max(0) as f64 / 1000.0;
+        tracing::info!(state = %record.state, latency_ms = latency * 1000.0, "task finished");
         self.shared.metrics.task_latency.observe(latency);
         self.shared.finished.notify_waiters();
         if record.callback_url.is_some() {

@@ -10,6 +10,7 @@ use uuid::Uuid;
 /// Identifies one uploaded image from acceptance to result.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(value_type = String, format = Uuid))]
 pub struct TaskId(Uuid);
 
 impl TaskId {
@@ -66,6 +67,7 @@ impl FromStr for TaskId {
 /// The states of the API contract (Celery's names, kept for compatibility).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum TaskState {
     /// Accepted, waiting for a worker.
     Pending,
@@ -123,10 +125,15 @@ pub struct Job {
     /// Classes to return, when the client asked for other than the configured number.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_k: Option<usize>,
+    /// The upload's request id (`x-request-id`), so the worker's log lines for this task can
+    /// be found from the client's request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// One class of the model's answer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Prediction {
     /// The class name.
     pub label: String,
@@ -138,10 +145,12 @@ pub struct Prediction {
 
 /// The result payload, in the shape the replaced service returned.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskResult {
     /// The task.
     pub task_id: TaskId,
     /// Client metadata plus `filename` and `object_name`.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub metadata: serde_json::Map<String, serde_json::Value>,
     /// The top-k classes, most probable first.
     pub classification: Vec<Prediction>,
@@ -154,6 +163,7 @@ pub struct TaskResult {
 
 /// Milliseconds per pipeline stage of one task (also histogrammed in `/metrics`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StageTimings {
     /// From acceptance to the worker starting it (first attempt).
     pub queue_wait_ms: f64,
@@ -195,6 +205,7 @@ pub struct TaskRecord {
 /// Where a task's callback stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum WebhookState {
     /// Not delivered yet.
     Pending,
@@ -206,6 +217,7 @@ pub enum WebhookState {
 
 /// The state of a task's callback.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WebhookDelivery {
     /// Pending, delivered or failed.
     pub state: WebhookState,
@@ -264,6 +276,7 @@ impl TaskRecord {
             task_id: self.task_id,
             object_key: self.object_key.clone(),
             top_k: None,
+            request_id: None,
         }
     }
 }
@@ -276,25 +289,57 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The task-status document of the API (also the webhook payload and an item of the task
+/// listing): what a client may know of a task, without where its image is stored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TaskStatus {
+    /// The task.
+    pub task_id: TaskId,
+    /// Where it stands.
+    pub state: TaskState,
+    /// How many times a worker has started it.
+    pub attempts: u32,
+    /// When it was accepted (ms since the Unix epoch).
+    pub created_at_ms: i64,
+    /// When it last changed.
+    pub updated_at_ms: i64,
+    /// The uploaded file's name, when the client gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filename: Option<String>,
+    /// The result, once `SUCCESS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<TaskResult>,
+    /// What went wrong, once `FAILURE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The callback's delivery, when one was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookDelivery>,
+}
+
 impl TaskRecord {
-    /// The task-status document of the API, also the webhook payload.
+    /// What the API shows of this task.
+    pub fn to_status(&self) -> TaskStatus {
+        TaskStatus {
+            task_id: self.task_id,
+            state: self.state,
+            attempts: self.attempts,
+            created_at_ms: self.created_at_ms,
+            updated_at_ms: self.updated_at_ms,
+            filename: self
+                .metadata
+                .get("filename")
+                .and_then(|f| f.as_str())
+                .map(str::to_string),
+            result: self.result.clone(),
+            error: self.error.clone(),
+            webhook: self.webhook.clone(),
+        }
+    }
+
+    /// The task-status document as JSON: the webhook payload.
     pub fn status(&self) -> serde_json::Value {
-        let mut status = serde_json::json!({
-            "task_id": self.task_id,
-            "state": self.state,
-            "attempts": self.attempts,
-            "created_at_ms": self.created_at_ms,
-            "updated_at_ms": self.updated_at_ms,
-        });
-        if let Some(result) = &self.result {
-            status["result"] = serde_json::to_value(result).unwrap_or_default();
-        }
-        if let Some(error) = &self.error {
-            status["error"] = error.as_str().into();
-        }
-        if let Some(webhook) = &self.webhook {
-            status["webhook"] = serde_json::to_value(webhook).unwrap_or_default();
-        }
-        status
+        serde_json::to_value(self.to_status()).unwrap_or_default()
     }
 }

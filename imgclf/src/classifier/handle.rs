@@ -26,6 +26,7 @@ struct Request {
 pub struct ClassifierHandle {
     tx: mpsc::UnboundedSender<Request>,
     spec: Arc<ModelSpec>,
+    backend: &'static str,
     /// Instances warmed up; ready when all of them are.
     warmed: Arc<AtomicUsize>,
     instances: usize,
@@ -44,6 +45,7 @@ impl ClassifierHandle {
         assert!(!classifiers.is_empty(), "at least one classifier");
         let max_batch = max_batch.max(1);
         let spec = Arc::new(classifiers[0].spec().clone());
+        let backend = classifiers[0].backend();
         let warmed = Arc::new(AtomicUsize::new(0));
         let instances = classifiers.len();
         let (tx, rx) = mpsc::unbounded_channel::<Request>();
@@ -71,6 +73,7 @@ impl ClassifierHandle {
         Self {
             tx,
             spec,
+            backend,
             warmed,
             instances,
             batch_sizes,
@@ -86,6 +89,11 @@ impl ClassifierHandle {
     /// The model these threads run.
     pub fn spec(&self) -> &ModelSpec {
         &self.spec
+    }
+
+    /// The backend running the model (`tract`, `ort`).
+    pub fn backend(&self) -> &'static str {
+        self.backend
     }
 
     /// True once every instance of the model is loaded and has run one batch.

@@ -49,8 +49,12 @@ pub const AVAILABLE: &[&str] = &[
     "ort",
 ];
 
-/// The backend used when none is named.
-pub const DEFAULT_BACKEND: &str = "tract";
+/// The backend used when none is named: [`AUTO`].
+pub const DEFAULT_BACKEND: &str = AUTO;
+
+/// Chooses the backend: `ort` when an ONNX Runtime library can be found
+/// ([`find_ort_library`]), else `tract`.
+pub const AUTO: &str = "auto";
 /// Threads one inference may use, by default.
 pub const DEFAULT_INTRA_THREADS: usize = 1;
 
@@ -84,6 +88,9 @@ pub fn spawn(
     options: &ClassifierOptions,
     max_batch: usize,
 ) -> Result<ClassifierHandle, ClassifyError> {
+    if name == AUTO {
+        return spawn_auto(spec, options, max_batch);
+    }
     let instances = options.instances.unwrap_or(match name {
         "tract" => crate::cores(),
         _ => 1,
@@ -92,6 +99,83 @@ pub fn spawn(
         .map(|_| build(name, spec.clone(), options))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(ClassifierHandle::spawn_pool(classifiers, max_batch))
+}
+
+/// `auto`: ONNX Runtime when its library is found and loads, tract otherwise; one log line says
+/// which, and how to get the faster one.
+fn spawn_auto(
+    spec: ModelSpec,
+    options: &ClassifierOptions,
+    max_batch: usize,
+) -> Result<ClassifierHandle, ClassifyError> {
+    #[cfg(feature = "ort")]
+    if let Some(library) = find_ort_library(options.ort_library.as_deref()) {
+        let with_library = ClassifierOptions {
+            ort_library: Some(library.clone()),
+            ..options.clone()
+        };
+        match spawn("ort", spec.clone(), &with_library, max_batch) {
+            Ok(handle) => {
+                tracing::info!(library = %library.display(), "classifier: ort (ONNX Runtime)");
+                return Ok(handle);
+            }
+            Err(error) => tracing::warn!(
+                library = %library.display(),
+                %error,
+                "classifier: ONNX Runtime found but not usable; using tract"
+            ),
+        }
+    }
+    if AVAILABLE.contains(&"ort") {
+        tracing::info!(
+            "classifier: tract (pure Rust). ONNX Runtime runs these models about twice as fast: \
+             `pip install onnxruntime`, or set IMGCLF_ORT_LIB to a libonnxruntime.so \
+             (scripts/setup-ort.sh fetches one)"
+        );
+    }
+    spawn("tract", spec, options, max_batch)
+}
+
+/// Where an ONNX Runtime library is, in the order `auto` looks: `configured`
+/// (`IMGCLF_ORT_LIB`), `ORT_DYLIB_PATH`, beside the running binary (or in `../lib` from it),
+/// then inside the `onnxruntime` Python package if `python3` has one.
+pub fn find_ort_library(configured: Option<&std::path::Path>) -> Option<std::path::PathBuf> {
+    use std::path::{Path, PathBuf};
+    /// A `libonnxruntime` shared library in `dir`, the highest version first.
+    fn in_dir(dir: &Path) -> Option<PathBuf> {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+            .ok()?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|path| {
+                path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                    n.starts_with("libonnxruntime.so") || n == "libonnxruntime.dylib"
+                })
+            })
+            .collect();
+        found.sort();
+        found.pop()
+    }
+    if let Some(path) = configured {
+        return Some(path.to_path_buf());
+    }
+    if let Some(path) = std::env::var_os("ORT_DYLIB_PATH") {
+        return Some(path.into());
+    }
+    let exe_dir = std::env::current_exe().ok()?.parent()?.to_path_buf();
+    if let Some(found) = in_dir(&exe_dir).or_else(|| in_dir(&exe_dir.join("../lib"))) {
+        return Some(found);
+    }
+    let package = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))",
+        ])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|out| out.status.success())?;
+    let dir = String::from_utf8(package.stdout).ok()?;
+    in_dir(&Path::new(dir.trim()).join("capi"))
 }
 
 /// A model that classifies a batch of preprocessed images.
@@ -104,6 +188,11 @@ pub trait Classifier: Send + 'static {
 
     /// `batch` holds `n` CHW tensors back to back; the answer holds `n` rows of logits.
     fn classify(&mut self, batch: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ClassifyError>;
+
+    /// The backend's name, as `IMGCLF_CLASSIFIER` spells it (for logs and `imgclf_build_info`).
+    fn backend(&self) -> &'static str {
+        "custom"
+    }
 }
 
 /// Splits a batch's output into one row of logits per image.

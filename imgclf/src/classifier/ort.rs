@@ -72,6 +72,10 @@ impl Classifier for OrtClassifier {
         &self.spec
     }
 
+    fn backend(&self) -> &'static str {
+        "ort"
+    }
+
     fn classify(&mut self, batch: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ClassifyError> {
         let inference = |e: ort::Error| ClassifyError::Inference(e.to_string());
         let side = self.spec.transform.crop as usize;

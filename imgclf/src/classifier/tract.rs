@@ -40,6 +40,10 @@ impl Classifier for TractClassifier {
         &self.spec
     }
 
+    fn backend(&self) -> &'static str {
+        "tract"
+    }
+
     fn classify(&mut self, batch: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ClassifyError> {
         let inference = |e: TractError| ClassifyError::Inference(e.to_string());
         let side = self.spec.transform.crop as usize;

@@ -34,6 +34,7 @@ fn job() -> Job {
         object_key: format!("images/{task_id}.jpg"),
         // Every backend carries the optional fields through.
         top_k: Some(3),
+        request_id: Some("req-7f3a".into()),
     }
 }
 

@@ -395,7 +395,10 @@ async fn listing_pages_newest_first(store: &dyn ResultStore) {
         store.start(r.task_id).await.expect("start");
         store.fail(r.task_id, "boom").await.expect("fail");
     }
-    let mut newest: Vec<_> = created.iter().map(|r| (r.created_at_ms, r.task_id)).collect();
+    let mut newest: Vec<_> = created
+        .iter()
+        .map(|r| (r.created_at_ms, r.task_id))
+        .collect();
     newest.sort_by(|a, b| b.cmp(a));
 
     // Three pages of three, two and two in any state.
@@ -412,7 +415,10 @@ async fn listing_pages_newest_first(store: &dyn ResultStore) {
         query.after = page.last().copied();
         seen.extend(page);
     }
-    assert_eq!(seen, newest, "pages are newest first, with no task skipped or repeated");
+    assert_eq!(
+        seen, newest,
+        "pages are newest first, with no task skipped or repeated"
+    );
 
     let failed = TaskQuery {
         state: Some(TaskState::Failure),
@@ -437,7 +443,10 @@ async fn listing_pages_newest_first(store: &dyn ResultStore) {
     ours.sort();
     let mut expected: Vec<_> = created[..3].iter().map(|r| r.task_id).collect();
     expected.sort();
-    assert_eq!(ours, expected, "the state filter finds exactly the failed tasks");
+    assert_eq!(
+        ours, expected,
+        "the state filter finds exactly the failed tasks"
+    );
     let pending = TaskQuery {
         state: Some(TaskState::Pending),
         ..TaskQuery::newest(10)

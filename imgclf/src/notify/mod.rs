@@ -1,10 +1,14 @@
 //! The `Notifier` port: tells a client's callback that its task finished. Its failure never
 //! changes the task's outcome.
 
+#[cfg(feature = "webhook")]
+mod guarded;
 mod policy;
 #[cfg(feature = "webhook")]
 mod webhook;
 
+#[cfg(feature = "webhook")]
+pub use guarded::{FetchError, UrlFetcher};
 pub use policy::{is_internal, CallbackPolicy, IpNet, PUBLIC_PORTS};
 #[cfg(feature = "webhook")]
 pub use webhook::{

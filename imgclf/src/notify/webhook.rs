@@ -1,16 +1,11 @@
-use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use hmac::{Hmac, Mac};
-use reqwest::dns::{Addrs, Name, Resolve, Resolving};
-use reqwest::Url;
 use sha2::Sha256;
 
-use super::policy::{CallbackPolicy, PUBLIC_PORTS};
+use super::guarded::{system_lookup, GuardedClient, Lookup};
+use super::policy::CallbackPolicy;
 use super::{validate_callback_url, Notifier, NotifyError};
 
 /// The id of one notification, the same on every retry (receivers deduplicate on it).
@@ -19,11 +14,6 @@ pub const DELIVERY_HEADER: &str = "x-imgclf-delivery";
 pub const TIMESTAMP_HEADER: &str = "x-imgclf-timestamp";
 /// `v2=` and the hex HMAC-SHA256 of `<delivery id>.<timestamp>.<body>` (see the README).
 pub const SIGNATURE_HEADER: &str = "x-imgclf-signature";
-
-/// What a client reads when a callback's address or port is refused: the same words whatever
-/// the reason, so that a refusal reveals nothing of what a name resolves to.
-const REFUSED_ADDRESS: &str = "the host resolves to an address callbacks may not reach \
-                               (or does not resolve); public addresses take ports 80 and 443 only";
 
 /// What a client reads when callbacks would go out unsigned without the operator's consent.
 const SECRET_REQUIRED: &str = "a signing secret is required: this service sends callbacks once \
@@ -65,118 +55,12 @@ impl Default for WebhookConfig {
 }
 
 /// POSTs the payload as JSON, signed, one attempt at a time (the worker's dispatcher keeps the
-/// schedule of retries in the result store). Safe against SSRF: only http(s); every address the client connects to must pass the
-/// [`CallbackPolicy`], port included, checked at upload and again at delivery (by the resolver
-/// the client connects through, or here for an IP-literal host, which reqwest never resolves),
-/// so DNS rebinding gains nothing; proxy variables are ignored, since a proxy would resolve the
-/// name itself; and redirects are not followed.
+/// schedule of retries in the result store), through the SSRF-safe client every outside
+/// request takes: only http(s), every address checked against the [`CallbackPolicy`] at upload
+/// and again when connecting, no proxies, no redirects.
 pub struct WebhookNotifier {
-    /// Connects on ports 80 and 443, to public or allowlisted addresses.
-    client: reqwest::Client,
-    /// Connects on any other port, to allowlisted addresses only.
-    other_ports: reqwest::Client,
-    lookup: Lookup,
+    client: GuardedClient,
     config: WebhookConfig,
-}
-
-/// A name lookup: every address the name has (ports are the URL's business).
-type Lookup = Arc<
-    dyn Fn(String) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<IpAddr>>> + Send>>
-        + Send
-        + Sync,
->;
-
-/// The system's resolver.
-fn system_lookup() -> Lookup {
-    Arc::new(|host: String| {
-        Box::pin(async move {
-            Ok(tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .map(|a| a.ip())
-                .collect())
-        })
-    })
-}
-
-/// The resolver's answer when the policy refuses every address a name has; `notify` finds it
-/// in the error's chain and gives up at once.
-#[derive(Debug)]
-struct AddressRefused;
-
-impl std::fmt::Display for AddressRefused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(REFUSED_ADDRESS)
-    }
-}
-
-impl std::error::Error for AddressRefused {}
-
-/// Whether `error` (or anything it wraps) is the resolver's refusal.
-fn refused_by_resolver(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = Some(error);
-    while let Some(error) = next {
-        if error.is::<AddressRefused>() {
-            return true;
-        }
-        // An io::Error's source() skips the error it wraps: look at that one too.
-        if let Some(inner) = error
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-        {
-            if inner.is::<AddressRefused>() {
-                return true;
-            }
-        }
-        next = error.source();
-    }
-    false
-}
-
-/// Resolves names for a webhook client, dropping every address the policy refuses for the
-/// ports that client connects on.
-struct PolicyResolver {
-    policy: Arc<CallbackPolicy>,
-    /// The client connects on one of the [`PUBLIC_PORTS`]: public addresses pass too.
-    public_ports: bool,
-    lookup: Lookup,
-}
-
-impl Resolve for PolicyResolver {
-    fn resolve(&self, name: Name) -> Resolving {
-        let (policy, public_ports) = (self.policy.clone(), self.public_ports);
-        let host = name.as_str().to_string();
-        let lookup = (self.lookup)(host.clone());
-        Box::pin(async move {
-            let found = lookup.await?;
-            let (allowed, refused): (Vec<IpAddr>, Vec<IpAddr>) =
-                found.into_iter().partition(|ip| {
-                    if public_ports {
-                        policy.allows(*ip)
-                    } else {
-                        policy.allowlisted(*ip)
-                    }
-                });
-            if !refused.is_empty() {
-                tracing::debug!(%host, ?refused, public_ports, "callback addresses dropped");
-            }
-            if allowed.is_empty() {
-                if refused.is_empty() {
-                    let none = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
-                    return Err(Box::new(none) as Box<dyn std::error::Error + Send + Sync>);
-                }
-                return Err(Box::new(AddressRefused) as Box<dyn std::error::Error + Send + Sync>);
-            }
-            let addrs = allowed.into_iter().map(|ip| SocketAddr::new(ip, 0));
-            Ok(Box::new(addrs) as Addrs)
-        })
-    }
-}
-
-/// Where a callback URL points: the parsed URL, its port, and its host if that is an address.
-struct Target {
-    url: Url,
-    port: u16,
-    literal: Option<IpAddr>,
 }
 
 impl WebhookNotifier {
@@ -187,33 +71,15 @@ impl WebhookNotifier {
 
     /// The same, resolving names with `lookup`: tests answer as a rebinding DNS server would.
     fn with_lookup(config: WebhookConfig, lookup: Lookup) -> Result<Self, NotifyError> {
-        let policy = Arc::new(config.policy.clone());
-        let client = |public_ports: bool| {
-            let resolver = PolicyResolver {
-                policy: policy.clone(),
-                public_ports,
-                lookup: lookup.clone(),
-            };
-            reqwest::Client::builder()
-                .timeout(config.timeout)
-                .redirect(reqwest::redirect::Policy::none())
-                // A proxy would resolve the name itself, past the policy's resolver.
-                .no_proxy()
-                .dns_resolver(Arc::new(resolver))
-                .user_agent(concat!("imgclf/", env!("CARGO_PKG_VERSION")))
-                .build()
-                .map_err(|e| NotifyError::Attempt {
+        let client =
+            GuardedClient::new(config.policy.clone(), config.timeout, lookup).map_err(|e| {
+                NotifyError::Attempt {
                     status: None,
                     retryable: false,
                     source: e.into(),
-                })
-        };
-        Ok(Self {
-            client: client(true)?,
-            other_ports: client(false)?,
-            lookup,
-            config,
-        })
+                }
+            })?;
+        Ok(Self { client, config })
     }
 
     fn refused(&self, why: impl Into<String>) -> NotifyError {
@@ -226,25 +92,6 @@ impl WebhookNotifier {
             return Err(self.refused(SECRET_REQUIRED));
         }
         Ok(())
-    }
-
-    /// Parses a URL `validate_callback_url` accepted, as the client will read it.
-    fn target(&self, url: &str) -> Result<Target, NotifyError> {
-        let url = Url::parse(url).map_err(|e| self.refused(format!("not a valid URL: {e}")))?;
-        let port = url
-            .port_or_known_default()
-            .ok_or_else(|| self.refused("not a valid URL"))?;
-        // The parser has already read any IPv4 form (decimal, octal, hex) into dotted decimal,
-        // the form reqwest tests for a literal before it would resolve a name.
-        let host = url
-            .host_str()
-            .ok_or_else(|| self.refused("the URL has no host"))?;
-        let literal = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-            .ok();
-        Ok(Target { url, port, literal })
     }
 
     /// `v2=<hex HMAC-SHA256 of "<delivery id>.<timestamp>.<body>">`.
@@ -265,38 +112,7 @@ impl Notifier for WebhookNotifier {
     async fn check_url(&self, url: &str) -> Result<(), NotifyError> {
         validate_callback_url(url)?;
         self.check_signing()?;
-        let target = self.target(url)?;
-        let addresses: Vec<IpAddr> = match (target.literal, target.url.host_str()) {
-            (Some(ip), _) => vec![ip],
-            (None, Some(host)) => match (self.lookup)(host.to_string()).await {
-                Ok(found) => found,
-                Err(error) => {
-                    tracing::debug!(%host, %error, "callback host does not resolve");
-                    return Err(self.refused(REFUSED_ADDRESS));
-                }
-            },
-            (None, None) => return Err(self.refused("the URL has no host")),
-        };
-        let refused: Vec<&IpAddr> = addresses
-            .iter()
-            .filter(|ip| {
-                !self
-                    .config
-                    .policy
-                    .allows_socket(SocketAddr::new(**ip, target.port))
-            })
-            .collect();
-        if addresses.is_empty() || !refused.is_empty() {
-            // The addresses stay in the log: the client learns nothing of the network.
-            tracing::debug!(
-                host = target.url.host_str(),
-                port = target.port,
-                ?refused,
-                "callback URL refused"
-            );
-            return Err(self.refused(REFUSED_ADDRESS));
-        }
-        Ok(())
+        self.client.check(url).await
     }
 
     async fn deliver(
@@ -307,24 +123,7 @@ impl Notifier for WebhookNotifier {
     ) -> Result<(), NotifyError> {
         validate_callback_url(url)?;
         self.check_signing()?;
-        let target = self.target(url)?;
-        // reqwest connects to an IP literal without asking the resolver: judge it here.
-        if let Some(ip) = target.literal {
-            if !self
-                .config
-                .policy
-                .allows_socket(SocketAddr::new(ip, target.port))
-            {
-                tracing::debug!(%ip, port = target.port, "callback address refused at delivery");
-                return Err(self.refused(REFUSED_ADDRESS));
-            }
-        }
-        // Names are judged by the resolver of the client for this port.
-        let client = if PUBLIC_PORTS.contains(&target.port) {
-            &self.client
-        } else {
-            &self.other_ports
-        };
+        let (url, client) = self.client.request_target(url)?;
         let body = serde_json::to_vec(payload).map_err(|e| NotifyError::Attempt {
             status: None,
             retryable: false,
@@ -334,7 +133,7 @@ impl Notifier for WebhookNotifier {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let mut request = client
-            .post(target.url.clone())
+            .post(url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(DELIVERY_HEADER, delivery)
             .header(TIMESTAMP_HEADER, timestamp.to_string());
@@ -355,16 +154,8 @@ impl Notifier for WebhookNotifier {
                     source: format!("HTTP {status}").into(),
                 })
             }
-            // The name now resolves only to refused addresses: no retry will help.
-            Err(error) if refused_by_resolver(&error) => {
-                tracing::debug!("callback address refused at delivery");
-                Err(self.refused(REFUSED_ADDRESS))
-            }
-            Err(error) => Err(NotifyError::Attempt {
-                status: None,
-                retryable: true,
-                source: error.without_url().into(),
-            }),
+            // A refused address is final; a network error may pass.
+            Err(error) => Err(GuardedClient::failed(error)),
         }
     }
 }
@@ -373,8 +164,12 @@ impl Notifier for WebhookNotifier {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use std::net::IpAddr;
+    use std::sync::Arc;
+
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    use super::super::guarded::REFUSED_ADDRESS;
     use super::*;
 
     /// A loopback HTTP receiver that answers 204 to everything and counts its connections.

@@ -218,9 +218,9 @@ impl TaskQuery {
     /// filter, and the definition the SQL stores' queries follow.
     pub fn admits(&self, record: &TaskRecord) -> bool {
         self.state.is_none_or(|state| record.state == state)
-            && self.after.is_none_or(|after| {
-                (record.created_at_ms, record.task_id) < after
-            })
+            && self
+                .after
+                .is_none_or(|after| (record.created_at_ms, record.task_id) < after)
     }
 }
 

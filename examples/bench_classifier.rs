@@ -2,6 +2,11 @@
 //! Prints one JSON object; `scripts/bench.py` runs it beside raw onnxruntime.
 //!
 //! cargo run --release --example bench_classifier -- BACKEND MODEL_DIR BATCH SECONDS [THREADS]
+//!
+//! `IMGCLF_ORT_PROVIDERS` (`cuda,cpu`…) picks ort's execution providers, as in the service; the
+//! log on stderr says which one the session runs on. `IMGCLF_BENCH_LOGITS=FILE` also writes each
+//! photo's logits, batch by batch, as JSON `{"photo.jpg": [...]}` (scripts/gpu-check.sh compares
+//! GPU against CPU with it).
 
 use std::time::{Duration, Instant};
 
@@ -22,6 +27,15 @@ fn main() -> anyhow::Result<()> {
     let seconds: f64 = args[3].parse()?;
     let threads: usize = args.get(4).map_or(Ok(1), |t| t.parse())?;
     let spec = ModelSpec::load(model)?;
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let providers: classifier::Providers = std::env::var("IMGCLF_ORT_PROVIDERS")
+        .unwrap_or_default()
+        .parse()?;
 
     // Preprocessing: every shared photo, decoded and transformed, timed one by one.
     let dir = imgclf_suite::shared_dir().join("images");
@@ -56,9 +70,21 @@ fn main() -> anyhow::Result<()> {
         ort_library: std::env::var_os("IMGCLF_ORT_LIB")
             .filter(|v| !v.is_empty())
             .map(Into::into),
+        providers: providers.clone(),
         ..ClassifierOptions::default()
     };
     let mut classifier = classifier::build(backend, spec, &options)?;
+    if let Some(path) = std::env::var_os("IMGCLF_BENCH_LOGITS").filter(|p| !p.is_empty()) {
+        let mut logits = serde_json::Map::new();
+        for (chunk, names) in tensors.chunks(batch).zip(files.chunks(batch)) {
+            let rows = classifier.classify(&chunk.concat(), chunk.len())?;
+            for (file, row) in names.iter().zip(rows) {
+                let name = file.file_name().unwrap_or_default().to_string_lossy();
+                logits.insert(name.into_owned(), row.into());
+            }
+        }
+        std::fs::write(path, serde_json::to_vec(&logits)?)?;
+    }
     let input: Vec<f32> = tensors
         .iter()
         .cycle()
@@ -82,6 +108,7 @@ fn main() -> anyhow::Result<()> {
             "backend": backend,
             "batch": batch,
             "threads": threads,
+            "providers": providers.to_string(),
             "images_per_s": (batch_ms.len() * batch) as f64 / total,
             "batch_p50_ms": percentile(&batch_ms, 0.5),
             "batch_p95_ms": percentile(&batch_ms, 0.95),

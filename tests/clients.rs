@@ -347,11 +347,13 @@ async fn the_openapi_document_lists_every_route_and_every_status_it_answers_with
         ("GET", "/ready"),
         ("GET", "/metrics"),
         ("GET", "/openapi.json"),
+        ("GET", "/"),
     ];
     let served: BTreeSet<_> = served
         .iter()
         .map(|(m, p)| (m.to_string(), p.to_string()))
         .collect();
+    // Every route but the files the page and /docs load, which are no API.
     assert_eq!(
         routes, served,
         "the document lists exactly the API's routes"
@@ -497,6 +499,7 @@ async fn the_openapi_document_lists_every_route_and_every_status_it_answers_with
             ("GET", "/openapi.json"),
             plain("GET", "/openapi.json"),
         ),
+        (&s.app, ("GET", "/"), plain("GET", "/")),
     ];
     let mut seen: BTreeMap<(String, String), BTreeSet<u16>> = BTreeMap::new();
     for (app, (method, path), request) in cases {

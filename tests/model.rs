@@ -275,3 +275,41 @@ fn auto_runs_onnx_runtime_when_its_library_is_found() {
     let handle = imgclf::classifier::spawn("auto", spec, &options, 2).expect("spawns");
     assert_eq!(handle.backend(), "ort");
 }
+
+/// GPU providers asked of the CPU-only library (`IMGCLF_TEST_ORT_LIB`, the `onnxruntime`
+/// wheel's): the classifier still builds, runs on CPU, and answers as the reference does, with
+/// the very logits of a CPU-only session.
+#[test]
+fn ort_falls_back_to_cpu_when_gpu_providers_are_missing() {
+    let Some(library) = imgclf_suite::service_url("IMGCLF_TEST_ORT_LIB") else {
+        return;
+    };
+    let spec = ModelSpec::load(default_model_dir()).expect("loads");
+    let build = |providers: &str| {
+        let options = imgclf::classifier::ClassifierOptions {
+            intra_threads: 1,
+            ort_library: Some(library.clone().into()),
+            providers: providers.parse().expect("valid providers"),
+            ..imgclf::classifier::ClassifierOptions::default()
+        };
+        imgclf::classifier::build("ort", spec.clone(), &options)
+    };
+    let mut gpu = build("tensorrt,cuda").expect("falls back to CPU instead of failing");
+    let mut cpu = build("cpu").expect("builds");
+    let expected = reference("efficientnet-lite0");
+    let names: Vec<&String> = expected.keys().take(3).collect();
+    let fallback = classify_all(gpu.as_mut(), &names, 3);
+    let plain = classify_all(cpu.as_mut(), &names, 3);
+    for ((name, logits), cpu_logits) in names.iter().zip(&fallback).zip(&plain) {
+        assert_eq!(
+            spec.top_k(logits, 1)[0].class_id,
+            expected[*name][0].class_id,
+            "{name}: top-1 on the fallback"
+        );
+        let diff = max_diff(logits, cpu_logits);
+        assert!(
+            diff < 1e-5,
+            "{name}: the fallback differs from CPU by {diff}"
+        );
+    }
+}

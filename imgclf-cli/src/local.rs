@@ -24,11 +24,12 @@ pub struct ModelArgs {
     /// EfficientNet-Lite0].
     #[arg(long, env = "IMGCLF_MODEL")]
     model: Option<PathBuf>,
-    /// With --local: the inference backend, `tract` (pure Rust) or `ort` (ONNX Runtime, which
-    /// needs --ort-lib or ORT_DYLIB_PATH).
-    #[arg(long, env = "IMGCLF_CLASSIFIER", default_value = "tract")]
+    /// With --local: the inference backend, `auto` (ONNX Runtime when its library is found,
+    /// else tract), `tract` (pure Rust) or `ort` (ONNX Runtime).
+    #[arg(long, env = "IMGCLF_CLASSIFIER", default_value = imgclf::classifier::DEFAULT_BACKEND)]
     classifier: String,
-    /// With --local: the `libonnxruntime.so` for `--classifier ort`.
+    /// With --local: the `libonnxruntime.so` for `ort` and `auto` [default: ORT_DYLIB_PATH,
+    /// beside the binary, or the `onnxruntime` Python package's].
     #[arg(long, env = "IMGCLF_ORT_LIB")]
     ort_lib: Option<PathBuf>,
     /// With --local: instances of the model run side by side [default: one per core for

@@ -180,9 +180,10 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(tasks::task_summary))
 }
 
-/// What needs no key: probes, metrics and the documentation.
+/// What needs no key: the page, the probes and the documentation.
 fn open_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
+        .merge(page::routes())
         .routes(routes!(health))
         .routes(routes!(ready))
         .routes(routes!(docs::openapi))
@@ -209,7 +210,6 @@ pub fn router(mut state: AppState, request_timeout: Duration) -> Router {
         ))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     let (mut open, _) = open_routes().split_for_parts();
-    open = open.merge(page::routes());
     if state.serve_metrics {
         open = open.merge(metrics_routes().split_for_parts().0);
     }
@@ -563,11 +563,14 @@ async fn upload_images(
             }
             (Err(error), _) | (_, Err(error)) => Err(error),
         };
-        tasks.push(match submitted {
-            Ok(task_id) => BulkItem::Accepted {
+        tasks.push(match submitted.map(accepted) {
+            Ok(UploadAccepted {
+                task_id,
+                status_url,
+            }) => BulkItem::Accepted {
                 filename: raw_name,
                 task_id,
-                status_url: format!("/api/task-status/{task_id}"),
+                status_url,
             },
             Err(error) => BulkItem::Refused {
                 filename: raw_name,

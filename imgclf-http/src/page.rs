@@ -7,7 +7,8 @@ use std::sync::OnceLock;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::AppState;
 
@@ -107,11 +108,25 @@ static STYLE_CSS: Asset = Asset::new(
 );
 static FAVICON: Asset = Asset::new(include_bytes!("../static/favicon.svg"), "image/svg+xml");
 
+/// The web page: upload images and watch their results; monitor recent tasks.
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The page (HTML; its script and styles are under /static/)", content_type = "text/html"),
+        (status = 304, description = "Unchanged since the copy the client names in If-None-Match"),
+    )
+)]
+async fn index(headers: HeaderMap) -> Response {
+    INDEX.respond(&headers)
+}
+
 /// The page and its files; open, like `/health`: the page holds no data, and the API calls it
 /// makes carry the user's key.
-pub(crate) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/", get(|h: HeaderMap| async move { INDEX.respond(&h) }))
+pub(crate) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(index))
         .route(
             "/static/app.js",
             get(|h: HeaderMap| async move { APP_JS.respond(&h) }),

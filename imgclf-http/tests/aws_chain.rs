@@ -57,7 +57,7 @@ async fn s3_credentials_come_from_the_aws_chain_when_no_keys_are_set() {
     let done = task_status(&client, &base, &format!("{}?wait=30", id.unwrap())).await;
     assert_eq!(done["state"], "SUCCESS", "{done}");
     assert_eq!(done["result"]["classification"][0]["label"], label.as_str());
-    http.signal("TERM");
+    http.signal("-TERM");
     assert!(http.exits_cleanly(Duration::from_secs(20)).await);
 
     // The same with a wrong secret: the server refuses every request, so the process is up

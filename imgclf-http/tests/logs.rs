@@ -124,7 +124,7 @@ async fn the_embedded_process_logs_json_with_the_request_id_from_upload_to_resul
     ];
     let mut http = Process(spawn_logging(&http_binary(), &env, work.path(), &log));
     upload_traced(&format!("http://127.0.0.1:{port}"), "embedded-req-42").await;
-    http.signal("TERM");
+    http.signal("-TERM");
     assert!(http.exits_cleanly(Duration::from_secs(20)).await);
     let lines = json_lines(&log);
     assert_traced(&lines, &lines, "embedded-req-42");
@@ -150,7 +150,7 @@ async fn the_request_id_travels_with_the_job_to_a_worker_process() {
     ));
     upload_traced(&format!("http://127.0.0.1:{port}"), "distributed-req-7").await;
     for process in [&mut http, &mut worker] {
-        process.signal("TERM");
+        process.signal("-TERM");
         assert!(process.exits_cleanly(Duration::from_secs(20)).await);
     }
     assert_traced(

@@ -195,6 +195,14 @@ pub struct Settings {
     /// for tract, which runs single-threaded; 1 for ort, which uses IMGCLF_INTRA_THREADS].
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_INFERENCE_THREADS"))]
     pub inference_threads: Option<usize>,
+    /// ONNX Runtime execution providers for ort, comma-separated in order of preference:
+    /// `cpu`, `cuda`, `tensorrt`. One the library lacks is skipped with a warning; CPU is always
+    /// the last fallback.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "IMGCLF_ORT_PROVIDERS", default_value = "cpu")
+    )]
+    pub ort_providers: classifier::Providers,
     /// Model directory (with model.json) or manifest [default: the shipped EfficientNet-Lite0].
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_MODEL"))]
     pub model: Option<PathBuf>,
@@ -308,6 +316,7 @@ impl Default for Settings {
             ort_lib: None,
             intra_threads: classifier::DEFAULT_INTRA_THREADS,
             inference_threads: None,
+            ort_providers: classifier::Providers::default(),
             max_batch: pipeline::DEFAULT_MAX_BATCH,
             max_pixels: crate::preprocess::DEFAULT_MAX_PIXELS,
             top_k: pipeline::DEFAULT_TOP_K,
@@ -347,6 +356,7 @@ impl std::fmt::Debug for Settings {
             .field("ort_lib", &self.ort_lib)
             .field("intra_threads", &self.intra_threads)
             .field("inference_threads", &self.inference_threads)
+            .field("ort_providers", &self.ort_providers)
             .field("model", &self.model)
             .field("max_batch", &self.max_batch)
             .field("max_pixels", &self.max_pixels)
@@ -563,6 +573,7 @@ impl Settings {
             intra_threads: self.intra_threads,
             ort_library: self.ort_lib.clone(),
             instances: self.inference_threads,
+            providers: self.ort_providers.clone(),
         };
         let handle = tokio::task::spawn_blocking(move || {
             classifier::spawn(&name, spec, &options, max_batch)

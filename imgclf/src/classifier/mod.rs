@@ -58,6 +58,117 @@ pub const AUTO: &str = "auto";
 /// Threads one inference may use, by default.
 pub const DEFAULT_INTRA_THREADS: usize = 1;
 
+/// An ONNX Runtime execution provider the ort backend may run a model on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Provider {
+    /// ONNX Runtime's own CPU kernels, in every library.
+    Cpu,
+    /// NVIDIA GPUs through CUDA and cuDNN (the `onnxruntime-gpu` library).
+    Cuda,
+    /// NVIDIA TensorRT, which compiles the graph for the GPU (falls back to CUDA node by node).
+    TensorRt,
+}
+
+impl Provider {
+    /// Every provider, as `IMGCLF_ORT_PROVIDERS` spells them.
+    pub const ALL: [Provider; 3] = [Provider::Cpu, Provider::Cuda, Provider::TensorRt];
+
+    /// The name `IMGCLF_ORT_PROVIDERS` knows it by.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Cpu => "cpu",
+            Self::Cuda => "cuda",
+            Self::TensorRt => "tensorrt",
+        }
+    }
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why a list of execution providers was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProviderError {
+    /// A name that is not a provider.
+    #[error("unknown execution provider {0:?}: accepted are cpu, cuda and tensorrt")]
+    Unknown(String),
+    /// `cpu` before another provider: ONNX Runtime would give CPU every node, so the later
+    /// ones could never run anything.
+    #[error("execution provider {0} comes after cpu, which takes every node: put cpu last")]
+    AfterCpu(Provider),
+}
+
+impl std::str::FromStr for Provider {
+    type Err = ProviderError;
+
+    /// Case and surrounding blanks do not matter.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let name = s.trim();
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(name))
+            .ok_or_else(|| ProviderError::Unknown(name.to_string()))
+    }
+}
+
+/// Execution providers in order of preference (`IMGCLF_ORT_PROVIDERS`), always ending with CPU:
+/// ONNX Runtime gives each node to the first provider that can run it, so CPU last is the
+/// fallback for whatever, or whichever provider, the others cannot take.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Providers(Vec<Provider>);
+
+impl Providers {
+    /// The providers in order, CPU last.
+    pub fn as_slice(&self) -> &[Provider] {
+        &self.0
+    }
+
+    /// The providers asked for before the CPU fallback.
+    pub fn accelerators(&self) -> impl Iterator<Item = Provider> + '_ {
+        self.0.iter().copied().filter(|p| *p != Provider::Cpu)
+    }
+}
+
+impl Default for Providers {
+    fn default() -> Self {
+        Self(vec![Provider::Cpu])
+    }
+}
+
+impl std::str::FromStr for Providers {
+    type Err = ProviderError;
+
+    /// A comma-separated list (`cuda,cpu`); empty means CPU alone, a repeated name counts once,
+    /// and CPU is added at the end when not named.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut list = Vec::new();
+        for part in s.split(',').filter(|p| !p.trim().is_empty()) {
+            let provider: Provider = part.parse()?;
+            if list.contains(&Provider::Cpu) && provider != Provider::Cpu {
+                return Err(ProviderError::AfterCpu(provider));
+            }
+            if !list.contains(&provider) {
+                list.push(provider);
+            }
+        }
+        if !list.contains(&Provider::Cpu) {
+            list.push(Provider::Cpu);
+        }
+        Ok(Self(list))
+    }
+}
+
+impl std::fmt::Display for Providers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.0.iter().map(|p| p.name()).collect();
+        f.write_str(&names.join(","))
+    }
+}
+
 /// How to run a backend.
 #[derive(Clone, Debug)]
 pub struct ClassifierOptions {
@@ -68,6 +179,8 @@ pub struct ClassifierOptions {
     /// Instances of the model side by side, each on its own thread [default: one per core for
     /// tract, which runs single-threaded; 1 for ort, which uses `intra_threads`].
     pub instances: Option<usize>,
+    /// Execution providers for ort, in order of preference, CPU last.
+    pub providers: Providers,
 }
 
 impl Default for ClassifierOptions {
@@ -76,6 +189,7 @@ impl Default for ClassifierOptions {
             intra_threads: DEFAULT_INTRA_THREADS,
             ort_library: None,
             instances: None,
+            providers: Providers::default(),
         }
     }
 }
@@ -234,11 +348,59 @@ pub fn build(
                 spec,
                 &library,
                 options.intra_threads,
+                &options.providers,
             )?))
         }
         other => {
             let _ = (spec, options);
             Err(ClassifyError::Unknown(other.to_string()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Provider, ProviderError, Providers};
+
+    fn parse(s: &str) -> Result<Vec<Provider>, ProviderError> {
+        s.parse::<Providers>().map(|p| p.as_slice().to_vec())
+    }
+
+    #[test]
+    fn providers_parse_in_order_with_cpu_last() {
+        use Provider::{Cpu, Cuda, TensorRt};
+        assert_eq!(parse("cuda,cpu"), Ok(vec![Cuda, Cpu]));
+        assert_eq!(parse(" TensorRT , Cuda "), Ok(vec![TensorRt, Cuda, Cpu]));
+        assert_eq!(
+            parse("cuda"),
+            Ok(vec![Cuda, Cpu]),
+            "CPU is always the fallback"
+        );
+        assert_eq!(parse("cuda,cuda,cpu"), Ok(vec![Cuda, Cpu]));
+        assert_eq!(parse(""), Ok(vec![Cpu]));
+        assert_eq!(parse(" , "), Ok(vec![Cpu]));
+        assert_eq!(parse("cpu"), Ok(vec![Cpu]));
+        assert_eq!(Providers::default().as_slice(), [Cpu]);
+        let providers: Providers = "tensorrt,cuda".parse().unwrap();
+        assert_eq!(providers.to_string(), "tensorrt,cuda,cpu");
+        assert_eq!(
+            providers.accelerators().collect::<Vec<_>>(),
+            [TensorRt, Cuda]
+        );
+    }
+
+    #[test]
+    fn unknown_or_unreachable_providers_are_errors() {
+        let error = parse("cuda,rocm").unwrap_err();
+        assert_eq!(error, ProviderError::Unknown("rocm".into()));
+        let message = error.to_string();
+        assert!(
+            message.contains("\"rocm\"") && message.contains("tensorrt"),
+            "{message}"
+        );
+        assert_eq!(
+            parse("cpu,cuda").unwrap_err(),
+            ProviderError::AfterCpu(Provider::Cuda)
+        );
     }
 }

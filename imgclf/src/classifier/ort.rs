@@ -2,14 +2,15 @@
 //! download at build time; `scripts/setup-ort.sh` extracts one from the `onnxruntime` wheel).
 
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use ort::environment::Environment;
-use ort::session::builder::GraphOptimizationLevel;
+use ort::ep::ExecutionProvider;
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::Session;
 use ort::value::TensorRef;
 
-use super::{split_rows, Classifier, ClassifyError};
+use super::{split_rows, Classifier, ClassifyError, Provider, Providers};
 use crate::model::ModelSpec;
 
 /// The runtime is loaded once per process; later sessions share it.
@@ -36,34 +37,130 @@ pub struct OrtClassifier {
 }
 
 impl OrtClassifier {
-    /// `library`: the `libonnxruntime.so` to load; `intra_threads`: threads per inference.
+    /// `library`: the `libonnxruntime.so` to load; `intra_threads`: threads per inference;
+    /// `providers`: where to run, in order of preference. A provider the library lacks, or that
+    /// fails to start, is skipped with one warning: the session then runs on the next, finally
+    /// on CPU.
     pub fn new(
         spec: ModelSpec,
         library: &Path,
         intra_threads: usize,
+        providers: &Providers,
     ) -> Result<Self, ClassifyError> {
         let environment = environment(library).map_err(|e| spec.invalid(e))?;
-        let session = Session::builder(environment)
-            .map_err(|e| e.to_string())
-            .and_then(|b| {
-                b.with_optimization_level(GraphOptimizationLevel::Level3)
-                    .map_err(|e| e.to_string())
-            })
-            .and_then(|b| {
-                b.with_intra_threads(intra_threads.max(1))
-                    .map_err(|e| e.to_string())
-            })
-            .and_then(|mut b| {
-                b.commit_from_file(&spec.onnx_path)
-                    .map_err(|e| e.to_string())
-            })
-            .map_err(|e| {
-                spec.invalid(format!(
-                    "ONNX Runtime cannot load {}: {e}",
-                    spec.onnx_path.display()
-                ))
-            })?;
+        let invalid = |e: String| {
+            spec.invalid(format!(
+                "ONNX Runtime cannot load {}: {e}",
+                spec.onnx_path.display()
+            ))
+        };
+        let mut builder = session_builder(environment, intra_threads).map_err(invalid)?;
+        let requested: Vec<Provider> = providers.accelerators().collect();
+        let mut registered = Vec::new();
+        for (i, &provider) in requested.iter().enumerate() {
+            let next = requested.get(i + 1).copied().unwrap_or(Provider::Cpu);
+            match register(provider, &mut builder) {
+                Ok(()) => registered.push(provider),
+                Err(why) => warn_once(provider, &why, next),
+            }
+        }
+        let session = match builder.commit_from_file(&spec.onnx_path) {
+            Ok(session) => session,
+            // A GPU library on a machine whose driver or CUDA libraries do not work may accept
+            // the provider and fail only here: run on CPU rather than not at all.
+            Err(error) if !registered.is_empty() => {
+                for provider in registered.drain(..) {
+                    warn_once(
+                        provider,
+                        &format!("the session could not start on it: {error}"),
+                        Provider::Cpu,
+                    );
+                }
+                session_builder(environment, intra_threads)
+                    .and_then(|mut b| {
+                        b.commit_from_file(&spec.onnx_path)
+                            .map_err(|e| e.to_string())
+                    })
+                    .map_err(invalid)?
+            }
+            Err(error) => return Err(invalid(error.to_string()).into()),
+        };
+        let runs_on = registered.first().copied().unwrap_or(Provider::Cpu);
+        let chain: Vec<&str> = registered
+            .iter()
+            .chain([&Provider::Cpu])
+            .map(|p| p.name())
+            .collect();
+        tracing::info!(
+            provider = %runs_on,
+            fallbacks = %chain.join(","),
+            model = %spec.name,
+            "ort: the session runs on {runs_on}"
+        );
         Ok(Self { spec, session })
+    }
+}
+
+/// A session builder with the options every session shares.
+fn session_builder(
+    environment: &'static Environment,
+    intra_threads: usize,
+) -> Result<SessionBuilder, String> {
+    Session::builder(environment)
+        .map_err(|e| e.to_string())
+        .and_then(|b| {
+            b.with_optimization_level(GraphOptimizationLevel::Level3)
+                .map_err(|e| e.to_string())
+        })
+        .and_then(|b| {
+            b.with_intra_threads(intra_threads.max(1))
+                .map_err(|e| e.to_string())
+        })
+}
+
+/// Adds `provider` to the session's providers; the error says why it cannot be used.
+fn register(provider: Provider, builder: &mut SessionBuilder) -> Result<(), String> {
+    match provider {
+        Provider::Cpu => Ok(()),
+        // TF32 would trade the logits' last digits for speed: the GPU must agree with the CPU.
+        Provider::Cuda => register_ep(ort::ep::CUDA::default().with_tf32(false), builder),
+        // Building a TensorRT engine takes long: keep it for the next start.
+        Provider::TensorRt => register_ep(
+            ort::ep::TensorRT::default()
+                .with_engine_cache(true)
+                .with_engine_cache_path(std::env::temp_dir().join("imgclf-tensorrt").display()),
+            builder,
+        ),
+    }
+}
+
+fn register_ep<E: ExecutionProvider>(ep: E, builder: &mut SessionBuilder) -> Result<(), String> {
+    match E::is_available() {
+        Ok(true) => ep
+            .register(builder)
+            .map_err(|e| format!("registering it failed: {e}")),
+        Ok(false) => Err(format!(
+            "this ONNX Runtime library was built without {} (the `onnxruntime` wheel is CPU-only; \
+             `onnxruntime-gpu` has CUDA and TensorRT)",
+            E::NAME
+        )),
+        Err(e) => Err(format!("ONNX Runtime cannot list its providers: {e}")),
+    }
+}
+
+/// One warning per provider and process, however many instances of the model start.
+fn warn_once(provider: Provider, why: &str, next: Provider) {
+    static WARNED: Mutex<Vec<Provider>> = Mutex::new(Vec::new());
+    let mut warned = WARNED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !warned.contains(&provider) {
+        warned.push(provider);
+        tracing::warn!(
+            %provider,
+            fallback = %next,
+            "ort: execution provider {provider} is unavailable: {why}; falling back to {next}"
+        );
     }
 }
 

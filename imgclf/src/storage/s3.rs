@@ -143,6 +143,8 @@ async fn create_bucket(store: &AmazonS3, config: &S3Config) -> Result<(), String
         .map_err(|e| e.to_string())?;
     let response = client
         .put(url)
+        // Sent even when 0: servers answer an empty PUT without it with 411.
+        .header(reqwest::header::CONTENT_LENGTH, body.len())
         .body(body)
         .send()
         .await

@@ -313,3 +313,34 @@ fn ort_falls_back_to_cpu_when_gpu_providers_are_missing() {
         );
     }
 }
+
+/// With `IMGCLF_INFERENCE_THREADS` unset, the instances come from timing this machine: both
+/// timings work on the real model, and the count stays between 1 and the cores.
+#[test]
+fn instances_are_measured_when_unset() {
+    use imgclf::classifier::tuning;
+    use std::time::Duration;
+    let spec = ModelSpec::load(resnet18_dir()).expect("loads");
+    let preprocess = tuning::time_preprocessing(&spec).expect("the sample photo preprocesses");
+    assert!(
+        preprocess > Duration::from_micros(100) && preprocess < Duration::from_secs(5),
+        "a 2 MP photo in {preprocess:?}"
+    );
+    let mut tract = TractClassifier::new(spec.clone()).expect("compiles");
+    let inference = tuning::time_inference(&mut tract, 2).expect("runs");
+    assert!(inference > Duration::ZERO);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let options = imgclf::classifier::ClassifierOptions::default();
+    let handle = imgclf::classifier::spawn("tract", spec.clone(), &options, 2).expect("spawns");
+    assert!(
+        (1..=cores).contains(&handle.instances()),
+        "{} instances on {cores} cores",
+        handle.instances()
+    );
+    let fixed = imgclf::classifier::ClassifierOptions {
+        instances: Some(3),
+        ..Default::default()
+    };
+    let handle = imgclf::classifier::spawn("tract", spec, &fixed, 2).expect("spawns");
+    assert_eq!(handle.instances(), 3, "the setting wins");
+}

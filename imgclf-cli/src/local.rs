@@ -32,8 +32,8 @@ pub struct ModelArgs {
     /// beside the binary, or the `onnxruntime` Python package's].
     #[arg(long, env = "IMGCLF_ORT_LIB")]
     ort_lib: Option<PathBuf>,
-    /// With --local: instances of the model run side by side [default: one per core for
-    /// tract; 1 for ort, which uses several threads per run].
+    /// With --local: instances of the model run side by side [default: measured at start so
+    /// that inference and preprocessing share the cores by their costs].
     #[arg(long, env = "IMGCLF_INFERENCE_THREADS")]
     inference_threads: Option<usize>,
 }

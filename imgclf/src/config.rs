@@ -191,8 +191,9 @@ pub struct Settings {
         arg(long, env = "IMGCLF_INTRA_THREADS", default_value_t = classifier::DEFAULT_INTRA_THREADS)
     )]
     pub intra_threads: usize,
-    /// Instances of the model run side by side, each on its own thread [default: one per core
-    /// for tract, which runs single-threaded; 1 for ort, which uses IMGCLF_INTRA_THREADS].
+    /// Instances of the model run side by side, each on its own thread, single-threaded
+    /// [default: measured at start so that inference and preprocessing share the cores by what
+    /// each costs per image; 1 for ort when IMGCLF_INTRA_THREADS is above 1].
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_INFERENCE_THREADS"))]
     pub inference_threads: Option<usize>,
     /// ONNX Runtime execution providers for ort, comma-separated in order of preference:

@@ -96,6 +96,11 @@ impl ClassifierHandle {
         self.backend
     }
 
+    /// Instances of the model, each on its own thread.
+    pub fn instances(&self) -> usize {
+        self.instances
+    }
+
     /// True once every instance of the model is loaded and has run one batch.
     pub fn is_ready(&self) -> bool {
         self.warmed.load(Ordering::Acquire) == self.instances

@@ -6,6 +6,7 @@ mod handle;
 mod ort;
 #[cfg(feature = "tract")]
 mod tract;
+pub mod tuning;
 
 #[cfg(feature = "ort")]
 pub use self::ort::OrtClassifier;
@@ -176,8 +177,9 @@ pub struct ClassifierOptions {
     pub intra_threads: usize,
     /// `libonnxruntime.so` for the ort backend; `ORT_DYLIB_PATH` when unset.
     pub ort_library: Option<std::path::PathBuf>,
-    /// Instances of the model side by side, each on its own thread [default: one per core for
-    /// tract, which runs single-threaded; 1 for ort, which uses `intra_threads`].
+    /// Instances of the model side by side, each on its own thread [default: measured at start,
+    /// so that inference and preprocessing share the cores by their costs (see [`tuning`]); 1
+    /// for ort when `intra_threads` is above 1].
     pub instances: Option<usize>,
     /// Execution providers for ort, in order of preference, CPU last.
     pub providers: Providers,
@@ -205,14 +207,43 @@ pub fn spawn(
     if name == AUTO {
         return spawn_auto(spec, options, max_batch);
     }
-    let instances = options.instances.unwrap_or(match name {
-        "tract" => crate::cores(),
-        _ => 1,
-    });
-    let classifiers = (0..instances.max(1))
-        .map(|_| build(name, spec.clone(), options))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut classifiers = vec![build(name, spec.clone(), options)?];
+    let instances = match options.instances {
+        Some(instances) => instances.max(1),
+        // Several threads per run asked for: one instance uses them.
+        None if options.intra_threads > 1 && name != "tract" => 1,
+        None => balance(classifiers[0].as_mut(), max_batch)?,
+    };
+    for _ in 1..instances {
+        classifiers.push(build(name, spec.clone(), options)?);
+    }
     Ok(ClassifierHandle::spawn_pool(classifiers, max_batch))
+}
+
+/// Instances for this machine (see [`tuning`]), from one instance's measured inference and a
+/// photo's measured preprocessing; one log line gives the choice and the figures.
+fn balance(classifier: &mut dyn Classifier, max_batch: usize) -> Result<usize, ClassifyError> {
+    let cores = crate::cores();
+    if cores == 1 {
+        return Ok(1);
+    }
+    let inference = tuning::time_inference(classifier, max_batch)?;
+    let Some(preprocess) = tuning::time_preprocessing(classifier.spec()) else {
+        tracing::warn!("classifier: could not time preprocessing; one instance per core");
+        return Ok(cores);
+    };
+    let instances = tuning::balanced_instances(cores, preprocess, inference);
+    tracing::info!(
+        instances,
+        cores,
+        inference_ms = inference.as_secs_f64() * 1e3,
+        preprocess_ms = preprocess.as_secs_f64() * 1e3,
+        "classifier: {instances} instance(s) on {cores} cores: inference {:.1} ms and \
+         preprocessing {:.1} ms per image (IMGCLF_INFERENCE_THREADS sets it)",
+        inference.as_secs_f64() * 1e3,
+        preprocess.as_secs_f64() * 1e3,
+    );
+    Ok(instances)
 }
 
 /// `auto`: ONNX Runtime when its library is found and loads, tract otherwise; one log line says

@@ -82,7 +82,7 @@ fn sample_photo() -> Option<&'static [u8]> {
             let (width, height) = (1600u32, 1200u32);
             let image = image::RgbImage::from_fn(width, height, |x, y| {
                 // A cheap hash for texture: deterministic, no random-number crate needed.
-                let noise = (x.wrapping_mul(7919) ^ y.wrapping_mul(104_729)) % 48;
+                let noise = (x.wrapping_mul(7919) ^ y.wrapping_mul(104_729)) % 12;
                 let channel = |base: u32| (base + noise).min(255) as u8;
                 image::Rgb([
                     channel(x * 200 / width),

@@ -240,6 +240,19 @@ pub struct StateCounts {
 }
 
 impl StateCounts {
+    /// The counts of a SQL `SELECT state, count(*) … GROUP BY state`.
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    pub(crate) fn from_rows(rows: Vec<(String, i64)>) -> Result<Self, ResultsError> {
+        let mut counts = Self::default();
+        for (state, count) in rows {
+            let state = state
+                .parse()
+                .map_err(|e: String| ResultsError::Codec(e.into()))?;
+            counts.add(state, count.max(0) as u64);
+        }
+        Ok(counts)
+    }
+
     /// Adds `count` tasks in `state`.
     pub fn add(&mut self, state: TaskState, count: u64) {
         match state {

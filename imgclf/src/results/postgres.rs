@@ -321,11 +321,7 @@ impl ResultStore for PostgresResults {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(backend)?;
-        let mut counts = StateCounts::default();
-        for (state, count) in rows {
-            counts.add(state.parse().map_err(codec)?, count as u64);
-        }
-        Ok(counts)
+        StateCounts::from_rows(rows)
     }
 
     async fn delete(&self, id: TaskId) -> Result<(), ResultsError> {

@@ -1393,3 +1393,22 @@ async fn cors_headers_only_for_the_configured_origins() {
         .with_cors_origins(&["bad\norigin".into()])
         .is_err());
 }
+
+/// Status requests and long polls carry no body: an exhausted budget of bytes in flight still
+/// answers them (so waiting clients cannot starve uploads of it, nor be starved), while an
+/// upload gets its 503.
+#[tokio::test]
+async fn requests_without_a_body_pass_an_exhausted_in_flight_budget() {
+    let s = service_custom(Arc::new(NoopNotifier), PipelineConfig::default(), false);
+    let state =
+        AppState::new(s.pipeline.submitter().clone(), None, MAX_UPLOAD).with_inflight_budget(1024);
+    let held = state.inflight_kib.clone().try_acquire_owned().unwrap();
+    let app = router(state, Duration::from_secs(30));
+    let unknown = format!("/api/task-status/{}?wait=0.1", imgclf::TaskId::new());
+    assert_eq!(get(&app, &unknown).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(get(&app, "/api/tasks").await.0, StatusCode::OK);
+    let apple = image("opencv_apple.jpg");
+    let request = multipart("/api/upload-image", &[Part::File("a.jpg", &apple)]);
+    assert_eq!(call(&app, request).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    drop(held);
+}

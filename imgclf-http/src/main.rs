@@ -88,13 +88,18 @@ async fn main() -> anyhow::Result<()> {
     // With an in-process queue this process is the whole service; with a shared one it only
     // accepts, and the workers own the model.
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    // Listening for SIGTERM from the start: a stop while the model loads is a clean exit.
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
     let (submitter, worker, worker_task) = if settings.embedded_queue() {
-        let pipeline = Arc::new(
-            settings
-                .build_pipeline()
-                .await
-                .context("building the pipeline")?,
-        );
+        let pipeline = Arc::new(tokio::select! {
+            biased;
+            () = &mut shutdown => {
+                tracing::info!("stopped before the service started");
+                return Ok(());
+            }
+            built = settings.build_pipeline() => built.context("building the pipeline")?,
+        });
         let requeued = pipeline.submitter().requeue_unfinished().await?;
         if requeued > 0 {
             tracing::info!(requeued, "unfinished tasks from the last run queued again");
@@ -148,7 +153,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.addr))?;
     tracing::info!("listening on http://{}", listener.local_addr()?);
     let header_timeout = Duration::from_secs(args.header_timeout.max(1));
-    imgclf_http::serve(listener, app, header_timeout, shutdown_signal()).await;
+    imgclf_http::serve(listener, app, header_timeout, shutdown).await;
 
     let _ = stop.send(true);
     if let Some(task) = worker_task {

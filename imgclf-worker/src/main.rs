@@ -60,12 +60,18 @@ async fn main() -> anyhow::Result<()> {
              run imgclf-http for the embedded pipeline, or point both at a shared queue"
         );
     }
-    let worker = Arc::new(
-        settings
-            .build_worker()
-            .await
-            .context("building the worker")?,
-    );
+    // Listening for SIGTERM from the start: a stop while the model loads (a rolling update, a
+    // scale-down) is a clean exit, not the signal's default death.
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let worker = tokio::select! {
+        biased;
+        () = &mut shutdown => {
+            tracing::info!("stopped before the worker started");
+            return Ok(());
+        }
+        built = settings.build_worker() => Arc::new(built.context("building the worker")?),
+    };
     let model = &worker.classifier().spec().name;
     worker
         .metrics()
@@ -93,7 +99,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let running = tokio::spawn(worker.run(stopped));
-    shutdown_signal().await;
+    shutdown.await;
     let _ = stop.send(true);
     running.await?;
     tracing::info!("stopped");

@@ -8,11 +8,13 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-/// `../shared` beside the repository, or `IMGCLF_SHARED_DIR`.
+/// `../shared` beside the repository, or `IMGCLF_SHARED_DIR`, canonical: WebDriver refuses file
+/// paths with `..` in them.
 pub fn shared_dir() -> PathBuf {
-    std::env::var_os("IMGCLF_SHARED_DIR")
+    let dir = std::env::var_os("IMGCLF_SHARED_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared")))
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared")));
+    dir.canonicalize().unwrap_or(dir)
 }
 
 /// The shipped default model.

@@ -3,6 +3,9 @@
 //!
 //! cargo run --release --example bench_classifier -- BACKEND MODEL_DIR BATCH SECONDS [THREADS]
 //!
+//! `IMGCLF_BENCH_PHOTOS=DIR` takes the photos from DIR instead of the shared ones; the JSON gives
+//! each photo's preprocessing time (`preprocess_ms_by_photo`) as well as their mean.
+//!
 //! `IMGCLF_ORT_PROVIDERS` (`cuda,cpu`…) picks ort's execution providers, as in the service; the
 //! log on stderr says which one the session runs on. `IMGCLF_BENCH_LOGITS=FILE` also writes each
 //! photo's logits, batch by batch, as JSON `{"photo.jpg": [...]}` (scripts/gpu-check.sh compares
@@ -37,20 +40,29 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_default()
         .parse()?;
 
-    // Preprocessing: every shared photo, decoded and transformed, timed one by one.
-    let dir = imgclf_suite::shared_dir().join("images");
+    // Preprocessing: every photo, decoded and transformed, timed one by one.
+    let dir = std::env::var_os("IMGCLF_BENCH_PHOTOS")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| imgclf_suite::shared_dir().join("images"), Into::into);
     let mut files: Vec<_> = std::fs::read_dir(&dir)?
         .flatten()
         .map(|e| e.path())
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("jpg" | "png")))
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("jpg" | "jpeg" | "png" | "webp")
+            )
+        })
         .collect();
     files.sort();
     let images: Vec<Vec<u8>> = files.iter().map(std::fs::read).collect::<Result<_, _>>()?;
-    // Per photo, the median of five runs (as for Pillow in scripts/bench.py); then the mean
-    // over the photos.
+    // Per photo, the median of five runs after one untimed (as for Pillow in scripts/bench.py);
+    // then the mean over the photos.
     let mut tensors = Vec::new();
     let mut preprocess_ms = Vec::new();
-    for bytes in &images {
+    let mut by_photo = serde_json::Map::new();
+    for (bytes, file) in images.iter().zip(&files) {
+        spec.transform.tensor_from_bytes(bytes, u64::MAX)?;
         let mut runs = Vec::new();
         for run in 0..5 {
             let started = Instant::now();
@@ -62,6 +74,8 @@ fn main() -> anyhow::Result<()> {
         }
         runs.sort_by(f64::total_cmp);
         preprocess_ms.push(runs[runs.len() / 2]);
+        let name = file.file_name().unwrap_or_default().to_string_lossy();
+        by_photo.insert(name.into_owned(), runs[runs.len() / 2].into());
     }
     preprocess_ms.sort_by(f64::total_cmp);
 
@@ -114,6 +128,7 @@ fn main() -> anyhow::Result<()> {
             "batch_p95_ms": percentile(&batch_ms, 0.95),
             "preprocess_mean_ms": preprocess_ms.iter().sum::<f64>() / preprocess_ms.len() as f64,
             "preprocess_p50_ms": percentile(&preprocess_ms, 0.5),
+            "preprocess_ms_by_photo": by_photo,
             "peak_rss_mib": peak_rss_mib(),
         })
     );

@@ -1,16 +1,22 @@
 #!/usr/bin/env python3
 """imgclf benchmarks: one run, one machine, the same photos for every contender.
 
-Prints, for each of (1) the limit: raw onnxruntime (Python) on already-preprocessed tensors,
-(2) imgclf's classifiers alone (ort, tract), (3) the embedded pipeline over HTTP, (4) the
-distributed pipeline (imgclf-http + imgclf-worker over RabbitMQ, PostgreSQL and the S3 server)
-and (5) preprocessing against Pillow: images/s, p50/p95 latency, peak RSS, and the ratio to the
-limit. Writes docs/bench-results.json and docs/throughput.png.
+Measures the bound of a pipeline on this machine and how close imgclf comes to it:
+
+    bound = cores / (t_pre + t_inf)
+
+t_pre is imgclf's own decode + preprocess time per photo (mean over the benchmark photos), t_inf
+raw onnxruntime's (Python) single-threaded time per image at its best batch size, both measured
+here in this run. For each model it then runs the embedded `imgclf-http` and the distributed
+deployment (imgclf-http + imgclf-worker over RabbitMQ, PostgreSQL and a compiled S3 server) under
+16 clients with no tuning flag set but the backend, one client for latency, and compares
+preprocessing with Pillow (the reference transform) on the 1-4 megapixel photos. Prints every
+ratio against its target, writes docs/bench-results.json and docs/throughput.png.
 
     scripts/bench.sh        # builds the release binaries, starts the services, runs this
 """
-import argparse, glob, http.client, io, json, os, resource, statistics, subprocess, sys, tempfile, time, uuid
-from concurrent.futures import ThreadPoolExecutor
+import argparse, glob, io, json, os, platform, shutil, statistics, subprocess, sys, tempfile, time, uuid
+import http.client
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("IMGCLF_SHARED_DIR", os.path.join(ROOT, "..", "shared"))
@@ -19,10 +25,13 @@ from reference_classify import preprocess  # the reference implementation's tran
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
+from PIL import Image  # noqa: E402
 
 MODELS = {"efficientnet-lite0": os.path.join(ROOT, "models/efficientnet-lite0"),
           "resnet18": os.path.join(SHARED, "models/resnet18-random-init")}
-IMAGES = sorted(glob.glob(os.path.join(SHARED, "images/*.jpg")) + glob.glob(os.path.join(SHARED, "images/*.png")))
+
+TARGETS = {"embedded": 0.90, "distributed": 0.80, "preprocess_speedup": 3.0, "ort_vs_raw": 0.95,
+           "latency_excess_ms": 2.0}
 
 
 def pct(values, p):
@@ -30,57 +39,102 @@ def pct(values, p):
     return values[round((len(values) - 1) * p)]
 
 
-def raw_onnxruntime(model_dir, batch, seconds, threads):
+def cpu_info():
+    """The CPU by name, its vector extensions that matter to inference, and the cores."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"]
+    return {"model": model, "flags": [f for f in wanted if f in flags], "cores": os.cpu_count()}
+
+
+def benchmark_photos(out_dir):
+    """The shared photos (0.1-0.9 MP) and 1-4 MP photos made from the shared ones as a camera
+    would store them (baseline 4:2:0 JPEG at quality 90; one progressive, one 4:4:4, one portrait):
+    the large photos are what a phone uploads, and where preprocessing costs the most."""
+    os.makedirs(out_dir, exist_ok=True)
+    for p in glob.glob(os.path.join(SHARED, "images/*.jpg")) + glob.glob(os.path.join(SHARED, "images/*.png")):
+        shutil.copy(p, out_dir)
+    big = Image.open(os.path.join(SHARED, "images/kde_coldripple_2560x1600.jpg")).convert("RGB")
+    dog = Image.open(os.path.join(SHARED, "images/darknet_dog.jpg")).convert("RGB")
+    hubble = Image.open(os.path.join(SHARED, "images/skimage_hubble_deep_field.jpg")).convert("RGB")
+    made = {
+        "large_coldripple_1280x800.jpg": (big.resize((1280, 800), Image.LANCZOS), {}),
+        "large_coldripple_1632x1020.jpg": (big.resize((1632, 1020), Image.LANCZOS), {}),
+        "large_coldripple_2048x1280.jpg": (big.resize((2048, 1280), Image.LANCZOS), {}),
+        "large_coldripple_portrait_1200x1600.jpg": (big.crop((680, 0, 1880, 1600)).transpose(Image.ROTATE_90)
+                                                    .resize((1200, 1600), Image.LANCZOS), {}),
+        "large_coldripple_progressive_1920x1200.jpg": (big.resize((1920, 1200), Image.LANCZOS), {"progressive": True}),
+        "large_dog_444_1536x1152.jpg": (dog.resize((1536, 1152), Image.BICUBIC), {"subsampling": 0}),
+        "large_hubble_2000x1744.jpg": (hubble.resize((2000, 1744), Image.BICUBIC), {}),
+    }
+    for name, (im, options) in made.items():
+        im.save(os.path.join(out_dir, name), quality=90, **options)
+    shutil.copy(os.path.join(SHARED, "images/kde_coldripple_2560x1600.jpg"), os.path.join(out_dir, "large_coldripple_2560x1600.jpg"))
+    os.remove(os.path.join(out_dir, "kde_coldripple_2560x1600.jpg"))  # now among the large ones
+    return sorted(os.path.join(out_dir, f) for f in os.listdir(out_dir))
+
+
+def megapixels(path):
+    with Image.open(path) as im:
+        return im.size[0] * im.size[1] / 1e6
+
+
+def raw_onnxruntime(model_dir, photos, batch, seconds, threads):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(os.path.join(model_dir, "model.onnx"), options, providers=["CPUExecutionProvider"])
-    tensors = [preprocess(p) for p in IMAGES]
+    name = session.get_inputs()[0].name
+    tensors = [preprocess(p) for p in photos[:batch]]
     x = np.concatenate([tensors[i % len(tensors)] for i in range(batch)])
-    session.run(None, {"input": x})
+    session.run(None, {name: x})
     times, start = [], time.perf_counter()
     while time.perf_counter() - start < seconds:
         t = time.perf_counter()
-        session.run(None, {"input": x})
+        session.run(None, {name: x})
         times.append((time.perf_counter() - t) * 1e3)
     total = time.perf_counter() - start
-    return {"images_per_s": len(times) * batch / total, "p50_ms": pct(times, 0.5), "p95_ms": pct(times, 0.95),
-            "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"images_per_s": len(times) * batch / total, "ms_per_image": total * 1e3 / (len(times) * batch),
+            "p50_ms": pct(times, 0.5), "p95_ms": pct(times, 0.95)}
 
 
-def imgclf_classifier(binary, backend, model_dir, batch, seconds, threads):
+def imgclf_classifier(binary, backend, model_dir, photo_dir, batch, seconds, threads):
     out = subprocess.run([binary, backend, model_dir, str(batch), str(seconds), str(threads)],
+                         env=dict(os.environ, IMGCLF_BENCH_PHOTOS=photo_dir, RUST_LOG="warn"),
                          stdout=subprocess.PIPE, check=True).stdout
     r = json.loads(out)
     return {"images_per_s": r["images_per_s"], "p50_ms": r["batch_p50_ms"], "p95_ms": r["batch_p95_ms"],
-            "rss_mib": r["peak_rss_mib"], "preprocess_ms": r["preprocess_mean_ms"]}
+            "rss_mib": r["peak_rss_mib"], "preprocess_ms_by_photo": r["preprocess_ms_by_photo"]}
 
 
-def pillow_preprocess_ms(rounds=5):
+def pillow_preprocess_ms(photos, rounds=5):
     """The reference transform from bytes in memory, as imgclf's figure is taken: per photo the
-    median of `rounds` runs, then the mean over the photos."""
-    medians = []
-    for p in IMAGES:
+    median of `rounds` runs after one untimed."""
+    result = {}
+    for p in photos:
         data = open(p, "rb").read()
+        preprocess(io.BytesIO(data))
         runs = []
         for _ in range(rounds):
             t = time.perf_counter()
             preprocess(io.BytesIO(data))
             runs.append((time.perf_counter() - t) * 1e3)
-        medians.append(statistics.median(runs))
-    return statistics.mean(medians)
+        result[os.path.basename(p)] = statistics.median(runs)
+    return result
 
 
-def multipart(name, data):
-    boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
-
-
-def request(port, method, path, body=None, headers=None):
+def request(port, method, path):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request(method, path, body=body, headers=headers or {})
+    conn.request(method, path)
     response = conn.getresponse()
     data = response.read()
     conn.close()
@@ -97,7 +151,8 @@ def vm_hwm_mib(pid):
 
 # Where the CPU goes in a pipeline run: process groups by name on this machine.
 CPU_GROUPS = {"imgclf-http": ("imgclf-http",), "imgclf-worker": ("imgclf-worker",),
-              "S3 server": ("moto_server", "s3s-fs"), "RabbitMQ": ("beam.smp",), "PostgreSQL": ("postgres",)}
+              "S3 server": ("moto_server", "s3s-fs"), "RabbitMQ": ("beam.smp",), "PostgreSQL": ("postgres",),
+              "load generator": ("bench_load",)}
 
 
 def cpu_seconds_by_group():
@@ -112,177 +167,224 @@ def cpu_seconds_by_group():
             continue
         for group, names in CPU_GROUPS.items():
             if comm in (name[:15] for name in names):
-                ticks[group] = ticks.get(group, 0) + int(fields[11]) + int(fields[12])  # utime + stime
+                # utime + stime, and those of its children that ended (the load generator)
+                ticks[group] = ticks.get(group, 0) + sum(int(fields[i]) for i in (11, 12))
     me = os.times()
     seconds = {group: t / os.sysconf("SC_CLK_TCK") for group, t in ticks.items()}
-    seconds["load generator (Python)"] = me.user + me.system
+    seconds["load generator"] = seconds.get("load generator", 0) + me.children_user + me.children_system
     return seconds
 
 
-def pipeline(http_bin, worker_bin, env_extra, tasks, workers):
-    """Starts imgclf-http (+ workers), uploads `tasks` photos 8 at a time, waits for every
-    result. Throughput counts from the first upload to the last result."""
-    work = tempfile.mkdtemp(prefix="imgclf-bench-")
-    port = 18000 + os.getpid() % 1000
-    env = dict(os.environ, IMGCLF_ADDR=f"127.0.0.1:{port}", IMGCLF_DATA_DIR=os.path.join(work, "data"),
-               RUST_LOG="warn", IMGCLF_MAX_QUEUE_DEPTH="0", **env_extra)
-    procs = [subprocess.Popen([http_bin], env=env, cwd=work)]
-    metrics_port = port + 1  # the first worker's metrics; the embedded service serves its own
-    procs += [subprocess.Popen([worker_bin], env=dict(env, IMGCLF_METRICS_ADDR=f"127.0.0.1:{metrics_port + i}"), cwd=work)
-              for i in range(workers)]
-    try:
-        deadline = time.time() + 180
+class Service:
+    """imgclf-http (+ workers) started on `env`, stopped on exit."""
+
+    def __init__(self, bins, env_extra, workers):
+        self.work = tempfile.mkdtemp(prefix="imgclf-bench-")
+        self.port = 18000 + os.getpid() % 1000
+        env = dict(os.environ, IMGCLF_ADDR=f"127.0.0.1:{self.port}", IMGCLF_DATA_DIR=os.path.join(self.work, "data"),
+                   RUST_LOG="warn", IMGCLF_MAX_QUEUE_DEPTH="0", **env_extra)
+        env.pop("IMGCLF_INFERENCE_THREADS", None)
+        self.procs = [subprocess.Popen([bins["http"]], env=env, cwd=self.work)]
+        self.procs += [subprocess.Popen([bins["worker"]], env=dict(env, IMGCLF_METRICS_ADDR=f"127.0.0.1:{self.port + 1 + i}"),
+                                        cwd=self.work)
+                       for i in range(workers)]
+        self.metrics_port = self.port + 1 if workers else self.port
+
+    def __enter__(self):
+        deadline = time.time() + 300
         while True:
             try:
-                if request(port, "GET", "/ready")[0] == 200:
-                    break
+                # A worker serves its metrics once its model is loaded.
+                if request(self.port, "GET", "/ready")[0] == 200 and \
+                        (self.metrics_port == self.port or request(self.metrics_port, "GET", "/health")[0] == 200):
+                    return self
             except OSError:
                 pass
-            if time.time() > deadline:
-                raise SystemExit("imgclf-http did not become ready")
+            if time.time() > deadline or any(p.poll() is not None for p in self.procs):
+                raise SystemExit("the service did not become ready")
             time.sleep(0.2)
-        photos = [(os.path.basename(p), open(p, "rb").read()) for p in IMAGES]
-        def upload(i):
-            name, data = photos[i % len(photos)]
-            body, ctype = multipart(name, data)
-            status, answer = request(port, "POST", "/api/upload-image", body, {"Content-Type": ctype})
-            assert status == 202, answer
-            return json.loads(answer)["task_id"]
-        cpu_before = cpu_seconds_by_group()
-        start = time.perf_counter()
-        with ThreadPoolExecutor(8) as pool:
-            ids = list(pool.map(upload, range(tasks)))
-        # Oldest first, one task at a time: results come roughly in upload order, so this costs
-        # about one status request per task, not a storm of them competing for the two cores.
-        latencies = []
-        for task_id in ids:
-            while True:
-                status = json.loads(request(port, "GET", f"/api/task-status/{task_id}")[1])
-                if status["state"] in ("SUCCESS", "FAILURE"):
-                    break
-                time.sleep(0.01)
-            assert status["state"] == "SUCCESS", status
-            latencies.append(status["updated_at_ms"] - status["created_at_ms"])
-        total = time.perf_counter() - start
-        cpu_after = cpu_seconds_by_group()
-        cpu_ms = {g: round((cpu_after[g] - cpu_before.get(g, 0)) * 1e3 / tasks, 2) for g in cpu_after}
-        print(f"  CPU per image (ms): {cpu_ms}, wall {total * 1e3 / tasks:.2f} ms per image on {os.cpu_count()} cores",
-              flush=True)
-        rss = max(vm_hwm_mib(p.pid) for p in procs[1:] or procs)
-        metrics = request(metrics_port if workers else port, "GET", "/metrics")[1].decode()
-        value = lambda name: float(next(l.split()[1] for l in metrics.splitlines() if l.startswith(name + " ")))
-        mean_batch = value("image_batch_size_sum") / max(value("image_batch_size_count"), 1)
-        print(f"  mean batch the model ran: {mean_batch:.2f}", flush=True)
-        return {"images_per_s": tasks / total, "p50_ms": pct(latencies, 0.5), "p95_ms": pct(latencies, 0.95), "rss_mib": rss,
-                "cpu_ms_per_image": cpu_ms, "mean_batch": round(mean_batch, 2)}
-    finally:
-        for p in procs:
+
+    def __exit__(self, *exc):
+        for p in self.procs:
             p.terminate()
-        for p in procs:
+        for p in self.procs:
             p.wait(timeout=60)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def metric(self, name):
+        text = request(self.metrics_port, "GET", "/metrics")[1].decode()
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith(name + " ") or line.startswith(name + "{"))
+
+    def rss_mib(self):
+        return {("worker" if i else "http"): round(vm_hwm_mib(p.pid), 1) for i, p in enumerate(self.procs)}
+
+
+def load(bins, service, tasks, clients, photos):
+    out = subprocess.run([bins["load"], f"http://127.0.0.1:{service.port}", str(tasks), str(clients), *photos],
+                         stdout=subprocess.PIPE, check=True).stdout
+    return json.loads(out)
+
+
+def pipeline(bins, env_extra, workers, tasks, clients, photos):
+    with Service(bins, env_extra, workers) as service:
+        # A warm-up round (the first uploads open files, connections and database pages).
+        load(bins, service, min(tasks, 2 * len(photos)), clients, photos)
+        cpu_before = cpu_seconds_by_group()
+        batches_before = (service.metric("image_batch_size_sum"), service.metric("image_batch_size_count"))
+        r = load(bins, service, tasks, clients, photos)
+        cpu_after = cpu_seconds_by_group()
+        r["cpu_ms_per_image"] = {g: round((cpu_after[g] - cpu_before.get(g, 0)) * 1e3 / tasks, 2) for g in cpu_after}
+        images = service.metric("image_batch_size_sum") - batches_before[0]
+        runs = service.metric("image_batch_size_count") - batches_before[1]
+        r["mean_batch"] = round(images / max(runs, 1), 2)
+        r["rss_mib"] = service.rss_mib()
+        return r
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin-dir", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release"))
-    ap.add_argument("--seconds", type=float, default=5)
-    ap.add_argument("--tasks", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=1, help="intra-op threads for every contender")
+    ap.add_argument("--seconds", type=float, default=5, help="per classifier measurement")
+    ap.add_argument("--tasks", type=int, default=600, help="uploads per pipeline run")
+    ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--batches", default="1,4,8,16")
-    ap.add_argument("--models", default=",".join(MODELS), help="models for the classifier rows")
+    ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--repeat", type=int, default=3, help="runs of each pipeline; the median one is kept")
     ap.add_argument("--skip-distributed", action="store_true")
-    ap.add_argument("--out", default=os.path.join(ROOT, "docs/bench-results.json"), help="JSON results")
+    ap.add_argument("--skip-tract", action="store_true", help="skip the tract rows (information only)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs/bench-results.json"))
     a = ap.parse_args()
-    bench = os.path.join(a.bin_dir, "examples", "bench_classifier")
-    http_bin, worker_bin = os.path.join(a.bin_dir, "imgclf-http"), os.path.join(a.bin_dir, "imgclf-worker")
+    bins = {"http": os.path.join(a.bin_dir, "imgclf-http"), "worker": os.path.join(a.bin_dir, "imgclf-worker"),
+            "classifier": os.path.join(a.bin_dir, "examples", "bench_classifier"),
+            "load": os.path.join(a.bin_dir, "examples", "bench_load")}
     batches = [int(b) for b in a.batches.split(",")]
-    results = {"machine": f"{os.cpu_count()} cores", "threads": a.threads, "rows": []}
-    rows = results["rows"]
+    cores = os.cpu_count()
+    photo_dir = os.path.join(tempfile.gettempdir(), "imgclf-bench-photos")
+    shutil.rmtree(photo_dir, ignore_errors=True)
+    photos = benchmark_photos(photo_dir)
+    large = [p for p in photos if 1.0 <= megapixels(p) <= 4.2]
+    cpu = cpu_info()
+    results = {"cpu": cpu, "photos": {os.path.basename(p): round(megapixels(p), 2) for p in photos}, "models": {}}
+    print(f"CPU: {cpu['model']}, {cpu['cores']} cores, {' '.join(cpu['flags'])}")
+    print(f"photos: {len(photos)} ({len(large)} of 1-4 MP), {min(results['photos'].values())}-"
+          f"{max(results['photos'].values())} MP, mean {statistics.mean(results['photos'].values()):.2f} MP\n", flush=True)
+    verdicts = []
 
-    def median_run(run):
-        runs = sorted((run() for _ in range(a.repeat)), key=lambda r: r["images_per_s"])
-        median = runs[len(runs) // 2]
-        median["runs_images_per_s"] = [round(r["images_per_s"], 1) for r in runs]
-        return median
+    def verdict(what, value, target, higher_is_better=True, unit=""):
+        ok = value >= target if higher_is_better else value <= target
+        verdicts.append((what, value, target, ok, unit, higher_is_better))
 
-    def add(what, model, batch, r):
-        rows.append(dict(what=what, model=model, batch=batch, **r))
-        print(f"{what:34s} {model:18s} batch {batch:>2}: {r['images_per_s']:7.1f} img/s  "
-              f"p50 {r['p50_ms']:7.1f} ms  p95 {r['p95_ms']:7.1f} ms  RSS {r['rss_mib']:6.0f} MiB", flush=True)
-
+    pillow = pillow_preprocess_ms(photos)
     for model in a.models.split(","):
         model_dir = MODELS[model]
+        m = results["models"][model] = {"classifier": []}
+        print(f"== {model}", flush=True)
+        raw = {}
         for batch in batches:
-            add("onnxruntime (Python, the limit)", model, batch, raw_onnxruntime(model_dir, batch, a.seconds, a.threads))
-            for backend in ("ort", "tract"):
-                add(f"imgclf classifier ({backend})", model, batch,
-                    imgclf_classifier(bench, backend, model_dir, batch, a.seconds, a.threads))
+            raw[batch] = raw_onnxruntime(model_dir, photos, batch, a.seconds, 1)
+            ours = imgclf_classifier(bins["classifier"], "ort", model_dir, photo_dir, batch, a.seconds, 1)
+            m["classifier"].append({"batch": batch, "raw": raw[batch], "ort": {k: v for k, v in ours.items() if k != "preprocess_ms_by_photo"}})
+            print(f"  batch {batch:>2}, 1 thread: onnxruntime {raw[batch]['images_per_s']:6.1f} img/s, imgclf ort "
+                  f"{ours['images_per_s']:6.1f} img/s ({ours['images_per_s'] / raw[batch]['images_per_s']:.2f}), RSS {ours['rss_mib']:.0f} MiB", flush=True)
+            if not a.skip_tract:
+                tract = imgclf_classifier(bins["classifier"], "tract", model_dir, photo_dir, batch, a.seconds, 1)
+                m["classifier"][-1]["tract"] = {k: v for k, v in tract.items() if k != "preprocess_ms_by_photo"}
+                print(f"           tract {tract['images_per_s']:6.1f} img/s", flush=True)
+            pre_by_photo = ours["preprocess_ms_by_photo"]
+        best = min(raw, key=lambda b: raw[b]["ms_per_image"])
+        t_inf, t_pre = raw[best]["ms_per_image"], statistics.mean(pre_by_photo.values())
+        bound = cores / (t_pre + t_inf) * 1e3
+        m.update(t_inf_ms=t_inf, t_inf_batch=best, t_pre_ms=t_pre, bound_images_per_s=bound)
+        print(f"  t_inf {t_inf:.2f} ms (raw onnxruntime, 1 thread, batch {best}), t_pre {t_pre:.2f} ms "
+              f"(imgclf, mean over the photos): bound {cores} / {t_pre + t_inf:.2f} ms = {bound:.1f} img/s", flush=True)
+        for row in m["classifier"]:
+            verdict(f"{model}: ort classifier / raw onnxruntime, batch {row['batch']}",
+                    row["ort"]["images_per_s"] / row["raw"]["images_per_s"], TARGETS["ort_vs_raw"])
 
-    lite = MODELS["efficientnet-lite0"]
-    common = {"IMGCLF_CLASSIFIER": "ort", "IMGCLF_INTRA_THREADS": str(a.threads), "IMGCLF_MODEL": lite,
-              "IMGCLF_PREPROCESS_THREADS": "1", "IMGCLF_MAX_BATCH": "8"}
-    add("embedded pipeline over HTTP (ort)", "efficientnet-lite0", 8,
-        median_run(lambda: pipeline(http_bin, worker_bin, common, a.tasks, 0)))
-    # What `cargo run --release -p imgclf-http` gives: tract, every setting at its default.
-    add("embedded, the defaults (tract)", "efficientnet-lite0", 8,
-        median_run(lambda: pipeline(http_bin, worker_bin, {"IMGCLF_MODEL": lite}, a.tasks, 0)))
-    if not a.skip_distributed:
-        # Over the test suite's S3 server (moto, Python) and, where bench.sh started it, over a
-        # compiled one (s3s-fs, Rust), closer to what MinIO or AWS cost the machine.
-        s3_servers = {"moto": os.environ["IMGCLF_TEST_S3"]}
-        if os.environ.get("IMGCLF_BENCH_S3S"):
-            s3_servers["s3s-fs"] = os.environ["IMGCLF_BENCH_S3S"]
-        for s3_name, endpoint in s3_servers.items():
-            def distributed():
-                env = dict(common,
-                    IMGCLF_QUEUE=os.environ["IMGCLF_TEST_AMQP"], IMGCLF_QUEUE_NAME=f"bench-{uuid.uuid4().hex}",
-                    IMGCLF_RESULTS=os.environ["IMGCLF_TEST_POSTGRES"], IMGCLF_STORAGE=f"s3://bench-{uuid.uuid4().hex}",
-                    IMGCLF_S3_ENDPOINT=endpoint, IMGCLF_S3_ACCESS_KEY="test", IMGCLF_S3_SECRET_KEY="testtest")
-                return pipeline(http_bin, worker_bin, env, a.tasks, 1)
-            add(f"distributed (ort, AMQP, S3 {s3_name})", "efficientnet-lite0", 8, median_run(distributed))
+        def run(name, env, workers, tasks, clients):
+            runs = sorted((pipeline(bins, dict(env, IMGCLF_MODEL=model_dir), workers, tasks, clients, photos)
+                           for _ in range(a.repeat if clients > 1 else 1)), key=lambda r: r["images_per_s"])
+            r = runs[len(runs) // 2]
+            r["runs_images_per_s"] = [round(x["images_per_s"], 1) for x in runs]
+            r["ratio_to_bound"] = r["images_per_s"] / bound
+            m[name] = r
+            print(f"  {name:34s} {r['images_per_s']:6.1f} img/s = {r['ratio_to_bound']:.2f} of the bound "
+                  f"(runs {r['runs_images_per_s']}), mean batch {r['mean_batch']}, RSS {r['rss_mib']} MiB\n"
+                  f"      CPU ms per image: {r['cpu_ms_per_image']}", flush=True)
+            return r
 
-    pillow = pillow_preprocess_ms()
-    ours = [r["preprocess_ms"] for r in rows if "preprocess_ms" in r]
-    results["preprocess"] = {"pillow_ms": pillow, "imgclf_ms": statistics.mean(ours), "speedup": pillow / statistics.mean(ours)}
-    print(f"\npreprocessing per image: Pillow {pillow:.2f} ms, imgclf {statistics.mean(ours):.2f} ms "
-          f"({pillow / statistics.mean(ours):.2f}x)")
+        ort_env = {"IMGCLF_CLASSIFIER": "ort"}
+        r = run("embedded (ort)", ort_env, 0, a.tasks, a.clients)
+        verdict(f"{model}: embedded / bound", r["ratio_to_bound"], TARGETS["embedded"])
+        if not a.skip_distributed:
+            def distributed_env():
+                return dict(ort_env, IMGCLF_QUEUE=os.environ["IMGCLF_TEST_AMQP"], IMGCLF_QUEUE_NAME=f"bench-{uuid.uuid4().hex}",
+                            IMGCLF_RESULTS=os.environ["IMGCLF_TEST_POSTGRES"], IMGCLF_STORAGE=f"s3://bench-{uuid.uuid4().hex}",
+                            IMGCLF_S3_ENDPOINT=os.environ["IMGCLF_BENCH_S3S"], IMGCLF_S3_ACCESS_KEY="test",
+                            IMGCLF_S3_SECRET_KEY="testtest")
+            r = run("distributed (ort, AMQP, PG, s3s-fs)", distributed_env(), 1, a.tasks, a.clients)
+            verdict(f"{model}: distributed / bound", r["ratio_to_bound"], TARGETS["distributed"])
+        if not a.skip_tract:
+            run("embedded (tract)", {"IMGCLF_CLASSIFIER": "tract"}, 0, a.tasks, a.clients)
 
-    limit = max(r["images_per_s"] for r in rows if r["what"].startswith("onnxruntime") and r["model"] == "efficientnet-lite0")
-    print(f"\nratios to the limit (best raw onnxruntime, EfficientNet-Lite0: {limit:.1f} img/s):")
-    raw = {r["batch"]: r["images_per_s"] for r in rows
-           if r["what"].startswith("onnxruntime") and r["model"] == "efficientnet-lite0"}
-    for r in rows:
-        if r["model"] == "efficientnet-lite0":
-            r["ratio_to_limit"] = r["images_per_s"] / limit
-            same = f"  ({r['images_per_s'] / raw[r['batch']]:.2f} of raw onnxruntime at batch {r['batch']})" \
-                if r["batch"] in raw else ""
-            runs = f"  runs: {r['runs_images_per_s']} img/s" if "runs_images_per_s" in r else ""
-            print(f"  {r['what']:34s} batch {r['batch']:>2}: {r['ratio_to_limit']:.2f}{same}{runs}")
+        # One client: each photo's latency against its own t_pre + t_inf (batch 1, as it runs).
+        r = run("embedded (ort), one client", ort_env, 0, 3 * len(photos), 1)
+        t_inf1 = raw[1]["ms_per_image"] if 1 in raw else t_inf
+        excess = {name: statistics.median(ms) - (pre_by_photo[name] + t_inf1) for name, ms in r["latency_ms_by_photo"].items()}
+        r["excess_ms_by_photo"] = excess
+        print(f"  one client: p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms; above t_pre + t_inf (batch 1: "
+              f"{t_inf1:.2f} ms): median {statistics.median(excess.values()):+.2f} ms, worst {max(excess.values()):+.2f} ms "
+              f"({max(excess, key=excess.get)})", flush=True)
+        verdict(f"{model}: latency above t_pre + t_inf, worst photo", max(excess.values()), TARGETS["latency_excess_ms"], False, " ms")
+        print(flush=True)
+
+    ours_large = statistics.mean(pre_by_photo[os.path.basename(p)] for p in large)
+    pillow_large = statistics.mean(pillow[os.path.basename(p)] for p in large)
+    ours_all, pillow_all = statistics.mean(pre_by_photo.values()), statistics.mean(pillow.values())
+    results["preprocess"] = {"pillow_ms_by_photo": pillow, "imgclf_ms_by_photo": pre_by_photo,
+                             "large": {"pillow_ms": pillow_large, "imgclf_ms": ours_large, "speedup": pillow_large / ours_large},
+                             "all": {"pillow_ms": pillow_all, "imgclf_ms": ours_all, "speedup": pillow_all / ours_all}}
+    print(f"preprocessing per photo, 1-4 MP: Pillow {pillow_large:.2f} ms, imgclf {ours_large:.2f} ms ({pillow_large / ours_large:.2f}x); "
+          f"all photos: {pillow_all:.2f} / {ours_all:.2f} ms ({pillow_all / ours_all:.2f}x)")
+    verdict("preprocessing speed-up over Pillow, 1-4 MP photos", pillow_large / ours_large, TARGETS["preprocess_speedup"], unit="x")
+
+    print(f"\ntargets ({cpu['model']}, {cores} cores):")
+    for what, value, target, ok, unit, higher in verdicts:
+        print(f"  {'met   ' if ok else 'MISSED'} {what:58s} {value:6.2f}{unit} ({'>=' if higher else '<='} {target}{unit})")
+    results["targets"] = [dict(what=w, value=v, target=t, met=ok) for w, v, t, ok, _, _ in verdicts]
     with open(a.out, "w") as f:
         json.dump(results, f, indent=1)
-    if len(batches) < 2 or a.models != ",".join(MODELS):
-        return  # a partial run: keep the plot of the last full one
+    plot(results)
+
+
+def plot(results):
+    """Each pipeline's throughput against its model's bound."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for ax, model in zip(axes, MODELS):
-            for what in sorted({r["what"] for r in rows if "classifier" in r["what"] or "onnxruntime" in r["what"]}):
-                pts = [(r["batch"], r["images_per_s"]) for r in rows if r["what"] == what and r["model"] == model]
-                ax.plot(*zip(*pts), marker="o", label=what)
-            ax.set_title(model)
-            ax.set_xlabel("batch size")
-            ax.set_ylabel("images/s")
-            ax.set_xticks(batches)
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
-        fig.savefig(os.path.join(ROOT, "docs/throughput.png"), dpi=110)
     except ImportError:
         print("(matplotlib missing: no plot)")
+        return
+    models = results["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, (model, m) in zip(axes[0], models.items()):
+        names = [k for k, v in m.items() if isinstance(v, dict) and "ratio_to_bound" in v and "one client" not in k]
+        values = [m[k]["images_per_s"] for k in names]
+        bars = ax.bar(range(len(names)), values, color="#4a7ab5")
+        ax.axhline(m["bound_images_per_s"], color="#c0392b", linestyle="--", label=f"bound {m['bound_images_per_s']:.0f} img/s")
+        for bar, k in zip(bars, names):
+            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{m[k]['ratio_to_bound']:.2f}", ha="center", va="bottom")
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels([n.replace(" (", "\n(") for n in names], fontsize=8)
+        ax.set_ylabel("images/s")
+        ax.set_title(model)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{results['cpu']['model']}, {results['cpu']['cores']} cores", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
+    fig.savefig(os.path.join(ROOT, "docs/throughput.png"), dpi=110)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the release binaries, starts the services, installs what the Python side needs, and
-# runs scripts/bench.py (arguments pass through). Figures go to BENCHMARKS.md by hand.
+# runs scripts/bench.py (arguments pass through): it prints every figure and ratio, writes
+# docs/bench-results.json and docs/throughput.png. BENCHMARKS.md quotes a full run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/services.sh)"
@@ -10,5 +11,5 @@ python3 -m pip install --quiet --disable-pip-version-check numpy pillow onnxrunt
 # The distributed pipeline also runs over the compiled S3 server services.sh started.
 export IMGCLF_BENCH_S3S="$IMGCLF_TEST_S3_SECOND"
 cargo build --release --workspace --bins >&2
-cargo build --release --workspace --example bench_classifier >&2
+cargo build --release --example bench_classifier --example bench_load >&2
 exec python3 scripts/bench.py --bin-dir "${CARGO_TARGET_DIR:-target}/release" "$@"

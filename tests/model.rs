@@ -272,7 +272,7 @@ fn auto_runs_onnx_runtime_when_its_library_is_found() {
         ort_library: found,
         ..Default::default()
     };
-    let handle = imgclf::classifier::spawn("auto", spec, &options, 2).expect("spawns");
+    let handle = imgclf::classifier::spawn("auto", spec, &options, Some(2)).expect("spawns");
     assert_eq!(handle.backend(), "ort");
 }
 

@@ -222,10 +222,7 @@ async fn every_dashboard_and_alert_metric_is_exported() {
         results: Arc::new(MemoryResults::new()),
         notifier: Arc::new(NoopNotifier),
     };
-    let config = PipelineConfig {
-        max_batch: 4,
-        ..PipelineConfig::default()
-    };
+    let config = PipelineConfig::default();
     let pipeline = Arc::new(Pipeline::new(ports, handle, config));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let worker = tokio::spawn(pipeline.clone().run_worker(stopped));

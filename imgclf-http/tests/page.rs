@@ -51,10 +51,7 @@ async fn start_server() -> Server {
         results: Arc::new(MemoryResults::new()),
         notifier: Arc::new(NoopNotifier),
     };
-    let config = PipelineConfig {
-        max_batch: 4,
-        ..PipelineConfig::default()
-    };
+    let config = PipelineConfig::default();
     let pipeline = Arc::new(Pipeline::new(ports, model, config));
     let (stop_worker, worker_stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(pipeline.clone().run_worker(worker_stopped));

@@ -26,7 +26,8 @@ use crate::task::{
 };
 use crate::BoxError;
 
-/// Images per inference batch, by default.
+/// Most images per inference batch where none is set and none is measured (the AMQP prefetch
+/// is sized from it).
 pub const DEFAULT_MAX_BATCH: usize = 8;
 /// Classes returned per image, by default.
 pub const DEFAULT_TOP_K: usize = 5;
@@ -64,8 +65,6 @@ pub struct Ports {
 /// Limits and knobs shared by both sides.
 #[derive(Clone, Debug)]
 pub struct PipelineConfig {
-    /// Most images per inference batch.
-    pub max_batch: usize,
     /// Most decoded pixels per image.
     pub max_pixels: u64,
     /// Classes returned per image.
@@ -105,7 +104,6 @@ pub struct PipelineConfig {
 impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
-            max_batch: DEFAULT_MAX_BATCH,
             max_pixels: preprocess::DEFAULT_MAX_PIXELS,
             top_k: DEFAULT_TOP_K,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
@@ -125,6 +123,52 @@ impl Default for PipelineConfig {
     }
 }
 
+/// Who waits for which task in this process: a task's end wakes its own waiters, not every
+/// waiter (each of which would read the result store again).
+#[derive(Default)]
+struct Waiters(std::sync::Mutex<std::collections::HashMap<TaskId, Arc<Notify>>>);
+
+/// One waiter's registration; dropping it forgets the task once no one else waits for it.
+struct Watch<'a> {
+    waiters: &'a Waiters,
+    id: TaskId,
+    notify: Arc<Notify>,
+}
+
+impl Waiters {
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<TaskId, Arc<Notify>>> {
+        // Only inserts and removes happen under the lock: a panic leaves the map whole.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn watch(&self, id: TaskId) -> Watch<'_> {
+        let notify = self.map().entry(id).or_default().clone();
+        Watch {
+            waiters: self,
+            id,
+            notify,
+        }
+    }
+
+    fn wake(&self, id: TaskId) {
+        if let Some(notify) = self.map().get(&id) {
+            notify.notify_waiters();
+        }
+    }
+}
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        let mut map = self.waiters.map();
+        // Clones are made and dropped under the lock: two references are the map's and ours.
+        if Arc::strong_count(&self.notify) == 2 {
+            map.remove(&self.id);
+        }
+    }
+}
+
 /// What both sides share inside one process.
 #[derive(Clone)]
 struct Shared {
@@ -133,8 +177,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// Decoding and preprocessing slots: one pool for upload checks and worker preprocessing.
     cpu_slots: Arc<Semaphore>,
-    /// Woken whenever a task of this process becomes final, so waiters need not poll.
-    finished: Arc<Notify>,
+    /// Waiters for tasks this process may finish, so that they need not poll.
+    waiters: Arc<Waiters>,
 }
 
 impl Shared {
@@ -144,7 +188,7 @@ impl Shared {
             ports,
             config,
             metrics: Arc::new(Metrics::new()),
-            finished: Arc::new(Notify::new()),
+            waiters: Arc::default(),
         }
     }
 
@@ -334,17 +378,24 @@ impl Submitter {
         metadata.insert("object_name".into(), key.clone().into());
         let record = TaskRecord::pending(task_id, key.clone(), metadata, upload.callback_url);
 
-        storage
-            .put(&key, upload.bytes)
-            .await
-            .map_err(|e| SubmitError::unavailable("storing the image")(e.into()))?;
-        match results.create(&record).await {
-            Ok(()) => {}
-            // A concurrent upload with the same idempotency key won; its task is this one.
-            Err(ResultsError::Conflict(_)) if upload.idempotency_key.is_some() => {
+        // Both writes at once: each waits on its own disk flush. Nothing is queued until both
+        // hold, so no worker sees a record without its image.
+        let (stored, created) =
+            tokio::join!(storage.put(&key, upload.bytes), results.create(&record));
+        match (stored, created) {
+            (Ok(()), Ok(())) => {}
+            // A concurrent upload with the same idempotency key won; its task is this one (and
+            // the image under its key holds the same bytes).
+            (_, Err(ResultsError::Conflict(_))) if upload.idempotency_key.is_some() => {
                 return Ok(task_id)
             }
-            Err(e) => {
+            (Err(e), created) => {
+                if created.is_ok() {
+                    let _ = results.delete(task_id).await;
+                }
+                return Err(SubmitError::unavailable("storing the image")(e.into()));
+            }
+            (Ok(()), Err(e)) => {
                 let _ = storage.delete(&key).await;
                 return Err(SubmitError::unavailable("recording the task")(e.into()));
             }
@@ -423,7 +474,8 @@ impl Submitter {
         let mut interval = Duration::from_millis(20);
         loop {
             // Registered before the read, so a completion between the two is not missed.
-            let finished = self.shared.finished.notified();
+            let watch = self.shared.waiters.watch(id);
+            let finished = watch.notify.notified();
             tokio::pin!(finished);
             finished.as_mut().enable();
             let record = self.status(id).await?;
@@ -564,7 +616,7 @@ impl Worker {
 
     fn with(shared: Shared, classifier: ClassifierHandle) -> Self {
         classifier.record_batch_sizes(shared.metrics.batch_size.clone());
-        let classify_slots = Semaphore::new(4 * shared.config.max_batch.max(1));
+        let classify_slots = Semaphore::new(4 * classifier.max_batch() * classifier.instances());
         Self {
             shared,
             classifier,
@@ -617,9 +669,16 @@ impl Worker {
     /// waits up to `drain_timeout` for the jobs in hand. Jobs still unfinished then are dropped
     /// unacknowledged, so the queue delivers them again.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        // Two batches in flight: one in the model, the next being fetched and preprocessed.
-        let max_batch = self.shared.config.max_batch.max(1);
-        let slots = Arc::new(Semaphore::new(2 * max_batch));
+        // Jobs in hand for a batch per core (as many instances as the pool may grow to) and
+        // every preprocessing thread, twice over: one set in the model, the next being fetched,
+        // preprocessed and stored; at least two default batches, so that waits on storage and
+        // the result store never starve the cores.
+        let (classifier, config) = (&self.classifier, &self.shared.config);
+        let max_batch = classifier.max_batch();
+        let cores = crate::cores();
+        let in_hand =
+            2 * (cores * max_batch + config.preprocess_threads.max(1)).max(DEFAULT_MAX_BATCH);
+        let slots = Arc::new(Semaphore::new(in_hand));
         let mut running = JoinSet::new();
         let mut backoff = Duration::from_millis(100);
         let sweeper = tokio::spawn(self.clone().sweep());
@@ -637,7 +696,7 @@ impl Worker {
                 permit = slots.clone().acquire_owned() => permit.expect("never closed"),
                 _ = stop(&mut shutdown) => break,
             };
-            let max = (1 + slots.available_permits()).min(max_batch);
+            let max = (1 + slots.available_permits()).min(max_batch.max(DEFAULT_MAX_BATCH));
             let received = tokio::select! {
                 received = self.shared.ports.queue.receive(max, Duration::from_secs(1)) => received,
                 _ = stop(&mut shutdown) => break,
@@ -888,7 +947,15 @@ impl Worker {
         let Ports {
             storage, results, ..
         } = &self.shared.ports;
-        let record = match results.start(job.task_id).await.map_err(JobError::Start)? {
+        // The image is fetched while the start is recorded: both wait on I/O. (A duplicate
+        // delivery of a final task fetches it for nothing; that is rare.)
+        let fetch = async {
+            let started = Instant::now();
+            let bytes = storage.get(&job.object_key).await;
+            (bytes, self.shared.observe("fetch", started))
+        };
+        let (record, (bytes, fetch_ms)) = tokio::join!(results.start(job.task_id), fetch);
+        let record = match record.map_err(JobError::Start)? {
             Some(record) if record.state.is_final() => return Ok(None),
             Some(record) => record,
             None => {
@@ -913,12 +980,8 @@ impl Worker {
                 .observe(timings.queue_wait_ms / 1000.0);
         }
 
-        let started = Instant::now();
-        let bytes = storage
-            .get(&job.object_key)
-            .await
-            .map_err(JobError::Fetch)?;
-        timings.fetch_ms = self.shared.observe("fetch", started);
+        let bytes = bytes.map_err(JobError::Fetch)?;
+        timings.fetch_ms = fetch_ms;
 
         let started = Instant::now();
         let tensor = self.tensor(bytes).await.map_err(JobError::Image)?;
@@ -974,7 +1037,7 @@ impl Worker {
         let latency = (now_ms() - record.created_at_ms).max(0) as f64 / 1000.0;
         tracing::info!(state = %record.state, latency_ms = latency * 1000.0, "task finished");
         self.shared.metrics.task_latency.observe(latency);
-        self.shared.finished.notify_waiters();
+        self.shared.waiters.wake(record.task_id);
         if record.callback_url.is_some() {
             self.callbacks_due.notify_one();
         }

@@ -75,7 +75,6 @@ pub fn service_on(
         notifier,
     };
     let config = PipelineConfig {
-        max_batch: 4,
         max_pixels: MAX_PIXELS,
         retry_backoff: Duration::from_millis(50),
         ..base

@@ -22,16 +22,48 @@ struct Request {
 ///
 /// Batches form greedily, with no timer: a free thread takes one waiting image, then whatever
 /// else is already queued up to `max_batch`. While the model runs, the next batch accumulates.
+///
+/// A pool that may grow ([`Self::spawn_growing`]) adds an instance, up to its limit, when
+/// images keep waiting for the model: inference has become the slower stage (larger models,
+/// smaller photos than measured at start), and another instance takes a share of the cores
+/// that preprocessing leaves idle.
 #[derive(Clone)]
 pub struct ClassifierHandle {
     tx: mpsc::UnboundedSender<Request>,
     spec: Arc<ModelSpec>,
     backend: &'static str,
-    /// Instances warmed up; ready when all of them are.
-    warmed: Arc<AtomicUsize>,
-    instances: usize,
-    batch_sizes: Arc<OnceLock<Histogram>>,
+    pool: Arc<Pool>,
+    max_batch: usize,
 }
+
+/// What the inference threads share.
+struct Pool {
+    rx: Mutex<mpsc::UnboundedReceiver<Request>>,
+    max_batch: usize,
+    batch_sizes: OnceLock<Histogram>,
+    /// Instances started, and warmed up.
+    instances: AtomicUsize,
+    warmed: AtomicUsize,
+    /// Instances that must be warm for the handle to be ready: those it started with.
+    initial: usize,
+    growth: Option<Growth>,
+}
+
+/// How a pool adds instances: a factory, a limit, and how long images have kept waiting.
+struct Growth {
+    build: Factory,
+    limit: usize,
+    /// Batches in a row after which images were still waiting.
+    backlog_streak: AtomicUsize,
+    growing: std::sync::atomic::AtomicBool,
+}
+
+/// Builds one more instance of the model.
+pub type Factory = Box<dyn Fn() -> Result<Box<dyn Classifier>, ClassifyError> + Send + Sync>;
+
+/// Batches in a row that leave images waiting before the pool grows: a sustained backlog, not
+/// a burst.
+const GROW_AFTER: usize = 32;
 
 impl ClassifierHandle {
     /// One model on one thread.
@@ -40,50 +72,63 @@ impl ClassifierHandle {
     }
 
     /// Several instances of one model, each on its own thread, taking batches from one queue:
-    /// for single-threaded backends (tract), so that inference can use more than one core.
+    /// for single-threaded backends, so that inference can use more than one core.
     pub fn spawn_pool(classifiers: Vec<Box<dyn Classifier>>, max_batch: usize) -> Self {
+        Self::start(classifiers, max_batch, None)
+    }
+
+    /// Like [`Self::spawn_pool`], and adds instances built by `build`, up to `limit` in all,
+    /// while images keep waiting for the model.
+    pub fn spawn_growing(
+        classifiers: Vec<Box<dyn Classifier>>,
+        max_batch: usize,
+        build: Factory,
+        limit: usize,
+    ) -> Self {
+        let growth = Growth {
+            build,
+            limit,
+            backlog_streak: AtomicUsize::new(0),
+            growing: false.into(),
+        };
+        Self::start(classifiers, max_batch, Some(growth))
+    }
+
+    fn start(
+        classifiers: Vec<Box<dyn Classifier>>,
+        max_batch: usize,
+        growth: Option<Growth>,
+    ) -> Self {
         assert!(!classifiers.is_empty(), "at least one classifier");
         let max_batch = max_batch.max(1);
         let spec = Arc::new(classifiers[0].spec().clone());
         let backend = classifiers[0].backend();
-        let warmed = Arc::new(AtomicUsize::new(0));
-        let instances = classifiers.len();
         let (tx, rx) = mpsc::unbounded_channel::<Request>();
-        let rx = Arc::new(Mutex::new(rx));
-        let batch_sizes = Arc::new(OnceLock::<Histogram>::new());
-        for (i, mut classifier) in classifiers.into_iter().enumerate() {
-            let rx = rx.clone();
-            let (warmed, batch_sizes) = (warmed.clone(), batch_sizes.clone());
-            std::thread::Builder::new()
-                .name(format!("imgclf-infer-{i}"))
-                .spawn(move || {
-                    // Warm up on the largest batch so the first real one does not pay for
-                    // compiling; ready once every instance has.
-                    let len = classifier.spec().transform.tensor_len();
-                    match classifier.classify(&vec![0.0; len * max_batch], max_batch) {
-                        Ok(_) => {
-                            warmed.fetch_add(1, Ordering::Release);
-                        }
-                        Err(error) => tracing::error!(%error, "classifier warm-up failed"),
-                    }
-                    serve(classifier, &rx, max_batch, &batch_sizes);
-                })
-                .expect("spawning an inference thread");
+        let pool = Arc::new(Pool {
+            rx: Mutex::new(rx),
+            max_batch,
+            batch_sizes: OnceLock::new(),
+            instances: AtomicUsize::new(classifiers.len()),
+            warmed: AtomicUsize::new(0),
+            initial: classifiers.len(),
+            growth,
+        });
+        for (i, classifier) in classifiers.into_iter().enumerate() {
+            pool.clone().run_instance(i, classifier);
         }
         Self {
             tx,
             spec,
             backend,
-            warmed,
-            instances,
-            batch_sizes,
+            pool,
+            max_batch,
         }
     }
 
     /// Observes the size of every batch the model runs from now on (the first histogram given
     /// wins).
     pub fn record_batch_sizes(&self, histogram: Histogram) {
-        let _ = self.batch_sizes.set(histogram);
+        let _ = self.pool.batch_sizes.set(histogram);
     }
 
     /// The model these threads run.
@@ -96,14 +141,19 @@ impl ClassifierHandle {
         self.backend
     }
 
-    /// Instances of the model, each on its own thread.
+    /// Instances of the model, each on its own thread (a growing pool may add more).
     pub fn instances(&self) -> usize {
-        self.instances
+        self.pool.instances.load(Ordering::Acquire)
     }
 
-    /// True once every instance of the model is loaded and has run one batch.
+    /// Most images per batch.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    /// True once every instance the model started with is loaded and has run one batch.
     pub fn is_ready(&self) -> bool {
-        self.warmed.load(Ordering::Acquire) == self.instances
+        self.pool.warmed.load(Ordering::Acquire) >= self.pool.initial
     }
 
     /// Classifies one preprocessed image; returns its logits.
@@ -116,62 +166,122 @@ impl ClassifierHandle {
     }
 }
 
-/// One inference thread: takes one waiting image, then whatever else is queued up to
-/// `max_batch` (holding the queue only while it collects), runs the batch, answers each image.
-fn serve(
-    mut classifier: Box<dyn Classifier>,
-    rx: &Mutex<mpsc::UnboundedReceiver<Request>>,
-    max_batch: usize,
-    batch_sizes: &OnceLock<Histogram>,
-) {
-    let len = classifier.spec().transform.tensor_len();
-    let mut batch = Vec::with_capacity(len * max_batch);
-    let mut replies = Vec::with_capacity(max_batch);
-    loop {
-        {
-            // A thread that panicked holding the lock left the receiver intact.
-            let mut rx = rx.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let Some(first) = rx.blocking_recv() else {
-                return;
+impl Pool {
+    /// Starts instance `i` on a thread of its own: it warms up on the largest batch (so the
+    /// first real one does not pay for compiling), then serves.
+    fn run_instance(self: Arc<Self>, i: usize, mut classifier: Box<dyn Classifier>) {
+        std::thread::Builder::new()
+            .name(format!("imgclf-infer-{i}"))
+            .spawn(move || {
+                let (len, n) = (classifier.spec().transform.tensor_len(), self.max_batch);
+                match classifier.classify(&vec![0.0; len * n], n) {
+                    Ok(_) => {
+                        self.warmed.fetch_add(1, Ordering::Release);
+                    }
+                    Err(error) => tracing::error!(%error, "classifier warm-up failed"),
+                }
+                self.serve(classifier);
+            })
+            .expect("spawning an inference thread");
+    }
+
+    /// One inference thread: takes one waiting image, then whatever else is queued up to
+    /// `max_batch` (holding the queue only while it collects), runs the batch, answers each
+    /// image.
+    fn serve(self: &Arc<Self>, mut classifier: Box<dyn Classifier>) {
+        let (len, max_batch) = (classifier.spec().transform.tensor_len(), self.max_batch);
+        let mut batch = Vec::with_capacity(len * max_batch);
+        let mut replies = Vec::with_capacity(max_batch);
+        loop {
+            let waiting = {
+                // A thread that panicked holding the lock left the receiver intact.
+                let mut rx = self
+                    .rx
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                let Some(first) = rx.blocking_recv() else {
+                    return;
+                };
+                let mut next = Some(first);
+                while let Some(request) = next.take() {
+                    if request.tensor.len() == len {
+                        batch.extend_from_slice(&request.tensor);
+                        replies.push(request.reply);
+                    } else {
+                        let error = ClassifyError::Inference(format!(
+                            "tensor of {} values, expected {len}",
+                            request.tensor.len()
+                        ));
+                        let _ = request.reply.send(Err(Arc::new(error)));
+                    }
+                    if replies.len() < max_batch {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                rx.len()
             };
-            let mut next = Some(first);
-            while let Some(request) = next.take() {
-                if request.tensor.len() == len {
-                    batch.extend_from_slice(&request.tensor);
-                    replies.push(request.reply);
-                } else {
-                    let error = ClassifyError::Inference(format!(
-                        "tensor of {} values, expected {len}",
-                        request.tensor.len()
-                    ));
-                    let _ = request.reply.send(Err(Arc::new(error)));
+            self.watch_backlog(waiting);
+            if replies.is_empty() {
+                continue;
+            }
+            let n = replies.len();
+            if let Some(histogram) = self.batch_sizes.get() {
+                histogram.observe(n as f64);
+            }
+            let _span = tracing::debug_span!("infer", n).entered();
+            match classifier.classify(&batch, n) {
+                Ok(rows) => {
+                    for (reply, row) in replies.drain(..).zip(rows) {
+                        let _ = reply.send(Ok(row));
+                    }
                 }
-                if replies.len() < max_batch {
-                    next = rx.try_recv().ok();
+                Err(error) => {
+                    let error = Arc::new(error);
+                    for reply in replies.drain(..) {
+                        let _ = reply.send(Err(error.clone()));
+                    }
                 }
             }
+            batch.clear();
         }
-        if replies.is_empty() {
-            continue;
+    }
+
+    /// Adds an instance (on a thread of its own, which builds it) once images have been left
+    /// waiting after [`GROW_AFTER`] batches in a row, while the pool is below its limit.
+    fn watch_backlog(self: &Arc<Self>, waiting: usize) {
+        let Some(growth) = &self.growth else { return };
+        if waiting == 0 {
+            growth.backlog_streak.store(0, Ordering::Relaxed);
+            return;
         }
-        let n = replies.len();
-        if let Some(histogram) = batch_sizes.get() {
-            histogram.observe(n as f64);
+        let streak = growth.backlog_streak.fetch_add(1, Ordering::Relaxed) + 1;
+        let instances = self.instances.load(Ordering::Acquire);
+        if streak < GROW_AFTER
+            || instances >= growth.limit
+            || growth.growing.swap(true, Ordering::AcqRel)
+        {
+            return;
         }
-        let _span = tracing::debug_span!("infer", n).entered();
-        match classifier.classify(&batch, n) {
-            Ok(rows) => {
-                for (reply, row) in replies.drain(..).zip(rows) {
-                    let _ = reply.send(Ok(row));
+        let pool = self.clone();
+        std::thread::spawn(move || {
+            let growth = pool.growth.as_ref().expect("a growing pool");
+            match (growth.build)() {
+                Ok(classifier) => {
+                    let i = pool.instances.fetch_add(1, Ordering::AcqRel);
+                    tracing::info!(
+                        instances = i + 1,
+                        waiting,
+                        "classifier: images keep waiting for the model; instance {} of at most \
+                         {} started",
+                        i + 1,
+                        growth.limit
+                    );
+                    pool.clone().run_instance(i, classifier);
                 }
+                Err(error) => tracing::warn!(%error, "classifier: adding an instance failed"),
             }
-            Err(error) => {
-                let error = Arc::new(error);
-                for reply in replies.drain(..) {
-                    let _ = reply.send(Err(error.clone()));
-                }
-            }
-        }
-        batch.clear();
+            growth.backlog_streak.store(0, Ordering::Relaxed);
+            growth.growing.store(false, Ordering::Release);
+        });
     }
 }

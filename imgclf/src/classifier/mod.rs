@@ -10,7 +10,7 @@ pub mod tuning;
 
 #[cfg(feature = "ort")]
 pub use self::ort::OrtClassifier;
-pub use handle::ClassifierHandle;
+pub use handle::{ClassifierHandle, Factory};
 #[cfg(feature = "tract")]
 pub use tract::TractClassifier;
 
@@ -197,53 +197,41 @@ impl Default for ClassifierOptions {
 }
 
 /// Loads `spec` into the named backend, as many instances as `options` say, each on its own
-/// inference thread feeding batches of up to `max_batch`. Blocking: compiles the model.
+/// inference thread feeding batches of up to `max_batch`; what they leave open (`None`) is
+/// measured here (see [`tuning`]). Blocking: compiles the model.
 pub fn spawn(
     name: &str,
     spec: ModelSpec,
     options: &ClassifierOptions,
-    max_batch: usize,
+    max_batch: Option<usize>,
 ) -> Result<ClassifierHandle, ClassifyError> {
     if name == AUTO {
         return spawn_auto(spec, options, max_batch);
     }
     let mut classifiers = vec![build(name, spec.clone(), options)?];
     let instances = match options.instances {
-        Some(instances) => instances.max(1),
+        Some(instances) => Some(instances),
         // Several threads per run asked for: one instance uses them.
-        None if options.intra_threads > 1 && name != "tract" => 1,
-        None => balance(classifiers[0].as_mut(), max_batch)?,
+        None if options.intra_threads > 1 && name != "tract" => Some(1),
+        None => None,
     };
-    for _ in 1..instances {
+    let choice = tuning::choose(classifiers[0].as_mut(), instances, max_batch)?;
+    for _ in 1..choice.instances {
         classifiers.push(build(name, spec.clone(), options)?);
     }
-    Ok(ClassifierHandle::spawn_pool(classifiers, max_batch))
-}
-
-/// Instances for this machine (see [`tuning`]), from one instance's measured inference and a
-/// photo's measured preprocessing; one log line gives the choice and the figures.
-fn balance(classifier: &mut dyn Classifier, max_batch: usize) -> Result<usize, ClassifyError> {
-    let cores = crate::cores();
-    if cores == 1 {
-        return Ok(1);
+    if instances.is_some() {
+        return Ok(ClassifierHandle::spawn_pool(classifiers, choice.max_batch));
     }
-    let inference = tuning::time_inference(classifier, max_batch)?;
-    let Some(preprocess) = tuning::time_preprocessing(classifier.spec()) else {
-        tracing::warn!("classifier: could not time preprocessing; one instance per core");
-        return Ok(cores);
-    };
-    let instances = tuning::balanced_instances(cores, preprocess, inference);
-    tracing::info!(
-        instances,
-        cores,
-        inference_ms = inference.as_secs_f64() * 1e3,
-        preprocess_ms = preprocess.as_secs_f64() * 1e3,
-        "classifier: {instances} instance(s) on {cores} cores: inference {:.1} ms and \
-         preprocessing {:.1} ms per image (IMGCLF_INFERENCE_THREADS sets it)",
-        inference.as_secs_f64() * 1e3,
-        preprocess.as_secs_f64() * 1e3,
-    );
-    Ok(instances)
+    // The count measured at start is re-checked while running: the pool grows, up to a
+    // model per core, while images wait for it.
+    let (name, options) = (name.to_owned(), options.clone());
+    let factory: Factory = Box::new(move || build(&name, spec.clone(), &options));
+    Ok(ClassifierHandle::spawn_growing(
+        classifiers,
+        choice.max_batch,
+        factory,
+        crate::cores(),
+    ))
 }
 
 /// `auto`: ONNX Runtime when its library is found and loads, tract otherwise; one log line says
@@ -251,7 +239,7 @@ fn balance(classifier: &mut dyn Classifier, max_batch: usize) -> Result<usize, C
 fn spawn_auto(
     spec: ModelSpec,
     options: &ClassifierOptions,
-    max_batch: usize,
+    max_batch: Option<usize>,
 ) -> Result<ClassifierHandle, ClassifyError> {
     #[cfg(feature = "ort")]
     if let Some(library) = find_ort_library(options.ort_library.as_deref()) {

@@ -1,11 +1,16 @@
-//! How many instances of the model to run when `IMGCLF_INFERENCE_THREADS` is unset: enough for
-//! inference and preprocessing to share the cores in proportion to what each costs per image,
-//! both measured at start on this machine.
+//! What to run when the settings leave it open, measured at start on this machine: the batch
+//! size (`IMGCLF_MAX_BATCH`) and the number of model instances (`IMGCLF_INFERENCE_THREADS`),
+//! so that inference and preprocessing share the cores in proportion to what each costs per
+//! image. One log line gives the choice and the figures behind it.
+//!
+//! The batch is the smallest of [`BATCHES`] whose time per image is within 3% of the best: a
+//! larger batch costs memory (the runtime's buffers grow with it) and latency for nothing.
 //!
 //! A choice made once at warm-up is enough: both costs depend on the model and the machine,
-//! which do not change while the process runs, and how cores are shared between two thread
-//! pools cannot be changed cheaply later anyway (an instance is a copy of the weights, built in
-//! seconds). What does vary is the photos: preprocessing grows with their pixels, so the
+//! which do not change while the process runs, and the two thread pools do not need a fixed
+//! split of the cores: preprocessing runs on one thread per core and every instance on its own
+//! thread, so whichever stage has work takes the cores the other leaves idle (the kernel shares
+//! them by demand). What varies is the photos: preprocessing grows with their pixels, so the
 //! measure uses a typical 2 MP photo. The count is rounded up: with fewer instances than
 //! inference's share, inference caps the throughput and part of a core idles, while one
 //! instance more only time-shares the cores with preprocessing. The memory of each extra
@@ -19,6 +24,97 @@ use crate::model::ModelSpec;
 
 /// Timed runs behind each figure (after one untimed run): the median is kept.
 const RUNS: usize = 3;
+
+/// Batch sizes tried at start when none is set.
+pub const BATCHES: [usize; 4] = [1, 2, 4, 8];
+
+/// What [`choose`] settled on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Choice {
+    /// Instances of the model, each on its own thread.
+    pub instances: usize,
+    /// Most images per batch.
+    pub max_batch: usize,
+}
+
+/// Settles what `instances` and `max_batch` leave open (`None`), measuring `classifier` and a
+/// photo's preprocessing on this machine; logs the choice in one line when it measured.
+pub fn choose(
+    classifier: &mut dyn Classifier,
+    instances: Option<usize>,
+    max_batch: Option<usize>,
+) -> Result<Choice, ClassifyError> {
+    let cores = crate::cores();
+    let instances = instances.map(|n| n.max(1));
+    if let Some(batch) = max_batch {
+        if instances.is_some() || cores == 1 {
+            return Ok(Choice {
+                instances: instances.unwrap_or(1),
+                max_batch: batch.max(1),
+            });
+        }
+    }
+    let timed: Vec<(usize, Duration)> = match max_batch {
+        Some(batch) => vec![(batch.max(1), time_inference(classifier, batch.max(1))?)],
+        None => BATCHES
+            .iter()
+            .map(|&batch| Ok((batch, time_inference(classifier, batch)?)))
+            .collect::<Result<_, ClassifyError>>()?,
+    };
+    let max_batch = best_batch(&timed);
+    let inference = timed
+        .iter()
+        .find(|(batch, _)| *batch == max_batch)
+        .map(|(_, t)| *t)
+        .expect("the chosen batch was timed");
+    let (instances, preprocess) = match instances {
+        Some(n) => (n, None),
+        None if cores == 1 => (1, None),
+        None => match time_preprocessing(classifier.spec()) {
+            Some(preprocess) => (
+                balanced_instances(cores, preprocess, inference),
+                Some(preprocess),
+            ),
+            None => {
+                tracing::warn!("classifier: could not time preprocessing; one instance per core");
+                (cores, None)
+            }
+        },
+    };
+    let ms = |t: Duration| format!("{:.1}", t.as_secs_f64() * 1e3);
+    let per_batch: Vec<String> = timed
+        .iter()
+        .map(|(batch, t)| format!("{batch}: {}", ms(*t)))
+        .collect();
+    tracing::info!(
+        instances,
+        max_batch,
+        cores,
+        inference_ms = inference.as_secs_f64() * 1e3,
+        preprocess_ms = preprocess.map(|t| t.as_secs_f64() * 1e3),
+        "classifier: {instances} instance(s), batches of up to {max_batch}, on {cores} cores: \
+         inference {} ms per image (by batch size: {}), preprocessing {} ms per photo \
+         (IMGCLF_INFERENCE_THREADS and IMGCLF_MAX_BATCH set them)",
+        ms(inference),
+        per_batch.join(", "),
+        preprocess.map_or_else(|| "not measured".into(), ms),
+    );
+    Ok(Choice {
+        instances,
+        max_batch,
+    })
+}
+
+/// The smallest batch whose time per image is within 3% of the best of `timed`.
+pub fn best_batch(timed: &[(usize, Duration)]) -> usize {
+    let best = timed.iter().map(|(_, t)| *t).min().unwrap_or_default();
+    timed
+        .iter()
+        .filter(|(_, t)| t.as_secs_f64() <= best.as_secs_f64() * 1.03)
+        .map(|(batch, _)| *batch)
+        .min()
+        .unwrap_or(1)
+}
 
 /// Instances of the model for `cores` cores, when preprocessing an image takes `preprocess`
 /// and one single-threaded instance takes `inference` per image: the cores' share that
@@ -102,7 +198,7 @@ fn sample_photo() -> Option<&'static [u8]> {
 
 #[cfg(test)]
 mod tests {
-    use super::balanced_instances;
+    use super::{balanced_instances, best_batch};
     use std::time::Duration;
 
     fn ms(ms: f64) -> Duration {
@@ -122,6 +218,18 @@ mod tests {
         // 16 cores: 16 × 7.4 / 13.6 = 8.7.
         assert_eq!(balanced_instances(16, ms(6.2), ms(7.4)), 9);
         assert_eq!(balanced_instances(16, ms(6.2), ms(22.0)), 13);
+    }
+
+    #[test]
+    fn the_batch_is_the_smallest_near_the_best() {
+        // Batching barely helps (ort, EfficientNet-Lite0, AMD EPYC): batch 1.
+        let flat = [(1, ms(9.8)), (2, ms(9.7)), (4, ms(9.9)), (8, ms(10.2))];
+        assert_eq!(best_batch(&flat), 1);
+        // It helps up to 4.
+        let helps = [(1, ms(12.0)), (2, ms(10.5)), (4, ms(9.0)), (8, ms(8.9))];
+        assert_eq!(best_batch(&helps), 4);
+        assert_eq!(best_batch(&[(8, ms(5.0))]), 8, "one size timed: that one");
+        assert_eq!(best_batch(&[]), 1);
     }
 
     #[test]

@@ -22,6 +22,8 @@ use mozjpeg_sys::{
     J_COLOR_SPACE,
 };
 
+use image::metadata::Orientation;
+
 use super::budget::{Budget, MAX_JPEG_SCANS};
 use super::{ImageError, Rect};
 
@@ -32,13 +34,27 @@ const CROP_MARGIN: usize = 4;
 /// scan headers, and that the data is not cut short. `Ok(false)` for colour spaces libjpeg does
 /// not turn into RGB, which the caller checks another way.
 pub(super) fn check(bytes: &[u8], budget: &Budget) -> Result<bool, ImageError> {
-    guarded(bytes, budget, |decoder| {
+    let checked = guarded(bytes, budget, |decoder| {
         if !decoder.converts_to_rgb() {
-            return false;
+            return Ok(false);
         }
-        decoder.start(); // the first scan's tables must be there
-        true
-    })
+        // libjpeg would entropy-decode every scan of a progressive file before its first row,
+        // the costliest part of decoding it, only to do it again in the worker: count the
+        // scans in the bytes instead, and set up the decode without reading on.
+        // SAFETY: the header has been read and decompression not started.
+        if unsafe { mozjpeg_sys::jpeg_has_multiple_scans(&decoder.cinfo) } != 0 {
+            let scans = count_scans(bytes);
+            if scans > MAX_JPEG_SCANS as usize {
+                return Err(ImageError::TooCostly(format!(
+                    "more than {MAX_JPEG_SCANS} progressive scans ({scans})"
+                )));
+            }
+            decoder.cinfo.buffered_image = true as boolean;
+        }
+        decoder.start(); // frame and first scan headers must make sense together
+        Ok(true)
+    });
+    checked?
 }
 
 /// 8-bit RGB of the `rect` of a JPEG, packed rows; `None` for colour spaces libjpeg does not
@@ -48,8 +64,48 @@ pub(super) fn decode_rect(
     rect: Rect,
     budget: &Budget,
 ) -> Result<Option<Vec<u8>>, ImageError> {
+    let mut pixels = Vec::with_capacity(rect.width * rect.height * 3);
+    let rgb = decode_rect_rows(bytes, rect, budget, |row| pixels.extend_from_slice(row))?;
+    Ok(rgb.then_some(pixels))
+}
+
+/// Hands each row of the `rect` of a JPEG (8-bit packed RGB), top to bottom, to `row`, as
+/// libjpeg decodes it; `false` (and no row) for colour spaces libjpeg does not turn into RGB
+/// (CMYK, YCCK), which the caller decodes another way.
+pub(super) fn decode_rect_rows(
+    bytes: &[u8],
+    rect: Rect,
+    budget: &Budget,
+    row: impl FnMut(&[u8]),
+) -> Result<bool, ImageError> {
     guarded(bytes, budget, |decoder| {
-        decoder.converts_to_rgb().then(|| decoder.read_rect(rect))
+        decoder.converts_to_rgb() && {
+            decoder.read_rect(rect, row);
+            true
+        }
+    })
+}
+
+/// What decoding a JPEG needs from its header, read by libjpeg alone (no other decoder parses
+/// or copies the file first).
+pub(super) struct Header {
+    pub width: u32,
+    pub height: u32,
+    pub orientation: Orientation,
+    /// False for colour spaces libjpeg does not turn into RGB (CMYK, YCCK).
+    pub rgb: bool,
+}
+
+/// Reads a JPEG's header: its size, its EXIF orientation and whether libjpeg decodes it to RGB.
+pub(super) fn header(bytes: &[u8], budget: &Budget) -> Result<Header, ImageError> {
+    guarded(bytes, budget, |decoder| {
+        let (width, height) = decoder.size();
+        Header {
+            width: width as u32,
+            height: height as u32,
+            orientation: decoder.exif_orientation(),
+            rgb: decoder.converts_to_rgb(),
+        }
     })
 }
 
@@ -156,6 +212,8 @@ impl<'a> Decoder<'a> {
                 _bytes: PhantomData,
             };
             mozjpeg_sys::jpeg_mem_src(&mut decoder.cinfo, bytes.as_ptr(), bytes.len() as _);
+            // APP1 holds EXIF (and XMP): kept for the orientation, at most 64 KiB by format.
+            mozjpeg_sys::jpeg_save_markers(&mut decoder.cinfo, 0xE1, 0xFFFF);
             // With the whole file in memory libjpeg never suspends: it returns or unwinds.
             mozjpeg_sys::jpeg_read_header(&mut decoder.cinfo, true as boolean);
             decoder
@@ -167,6 +225,29 @@ impl<'a> Decoder<'a> {
             self.cinfo.image_width as usize,
             self.cinfo.image_height as usize,
         )
+    }
+
+    /// The orientation in the first EXIF block, as `image` reads it.
+    fn exif_orientation(&self) -> Orientation {
+        let mut marker = self.cinfo.marker_list;
+        while !marker.is_null() {
+            // SAFETY: libjpeg's list of saved markers, alive with the decompressor; each holds
+            // `data_length` bytes at `data`.
+            let (data, next) = unsafe {
+                let m = &*marker;
+                let data = if m.data.is_null() {
+                    &[][..]
+                } else {
+                    std::slice::from_raw_parts(m.data, m.data_length as usize)
+                };
+                (data, m.next)
+            };
+            if let Some(tiff) = data.strip_prefix(b"Exif\0\0") {
+                return Orientation::from_exif_chunk(tiff).unwrap_or(Orientation::NoTransforms);
+            }
+            marker = next;
+        }
+        Orientation::NoTransforms
     }
 
     fn converts_to_rgb(&self) -> bool {
@@ -182,8 +263,8 @@ impl<'a> Decoder<'a> {
         unsafe { mozjpeg_sys::jpeg_start_decompress(&mut self.cinfo) };
     }
 
-    /// Decodes `rect` (inside the image) into packed RGB rows.
-    fn read_rect(&mut self, rect: Rect) -> Vec<u8> {
+    /// Decodes `rect` (inside the image), handing each packed RGB row to `each_row`.
+    fn read_rect(&mut self, rect: Rect, mut each_row: impl FnMut(&[u8])) {
         let (width, height) = self.size();
         assert!(rect.left + rect.width <= width && rect.top + rect.height <= height);
         self.start();
@@ -195,7 +276,6 @@ impl<'a> Decoder<'a> {
         unsafe { mozjpeg_sys::jpeg_crop_scanline(&mut self.cinfo, &mut x, &mut crop_width) };
         let skip = rect.left - x as usize;
         let mut row = vec![0u8; crop_width as usize * 3];
-        let mut out = Vec::with_capacity(rect.width * rect.height * 3);
         // SAFETY: `rect.top` rows exist; skipping keeps the upsampler's context rows.
         unsafe { mozjpeg_sys::jpeg_skip_scanlines(&mut self.cinfo, rect.top as u32) };
         for _ in 0..rect.height {
@@ -204,9 +284,8 @@ impl<'a> Decoder<'a> {
             let read =
                 unsafe { mozjpeg_sys::jpeg_read_scanlines(&mut self.cinfo, &mut row_ptr, 1) };
             assert_eq!(read, 1, "libjpeg returned no scanline");
-            out.extend_from_slice(&row[skip * 3..][..rect.width * 3]);
+            each_row(&row[skip * 3..][..rect.width * 3]);
         }
-        out
     }
 }
 
@@ -241,6 +320,17 @@ extern "C-unwind" fn unwind_error_exit(cinfo: &mut jpeg_common_struct) {
 #[cold]
 extern "C-unwind" fn silence_message(_cinfo: &mut jpeg_common_struct, _level: std::ffi::c_int) {}
 
+/// Start-of-scan markers (FF DA) in a JPEG. Entropy-coded data never holds one (an FF byte
+/// there is followed by 00 or a restart marker), so only metadata, such as an EXIF thumbnail,
+/// can add to the count.
+fn count_scans(bytes: &[u8]) -> usize {
+    bytes
+        .iter()
+        .zip(bytes.get(1..).unwrap_or_default())
+        .filter(|&(&a, &b)| a == 0xFF && b == 0xDA)
+        .count()
+}
+
 /// Whether an end-of-image marker (FF D9) follows the last start-of-scan (FF DA). An EXIF
 /// thumbnail brings its own markers, but they come before the main image's scan.
 fn ends_its_scan(bytes: &[u8]) -> bool {
@@ -253,7 +343,7 @@ fn ends_its_scan(bytes: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::ends_its_scan;
+    use super::{count_scans, ends_its_scan};
 
     #[test]
     fn a_jpeg_cut_short_is_detected() {
@@ -263,5 +353,15 @@ mod tests {
         // A thumbnail's end marker before the main scan does not count.
         let thumb = [0xFF, 0xD8, 0xFF, 0xDA, 0xFF, 0xD9, 0xFF, 0xDA, 1, 2];
         assert!(!ends_its_scan(&thumb));
+    }
+
+    #[test]
+    fn scans_are_counted_by_their_markers() {
+        assert_eq!(count_scans(&[]), 0);
+        assert_eq!(count_scans(&[0xFF]), 0);
+        let two = [
+            0xFF, 0xD8, 0xFF, 0xDA, 0xFF, 0x00, 0xDA, 0xFF, 0xDA, 0xFF, 0xD9,
+        ];
+        assert_eq!(count_scans(&two), 2, "a stuffed FF 00 is data");
     }
 }

@@ -304,33 +304,39 @@ impl Transform {
     /// resize reads it; the tensor is the same as from the whole image.
     pub fn tensor_from_bytes(&self, bytes: &[u8], max_pixels: u64) -> Result<Vec<f32>, ImageError> {
         let budget = Budget::start();
-        let (format, mut decoder) = open(bytes, max_pixels, &budget)?;
-        if format == ImageFormat::Jpeg {
-            let (width, height) = decoder.dimensions();
+        if image::guess_format(bytes).ok() == Some(ImageFormat::Jpeg) {
+            let header = jpeg::header(bytes, &budget)?;
+            let (width, height, orientation) = (header.width, header.height, header.orientation);
             check_pixels(width, height, max_pixels)?;
-            let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
-            drop(decoder);
-            let turned = matches!(
-                orientation,
-                Orientation::Rotate90
-                    | Orientation::Rotate270
-                    | Orientation::Rotate90FlipH
-                    | Orientation::Rotate270FlipH
-            );
-            let (shown_w, shown_h) = if turned {
-                (height, width)
-            } else {
-                (width, height)
-            };
-            let plan = self.plan(shown_w, shown_h);
-            let stored = plan
-                .source()
-                .stored(orientation, width as usize, height as usize);
-            if let Some(pixels) = jpeg::decode_rect(bytes, stored, &budget)? {
-                let mut region = DynamicImage::ImageRgb8(rgb_image(stored, pixels));
-                region.apply_orientation(orientation);
-                let pitch = region.width() as usize * 3;
-                return Ok(self.normalise(&plan, &plan.run(region.as_bytes(), pitch)));
+            if header.rgb {
+                let turned = matches!(
+                    orientation,
+                    Orientation::Rotate90
+                        | Orientation::Rotate270
+                        | Orientation::Rotate90FlipH
+                        | Orientation::Rotate270FlipH
+                );
+                let (shown_w, shown_h) = if turned {
+                    (height, width)
+                } else {
+                    (width, height)
+                };
+                let plan = self.plan(shown_w, shown_h);
+                let stored = plan
+                    .source()
+                    .stored(orientation, width as usize, height as usize);
+                if orientation == Orientation::NoTransforms {
+                    // Rows go through the horizontal pass as they are decoded.
+                    let mut resize = plan.start();
+                    if jpeg::decode_rect_rows(bytes, stored, &budget, |row| resize.push_row(row))? {
+                        return Ok(self.normalise(&plan, &resize.finish()));
+                    }
+                } else if let Some(pixels) = jpeg::decode_rect(bytes, stored, &budget)? {
+                    let mut region = DynamicImage::ImageRgb8(rgb_image(stored, pixels));
+                    region.apply_orientation(orientation);
+                    let pitch = region.width() as usize * 3;
+                    return Ok(self.normalise(&plan, &plan.run(region.as_bytes(), pitch)));
+                }
             }
         }
         let rgb = decode_rgb8_within(bytes, max_pixels, &budget)?;

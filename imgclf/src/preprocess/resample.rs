@@ -128,42 +128,51 @@ impl Plan {
     /// Resizes the [`Self::source`] rectangle of packed RGB8 rows `pitch` bytes apart, `src`
     /// starting at its first pixel, and returns the window as packed RGB8 rows.
     pub(super) fn run(&self, src: &[u8], pitch: usize) -> Vec<u8> {
-        let source = self.source;
-        let row_len = source.width * 3;
-        assert!(pitch >= row_len && src.len() >= (source.height - 1) * pitch + row_len);
-        let rows = || (0..source.height).map(|y| &src[y * pitch..][..row_len]);
-        let out_w = self.window.width;
-        let stride = out_w * 3;
+        let row_len = self.source.width * 3;
+        assert!(pitch >= row_len && src.len() >= (self.source.height - 1) * pitch + row_len);
+        let mut resize = self.start();
+        for y in 0..self.source.height {
+            resize.push_row(&src[y * pitch..][..row_len]);
+        }
+        resize.finish()
+    }
 
-        // Horizontal pass over every source row, into an 8-bit intermediate as Pillow has it.
-        let mut temp = vec![0u8; source.height * stride];
+    /// A resize fed one source row at a time, top to bottom: a decoder's rows go through the
+    /// horizontal pass while they are still in cache, and only the narrow intermediate is kept.
+    pub(super) fn start(&self) -> Resize<'_> {
+        Resize {
+            plan: self,
+            temp: vec![0u8; self.source.height * self.window.width * 3],
+            rows: 0,
+        }
+    }
+
+    /// The horizontal pass over one source row (packed RGB8 from the source's left edge) into
+    /// one row of the 8-bit intermediate, as Pillow has it.
+    fn horizontal(&self, in_row: &[u8], out_row: &mut [u8]) {
         let Some(c) = &self.horizontal else {
-            for (out_row, in_row) in temp.chunks_exact_mut(stride).zip(rows()) {
-                out_row.copy_from_slice(in_row);
-            }
-            return self.vertical_pass(temp);
+            let left = (self.window.left - self.source.left) * 3;
+            out_row.copy_from_slice(&in_row[left..][..out_row.len()]);
+            return;
         };
         #[cfg(target_arch = "x86_64")]
         if let Some(taps) = &self.avx2_taps {
-            taps.horizontal(src, pitch, &mut temp);
-            return self.vertical_pass(temp);
+            taps.horizontal(in_row, out_row);
+            return;
         }
-        for (out_row, in_row) in temp.chunks_exact_mut(stride).zip(rows()) {
-            for (x, out) in out_row.chunks_exact_mut(3).enumerate() {
-                let at = self.window.left + x;
-                let (xmin, len) = c.bounds[at];
-                let k = &c.weights[at * c.ksize..][..len];
-                let px = &in_row[(xmin - source.left) * 3..][..len * 3];
-                let mut sums = [ROUNDING; 3];
-                for (px, &weight) in px.chunks_exact(3).zip(k) {
-                    sums[0] += i32::from(px[0]) * weight;
-                    sums[1] += i32::from(px[1]) * weight;
-                    sums[2] += i32::from(px[2]) * weight;
-                }
-                out.copy_from_slice(&sums.map(clip8));
+        for (x, out) in out_row.chunks_exact_mut(3).enumerate() {
+            let at = self.window.left + x;
+            let (xmin, len) = c.bounds[at];
+            let k = &c.weights[at * c.ksize..][..len];
+            let px = &in_row[(xmin - self.source.left) * 3..][..len * 3];
+            let mut sums = [ROUNDING; 3];
+            for (px, &weight) in px.chunks_exact(3).zip(k) {
+                sums[0] += i32::from(px[0]) * weight;
+                sums[1] += i32::from(px[1]) * weight;
+                sums[2] += i32::from(px[2]) * weight;
             }
+            out.copy_from_slice(&sums.map(clip8));
         }
-        self.vertical_pass(temp)
     }
 
     /// The vertical pass over the intermediate rows, Pillow's second pass.
@@ -191,6 +200,34 @@ impl Plan {
             }
         }
         out
+    }
+}
+
+/// A [`Plan`] being run, row by row (see [`Plan::start`]).
+pub(super) struct Resize<'a> {
+    plan: &'a Plan,
+    temp: Vec<u8>,
+    rows: usize,
+}
+
+impl Resize<'_> {
+    /// The next source row: packed RGB8, the source rectangle's width.
+    pub(super) fn push_row(&mut self, row: &[u8]) {
+        let stride = self.plan.window.width * 3;
+        assert!(
+            self.rows < self.plan.source.height,
+            "more rows than the source has"
+        );
+        assert_eq!(row.len(), self.plan.source.width * 3, "a source row");
+        let out = &mut self.temp[self.rows * stride..][..stride];
+        self.plan.horizontal(row, out);
+        self.rows += 1;
+    }
+
+    /// The window as packed RGB8 rows, once every source row is in.
+    pub(super) fn finish(self) -> Vec<u8> {
+        assert_eq!(self.rows, self.plan.source.height, "every source row");
+        self.plan.vertical_pass(self.temp)
     }
 }
 
@@ -264,13 +301,10 @@ mod avx2 {
             Some(taps)
         }
 
-        /// The horizontal pass: packed RGB rows `pitch` bytes apart into rows of `temp`.
-        pub(super) fn horizontal(&self, src: &[u8], pitch: usize, temp: &mut [u8]) {
-            let stride = self.starts.len() * 3;
-            for (y, out_row) in temp.chunks_exact_mut(stride).enumerate() {
-                // SAFETY: `self` exists only where the CPU has AVX2.
-                unsafe { horizontal_row(&src[y * pitch..], out_row, self) };
-            }
+        /// The horizontal pass over one packed RGB row into one row of the intermediate.
+        pub(super) fn horizontal(&self, in_row: &[u8], out_row: &mut [u8]) {
+            // SAFETY: `self` exists only where the CPU has AVX2.
+            unsafe { horizontal_row(in_row, out_row, self) };
         }
     }
 
@@ -289,7 +323,7 @@ mod avx2 {
 
     const _: () = assert!(super::PRECISION_BITS == 22, "the shift below");
 
-    /// One row: `rest` starts at the row's first source byte (and may run on into later rows,
+    /// One row: `rest` starts at the row's first source byte (reads past its end see zeros,
     /// which only zero weights touch); `out_row` receives packed RGB.
     ///
     /// # Safety

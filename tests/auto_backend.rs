@@ -17,8 +17,8 @@ fn auto_falls_back_to_tract_when_onnx_runtime_does_not_load() {
         instances: Some(1),
         ..ClassifierOptions::default()
     };
-    let handle = spawn("auto", spec.clone(), &options, 2).expect("falls back");
+    let handle = spawn("auto", spec.clone(), &options, Some(2)).expect("falls back");
     assert_eq!(handle.backend(), "tract");
     // Asked for by name, the broken library is an error, not a silent fallback.
-    assert!(spawn("ort", spec, &options, 2).is_err());
+    assert!(spawn("ort", spec, &options, Some(2)).is_err());
 }

@@ -331,7 +331,8 @@ fn instances_are_measured_when_unset() {
     assert!(inference > Duration::ZERO);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let options = imgclf::classifier::ClassifierOptions::default();
-    let handle = imgclf::classifier::spawn("tract", spec.clone(), &options, 2).expect("spawns");
+    let handle =
+        imgclf::classifier::spawn("tract", spec.clone(), &options, Some(2)).expect("spawns");
     assert!(
         (1..=cores).contains(&handle.instances()),
         "{} instances on {cores} cores",
@@ -341,6 +342,6 @@ fn instances_are_measured_when_unset() {
         instances: Some(3),
         ..Default::default()
     };
-    let handle = imgclf::classifier::spawn("tract", spec, &fixed, 2).expect("spawns");
+    let handle = imgclf::classifier::spawn("tract", spec, &fixed, Some(2)).expect("spawns");
     assert_eq!(handle.instances(), 3, "the setting wins");
 }

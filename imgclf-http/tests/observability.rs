@@ -215,7 +215,7 @@ fn metric_names_skip_functions_labels_and_durations() {
 async fn every_dashboard_and_alert_metric_is_exported() {
     // The embedded service: in-memory backends, the real model, served on a socket.
     let spec = ModelSpec::load(default_model_dir()).expect("model");
-    let handle = classifier::spawn("tract", spec, &Default::default(), 4).expect("tract");
+    let handle = classifier::spawn("tract", spec, &Default::default(), Some(4)).expect("tract");
     let ports = Ports {
         storage: Arc::new(MemoryStorage::new()),
         queue: Arc::new(MemoryQueue::default()),

@@ -44,7 +44,7 @@ struct Server {
 
 async fn start_server() -> Server {
     let spec = ModelSpec::load(default_model_dir()).expect("model");
-    let model = classifier::spawn("tract", spec, &Default::default(), 4).expect("tract");
+    let model = classifier::spawn("tract", spec, &Default::default(), Some(4)).expect("tract");
     let ports = Ports {
         storage: Arc::new(MemoryStorage::new()),
         queue: Arc::new(MemoryQueue::default()),

@@ -285,3 +285,73 @@ impl Pool {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A model that takes 2 ms per batch and answers zeros.
+    struct Slow(ModelSpec);
+
+    impl Classifier for Slow {
+        fn spec(&self) -> &ModelSpec {
+            &self.0
+        }
+
+        fn classify(&mut self, _: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ClassifyError> {
+            std::thread::sleep(Duration::from_millis(2));
+            Ok(vec![vec![0.0; 2]; n])
+        }
+    }
+
+    fn spec() -> ModelSpec {
+        let mut spec = ModelSpec::load(crate::config::default_model_dir()).expect("the model");
+        spec.transform.crop = 2;
+        spec
+    }
+
+    fn factory() -> Factory {
+        Box::new(|| Ok(Box::new(Slow(spec())) as Box<dyn Classifier>))
+    }
+
+    /// `images` at once; returns when all are answered.
+    async fn load(handle: &ClassifierHandle, images: usize) {
+        let len = handle.spec().transform.tensor_len();
+        let mut answers = tokio::task::JoinSet::new();
+        for _ in 0..images {
+            let handle = handle.clone();
+            answers.spawn(async move { handle.logits(vec![0.0; len]).await });
+        }
+        while let Some(answer) = answers.join_next().await {
+            answer.expect("joined").expect("answered");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pool_grows_while_images_wait_and_not_beyond_its_limit() {
+        let handle = ClassifierHandle::spawn_growing(vec![Box::new(Slow(spec()))], 1, factory(), 3);
+        // A trickle, one image at a time: nothing waits, nothing grows.
+        for _ in 0..40 {
+            load(&handle, 1).await;
+        }
+        assert_eq!(handle.instances(), 1, "no backlog, no growth");
+        // A backlog: images wait batch after batch.
+        for _ in 0..20 {
+            load(&handle, 200).await;
+            if handle.instances() == 3 {
+                break;
+            }
+        }
+        load(&handle, 200).await;
+        assert_eq!(handle.instances(), 3, "grown to its limit, and no further");
+        assert!(handle.is_ready());
+    }
+
+    #[tokio::test]
+    async fn a_fixed_pool_does_not_grow() {
+        let handle = ClassifierHandle::spawn_pool(vec![Box::new(Slow(spec()))], 1);
+        load(&handle, 500).await;
+        assert_eq!(handle.instances(), 1);
+    }
+}

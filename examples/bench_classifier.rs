@@ -56,7 +56,7 @@ fn main() -> anyhow::Result<()> {
         .collect();
     files.sort();
     let images: Vec<Vec<u8>> = files.iter().map(std::fs::read).collect::<Result<_, _>>()?;
-    // Per photo, the median of five runs after one untimed (as for Pillow in scripts/bench.py);
+    // Per photo, the median of seven runs after one untimed (as for Pillow in scripts/bench.py);
     // then the mean over the photos.
     let mut tensors = Vec::new();
     let mut preprocess_ms = Vec::new();
@@ -64,7 +64,7 @@ fn main() -> anyhow::Result<()> {
     for (bytes, file) in images.iter().zip(&files) {
         spec.transform.tensor_from_bytes(bytes, u64::MAX)?;
         let mut runs = Vec::new();
-        for run in 0..5 {
+        for run in 0..7 {
             let started = Instant::now();
             let tensor = spec.transform.tensor_from_bytes(bytes, u64::MAX)?;
             runs.push(started.elapsed().as_secs_f64() * 1e3);

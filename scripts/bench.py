@@ -116,7 +116,7 @@ def imgclf_classifier(binary, backend, model_dir, photo_dir, batch, seconds, thr
             "rss_mib": r["peak_rss_mib"], "preprocess_ms_by_photo": r["preprocess_ms_by_photo"]}
 
 
-def pillow_preprocess_ms(photos, rounds=5):
+def pillow_preprocess_ms(photos, rounds=7):
     """The reference transform from bytes in memory, as imgclf's figure is taken: per photo the
     median of `rounds` runs after one untimed."""
     result = {}
@@ -181,12 +181,16 @@ class Service:
     def __init__(self, bins, env_extra, workers):
         self.work = tempfile.mkdtemp(prefix="imgclf-bench-")
         self.port = 18000 + os.getpid() % 1000
-        env = dict(os.environ, IMGCLF_ADDR=f"127.0.0.1:{self.port}", IMGCLF_DATA_DIR=os.path.join(self.work, "data"),
-                   RUST_LOG="warn", IMGCLF_MAX_QUEUE_DEPTH="0", **env_extra)
-        env.pop("IMGCLF_INFERENCE_THREADS", None)
-        self.procs = [subprocess.Popen([bins["http"]], env=env, cwd=self.work)]
+        env = {k: v for k, v in os.environ.items() if k not in ("IMGCLF_INFERENCE_THREADS", "IMGCLF_MAX_BATCH")}
+        # The service as it ships (INFO logs, here to a file), with no limit on waiting jobs
+        # so that the burst is all accepted.
+        env.update(IMGCLF_ADDR=f"127.0.0.1:{self.port}", IMGCLF_DATA_DIR=os.path.join(self.work, "data"),
+                   IMGCLF_MAX_QUEUE_DEPTH="0", NO_COLOR="1", **env_extra)
+        self.logs = [os.path.join(self.work, f"{name}.log") for name in ["http"] + ["worker"] * workers]
+        self.procs = [subprocess.Popen([bins["http"]], env=env, cwd=self.work, stderr=open(self.logs[0], "w"),
+                                       stdout=subprocess.DEVNULL)]
         self.procs += [subprocess.Popen([bins["worker"]], env=dict(env, IMGCLF_METRICS_ADDR=f"127.0.0.1:{self.port + 1 + i}"),
-                                        cwd=self.work)
+                                        cwd=self.work, stderr=open(self.logs[1 + i], "w"), stdout=subprocess.DEVNULL)
                        for i in range(workers)]
         self.metrics_port = self.port + 1 if workers else self.port
 
@@ -203,6 +207,17 @@ class Service:
             if time.time() > deadline or any(p.poll() is not None for p in self.procs):
                 raise SystemExit("the service did not become ready")
             time.sleep(0.2)
+
+    def model_choice(self):
+        """What the tuning chose (instances at start, batch) and instances at the end."""
+        text = "".join(open(log).read() for log in self.logs)
+        import re
+        start = re.search(r"classifier: (\d+) instance\(s\), batches of up to (\d+)", text)
+        grown = re.findall(r"instance (\d+) of at most", text)
+        if not start:
+            return None
+        return {"instances_at_start": int(start.group(1)), "max_batch": int(start.group(2)),
+                "instances": max([int(start.group(1))] + [int(g) for g in grown])}
 
     def __exit__(self, *exc):
         for p in self.procs:
@@ -239,6 +254,7 @@ def pipeline(bins, env_extra, workers, tasks, clients, photos):
         runs = service.metric("image_batch_size_count") - batches_before[1]
         r["mean_batch"] = round(images / max(runs, 1), 2)
         r["rss_mib"] = service.rss_mib()
+        r["model"] = service.model_choice()
         return r
 
 
@@ -309,14 +325,26 @@ def main():
             r["runs_images_per_s"] = [round(x["images_per_s"], 1) for x in runs]
             r["ratio_to_bound"] = r["images_per_s"] / bound
             m[name] = r
-            print(f"  {name:34s} {r['images_per_s']:6.1f} img/s = {r['ratio_to_bound']:.2f} of the bound "
-                  f"(runs {r['runs_images_per_s']}), mean batch {r['mean_batch']}, RSS {r['rss_mib']} MiB\n"
+            print(f"  {name:38s} {r['images_per_s']:6.1f} img/s = {r['ratio_to_bound']:.2f} of the bound "
+                  f"(runs {r['runs_images_per_s']}), mean batch {r['mean_batch']}, RSS {r['rss_mib']} MiB, model {r['model']}\n"
                   f"      CPU ms per image: {r['cpu_ms_per_image']}", flush=True)
             return r
 
         ort_env = {"IMGCLF_CLASSIFIER": "ort"}
         r = run("embedded (ort)", ort_env, 0, a.tasks, a.clients)
         verdict(f"{model}: embedded / bound", r["ratio_to_bound"], TARGETS["embedded"])
+        # The reference for memory (and speed): the fixed defaults before self-tuning, one
+        # instance and batches of up to 8.
+        before = run("embedded (ort), fixed 1 x batch 8", dict(ort_env, IMGCLF_INFERENCE_THREADS="1", IMGCLF_MAX_BATCH="8"),
+                     0, a.tasks, a.clients)
+        weights_mib = os.path.getsize(os.path.join(model_dir, "model.onnx")) / 2**20
+        extra = (r["model"] or {}).get("instances", cores) - 1
+        allowance = before["rss_mib"]["http"] + extra * weights_mib
+        m["memory"] = {"rss_mib": r["rss_mib"]["http"], "fixed_defaults_rss_mib": before["rss_mib"]["http"],
+                       "weights_mib": weights_mib, "extra_instances": extra, "allowance_mib": allowance}
+        print(f"  peak RSS {r['rss_mib']['http']:.0f} MiB; the fixed defaults' {before['rss_mib']['http']:.0f} MiB + "
+              f"{extra} x {weights_mib:.0f} MiB of weights = {allowance:.0f} MiB", flush=True)
+        verdict(f"{model}: peak RSS, embedded", r["rss_mib"]["http"], round(allowance, 1), False, " MiB")
         if not a.skip_distributed:
             def distributed_env():
                 return dict(ort_env, IMGCLF_QUEUE=os.environ["IMGCLF_TEST_AMQP"], IMGCLF_QUEUE_NAME=f"bench-{uuid.uuid4().hex}",

@@ -334,11 +334,15 @@ fn count_scans(bytes: &[u8]) -> usize {
 /// Whether an end-of-image marker (FF D9) follows the last start-of-scan (FF DA). An EXIF
 /// thumbnail brings its own markers, but they come before the main image's scan.
 fn ends_its_scan(bytes: &[u8]) -> bool {
-    let last = |marker: u8| bytes.windows(2).rposition(|w| w == [0xFF, marker]);
-    match (last(0xDA), last(0xD9)) {
-        (Some(scan), Some(end)) => end > scan,
-        _ => false,
-    }
+    // Searched from the ends inward: the end marker is near the end of the file and the first
+    // scan near its start, so neither search reads the (large) entropy-coded data.
+    let marker = |m: u8| move |w: &[u8]| w == [0xFF, m];
+    let Some(end) = bytes.windows(2).rposition(marker(0xD9)) else {
+        return false;
+    };
+    let scan_before = bytes[..end].windows(2).any(marker(0xDA));
+    let scan_after = bytes[end..].windows(2).any(marker(0xDA));
+    scan_before && !scan_after
 }
 
 #[cfg(test)]

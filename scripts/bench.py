@@ -396,7 +396,7 @@ def plot(results):
         print("(matplotlib missing: no plot)")
         return
     models = results["models"]
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.4), squeeze=False)
     for ax, (model, m) in zip(axes[0], models.items()):
         names = [k for k, v in m.items() if isinstance(v, dict) and "ratio_to_bound" in v and "one client" not in k]
         values = [m[k]["images_per_s"] for k in names]
@@ -405,7 +405,7 @@ def plot(results):
         for bar, k in zip(bars, names):
             ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{m[k]['ratio_to_bound']:.2f}", ha="center", va="bottom")
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels([n.replace(" (", "\n(") for n in names], fontsize=8)
+        ax.set_xticklabels([n.replace(" (", "\n(").replace(", ", ",\n") for n in names], fontsize=7)
         ax.set_ylabel("images/s")
         ax.set_title(model)
         ax.legend(fontsize=8)

@@ -6,15 +6,18 @@
 //! The batch is the smallest of [`BATCHES`] whose time per image is within 3% of the best: a
 //! larger batch costs memory (the runtime's buffers grow with it) and latency for nothing.
 //!
-//! A choice made once at warm-up is enough: both costs depend on the model and the machine,
-//! which do not change while the process runs, and the two thread pools do not need a fixed
-//! split of the cores: preprocessing runs on one thread per core and every instance on its own
-//! thread, so whichever stage has work takes the cores the other leaves idle (the kernel shares
-//! them by demand). What varies is the photos: preprocessing grows with their pixels, so the
-//! measure uses a typical 2 MP photo. The count is rounded up: with fewer instances than
+//! The instance count is a starting point, re-checked while running: a pool left to the tuning
+//! adds an instance, up to one per core, when images keep waiting for the model (see
+//! [`super::ClassifierHandle::spawn_growing`]), so photos smaller than the one measured here, or
+//! a model slower than it looked, still get inference its share. The two thread pools need no
+//! fixed split of the cores: preprocessing runs on one thread per core and every instance on
+//! its own thread, so whichever stage has work takes the cores the other leaves idle. The
+//! measure uses a typical 2 MP photo; the count is rounded up (with fewer instances than
 //! inference's share, inference caps the throughput and part of a core idles, while one
-//! instance more only time-shares the cores with preprocessing. The memory of each extra
-//! instance (one more copy of the weights) is why the count is never above the cores.
+//! instance more only time-shares the cores with preprocessing). The memory of each extra
+//! instance (one more copy of the weights) is why it is never above the cores, and why the pool
+//! grows only on a sustained backlog and never shrinks back and forth. The batch size is chosen
+//! once: it depends on the model and the CPU, which do not change while the process runs.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};

@@ -208,7 +208,7 @@ pub struct Settings {
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_MODEL"))]
     pub model: Option<PathBuf>,
     /// Most images per inference batch [default: measured at start: the smallest of 1, 2, 4
-    /// and 8 whose time per image is within 3% of the best].
+    /// and 8 whose time per image is within 5% of the best].
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_MAX_BATCH"))]
     pub max_batch: Option<usize>,
     /// Most decoded pixels per image (stops decompression bombs).
@@ -530,9 +530,11 @@ impl Settings {
         QueueOptions {
             name: self.queue_name.clone(),
             lease: Duration::from_secs(self.queue_lease.max(1)),
-            // Room for one batch in the model and the next being prepared.
+            // As many jobs as a worker keeps in hand: a batch per core (as many instances as
+            // its pool may grow to) and one per preprocessing thread, twice over.
             prefetch: u16::try_from(
-                2 * self.max_batch.unwrap_or(pipeline::DEFAULT_MAX_BATCH).max(1),
+                2 * (crate::cores() * self.max_batch.unwrap_or(pipeline::DEFAULT_MAX_BATCH).max(1)
+                    + self.preprocess_threads.unwrap_or_else(crate::cores).max(1)),
             )
             .unwrap_or(u16::MAX),
         }

@@ -85,6 +85,21 @@ pub fn error_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
+/// Caps glibc's malloc arenas at the number of cores (at least two), unless `MALLOC_ARENA_MAX`
+/// is set. By default glibc keeps up to eight per core, one for each thread that allocated
+/// under contention, and decoded photos' buffers freed in them stay resident: on the embedded
+/// service under 16 clients (AMD EPYC, 2 cores) peak RSS went from 363 to 269 MiB with the cap,
+/// throughput unchanged. For binaries, first thing in `main`. Off glibc it does nothing.
+#[allow(unsafe_code)]
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        let arenas = libc::c_int::try_from(cores().max(2)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: mallopt sets one of glibc's allocator parameters; every value is valid.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
+    }
+}
+
 /// Cores this process may use.
 pub(crate) fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())

@@ -33,7 +33,6 @@ pub struct ClassifierHandle {
     spec: Arc<ModelSpec>,
     backend: &'static str,
     pool: Arc<Pool>,
-    max_batch: usize,
 }
 
 /// What the inference threads share.
@@ -121,7 +120,6 @@ impl ClassifierHandle {
             spec,
             backend,
             pool,
-            max_batch,
         }
     }
 
@@ -148,7 +146,7 @@ impl ClassifierHandle {
 
     /// Most images per batch.
     pub fn max_batch(&self) -> usize {
-        self.max_batch
+        self.pool.max_batch
     }
 
     /// True once every instance the model started with is loaded and has run one batch.

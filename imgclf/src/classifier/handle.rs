@@ -1,11 +1,13 @@
 //! Runs a [`Classifier`] on dedicated OS threads and batches whatever is waiting.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread::Thread;
 
 use prometheus::Histogram;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::{Classifier, ClassifyError};
 use crate::model::ModelSpec;
@@ -22,6 +24,8 @@ struct Request {
 ///
 /// Batches form greedily, with no timer: a free thread takes one waiting image, then whatever
 /// else is already queued up to `max_batch`. While the model runs, the next batch accumulates.
+/// An image goes to the instance that went idle last: its weights and buffers are the ones
+/// still in cache (taking turns, at one image at a time, ran each image on a cold instance).
 ///
 /// A pool that may grow ([`Self::spawn_growing`]) adds an instance, up to its limit, when
 /// images keep waiting for the model: inference has become the slower stage (larger models,
@@ -29,15 +33,52 @@ struct Request {
 /// that preprocessing leaves idle.
 #[derive(Clone)]
 pub struct ClassifierHandle {
-    tx: mpsc::UnboundedSender<Request>,
     spec: Arc<ModelSpec>,
     backend: &'static str,
     pool: Arc<Pool>,
+    /// Closes the queue when the last clone drops, which stops the threads.
+    _open: Arc<Open>,
+}
+
+struct Open(Arc<Pool>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        let idle = {
+            let mut queue = self.0.queue();
+            queue.closed = true;
+            std::mem::take(&mut queue.idle)
+        };
+        idle.iter().for_each(Idle::wake);
+    }
+}
+
+/// Images waiting for the model, and the instances waiting for images.
+#[derive(Default)]
+struct Queue {
+    waiting: VecDeque<Request>,
+    /// The instance that went idle last is last.
+    idle: Vec<Idle>,
+    closed: bool,
+}
+
+/// An instance's thread parked until an image (or the close) wakes it.
+#[derive(Clone)]
+struct Idle {
+    thread: Thread,
+    woken: Arc<AtomicBool>,
+}
+
+impl Idle {
+    fn wake(&self) {
+        self.woken.store(true, Ordering::Release);
+        self.thread.unpark();
+    }
 }
 
 /// What the inference threads share.
 struct Pool {
-    rx: Mutex<mpsc::UnboundedReceiver<Request>>,
+    queue: Mutex<Queue>,
     max_batch: usize,
     batch_sizes: OnceLock<Histogram>,
     /// Instances started, and warmed up.
@@ -102,9 +143,8 @@ impl ClassifierHandle {
         let max_batch = max_batch.max(1);
         let spec = Arc::new(classifiers[0].spec().clone());
         let backend = classifiers[0].backend();
-        let (tx, rx) = mpsc::unbounded_channel::<Request>();
         let pool = Arc::new(Pool {
-            rx: Mutex::new(rx),
+            queue: Mutex::default(),
             max_batch,
             batch_sizes: OnceLock::new(),
             instances: AtomicUsize::new(classifiers.len()),
@@ -116,9 +156,9 @@ impl ClassifierHandle {
             pool.clone().run_instance(i, classifier);
         }
         Self {
-            tx,
             spec,
             backend,
+            _open: Arc::new(Open(pool.clone())),
             pool,
         }
     }
@@ -157,14 +197,58 @@ impl ClassifierHandle {
     /// Classifies one preprocessed image; returns its logits.
     pub async fn logits(&self, tensor: Vec<f32>) -> Result<Vec<f32>, Arc<ClassifyError>> {
         let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(Request { tensor, reply })
-            .map_err(|_| Arc::new(ClassifyError::Stopped))?;
+        let idle = {
+            let mut queue = self.pool.queue();
+            if queue.closed {
+                return Err(Arc::new(ClassifyError::Stopped));
+            }
+            queue.waiting.push_back(Request { tensor, reply });
+            queue.idle.pop()
+        };
+        if let Some(idle) = idle {
+            idle.wake();
+        }
         answer.await.map_err(|_| Arc::new(ClassifyError::Stopped))?
     }
 }
 
 impl Pool {
+    /// A thread that panicked holding the lock left the queue intact.
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Waits for images and takes the first `max_batch` of them, with the number left waiting;
+    /// `None` once the queue is closed.
+    fn take_batch(&self) -> Option<(Vec<Request>, usize)> {
+        let me = Idle {
+            thread: std::thread::current(),
+            woken: Arc::new(AtomicBool::new(false)),
+        };
+        loop {
+            {
+                let mut queue = self.queue();
+                if !queue.waiting.is_empty() {
+                    let n = queue.waiting.len().min(self.max_batch);
+                    let batch: Vec<Request> = queue.waiting.drain(..n).collect();
+                    return Some((batch, queue.waiting.len()));
+                }
+                if queue.closed {
+                    return None;
+                }
+                me.woken.store(false, Ordering::Relaxed);
+                queue.idle.push(me.clone());
+            }
+            // Woken only by whoever took `me` off the idle list (an unpark that comes first
+            // makes this return at once).
+            while !me.woken.load(Ordering::Acquire) {
+                std::thread::park();
+            }
+        }
+    }
+
     /// Starts instance `i` on a thread of its own: it warms up on the largest batch (so the
     /// first real one does not pay for compiling), then serves.
     fn run_instance(self: Arc<Self>, i: usize, mut classifier: Box<dyn Classifier>) {
@@ -183,41 +267,25 @@ impl Pool {
             .expect("spawning an inference thread");
     }
 
-    /// One inference thread: takes one waiting image, then whatever else is queued up to
-    /// `max_batch` (holding the queue only while it collects), runs the batch, answers each
-    /// image.
+    /// One inference thread: takes what is waiting, up to `max_batch` images, runs the batch,
+    /// answers each image; until the queue is closed.
     fn serve(self: &Arc<Self>, mut classifier: Box<dyn Classifier>) {
         let (len, max_batch) = (classifier.spec().transform.tensor_len(), self.max_batch);
         let mut batch = Vec::with_capacity(len * max_batch);
         let mut replies = Vec::with_capacity(max_batch);
-        loop {
-            let waiting = {
-                // A thread that panicked holding the lock left the receiver intact.
-                let mut rx = self
-                    .rx
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
-                let Some(first) = rx.blocking_recv() else {
-                    return;
-                };
-                let mut next = Some(first);
-                while let Some(request) = next.take() {
-                    if request.tensor.len() == len {
-                        batch.extend_from_slice(&request.tensor);
-                        replies.push(request.reply);
-                    } else {
-                        let error = ClassifyError::Inference(format!(
-                            "tensor of {} values, expected {len}",
-                            request.tensor.len()
-                        ));
-                        let _ = request.reply.send(Err(Arc::new(error)));
-                    }
-                    if replies.len() < max_batch {
-                        next = rx.try_recv().ok();
-                    }
+        while let Some((requests, waiting)) = self.take_batch() {
+            for request in requests {
+                if request.tensor.len() == len {
+                    batch.extend_from_slice(&request.tensor);
+                    replies.push(request.reply);
+                } else {
+                    let error = ClassifyError::Inference(format!(
+                        "tensor of {} values, expected {len}",
+                        request.tensor.len()
+                    ));
+                    let _ = request.reply.send(Err(Arc::new(error)));
                 }
-                rx.len()
-            };
+            }
             self.watch_backlog(waiting);
             if replies.is_empty() {
                 continue;
@@ -344,6 +412,68 @@ mod tests {
         load(&handle, 200).await;
         assert_eq!(handle.instances(), 3, "grown to its limit, and no further");
         assert!(handle.is_ready());
+    }
+
+    /// Counts the images it classifies, taking 1 ms per batch.
+    struct Counting(ModelSpec, Arc<AtomicUsize>);
+
+    impl Classifier for Counting {
+        fn spec(&self) -> &ModelSpec {
+            &self.0
+        }
+
+        fn classify(&mut self, _: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ClassifyError> {
+            std::thread::sleep(Duration::from_millis(1));
+            self.1.fetch_add(n, Ordering::Relaxed);
+            Ok(vec![vec![0.0; 2]; n])
+        }
+    }
+
+    #[tokio::test]
+    async fn one_image_at_a_time_stays_on_the_instance_that_is_warm() {
+        let counts = [Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0))];
+        let instances = counts
+            .iter()
+            .map(|count| Box::new(Counting(spec(), count.clone())) as Box<dyn Classifier>)
+            .collect();
+        let handle = ClassifierHandle::spawn_pool(instances, 2);
+        while !handle.is_ready() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let served = || counts.each_ref().map(|c| c.load(Ordering::Relaxed));
+        let warm_ups = served();
+        for _ in 0..50 {
+            load(&handle, 1).await;
+        }
+        let mut one_by_one = [0, 1].map(|i| served()[i] - warm_ups[i]);
+        one_by_one.sort();
+        assert_eq!(one_by_one, [0, 50], "every image on the instance idle last");
+        // Both serve when images come together.
+        let before = served();
+        load(&handle, 200).await;
+        assert!((0..2).all(|i| served()[i] > before[i]), "{:?}", served());
+    }
+
+    #[tokio::test]
+    async fn the_threads_stop_when_the_last_handle_drops() {
+        let counts = [Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0))];
+        let instances = counts
+            .iter()
+            .map(|count| Box::new(Counting(spec(), count.clone())) as Box<dyn Classifier>)
+            .collect();
+        let handle = ClassifierHandle::spawn_pool(instances, 2);
+        let clone = handle.clone();
+        drop(handle);
+        load(&clone, 3).await;
+        drop(clone);
+        // A stopped thread drops its classifier, and with it its count's clone.
+        for _ in 0..1000 {
+            if counts.iter().all(|count| Arc::strong_count(count) == 1) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("the inference threads still run");
     }
 
     #[tokio::test]

@@ -25,6 +25,7 @@ use mozjpeg_sys::{
 use image::metadata::Orientation;
 
 use super::budget::{Budget, MAX_JPEG_SCANS};
+use super::scratch::Scratch;
 use super::{ImageError, Rect};
 
 /// Pixels decoded beside a crop so that upsampling at its edges sees real neighbours.
@@ -34,7 +35,7 @@ const CROP_MARGIN: usize = 4;
 /// scan headers, and that the data is not cut short. `Ok(false)` for colour spaces libjpeg does
 /// not turn into RGB, which the caller checks another way.
 pub(super) fn check(bytes: &[u8], budget: &Budget) -> Result<bool, ImageError> {
-    let checked = guarded(bytes, budget, |decoder| {
+    let checked = with_decoder(bytes, budget, |decoder| {
         if !decoder.converts_to_rgb() {
             return Ok(false);
         }
@@ -64,26 +65,7 @@ pub(super) fn decode_rect(
     rect: Rect,
     budget: &Budget,
 ) -> Result<Option<Vec<u8>>, ImageError> {
-    let mut pixels = Vec::with_capacity(rect.width * rect.height * 3);
-    let rgb = decode_rect_rows(bytes, rect, budget, |row| pixels.extend_from_slice(row))?;
-    Ok(rgb.then_some(pixels))
-}
-
-/// Hands each row of the `rect` of a JPEG (8-bit packed RGB), top to bottom, to `row`, as
-/// libjpeg decodes it; `false` (and no row) for colour spaces libjpeg does not turn into RGB
-/// (CMYK, YCCK), which the caller decodes another way.
-pub(super) fn decode_rect_rows(
-    bytes: &[u8],
-    rect: Rect,
-    budget: &Budget,
-    row: impl FnMut(&[u8]),
-) -> Result<bool, ImageError> {
-    guarded(bytes, budget, |decoder| {
-        decoder.converts_to_rgb() && {
-            decoder.read_rect(rect, row);
-            true
-        }
-    })
+    with_decoder(bytes, budget, |decoder| decoder.read_rect_pixels(rect))
 }
 
 /// What decoding a JPEG needs from its header, read by libjpeg alone (no other decoder parses
@@ -96,22 +78,9 @@ pub(super) struct Header {
     pub rgb: bool,
 }
 
-/// Reads a JPEG's header: its size, its EXIF orientation and whether libjpeg decodes it to RGB.
-pub(super) fn header(bytes: &[u8], budget: &Budget) -> Result<Header, ImageError> {
-    guarded(bytes, budget, |decoder| {
-        let (width, height) = decoder.size();
-        Header {
-            width: width as u32,
-            height: height as u32,
-            orientation: decoder.exif_orientation(),
-            rgb: decoder.converts_to_rgb(),
-        }
-    })
-}
-
-/// Runs `work` on a decoder of `bytes`, turning libjpeg's fatal errors into `Undecodable` and
-/// the progress monitor's stops into `TooCostly`.
-fn guarded<T>(
+/// Runs `work` on a decoder of `bytes` with its header read, turning libjpeg's fatal errors
+/// into `Undecodable` and the progress monitor's stops into `TooCostly`.
+pub(super) fn with_decoder<T>(
     bytes: &[u8],
     budget: &Budget,
     work: impl FnOnce(&mut Decoder) -> T,
@@ -178,7 +147,7 @@ fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
 
 /// A libjpeg decompressor over bytes in memory, with its header read. Its methods unwind on a
 /// fatal libjpeg error; it is destroyed on drop, also during that unwinding.
-struct Decoder<'a> {
+pub(super) struct Decoder<'a> {
     // Boxed: libjpeg keeps pointers to all three.
     cinfo: Box<jpeg_decompress_struct>,
     _err: Box<jpeg_error_mgr>,
@@ -218,6 +187,28 @@ impl<'a> Decoder<'a> {
             mozjpeg_sys::jpeg_read_header(&mut decoder.cinfo, true as boolean);
             decoder
         }
+    }
+
+    /// Its size, EXIF orientation and whether libjpeg decodes it to RGB.
+    pub(super) fn header(&self) -> Header {
+        let (width, height) = self.size();
+        Header {
+            width: width as u32,
+            height: height as u32,
+            orientation: self.exif_orientation(),
+            rgb: self.converts_to_rgb(),
+        }
+    }
+
+    /// [`Self::read_rect`] into packed rows; `None` (nothing decoded) for colour spaces libjpeg
+    /// does not turn into RGB.
+    pub(super) fn read_rect_pixels(&mut self, rect: Rect) -> Option<Vec<u8>> {
+        if !self.converts_to_rgb() {
+            return None;
+        }
+        let mut pixels = Vec::with_capacity(rect.width * rect.height * 3);
+        self.read_rect(rect, |row| pixels.extend_from_slice(row));
+        Some(pixels)
     }
 
     fn size(&self) -> (usize, usize) {
@@ -263,8 +254,9 @@ impl<'a> Decoder<'a> {
         unsafe { mozjpeg_sys::jpeg_start_decompress(&mut self.cinfo) };
     }
 
-    /// Decodes `rect` (inside the image), handing each packed RGB row to `each_row`.
-    fn read_rect(&mut self, rect: Rect, mut each_row: impl FnMut(&[u8])) {
+    /// Decodes `rect` (inside the image, of a JPEG that [`Header::rgb`] says libjpeg turns
+    /// into RGB), handing each packed RGB row to `each_row`, top to bottom.
+    pub(super) fn read_rect(&mut self, rect: Rect, mut each_row: impl FnMut(&[u8])) {
         let (width, height) = self.size();
         assert!(rect.left + rect.width <= width && rect.top + rect.height <= height);
         self.start();
@@ -275,7 +267,7 @@ impl<'a> Decoder<'a> {
         // `x` left to an iMCU boundary and widens `crop_width` to match.
         unsafe { mozjpeg_sys::jpeg_crop_scanline(&mut self.cinfo, &mut x, &mut crop_width) };
         let skip = rect.left - x as usize;
-        let mut row = vec![0u8; crop_width as usize * 3];
+        let mut row = Scratch::zeroed(crop_width as usize * 3);
         // SAFETY: `rect.top` rows exist; skipping keeps the upsampler's context rows.
         unsafe { mozjpeg_sys::jpeg_skip_scanlines(&mut self.cinfo, rect.top as u32) };
         for _ in 0..rect.height {

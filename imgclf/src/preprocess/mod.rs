@@ -15,6 +15,7 @@ use resample::Plan;
 mod budget;
 mod jpeg;
 mod resample;
+mod scratch;
 
 pub use budget::{DECODE_CPU_BUDGET, MAX_ALLOC_PER_PIXEL, MAX_JPEG_SCANS};
 
@@ -305,10 +306,15 @@ impl Transform {
     pub fn tensor_from_bytes(&self, bytes: &[u8], max_pixels: u64) -> Result<Vec<f32>, ImageError> {
         let budget = Budget::start();
         if image::guess_format(bytes).ok() == Some(ImageFormat::Jpeg) {
-            let header = jpeg::header(bytes, &budget)?;
-            let (width, height, orientation) = (header.width, header.height, header.orientation);
-            check_pixels(width, height, max_pixels)?;
-            if header.rgb {
+            // One libjpeg decoder reads the header and then only the rows the resize needs.
+            let tensor = jpeg::with_decoder(bytes, &budget, |decoder| {
+                let header = decoder.header();
+                let (width, height, orientation) =
+                    (header.width, header.height, header.orientation);
+                check_pixels(width, height, max_pixels)?;
+                if !header.rgb {
+                    return Ok(None);
+                }
                 let turned = matches!(
                     orientation,
                     Orientation::Rotate90
@@ -325,18 +331,22 @@ impl Transform {
                 let stored = plan
                     .source()
                     .stored(orientation, width as usize, height as usize);
-                if orientation == Orientation::NoTransforms {
+                let window = if orientation == Orientation::NoTransforms {
                     // Rows go through the horizontal pass as they are decoded.
                     let mut resize = plan.start();
-                    if jpeg::decode_rect_rows(bytes, stored, &budget, |row| resize.push_row(row))? {
-                        return Ok(self.normalise(&plan, &resize.finish()));
-                    }
-                } else if let Some(pixels) = jpeg::decode_rect(bytes, stored, &budget)? {
+                    decoder.read_rect(stored, |row| resize.push_row(row));
+                    resize.finish()
+                } else {
+                    let pixels = decoder.read_rect_pixels(stored).expect("an RGB JPEG");
                     let mut region = DynamicImage::ImageRgb8(rgb_image(stored, pixels));
                     region.apply_orientation(orientation);
                     let pitch = region.width() as usize * 3;
-                    return Ok(self.normalise(&plan, &plan.run(region.as_bytes(), pitch)));
-                }
+                    plan.run(region.as_bytes(), pitch)
+                };
+                Ok(Some(self.normalise(&plan, &window)))
+            })??;
+            if let Some(tensor) = tensor {
+                return Ok(tensor);
             }
         }
         let rgb = decode_rgb8_within(bytes, max_pixels, &budget)?;

@@ -7,6 +7,7 @@
 //! Only the pixels inside the crop window are computed; each is computed exactly as Pillow would
 //! compute it for the full image.
 
+use super::scratch::Scratch;
 use super::Rect;
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
@@ -127,7 +128,7 @@ impl Plan {
 
     /// Resizes the [`Self::source`] rectangle of packed RGB8 rows `pitch` bytes apart, `src`
     /// starting at its first pixel, and returns the window as packed RGB8 rows.
-    pub(super) fn run(&self, src: &[u8], pitch: usize) -> Vec<u8> {
+    pub(super) fn run(&self, src: &[u8], pitch: usize) -> Scratch {
         let row_len = self.source.width * 3;
         assert!(pitch >= row_len && src.len() >= (self.source.height - 1) * pitch + row_len);
         let mut resize = self.start();
@@ -142,7 +143,7 @@ impl Plan {
     pub(super) fn start(&self) -> Resize<'_> {
         Resize {
             plan: self,
-            temp: vec![0u8; self.source.height * self.window.width * 3],
+            temp: Scratch::zeroed(self.source.height * self.window.width * 3),
             rows: 0,
         }
     }
@@ -176,11 +177,11 @@ impl Plan {
     }
 
     /// The vertical pass over the intermediate rows, Pillow's second pass.
-    fn vertical_pass(&self, temp: Vec<u8>) -> Vec<u8> {
+    fn vertical_pass(&self, temp: Scratch) -> Scratch {
         let source = self.source;
         let stride = self.window.width * 3;
         let Some(c) = &self.vertical else { return temp };
-        let mut out = vec![0u8; self.window.height * stride];
+        let mut out = Scratch::zeroed(self.window.height * stride);
         let mut sums = vec![0i32; stride];
         for (y, out_row) in out.chunks_exact_mut(stride).enumerate() {
             let at = self.window.top + y;
@@ -206,7 +207,7 @@ impl Plan {
 /// A [`Plan`] being run, row by row (see [`Plan::start`]).
 pub(super) struct Resize<'a> {
     plan: &'a Plan,
-    temp: Vec<u8>,
+    temp: Scratch,
     rows: usize,
 }
 
@@ -225,7 +226,7 @@ impl Resize<'_> {
     }
 
     /// The window as packed RGB8 rows, once every source row is in.
-    pub(super) fn finish(self) -> Vec<u8> {
+    pub(super) fn finish(self) -> Scratch {
         assert_eq!(self.rows, self.plan.source.height, "every source row");
         self.plan.vertical_pass(self.temp)
     }
@@ -465,7 +466,7 @@ mod tests {
             };
             let pitch = source.width * 3;
             assert!(
-                plan.run(&src, pitch) == scalar.run(&src, pitch),
+                *plan.run(&src, pitch) == *scalar.run(&src, pitch),
                 "{width}x{height}"
             );
         }

@@ -117,6 +117,10 @@ pub trait ResultStore: Send + Sync + 'static {
 
     /// Moves a task to `STARTED` and counts the attempt, unless it is already final. Returns the
     /// record as it now is (a final one unchanged), or `None` for an unknown id.
+    ///
+    /// The count must outlive the worker (an image that crashes every worker is given up on
+    /// after its attempts), not a power cut: a store may commit it without waiting for the
+    /// disk, and the next write that does wait takes it to disk too.
     async fn start(&self, id: TaskId) -> Result<Option<TaskRecord>, ResultsError>;
 
     /// Stores the result and moves the task to `SUCCESS`; a task with a `callback_url` gets its

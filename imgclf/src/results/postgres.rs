@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::Row;
 use uuid::Uuid;
 
@@ -17,20 +17,31 @@ const COLUMNS: &str = "task_id, state, object_key, metadata, callback_url, resul
 /// reconnects by itself after the server restarts.
 pub struct PostgresResults {
     pool: PgPool,
+    /// Connections with `synchronous_commit = off` (a commit returns before the server
+    /// flushes its log, which it does within a fraction of a second), for the one write that
+    /// needs no more: [`ResultStore::start`].
+    relaxed: PgPool,
 }
 
 impl PostgresResults {
     /// Connects to a `postgres://` URL and applies migrations (under the migrator's advisory
     /// lock, so processes starting together do not race).
     pub async fn connect(url: &str) -> Result<Self, ResultsError> {
+        let options: PgConnectOptions = url.parse().map_err(ResultsError::permanent)?;
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(5))
-            .connect(url)
+            .connect_with(options.clone())
             .await
             .map_err(backend)?;
         MIGRATOR.run(&pool).await.map_err(ResultsError::permanent)?;
-        Ok(Self { pool })
+        let relaxed = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options.options([("synchronous_commit", "off")]))
+            .await
+            .map_err(backend)?;
+        Ok(Self { pool, relaxed })
     }
 }
 
@@ -147,7 +158,7 @@ impl ResultStore for PostgresResults {
         let row = sqlx::query(&sql)
             .bind(now_ms())
             .bind(id.as_uuid())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.relaxed)
             .await
             .map_err(backend)?;
         match row {

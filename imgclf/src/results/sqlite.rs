@@ -2,7 +2,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{Row, SqlitePool};
 
 use super::{ResultStore, ResultsError, StateCounts, TaskQuery};
@@ -16,6 +18,10 @@ const COLUMNS: &str = "task_id, state, object_key, metadata, callback_url, resul
 /// Task records in SQLite: the embedded default, one file under the data directory.
 pub struct SqliteResults {
     pool: SqlitePool,
+    /// Connections that commit without waiting for the disk (`synchronous = NORMAL`: in WAL
+    /// mode a commit survives the process, not a power cut), for the one write that needs no
+    /// more: [`ResultStore::start`]. Each commit of `pool` flushes the log with theirs in it.
+    relaxed: SqlitePool,
 }
 
 impl SqliteResults {
@@ -33,11 +39,16 @@ impl SqliteResults {
         }
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(backend)?;
         MIGRATOR.run(&pool).await.map_err(ResultsError::permanent)?;
-        Ok(Self { pool })
+        let relaxed = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(options.synchronous(SqliteSynchronous::Normal))
+            .await
+            .map_err(backend)?;
+        Ok(Self { pool, relaxed })
     }
 
     /// Runs a final transition: `value`, the time, the callback made due, the id.
@@ -154,7 +165,7 @@ impl ResultStore for SqliteResults {
         let row = sqlx::query(&sql)
             .bind(now_ms())
             .bind(id.to_string())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.relaxed)
             .await
             .map_err(backend)?;
         match row {

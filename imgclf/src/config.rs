@@ -192,8 +192,9 @@ pub struct Settings {
     )]
     pub intra_threads: usize,
     /// Instances of the model run side by side, each on its own thread, single-threaded
-    /// [default: measured at start so that inference and preprocessing share the cores by what
-    /// each costs per image; 1 for ort when IMGCLF_INTRA_THREADS is above 1].
+    /// [default: on the CPU one per core, each decoding its own images; with a GPU provider
+    /// measured at start so that inference and preprocessing share the cores by what each
+    /// costs per image; 1 for ort when IMGCLF_INTRA_THREADS is above 1].
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_INFERENCE_THREADS"))]
     pub inference_threads: Option<usize>,
     /// ONNX Runtime execution providers for ort, comma-separated in order of preference:

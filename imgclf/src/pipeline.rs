@@ -13,7 +13,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::classifier::{ClassifierHandle, ClassifyError};
+use crate::classifier::{ClassifierHandle, ClassifyError, ClassifyImageError};
 use crate::metrics::Metrics;
 use crate::notify::{Notifier, NotifyError};
 use crate::preprocess::{self, ImageError};
@@ -126,7 +126,12 @@ impl Default for PipelineConfig {
 /// Who waits for which task in this process: a task's end wakes its own waiters, not every
 /// waiter (each of which would read the result store again).
 #[derive(Default)]
-struct Waiters(std::sync::Mutex<std::collections::HashMap<TaskId, Arc<Notify>>>);
+struct Waiters {
+    map: std::sync::Mutex<std::collections::HashMap<TaskId, Arc<Notify>>>,
+    /// Whether every task is finished by a worker in this process, which wakes its waiters:
+    /// then they read the store again only now and then, in case a wake was missed.
+    all_finish_here: std::sync::atomic::AtomicBool,
+}
 
 /// One waiter's registration; dropping it forgets the task once no one else waits for it.
 struct Watch<'a> {
@@ -138,7 +143,7 @@ struct Watch<'a> {
 impl Waiters {
     fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<TaskId, Arc<Notify>>> {
         // Only inserts and removes happen under the lock: a panic leaves the map whole.
-        self.0
+        self.map
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -462,16 +467,25 @@ impl Submitter {
     }
 
     /// The task's record as soon as it is final, or as it stands when `timeout` ends; `None`
-    /// for an unknown id. A worker in this process wakes the wait at once; otherwise the result
-    /// store is read at short intervals (growing to 50 ms, so an answer comes within 50 ms of
-    /// the task's end).
+    /// for an unknown id. A worker in this process wakes the wait at once; unless every task
+    /// ends in this process (the embedded service), the result store is also read at short
+    /// intervals (growing to 50 ms, so an answer comes within 50 ms of the task's end).
     pub async fn wait(
         &self,
         id: TaskId,
         timeout: Duration,
     ) -> Result<Option<TaskRecord>, ResultsError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut interval = Duration::from_millis(20);
+        let (mut interval, longest) = if self
+            .shared
+            .waiters
+            .all_finish_here
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            (Duration::from_secs(1), Duration::from_secs(1))
+        } else {
+            (Duration::from_millis(20), Duration::from_millis(50))
+        };
         loop {
             // Registered before the read, so a completion between the two is not missed.
             let watch = self.shared.waiters.watch(id);
@@ -488,7 +502,7 @@ impl Submitter {
                 _ = tokio::time::sleep(interval) => {}
                 _ = tokio::time::sleep_until(deadline) => {}
             }
-            interval = (interval * 2).min(Duration::from_millis(50));
+            interval = (interval * 2).min(longest);
         }
     }
 
@@ -554,6 +568,24 @@ enum JobError {
     Persist(#[source] ResultsError),
     #[error("gave up after {0} attempts (the worker stopped while processing it)")]
     Exhausted(u32),
+}
+
+impl From<ClassifyImageError> for JobError {
+    fn from(error: ClassifyImageError) -> Self {
+        match error {
+            ClassifyImageError::Image(e) => Self::Image(e),
+            ClassifyImageError::Classify(e) => Self::Classify(e),
+        }
+    }
+}
+
+impl From<ClassifyImageError> for ClassifyNowError {
+    fn from(error: ClassifyImageError) -> Self {
+        match error {
+            ClassifyImageError::Image(e) => Self::Image(e),
+            ClassifyImageError::Classify(e) => Self::Classify(e),
+        }
+    }
 }
 
 impl JobError {
@@ -660,8 +692,7 @@ impl Worker {
             .classify_slots
             .try_acquire()
             .map_err(|_| ClassifyNowError::Busy)?;
-        let tensor = self.tensor(bytes).await?;
-        let logits = self.classifier.logits(tensor).await?;
+        let (logits, _, _) = self.classify(bytes).await?;
         Ok(self.classifier.spec().top_k(&logits, top_k))
     }
 
@@ -983,16 +1014,9 @@ impl Worker {
         let bytes = bytes.map_err(JobError::Fetch)?;
         timings.fetch_ms = fetch_ms;
 
-        let started = Instant::now();
-        let tensor = self.tensor(bytes).await.map_err(JobError::Image)?;
-        timings.preprocess_ms = started.elapsed().as_secs_f64() * 1e3;
-        let started = Instant::now();
-        let logits = self
-            .classifier
-            .logits(tensor)
-            .await
-            .map_err(JobError::Classify)?;
-        timings.infer_ms = self.shared.observe("infer", started);
+        let (logits, preprocess_ms, infer_ms) = self.classify(bytes).await?;
+        timings.preprocess_ms = preprocess_ms;
+        timings.infer_ms = infer_ms;
 
         let spec = self.classifier.spec();
         let top_k = job.top_k.unwrap_or(self.shared.config.top_k);
@@ -1016,6 +1040,39 @@ impl Worker {
         record.state = TaskState::Success;
         record.result = Some(result);
         Ok(Some(record))
+    }
+
+    /// The image's logits, and how long preprocessing and inference took (ms): on one of the
+    /// model's instances where they preprocess their own images, else preprocessed on the
+    /// bounded blocking pool first.
+    async fn classify(&self, bytes: Bytes) -> Result<(Vec<f32>, f64, f64), ClassifyImageError> {
+        let started = Instant::now();
+        if self.classifier.preprocesses() {
+            let max_pixels = self.shared.config.max_pixels;
+            let classified = self.classifier.classify_image(bytes, max_pixels).await?;
+            let (total, preprocess) = (started.elapsed(), classified.preprocess);
+            let infer = total.saturating_sub(preprocess);
+            let stages = &self.shared.metrics.stage_seconds;
+            for (stage, time) in [("preprocess", preprocess), ("infer", infer)] {
+                stages
+                    .with_label_values(&[stage])
+                    .observe(time.as_secs_f64());
+            }
+            let ms = |t: Duration| t.as_secs_f64() * 1e3;
+            return Ok((classified.logits, ms(preprocess), ms(infer)));
+        }
+        let tensor = self
+            .tensor(bytes)
+            .await
+            .map_err(ClassifyImageError::Image)?;
+        let preprocess_ms = started.elapsed().as_secs_f64() * 1e3;
+        let started = Instant::now();
+        let logits = self
+            .classifier
+            .logits(tensor)
+            .await
+            .map_err(ClassifyImageError::Classify)?;
+        Ok((logits, preprocess_ms, self.shared.observe("infer", started)))
     }
 
     /// Decodes and preprocesses on the bounded blocking pool.
@@ -1217,6 +1274,11 @@ impl Pipeline {
     /// Both sides on `ports`, the worker with its model.
     pub fn new(ports: Ports, classifier: ClassifierHandle, config: PipelineConfig) -> Self {
         let shared = Shared::new(ports, config);
+        let all_finish_here = shared.ports.queue.is_local();
+        shared
+            .waiters
+            .all_finish_here
+            .store(all_finish_here, std::sync::atomic::Ordering::Relaxed);
         Self {
             submitter: Arc::new(Submitter::with(shared.clone())),
             worker: Arc::new(Worker::with(shared, classifier)),

@@ -4,19 +4,48 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::Thread;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use prometheus::Histogram;
 
 use tokio::sync::oneshot;
 
 use super::{Classifier, ClassifyError};
 use crate::model::ModelSpec;
+use crate::preprocess::ImageError;
 
-type Reply = oneshot::Sender<Result<Vec<f32>, Arc<ClassifyError>>>;
+type Reply = oneshot::Sender<Result<Classified, ClassifyImageError>>;
 
 struct Request {
-    tensor: Vec<f32>,
+    input: Input,
     reply: Reply,
+}
+
+/// What an instance is given: a tensor, or an image it decodes and preprocesses itself.
+enum Input {
+    Tensor(Vec<f32>),
+    Image { bytes: Bytes, max_pixels: u64 },
+}
+
+/// An image's logits, and how long its instance took to preprocess it.
+#[derive(Debug)]
+pub struct Classified {
+    /// The model's output for the image.
+    pub logits: Vec<f32>,
+    /// Decoding and preprocessing, on the instance's thread (zero for a tensor).
+    pub preprocess: Duration,
+}
+
+/// Why an image was not classified.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClassifyImageError {
+    /// The image: not decodable, or over a limit.
+    #[error(transparent)]
+    Image(ImageError),
+    /// The model.
+    #[error(transparent)]
+    Classify(Arc<ClassifyError>),
 }
 
 /// The async face of a classifier: one or more instances of a model, each on its own OS thread.
@@ -26,6 +55,9 @@ struct Request {
 /// else is already queued up to `max_batch`. While the model runs, the next batch accumulates.
 /// An image goes to the instance that went idle last: its weights and buffers are the ones
 /// still in cache (taking turns, at one image at a time, ran each image on a cold instance).
+///
+/// A pool that preprocesses ([`Self::spawn_preprocessing`]) is given images, not tensors: each
+/// instance decodes its images and runs the model on them on its own thread.
 ///
 /// A pool that may grow ([`Self::spawn_growing`]) adds an instance, up to its limit, when
 /// images keep waiting for the model: inference has become the slower stage (larger models,
@@ -87,6 +119,8 @@ struct Pool {
     /// Instances that must be warm for the handle to be ready: those it started with.
     initial: usize,
     growth: Option<Growth>,
+    /// Whether the worker sends images rather than tensors.
+    preprocesses: bool,
 }
 
 /// How a pool adds instances: a factory, a limit, and how long images have kept waiting.
@@ -114,7 +148,15 @@ impl ClassifierHandle {
     /// Several instances of one model, each on its own thread, taking batches from one queue:
     /// for single-threaded backends, so that inference can use more than one core.
     pub fn spawn_pool(classifiers: Vec<Box<dyn Classifier>>, max_batch: usize) -> Self {
-        Self::start(classifiers, max_batch, None)
+        Self::start(classifiers, max_batch, None, false)
+    }
+
+    /// Like [`Self::spawn_pool`], for instances that also decode and preprocess their images
+    /// ([`Self::classify_image`]): with one single-threaded instance per core, each core takes
+    /// an image from bytes to logits with no hand-off between threads, and the cores split
+    /// between the two stages exactly as each image needs.
+    pub fn spawn_preprocessing(classifiers: Vec<Box<dyn Classifier>>, max_batch: usize) -> Self {
+        Self::start(classifiers, max_batch, None, true)
     }
 
     /// Like [`Self::spawn_pool`], and adds instances built by `build`, up to `limit` in all,
@@ -131,13 +173,14 @@ impl ClassifierHandle {
             backlog_streak: AtomicUsize::new(0),
             growing: false.into(),
         };
-        Self::start(classifiers, max_batch, Some(growth))
+        Self::start(classifiers, max_batch, Some(growth), false)
     }
 
     fn start(
         classifiers: Vec<Box<dyn Classifier>>,
         max_batch: usize,
         growth: Option<Growth>,
+        preprocesses: bool,
     ) -> Self {
         assert!(!classifiers.is_empty(), "at least one classifier");
         let max_batch = max_batch.max(1);
@@ -151,6 +194,7 @@ impl ClassifierHandle {
             warmed: AtomicUsize::new(0),
             initial: classifiers.len(),
             growth,
+            preprocesses,
         });
         for (i, classifier) in classifiers.into_iter().enumerate() {
             pool.clone().run_instance(i, classifier);
@@ -194,21 +238,48 @@ impl ClassifierHandle {
         self.pool.warmed.load(Ordering::Acquire) >= self.pool.initial
     }
 
+    /// Whether its instances decode and preprocess images themselves: then images should come
+    /// through [`Self::classify_image`], not preprocessed elsewhere.
+    pub fn preprocesses(&self) -> bool {
+        self.pool.preprocesses
+    }
+
     /// Classifies one preprocessed image; returns its logits.
     pub async fn logits(&self, tensor: Vec<f32>) -> Result<Vec<f32>, Arc<ClassifyError>> {
+        match self.send(Input::Tensor(tensor)).await {
+            Ok(classified) => Ok(classified.logits),
+            Err(ClassifyImageError::Classify(error)) => Err(error),
+            Err(ClassifyImageError::Image(error)) => {
+                Err(Arc::new(ClassifyError::Inference(error.to_string())))
+            }
+        }
+    }
+
+    /// Decodes, preprocesses and classifies one image (of at most `max_pixels`) on an
+    /// instance's thread.
+    pub async fn classify_image(
+        &self,
+        bytes: Bytes,
+        max_pixels: u64,
+    ) -> Result<Classified, ClassifyImageError> {
+        self.send(Input::Image { bytes, max_pixels }).await
+    }
+
+    async fn send(&self, input: Input) -> Result<Classified, ClassifyImageError> {
+        let stopped = || ClassifyImageError::Classify(Arc::new(ClassifyError::Stopped));
         let (reply, answer) = oneshot::channel();
         let idle = {
             let mut queue = self.pool.queue();
             if queue.closed {
-                return Err(Arc::new(ClassifyError::Stopped));
+                return Err(stopped());
             }
-            queue.waiting.push_back(Request { tensor, reply });
+            queue.waiting.push_back(Request { input, reply });
             queue.idle.pop()
         };
         if let Some(idle) = idle {
             idle.wake();
         }
-        answer.await.map_err(|_| Arc::new(ClassifyError::Stopped))?
+        answer.await.map_err(|_| stopped())?
     }
 }
 
@@ -273,17 +344,38 @@ impl Pool {
         let (len, max_batch) = (classifier.spec().transform.tensor_len(), self.max_batch);
         let mut batch = Vec::with_capacity(len * max_batch);
         let mut replies = Vec::with_capacity(max_batch);
+        let transform = classifier.spec().transform.clone();
+        let mut preprocessed = Vec::with_capacity(max_batch);
         while let Some((requests, waiting)) = self.take_batch() {
             for request in requests {
-                if request.tensor.len() == len {
-                    batch.extend_from_slice(&request.tensor);
-                    replies.push(request.reply);
-                } else {
-                    let error = ClassifyError::Inference(format!(
-                        "tensor of {} values, expected {len}",
-                        request.tensor.len()
-                    ));
-                    let _ = request.reply.send(Err(Arc::new(error)));
+                let started = Instant::now();
+                let tensor = match request.input {
+                    Input::Tensor(tensor) => Ok(tensor),
+                    Input::Image { bytes, max_pixels } => {
+                        preprocess(&transform, &bytes, max_pixels)
+                            .map_err(ClassifyImageError::Image)
+                    }
+                };
+                let tensor = tensor.and_then(|tensor| {
+                    if tensor.len() == len {
+                        Ok(tensor)
+                    } else {
+                        let error = ClassifyError::Inference(format!(
+                            "tensor of {} values, expected {len}",
+                            tensor.len()
+                        ));
+                        Err(ClassifyImageError::Classify(Arc::new(error)))
+                    }
+                });
+                match tensor {
+                    Ok(tensor) => {
+                        batch.extend_from_slice(&tensor);
+                        replies.push(request.reply);
+                        preprocessed.push(started.elapsed());
+                    }
+                    Err(error) => {
+                        let _ = request.reply.send(Err(error));
+                    }
                 }
             }
             self.watch_backlog(waiting);
@@ -297,18 +389,21 @@ impl Pool {
             let _span = tracing::debug_span!("infer", n).entered();
             match classifier.classify(&batch, n) {
                 Ok(rows) => {
-                    for (reply, row) in replies.drain(..).zip(rows) {
-                        let _ = reply.send(Ok(row));
+                    for ((reply, logits), preprocess) in
+                        replies.drain(..).zip(rows).zip(preprocessed.drain(..))
+                    {
+                        let _ = reply.send(Ok(Classified { logits, preprocess }));
                     }
                 }
                 Err(error) => {
-                    let error = Arc::new(error);
+                    let error = ClassifyImageError::Classify(Arc::new(error));
                     for reply in replies.drain(..) {
                         let _ = reply.send(Err(error.clone()));
                     }
                 }
             }
             batch.clear();
+            preprocessed.clear();
         }
     }
 
@@ -350,6 +445,22 @@ impl Pool {
             growth.growing.store(false, Ordering::Release);
         });
     }
+}
+
+/// An image's tensor, made on an inference thread: a decoder's panic (a bug, in a crate or in
+/// libjpeg) fails the image, not the thread.
+fn preprocess(
+    transform: &crate::preprocess::Transform,
+    bytes: &[u8],
+    max_pixels: u64,
+) -> Result<Vec<f32>, ImageError> {
+    std::panic::catch_unwind(|| transform.tensor_from_bytes(bytes, max_pixels)).unwrap_or_else(
+        |_| {
+            Err(ImageError::Undecodable(
+                "the decoder crashed on this image".into(),
+            ))
+        },
+    )
 }
 
 #[cfg(test)]

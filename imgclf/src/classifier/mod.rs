@@ -10,7 +10,7 @@ pub mod tuning;
 
 #[cfg(feature = "ort")]
 pub use self::ort::OrtClassifier;
-pub use handle::{ClassifierHandle, Factory};
+pub use handle::{Classified, ClassifierHandle, ClassifyImageError, Factory};
 #[cfg(feature = "tract")]
 pub use tract::TractClassifier;
 
@@ -177,9 +177,10 @@ pub struct ClassifierOptions {
     pub intra_threads: usize,
     /// `libonnxruntime.so` for the ort backend; `ORT_DYLIB_PATH` when unset.
     pub ort_library: Option<std::path::PathBuf>,
-    /// Instances of the model side by side, each on its own thread [default: measured at start,
-    /// so that inference and preprocessing share the cores by their costs (see [`tuning`]); 1
-    /// for ort when `intra_threads` is above 1].
+    /// Instances of the model side by side, each on its own thread [default: one per core on
+    /// the CPU, each decoding its own images; with an accelerator, measured at start so that
+    /// inference and preprocessing share the cores by their costs (see [`tuning`]); 1 for ort
+    /// when `intra_threads` is above 1].
     pub instances: Option<usize>,
     /// Execution providers for ort, in order of preference, CPU last.
     pub providers: Providers,
@@ -215,9 +216,20 @@ pub fn spawn(
         None if options.intra_threads > 1 && name != "tract" => Some(1),
         None => None,
     };
-    let choice = tuning::choose(classifiers[0].as_mut(), instances, max_batch)?;
+    // On the CPU, an instance per core takes each of its images from bytes to logits (see
+    // `ClassifierHandle::spawn_preprocessing`). With an accelerator, or fewer instances than
+    // cores, preprocessing runs on the worker's threads beside them.
+    let preprocess = options.providers.accelerators().next().is_none()
+        && instances.is_none_or(|n| n >= crate::cores());
+    let choice = tuning::choose(classifiers[0].as_mut(), instances, max_batch, preprocess)?;
     for _ in 1..choice.instances {
         classifiers.push(build(name, spec.clone(), options)?);
+    }
+    if preprocess {
+        return Ok(ClassifierHandle::spawn_preprocessing(
+            classifiers,
+            choice.max_batch,
+        ));
     }
     if instances.is_some() {
         return Ok(ClassifierHandle::spawn_pool(classifiers, choice.max_batch));

@@ -1,24 +1,23 @@
 //! What to run when the settings leave it open, measured at start on this machine: the batch
-//! size (`IMGCLF_MAX_BATCH`) and the number of model instances (`IMGCLF_INFERENCE_THREADS`),
-//! so that inference and preprocessing share the cores in proportion to what each costs per
-//! image. One log line gives the choice and the figures behind it.
+//! size (`IMGCLF_MAX_BATCH`) and the number of model instances (`IMGCLF_INFERENCE_THREADS`).
+//! One log line gives the choice and the figures behind it.
 //!
 //! The batch is the smallest of [`BATCHES`] whose time per image is within 5% of the best: a
 //! larger batch costs memory (the runtime's buffers grow with it) and latency for nothing, and
 //! three timed runs at start differ by a few percent, so a narrower margin picks by noise.
 //!
-//! The instance count is a starting point, re-checked while running: a pool left to the tuning
-//! adds an instance, up to one per core, when images keep waiting for the model (see
-//! [`super::ClassifierHandle::spawn_growing`]), so photos smaller than the one measured here, or
-//! a model slower than it looked, still get inference its share. The two thread pools need no
-//! fixed split of the cores: preprocessing runs on one thread per core and every instance on
-//! its own thread, so whichever stage has work takes the cores the other leaves idle. The
-//! measure uses a typical 2 MP photo; the count is rounded up (with fewer instances than
-//! inference's share, inference caps the throughput and part of a core idles, while one
-//! instance more only time-shares the cores with preprocessing). The memory of each extra
-//! instance (one more copy of the weights) is why it is never above the cores, and why the pool
-//! grows only on a sustained backlog and never shrinks back and forth. The batch size is chosen
-//! once: it depends on the model and the CPU, which do not change while the process runs.
+//! On the CPU there is one instance per core, and each decodes, preprocesses and classifies
+//! its own images (see [`super::ClassifierHandle::spawn_preprocessing`]): every core does both
+//! stages for the images it takes, so the cores split between them exactly as each image
+//! needs, whatever the model, the CPU or the photos, and nothing needs re-checking while
+//! running. This is the arrangement `cores / (t_pre + t_inf)` describes.
+//!
+//! With an accelerator (or fewer instances than cores, as set), preprocessing runs on the
+//! worker's threads beside the instances, and the instance count is the cores' share that
+//! inference needs, from a typical 2 MP photo's preprocessing time, rounded up; such a pool adds
+//! an instance, up to one per core, when images keep waiting for the model (see
+//! [`super::ClassifierHandle::spawn_growing`]). The batch size is chosen once: it depends on
+//! the model and the CPU, which do not change while the process runs.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -43,13 +42,19 @@ pub struct Choice {
 
 /// Settles what `instances` and `max_batch` leave open (`None`), measuring `classifier` and a
 /// photo's preprocessing on this machine; logs the choice in one line when it measured.
+/// Instances that `preprocess` their own images are one per core, whatever the costs.
 pub fn choose(
     classifier: &mut dyn Classifier,
     instances: Option<usize>,
     max_batch: Option<usize>,
+    preprocess: bool,
 ) -> Result<Choice, ClassifyError> {
     let cores = crate::cores();
     let instances = instances.map(|n| n.max(1));
+    let (instances, explicit) = match instances {
+        None if preprocess => (Some(cores), false),
+        other => (other, other.is_some()),
+    };
     if let Some(batch) = max_batch {
         if instances.is_some() || cores == 1 {
             return Ok(Choice {
@@ -71,7 +76,7 @@ pub fn choose(
         .find(|(batch, _)| *batch == max_batch)
         .map(|(_, t)| *t)
         .expect("the chosen batch was timed");
-    let (instances, preprocess) = match instances {
+    let (instances, preprocess_time) = match instances {
         Some(n) => (n, None),
         None if cores == 1 => (1, None),
         None => match time_preprocessing(classifier.spec()) {
@@ -86,6 +91,12 @@ pub fn choose(
         },
     };
     let ms = |t: Duration| format!("{:.1}", t.as_secs_f64() * 1e3);
+    let split = match (preprocess, preprocess_time) {
+        (true, _) => "each decoding and preprocessing its own images".to_string(),
+        (false, Some(t)) => format!("beside preprocessing of {} ms per photo", ms(t)),
+        (false, None) if explicit => "beside the preprocessing threads".to_string(),
+        (false, None) => "beside the preprocessing threads (not timed)".to_string(),
+    };
     let per_batch: Vec<String> = timed
         .iter()
         .map(|(batch, t)| format!("{batch}: {}", ms(*t)))
@@ -95,13 +106,12 @@ pub fn choose(
         max_batch,
         cores,
         inference_ms = inference.as_secs_f64() * 1e3,
-        preprocess_ms = preprocess.map(|t| t.as_secs_f64() * 1e3),
-        "classifier: {instances} instance(s), batches of up to {max_batch}, on {cores} cores: \
-         inference {} ms per image (by batch size: {}), preprocessing {} ms per photo \
+        preprocess_ms = preprocess_time.map(|t| t.as_secs_f64() * 1e3),
+        "classifier: {instances} instance(s), batches of up to {max_batch}, on {cores} cores, \
+         {split}: inference {} ms per image (by batch size: {}) \
          (IMGCLF_INFERENCE_THREADS and IMGCLF_MAX_BATCH set them)",
         ms(inference),
         per_batch.join(", "),
-        preprocess.map_or_else(|| "not measured".into(), ms),
     );
     Ok(Choice {
         instances,

@@ -33,7 +33,7 @@ pub const ACCEPTED_FORMATS: [ImageFormat; 6] = [
 pub const DEFAULT_MAX_PIXELS: u64 = 50_000_000;
 
 /// Why bytes are not an image this service reads. The messages are meant for the client.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ImageError {
     /// No bytes at all.
     #[error("the upload is empty")]

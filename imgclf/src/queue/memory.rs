@@ -171,6 +171,10 @@ impl Queue for MemoryQueue {
         Ok((before - dead.len()) as u64)
     }
 
+    fn is_local(&self) -> bool {
+        true
+    }
+
     async fn check(&self) -> Result<(), QueueError> {
         Ok(())
     }

@@ -169,6 +169,12 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Whether the backend is reachable (for readiness).
     async fn check(&self) -> Result<(), QueueError>;
+
+    /// Whether only this process can take its jobs (an in-memory queue): then a worker in this
+    /// process finishes every task, and its waiters need not poll the result store.
+    fn is_local(&self) -> bool {
+        false
+    }
 }
 
 /// One received job. Settle it exactly once: `ack` after the result is durable, `retry` to have

@@ -101,7 +101,29 @@ struct Idle {
     woken: Arc<AtomicBool>,
 }
 
+/// What an instance does next.
+enum Next {
+    Batch(Vec<Request>, usize),
+    Idle,
+    Closed,
+}
+
 impl Idle {
+    fn current() -> Self {
+        Idle {
+            thread: std::thread::current(),
+            woken: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Parks until taken off the idle list and woken (an unpark that came first returns at
+    /// once).
+    fn park(&self) {
+        while !self.woken.load(Ordering::Acquire) {
+            std::thread::park();
+        }
+    }
+
     fn wake(&self) {
         self.woken.store(true, Ordering::Release);
         self.thread.unpark();
@@ -291,33 +313,21 @@ impl Pool {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Waits for images and takes the first `max_batch` of them, with the number left waiting;
-    /// `None` once the queue is closed.
-    fn take_batch(&self) -> Option<(Vec<Request>, usize)> {
-        let me = Idle {
-            thread: std::thread::current(),
-            woken: Arc::new(AtomicBool::new(false)),
-        };
-        loop {
-            {
-                let mut queue = self.queue();
-                if !queue.waiting.is_empty() {
-                    let n = queue.waiting.len().min(self.max_batch);
-                    let batch: Vec<Request> = queue.waiting.drain(..n).collect();
-                    return Some((batch, queue.waiting.len()));
-                }
-                if queue.closed {
-                    return None;
-                }
-                me.woken.store(false, Ordering::Relaxed);
-                queue.idle.push(me.clone());
-            }
-            // Woken only by whoever took `me` off the idle list (an unpark that comes first
-            // makes this return at once).
-            while !me.woken.load(Ordering::Acquire) {
-                std::thread::park();
-            }
+    /// The first `max_batch` images waiting, with the number left waiting; else `me` joins the
+    /// idle instances (last, so first in line).
+    fn next(&self, me: &Idle) -> Next {
+        let mut queue = self.queue();
+        if !queue.waiting.is_empty() {
+            let n = queue.waiting.len().min(self.max_batch);
+            let batch: Vec<Request> = queue.waiting.drain(..n).collect();
+            return Next::Batch(batch, queue.waiting.len());
         }
+        if queue.closed {
+            return Next::Closed;
+        }
+        me.woken.store(false, Ordering::Relaxed);
+        queue.idle.push(me.clone());
+        Next::Idle
     }
 
     /// Starts instance `i` on a thread of its own: it warms up on the largest batch (so the
@@ -346,7 +356,23 @@ impl Pool {
         let mut replies = Vec::with_capacity(max_batch);
         let transform = classifier.spec().transform.clone();
         let mut preprocessed = Vec::with_capacity(max_batch);
-        while let Some((requests, waiting)) = self.take_batch() {
+        let mut answers: Vec<(Reply, Result<Classified, ClassifyImageError>)> = Vec::new();
+        let me = Idle::current();
+        loop {
+            let next = self.next(&me);
+            // Answered once this instance is back in line: a client that sends its next image
+            // on the answer finds this instance, its cache warm, first.
+            for (reply, answer) in answers.drain(..) {
+                let _ = reply.send(answer);
+            }
+            let (requests, waiting) = match next {
+                Next::Batch(requests, waiting) => (requests, waiting),
+                Next::Idle => {
+                    me.park();
+                    continue;
+                }
+                Next::Closed => return,
+            };
             for request in requests {
                 let started = Instant::now();
                 let tensor = match request.input {
@@ -373,9 +399,7 @@ impl Pool {
                         replies.push(request.reply);
                         preprocessed.push(started.elapsed());
                     }
-                    Err(error) => {
-                        let _ = request.reply.send(Err(error));
-                    }
+                    Err(error) => answers.push((request.reply, Err(error))),
                 }
             }
             self.watch_backlog(waiting);
@@ -392,14 +416,12 @@ impl Pool {
                     for ((reply, logits), preprocess) in
                         replies.drain(..).zip(rows).zip(preprocessed.drain(..))
                     {
-                        let _ = reply.send(Ok(Classified { logits, preprocess }));
+                        answers.push((reply, Ok(Classified { logits, preprocess })));
                     }
                 }
                 Err(error) => {
                     let error = ClassifyImageError::Classify(Arc::new(error));
-                    for reply in replies.drain(..) {
-                        let _ = reply.send(Err(error.clone()));
-                    }
+                    answers.extend(replies.drain(..).map(|reply| (reply, Err(error.clone()))));
                 }
             }
             batch.clear();
@@ -540,14 +562,19 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn one_image_at_a_time_stays_on_the_instance_that_is_warm() {
+    /// Two counting instances in one pool, batches of up to two.
+    fn counting_pair() -> ([Arc<AtomicUsize>; 2], ClassifierHandle) {
         let counts = [Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0))];
         let instances = counts
             .iter()
             .map(|count| Box::new(Counting(spec(), count.clone())) as Box<dyn Classifier>)
             .collect();
-        let handle = ClassifierHandle::spawn_pool(instances, 2);
+        (counts, ClassifierHandle::spawn_pool(instances, 2))
+    }
+
+    #[tokio::test]
+    async fn one_image_at_a_time_stays_on_the_instance_that_is_warm() {
+        let (counts, handle) = counting_pair();
         while !handle.is_ready() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -567,12 +594,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_threads_stop_when_the_last_handle_drops() {
-        let counts = [Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0))];
-        let instances = counts
-            .iter()
-            .map(|count| Box::new(Counting(spec(), count.clone())) as Box<dyn Classifier>)
-            .collect();
-        let handle = ClassifierHandle::spawn_pool(instances, 2);
+        let (counts, handle) = counting_pair();
         let clone = handle.clone();
         drop(handle);
         load(&clone, 3).await;
@@ -585,6 +607,55 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         panic!("the inference threads still run");
+    }
+
+    /// Answers each image's tensor as its logits.
+    struct Echo(ModelSpec);
+
+    impl Classifier for Echo {
+        fn spec(&self) -> &ModelSpec {
+            &self.0
+        }
+
+        fn classify(&mut self, batch: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ClassifyError> {
+            Ok(batch.chunks(batch.len() / n).map(<[f32]>::to_vec).collect())
+        }
+    }
+
+    #[tokio::test]
+    async fn an_instance_that_preprocesses_gives_the_tensor_a_worker_would_make() {
+        let handle = ClassifierHandle::spawn_preprocessing(vec![Box::new(Echo(spec()))], 4);
+        assert!(handle.preprocesses());
+        let mut png = Vec::new();
+        image::RgbImage::from_fn(40, 30, |x, y| image::Rgb([x as u8 * 6, y as u8 * 8, 77]))
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .expect("encoded");
+        let expected = spec()
+            .transform
+            .tensor_from_bytes(&png, 10_000)
+            .expect("a tensor");
+        let classified = handle
+            .classify_image(png.clone().into(), 10_000)
+            .await
+            .expect("classified");
+        assert_eq!(classified.logits, expected);
+        // A broken image fails alone; the instance goes on.
+        let broken = handle
+            .classify_image(png[..60].to_vec().into(), 10_000)
+            .await;
+        assert!(
+            matches!(broken, Err(ClassifyImageError::Image(_))),
+            "{broken:?}"
+        );
+        let over = handle.classify_image(png.clone().into(), 100).await;
+        assert!(
+            matches!(
+                over,
+                Err(ClassifyImageError::Image(ImageError::TooManyPixels { .. }))
+            ),
+            "{over:?}"
+        );
+        assert!(handle.classify_image(png.into(), 10_000).await.is_ok());
     }
 
     #[tokio::test]

@@ -88,7 +88,7 @@ pub fn error_id() -> String {
 /// Caps glibc's malloc arenas at the number of cores (at least two), unless `MALLOC_ARENA_MAX`
 /// is set. By default glibc keeps up to eight per core, one for each thread that allocated
 /// under contention, and decoded photos' buffers freed in them stay resident: on the embedded
-/// service under 16 clients (AMD EPYC, 2 cores) peak RSS went from 363 to 269 MiB with the cap,
+/// service under 16 clients (AMD EPYC, 2 cores) peak RSS went from 363 to 294 MiB with the cap,
 /// throughput unchanged. For binaries, first thing in `main`. Off glibc it does nothing.
 #[allow(unsafe_code)]
 pub fn limit_malloc_arenas() {

@@ -125,12 +125,12 @@ impl Default for PipelineConfig {
 
 /// Who waits for which task in this process: a task's end wakes its own waiters, not every
 /// waiter (each of which would read the result store again).
-#[derive(Default)]
 struct Waiters {
     map: std::sync::Mutex<std::collections::HashMap<TaskId, Arc<Notify>>>,
-    /// Whether every task is finished by a worker in this process, which wakes its waiters:
-    /// then they read the store again only now and then, in case a wake was missed.
-    all_finish_here: std::sync::atomic::AtomicBool,
+    /// Whether every task is finished in this process (the queue is in-memory), by a worker
+    /// that wakes its waiters: then they read the store again only now and then, in case a
+    /// wake was missed. (Without a worker here, nothing finishes the tasks to wait for.)
+    all_finish_here: bool,
 }
 
 /// One waiter's registration; dropping it forgets the task once no one else waits for it.
@@ -188,12 +188,16 @@ struct Shared {
 
 impl Shared {
     fn new(ports: Ports, config: PipelineConfig) -> Self {
+        let waiters = Arc::new(Waiters {
+            map: Default::default(),
+            all_finish_here: ports.queue.is_local(),
+        });
         Self {
             cpu_slots: Arc::new(Semaphore::new(config.preprocess_threads.max(1))),
             ports,
             config,
             metrics: Arc::new(Metrics::new()),
-            waiters: Arc::default(),
+            waiters,
         }
     }
 
@@ -476,12 +480,7 @@ impl Submitter {
         timeout: Duration,
     ) -> Result<Option<TaskRecord>, ResultsError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let (mut interval, longest) = if self
-            .shared
-            .waiters
-            .all_finish_here
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
+        let (mut interval, longest) = if self.shared.waiters.all_finish_here {
             (Duration::from_secs(1), Duration::from_secs(1))
         } else {
             (Duration::from_millis(20), Duration::from_millis(50))
@@ -1274,11 +1273,6 @@ impl Pipeline {
     /// Both sides on `ports`, the worker with its model.
     pub fn new(ports: Ports, classifier: ClassifierHandle, config: PipelineConfig) -> Self {
         let shared = Shared::new(ports, config);
-        let all_finish_here = shared.ports.queue.is_local();
-        shared
-            .waiters
-            .all_finish_here
-            .store(all_finish_here, std::sync::atomic::Ordering::Relaxed);
         Self {
             submitter: Arc::new(Submitter::with(shared.clone())),
             worker: Arc::new(Worker::with(shared, classifier)),

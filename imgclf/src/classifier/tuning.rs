@@ -51,9 +51,9 @@ pub fn choose(
 ) -> Result<Choice, ClassifyError> {
     let cores = crate::cores();
     let instances = instances.map(|n| n.max(1));
-    let (instances, explicit) = match instances {
-        None if preprocess => (Some(cores), false),
-        other => (other, other.is_some()),
+    let instances = match instances {
+        None if preprocess => Some(cores),
+        other => other,
     };
     if let Some(batch) = max_batch {
         if instances.is_some() || cores == 1 {
@@ -94,8 +94,7 @@ pub fn choose(
     let split = match (preprocess, preprocess_time) {
         (true, _) => "each decoding and preprocessing its own images".to_string(),
         (false, Some(t)) => format!("beside preprocessing of {} ms per photo", ms(t)),
-        (false, None) if explicit => "beside the preprocessing threads".to_string(),
-        (false, None) => "beside the preprocessing threads (not timed)".to_string(),
+        (false, None) => "beside the preprocessing threads".to_string(),
     };
     let per_batch: Vec<String> = timed
         .iter()

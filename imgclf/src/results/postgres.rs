@@ -2,6 +2,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::Connection;
 use sqlx::Row;
 use uuid::Uuid;
 
@@ -28,21 +29,35 @@ impl PostgresResults {
     /// lock, so processes starting together do not race).
     pub async fn connect(url: &str) -> Result<Self, ResultsError> {
         let options: PgConnectOptions = url.parse().map_err(ResultsError::permanent)?;
-        let pool = PgPoolOptions::new()
-            .max_connections(8)
-            .acquire_timeout(Duration::from_secs(5))
+        let pool = pool_options(8)
             .connect_with(options.clone())
             .await
             .map_err(backend)?;
         MIGRATOR.run(&pool).await.map_err(ResultsError::permanent)?;
-        let relaxed = PgPoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(Duration::from_secs(5))
+        let relaxed = pool_options(4)
             .connect_with(options.options([("synchronous_commit", "off")]))
             .await
             .map_err(backend)?;
         Ok(Self { pool, relaxed })
     }
+}
+
+/// A pool that checks a connection before lending it only when it has been idle a while: a
+/// server restart drops connections that sat unused, while one used a moment ago is alive, and
+/// a check before every statement (sqlx's default) is a round trip to the server each time.
+fn pool_options(connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .test_before_acquire(false)
+        .before_acquire(|connection, meta| {
+            Box::pin(async move {
+                if meta.idle_for > Duration::from_secs(1) {
+                    connection.ping().await?;
+                }
+                Ok(true)
+            })
+        })
 }
 
 fn backend(error: sqlx::Error) -> ResultsError {

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Row, SqlitePool};
+use sqlx::{ConnectOptions, Row, SqliteConnection, SqlitePool};
 
 use super::{ResultStore, ResultsError, StateCounts, TaskQuery};
 use crate::task::{now_ms, TaskId, TaskRecord, TaskResult, TaskState, WebhookDelivery};
@@ -16,12 +16,24 @@ const COLUMNS: &str = "task_id, state, object_key, metadata, callback_url, resul
                        attempts, created_at_ms, updated_at_ms, webhook";
 
 /// Task records in SQLite: the embedded default, one file under the data directory.
+///
+/// SQLite takes one writer at a time, and a writer that finds the database locked sleeps
+/// (1 ms, then longer) before it tries again; so this process's writes queue on one lock
+/// instead, each on a connection held for good (a pool would ping the connection's thread
+/// after every statement). Reads have a pool of their own, which WAL mode runs beside a write.
 pub struct SqliteResults {
-    pool: SqlitePool,
-    /// Connections that commit without waiting for the disk (`synchronous = NORMAL`: in WAL
-    /// mode a commit survives the process, not a power cut), for the one write that needs no
-    /// more: [`ResultStore::start`]. Each commit of `pool` flushes the log with theirs in it.
-    relaxed: SqlitePool,
+    reads: SqlitePool,
+    writer: tokio::sync::Mutex<Writer>,
+}
+
+/// The write connections, one for each kind of commit.
+struct Writer {
+    /// Commits that wait for the disk (`synchronous = FULL`).
+    durable: SqliteConnection,
+    /// Commits that do not (`synchronous = NORMAL`: in WAL mode a commit survives the process,
+    /// not a power cut), for the one write that needs no more: [`ResultStore::start`]. Each
+    /// commit of `durable` flushes the log with these in it.
+    relaxed: SqliteConnection,
 }
 
 impl SqliteResults {
@@ -37,30 +49,41 @@ impl SqliteResults {
                 ResultsError::permanent(format!("cannot create {}: {e}", parent.display()))
             })?;
         }
-        let pool = SqlitePoolOptions::new()
+        let mut durable = options.connect().await.map_err(backend)?;
+        MIGRATOR
+            .run(&mut durable)
+            .await
+            .map_err(ResultsError::permanent)?;
+        let relaxed = options
+            .clone()
+            .synchronous(SqliteSynchronous::Normal)
+            .connect()
+            .await
+            .map_err(backend)?;
+        // A local file needs no liveness check before each statement.
+        let reads = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options.clone())
+            .test_before_acquire(false)
+            .connect_with(options)
             .await
             .map_err(backend)?;
-        MIGRATOR.run(&pool).await.map_err(ResultsError::permanent)?;
-        let relaxed = SqlitePoolOptions::new()
-            .max_connections(2)
-            .connect_with(options.synchronous(SqliteSynchronous::Normal))
-            .await
-            .map_err(backend)?;
-        Ok(Self { pool, relaxed })
+        Ok(Self {
+            reads,
+            writer: tokio::sync::Mutex::new(Writer { durable, relaxed }),
+        })
     }
 
     /// Runs a final transition: `value`, the time, the callback made due, the id.
     async fn finish(&self, sql: &str, id: TaskId, value: &str) -> Result<bool, ResultsError> {
         let now = now_ms();
         let due = serde_json::to_string(&WebhookDelivery::due(now)).map_err(codec)?;
+        let mut writer = self.writer.lock().await;
         let done = sqlx::query(sql)
             .bind(value)
             .bind(now)
             .bind(due)
             .bind(id.to_string())
-            .execute(&self.pool)
+            .execute(&mut writer.durable)
             .await
             .map_err(backend)?;
         Ok(done.rows_affected() == 1)
@@ -118,6 +141,7 @@ impl ResultStore for SqliteResults {
             .map(serde_json::to_string)
             .transpose()
             .map_err(codec)?;
+        let mut writer = self.writer.lock().await;
         let inserted = sqlx::query(&sql)
             .bind(r.task_id.to_string())
             .bind(r.state.as_str())
@@ -136,7 +160,7 @@ impl ResultStore for SqliteResults {
                     .transpose()
                     .map_err(codec)?,
             )
-            .execute(&self.pool)
+            .execute(&mut writer.durable)
             .await;
         match inserted {
             Ok(_) => Ok(()),
@@ -151,7 +175,7 @@ impl ResultStore for SqliteResults {
         let sql = format!("SELECT {COLUMNS} FROM tasks WHERE task_id = ?");
         let row = sqlx::query(&sql)
             .bind(id.to_string())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.reads)
             .await
             .map_err(backend)?;
         row.as_ref().map(record).transpose()
@@ -162,12 +186,14 @@ impl ResultStore for SqliteResults {
             "UPDATE tasks SET state = 'STARTED', attempts = attempts + 1, updated_at_ms = ? \
              WHERE task_id = ? AND state IN ('PENDING', 'STARTED') RETURNING {COLUMNS}"
         );
+        let mut writer = self.writer.lock().await;
         let row = sqlx::query(&sql)
             .bind(now_ms())
             .bind(id.to_string())
-            .fetch_optional(&self.relaxed)
+            .fetch_optional(&mut writer.relaxed)
             .await
             .map_err(backend)?;
+        drop(writer);
         match row {
             Some(row) => record(&row).map(Some),
             None => self.get(id).await,
@@ -203,11 +229,12 @@ impl ResultStore for SqliteResults {
              ORDER BY json_extract(webhook, '$.next_attempt_at_ms'), task_id LIMIT ?) \
              RETURNING {COLUMNS}"
         );
+        let mut writer = self.writer.lock().await;
         let rows = sqlx::query(&sql)
             .bind(now_ms + lease_ms)
             .bind(now_ms)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut writer.durable)
             .await
             .map_err(backend)?;
         rows.iter().map(record).collect()
@@ -219,10 +246,11 @@ impl ResultStore for SqliteResults {
         delivery: &WebhookDelivery,
     ) -> Result<(), ResultsError> {
         let webhook = serde_json::to_string(delivery).map_err(codec)?;
+        let mut writer = self.writer.lock().await;
         sqlx::query("UPDATE tasks SET webhook = ? WHERE task_id = ?")
             .bind(webhook)
             .bind(id.to_string())
-            .execute(&self.pool)
+            .execute(&mut writer.durable)
             .await
             .map_err(backend)?;
         Ok(())
@@ -235,7 +263,7 @@ impl ResultStore for SqliteResults {
         );
         let rows = sqlx::query(&sql)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reads)
             .await
             .map_err(backend)?;
         rows.iter().map(record).collect()
@@ -252,11 +280,12 @@ impl ResultStore for SqliteResults {
              WHERE state IN ('PENDING', 'STARTED') AND updated_at_ms < ? \
              ORDER BY updated_at_ms, task_id LIMIT ?) RETURNING {COLUMNS}"
         );
+        let mut writer = self.writer.lock().await;
         let rows = sqlx::query(&sql)
             .bind(now_ms())
             .bind(before_ms)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut writer.durable)
             .await
             .map_err(backend)?;
         rows.iter().map(record).collect()
@@ -288,7 +317,7 @@ impl ResultStore for SqliteResults {
         }
         let rows = select
             .bind(i64::try_from(query.limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reads)
             .await
             .map_err(backend)?;
         rows.iter().map(record).collect()
@@ -297,16 +326,17 @@ impl ResultStore for SqliteResults {
     async fn count_by_state(&self) -> Result<StateCounts, ResultsError> {
         let rows: Vec<(String, i64)> =
             sqlx::query_as("SELECT state, count(*) FROM tasks GROUP BY state")
-                .fetch_all(&self.pool)
+                .fetch_all(&self.reads)
                 .await
                 .map_err(backend)?;
         StateCounts::from_rows(rows)
     }
 
     async fn delete(&self, id: TaskId) -> Result<(), ResultsError> {
+        let mut writer = self.writer.lock().await;
         sqlx::query("DELETE FROM tasks WHERE task_id = ?")
             .bind(id.to_string())
-            .execute(&self.pool)
+            .execute(&mut writer.durable)
             .await
             .map_err(backend)?;
         Ok(())
@@ -325,10 +355,11 @@ impl ResultStore for SqliteResults {
              AND COALESCE(json_extract(webhook, '$.state'), '') <> 'pending' \
              ORDER BY updated_at_ms, task_id LIMIT ?) RETURNING {COLUMNS}"
         );
+        let mut writer = self.writer.lock().await;
         let rows = sqlx::query(&sql)
             .bind(before_ms)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut writer.durable)
             .await
             .map_err(backend)?;
         let mut records = rows.iter().map(record).collect::<Result<Vec<_>, _>>()?;
@@ -348,11 +379,12 @@ impl ResultStore for SqliteResults {
              AND image_deleted_at_ms IS NULL ORDER BY updated_at_ms, task_id LIMIT ?) \
              RETURNING {COLUMNS}"
         );
+        let mut writer = self.writer.lock().await;
         let rows = sqlx::query(&sql)
             .bind(now_ms())
             .bind(before_ms)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut writer.durable)
             .await
             .map_err(backend)?;
         let mut records = rows.iter().map(record).collect::<Result<Vec<_>, _>>()?;
@@ -363,7 +395,7 @@ impl ResultStore for SqliteResults {
 
     async fn check(&self) -> Result<(), ResultsError> {
         sqlx::query("SELECT 1")
-            .execute(&self.pool)
+            .execute(&self.reads)
             .await
             .map_err(backend)?;
         Ok(())

@@ -129,3 +129,89 @@ fn damaged_images_never_panic_or_hang() {
         "the mutations exercise both paths"
     );
 }
+
+/// CRC-32 as PNG chunks carry it (bitwise: only tests use it).
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in bytes {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
+        }
+    }
+    !crc
+}
+
+/// Recomputes every chunk's CRC, so that damage reaches the inflate and filter stages instead
+/// of stopping at the first checksum. Stops at the first chunk that does not fit.
+fn with_valid_crcs(mut png: Vec<u8>) -> Vec<u8> {
+    let mut at = 8;
+    while at + 12 <= png.len() {
+        let length = u32::from_be_bytes(png[at..at + 4].try_into().unwrap()) as usize;
+        let end = at + 8 + length;
+        if end + 4 > png.len() {
+            break;
+        }
+        let crc = crc32(&png[at + 4..end]);
+        png[end..end + 4].copy_from_slice(&crc.to_be_bytes());
+        at = end + 4;
+    }
+    png
+}
+
+/// The PNG upload check reads the rows without building the image: it must accept exactly what
+/// decoding accepts, for every layout (1- to 16-bit, grey, palette with transparency, alpha,
+/// interlaced) and any damage, including damage behind valid checksums.
+#[test]
+fn the_png_check_accepts_exactly_what_decoding_accepts() {
+    let per_image: usize = std::env::var("IMGCLF_MUTATIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1000);
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let mut originals: Vec<(String, Vec<u8>)> = [
+        "grey1.png",
+        "rgba16.png",
+        "interlaced_rgb8.png",
+        "interlaced_palette4_trns.png",
+        "interlaced_greyalpha16.png",
+    ]
+    .iter()
+    .map(|name| (name.to_string(), std::fs::read(data.join(name)).unwrap()))
+    .collect();
+    originals.push(("skimage_horse.png".into(), image("skimage_horse.png")));
+    let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+    let (mut accepted, mut refused) = (0, 0);
+    for (name, original) in &originals {
+        assert!(preprocess::validate(original, 50_000_000).is_ok(), "{name}");
+        assert!(
+            preprocess::decode_rgb8(original, 50_000_000).is_ok(),
+            "{name}"
+        );
+        for i in 0..per_image {
+            let mut damaged = mutate(&mut rng, original);
+            if i % 2 == 0 {
+                damaged = with_valid_crcs(damaged);
+            }
+            let checked = preprocess::validate(&damaged, 50_000_000);
+            let decoded = preprocess::decode_rgb8(&damaged, 50_000_000);
+            if checked.is_ok() != decoded.is_ok() {
+                let path = std::env::temp_dir().join("imgclf-png-check-disagrees.png");
+                std::fs::write(&path, &damaged).unwrap();
+                panic!(
+                    "{name}: the check says {:?}, decoding {:?}; the input is saved at {}",
+                    checked.err(),
+                    decoded.err(),
+                    path.display()
+                );
+            }
+            if checked.is_ok() {
+                accepted += 1;
+            } else {
+                refused += 1;
+            }
+        }
+    }
+    eprintln!("{accepted} damaged PNGs accepted by both, {refused} refused by both");
+    assert!(refused > 0 && accepted > 0, "both outcomes are exercised");
+}

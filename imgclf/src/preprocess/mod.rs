@@ -143,14 +143,40 @@ fn inspect_within(bytes: &[u8], max_pixels: u64, budget: &Budget) -> Result<Imag
 /// Whether an upload is a whole image worth storing. JPEGs get libjpeg's header and
 /// start-of-scan checks plus the end-of-image check, which find what a full decode would (libjpeg
 /// only warns about damaged entropy-coded data) at a fraction of its cost, so the pixels are
-/// decoded once, by the worker. Other formats are decoded fully.
+/// decoded once, by the worker. PNGs are read row by row as decoding reads them (every chunk's
+/// CRC, the inflated data, each row's filter), without building the image. Other formats are
+/// decoded fully.
 pub fn validate(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, ImageError> {
     let budget = Budget::start();
     let info = inspect_within(bytes, max_pixels, &budget)?;
-    if info.format == ImageFormat::Jpeg && jpeg::check(bytes, &budget)? {
-        return Ok(info);
+    match info.format {
+        ImageFormat::Jpeg if jpeg::check(bytes, &budget)? => return Ok(info),
+        ImageFormat::Png => return check_png(bytes, max_pixels, &budget).map(|()| info),
+        _ => {}
     }
     decode_rgb8_within(bytes, max_pixels, &budget).map(|_| info)
+}
+
+/// Reads every row of a PNG's image with the png crate, set up as `image` sets it up to decode
+/// (the same limits, chunks and transformations), so it fails exactly where decoding would;
+/// the image-sized buffer and the conversion to RGB that a decode adds are left to the worker.
+fn check_png(bytes: &[u8], max_pixels: u64, budget: &Budget) -> Result<(), ImageError> {
+    let broken = |e: png::DecodingError| match e {
+        _ if budget.exceeded() => budget.error(),
+        png::DecodingError::LimitsExceeded => {
+            ImageError::TooCostly("decoding needs more memory than the pixel limit allows".into())
+        }
+        other => ImageError::Undecodable(other.to_string()),
+    };
+    let limits = png::Limits {
+        bytes: usize::try_from(max_alloc(ImageFormat::Png, max_pixels)).unwrap_or(usize::MAX),
+    };
+    let mut decoder = png::Decoder::new_with_limits(BudgetReader::new(bytes, budget), limits);
+    decoder.set_ignore_text_chunk(false);
+    decoder.set_transformations(png::Transformations::EXPAND);
+    let mut reader = decoder.read_info().map_err(broken)?;
+    while reader.next_row().map_err(broken)?.is_some() {}
+    Ok(())
 }
 
 /// Fully decodes an image, applies its EXIF orientation and returns 8-bit RGB
@@ -230,17 +256,22 @@ fn open<'a>(
     if !ACCEPTED_FORMATS.contains(&format) {
         return Err(ImageError::UnsupportedFormat);
     }
-    // GIF decodes to RGBA8 only, so its frames get no more than 4 bytes per pixel of the cap.
-    let per_pixel = match format {
-        ImageFormat::Gif => 4,
-        _ => MAX_ALLOC_PER_PIXEL,
-    };
     let mut limits = image::Limits::default();
-    limits.max_alloc = Some(max_pixels.saturating_mul(per_pixel).max(1 << 20));
+    limits.max_alloc = Some(max_alloc(format, max_pixels));
     let mut reader = ImageReader::with_format(BudgetReader::new(bytes, budget), format);
     reader.limits(limits);
     let decoder = reader.into_decoder().map_err(|e| decode_error(e, budget))?;
     Ok((format, Box::new(decoder)))
+}
+
+/// Bytes a decoder of `format` may allocate under a cap of `max_pixels`. GIF decodes to RGBA8
+/// only, so its frames get no more than 4 bytes per pixel of the cap.
+fn max_alloc(format: ImageFormat, max_pixels: u64) -> u64 {
+    let per_pixel = match format {
+        ImageFormat::Gif => 4,
+        _ => MAX_ALLOC_PER_PIXEL,
+    };
+    max_pixels.saturating_mul(per_pixel).max(1 << 20)
 }
 
 /// A decoder's error, told apart: over budget, over the allocation limit, or broken.

@@ -54,12 +54,17 @@ fn mutate(rng: &mut Rng, original: &[u8]) -> Vec<u8> {
     bytes
 }
 
-#[test]
-fn damaged_images_never_panic_or_hang() {
-    let per_image: usize = std::env::var("IMGCLF_MUTATIONS")
+/// Variants per original: `IMGCLF_MUTATIONS`, 1000 by default (what CI runs).
+fn mutations_per_image() -> usize {
+    std::env::var("IMGCLF_MUTATIONS")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(1000);
+        .unwrap_or(1000)
+}
+
+#[test]
+fn damaged_images_never_panic_or_hang() {
+    let per_image = mutations_per_image();
     let transform = Transform::default();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let (mut accepted, mut refused) = (0, 0);
@@ -164,10 +169,7 @@ fn with_valid_crcs(mut png: Vec<u8>) -> Vec<u8> {
 /// interlaced) and any damage, including damage behind valid checksums.
 #[test]
 fn the_png_check_accepts_exactly_what_decoding_accepts() {
-    let per_image: usize = std::env::var("IMGCLF_MUTATIONS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(1000);
+    let per_image = mutations_per_image();
     let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
     let mut originals: Vec<(String, Vec<u8>)> = [
         "grey1.png",

@@ -14,6 +14,7 @@ pub async fn run(store: &dyn ResultStore) {
     unfinished_lists_open_tasks(store).await;
     stale_tasks_are_claimed_once(store).await;
     concurrent_completions_write_once(store).await;
+    concurrent_writes_answer_each_for_itself(store).await;
     webhook_state_is_kept_apart(store).await;
     callbacks_are_due_with_the_final_state_and_claimed_once(store).await;
     listing_pages_newest_first(store).await;
@@ -242,6 +243,47 @@ async fn concurrent_completions_write_once(store: &dyn ResultStore) {
         wrote.iter().filter(|w| **w).count(),
         1,
         "exactly one final write wins"
+    );
+}
+
+/// Writes made together (which a backend may commit together) each get their own answer: a
+/// conflict refuses only its own write.
+async fn concurrent_writes_answer_each_for_itself(store: &dyn ResultStore) {
+    let (a, b, taken) = (record(), record(), record());
+    store.create(&taken).await.expect("create");
+    let (stray, done) = (result(taken.task_id, "x"), result(a.task_id, "a"));
+    let (created_a, conflict, created_b, started, missing) = tokio::join!(
+        store.create(&a),
+        store.create(&taken),
+        store.create(&b),
+        store.start(taken.task_id),
+        store.complete(TaskId::new(), &stray),
+    );
+    created_a.expect("a new task is created beside a conflict");
+    created_b.expect("a new task is created beside a conflict");
+    assert!(
+        matches!(conflict, Err(ResultsError::Conflict(id)) if id == taken.task_id),
+        "the duplicate alone is refused"
+    );
+    let started = started.expect("start").expect("the task exists");
+    assert_eq!((started.state, started.attempts), (TaskState::Started, 1));
+    assert!(
+        !missing.expect("complete"),
+        "an unknown task is not completed"
+    );
+    let (done_a, done_b) = tokio::join!(
+        store.complete(a.task_id, &done),
+        store.fail(b.task_id, "b failed"),
+    );
+    assert!(done_a.expect("complete") && done_b.expect("fail"));
+    let (a, b) = (
+        store.get(a.task_id).await.expect("get").expect("a exists"),
+        store.get(b.task_id).await.expect("get").expect("b exists"),
+    );
+    assert_eq!(a.result, Some(done));
+    assert_eq!(
+        (b.state, b.error.as_deref()),
+        (TaskState::Failure, Some("b failed"))
     );
 }
 

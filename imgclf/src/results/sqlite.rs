@@ -1,3 +1,5 @@
+use std::future::Future;
+use std::pin::Pin;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -5,7 +7,8 @@ use async_trait::async_trait;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{ConnectOptions, Row, SqliteConnection, SqlitePool};
+use sqlx::{ConnectOptions, Executor, Row, SqliteConnection, SqlitePool};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{ResultStore, ResultsError, StateCounts, TaskQuery};
 use crate::task::{now_ms, TaskId, TaskRecord, TaskResult, TaskState, WebhookDelivery};
@@ -18,22 +21,45 @@ const COLUMNS: &str = "task_id, state, object_key, metadata, callback_url, resul
 /// Task records in SQLite: the embedded default, one file under the data directory.
 ///
 /// SQLite takes one writer at a time, and a writer that finds the database locked sleeps
-/// (1 ms, then longer) before it tries again; so this process's writes queue on one lock
-/// instead, each on a connection held for good (a pool would ping the connection's thread
-/// after every statement). Reads have a pool of their own, which WAL mode runs beside a write.
+/// (1 ms, then longer) before it tries again; so this process's writes queue for one task that
+/// holds the write connections for good (a pool would ping the connection's thread after every
+/// statement). The writes that queued while a commit ran go into the next commit together: one
+/// disk flush for all of them, where each would wait for its own. Reads have a pool of their
+/// own, which WAL mode runs beside a write.
 pub struct SqliteResults {
     reads: SqlitePool,
-    writer: tokio::sync::Mutex<Writer>,
+    writes: mpsc::Sender<Write>,
 }
+
+/// Most writes in one commit: enough to share a flush among every upload and worker of a
+/// busy process, few enough that one commit stays short.
+const MOST_PER_COMMIT: usize = 64;
 
 /// The write connections, one for each kind of commit.
 struct Writer {
     /// Commits that wait for the disk (`synchronous = FULL`).
     durable: SqliteConnection,
     /// Commits that do not (`synchronous = NORMAL`: in WAL mode a commit survives the process,
-    /// not a power cut), for the one write that needs no more: [`ResultStore::start`]. Each
+    /// not a power cut), for a group of writes that need no more: [`ResultStore::start`]. Each
     /// commit of `durable` flushes the log with these in it.
     relaxed: SqliteConnection,
+}
+
+type Boxed<'c, T> = Pin<Box<dyn Future<Output = T> + Send + 'c>>;
+
+/// One caller's write, waiting for its turn.
+struct Write {
+    /// It must be on disk before its caller hears of it.
+    durable: bool,
+    run: Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> Boxed<'c, Ran> + Send>,
+}
+
+/// A write that ran, waiting for its commit.
+struct Ran {
+    /// It failed in the database, which may have rolled back the whole transaction.
+    broke: bool,
+    /// Tells the caller how it went, given the commit's error if the commit failed.
+    answer: Box<dyn FnOnce(Option<&sqlx::Error>) + Send>,
 }
 
 impl SqliteResults {
@@ -67,38 +93,145 @@ impl SqliteResults {
             .connect_with(options)
             .await
             .map_err(backend)?;
-        Ok(Self {
-            reads,
-            writer: tokio::sync::Mutex::new(Writer { durable, relaxed }),
-        })
+        let (writes, queued) = mpsc::channel(4 * MOST_PER_COMMIT);
+        tokio::spawn(write_groups(queued, Writer { durable, relaxed }));
+        Ok(Self { reads, writes })
+    }
+
+    /// Runs `statement` in the next commit, and answers once that commit is made (`durable`:
+    /// on disk).
+    async fn write<T, F>(&self, durable: bool, statement: F) -> Result<T, ResultsError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> Boxed<'c, Result<T, ResultsError>>
+            + Send
+            + 'static,
+    {
+        let (answer, answered) = oneshot::channel();
+        let run = ran_by(move |conn| {
+            Box::pin(async move {
+                let outcome = statement(conn).await;
+                Ran {
+                    broke: matches!(outcome, Err(ResultsError::Backend { .. })),
+                    answer: Box::new(move |commit: Option<&sqlx::Error>| {
+                        let outcome = match (outcome, commit) {
+                            (Ok(_), Some(error)) => Err(ResultsError::Backend {
+                                source: error.to_string().into(),
+                                temporary: is_temporary(error),
+                            }),
+                            (outcome, _) => outcome,
+                        };
+                        let _ = answer.send(outcome);
+                    }),
+                }
+            })
+        });
+        let write = Write {
+            durable,
+            run: Box::new(run),
+        };
+        // A write dropped unanswered was rolled back (with another that broke the transaction)
+        // or never ran: trying it again is safe.
+        let not_made =
+            || ResultsError::temporary("the write was not made: its commit was rolled back");
+        self.writes.send(write).await.map_err(|_| not_made())?;
+        answered.await.map_err(|_| not_made())?
     }
 
     /// Runs a final transition: `value`, the time, the callback made due, the id.
-    async fn finish(&self, sql: &str, id: TaskId, value: &str) -> Result<bool, ResultsError> {
+    async fn finish(
+        &self,
+        sql: &'static str,
+        id: TaskId,
+        value: String,
+    ) -> Result<bool, ResultsError> {
         let now = now_ms();
         let due = serde_json::to_string(&WebhookDelivery::due(now)).map_err(codec)?;
-        let mut writer = self.writer.lock().await;
-        let done = sqlx::query(sql)
-            .bind(value)
-            .bind(now)
-            .bind(due)
-            .bind(id.to_string())
-            .execute(&mut writer.durable)
-            .await
-            .map_err(backend)?;
-        Ok(done.rows_affected() == 1)
+        self.write(true, move |conn| {
+            Box::pin(async move {
+                let done = sqlx::query(sql)
+                    .bind(value)
+                    .bind(now)
+                    .bind(due)
+                    .bind(id.to_string())
+                    .execute(conn)
+                    .await
+                    .map_err(backend)?;
+                Ok(done.rows_affected() == 1)
+            })
+        })
+        .await
+    }
+}
+
+/// Gives a write's closure the signature that `Write::run` needs (a closure alone does not
+/// infer that its future borrows its argument).
+fn ran_by<F>(run: F) -> F
+where
+    F: for<'c> FnOnce(&'c mut SqliteConnection) -> Boxed<'c, Ran>,
+{
+    run
+}
+
+/// Takes the writes in turn, each group that queued meanwhile in one commit, until every
+/// sender is gone.
+async fn write_groups(mut queued: mpsc::Receiver<Write>, mut writer: Writer) {
+    let mut group = Vec::with_capacity(MOST_PER_COMMIT);
+    while queued.recv_many(&mut group, MOST_PER_COMMIT).await > 0 {
+        let conn = if group.iter().any(|write| write.durable) {
+            &mut writer.durable
+        } else {
+            &mut writer.relaxed
+        };
+        commit(conn, group.drain(..)).await;
+    }
+}
+
+/// Runs `group` in one transaction and answers each write.
+async fn commit(conn: &mut SqliteConnection, mut group: impl ExactSizeIterator<Item = Write>) {
+    if group.len() == 1 {
+        let write = group.next().expect("one write");
+        ((write.run)(conn).await.answer)(None);
+        return;
+    }
+    // Writes dropped here unanswered hear that they were not made.
+    if let Err(error) = conn.execute("BEGIN IMMEDIATE").await {
+        tracing::warn!(%error, "SQLite could not begin a transaction");
+        return;
+    }
+    let mut answers = Vec::with_capacity(group.len());
+    for write in group {
+        let ran = (write.run)(conn).await;
+        if ran.broke {
+            // The writes before it go with the rollback; the ones after it never ran.
+            let _ = conn.execute("ROLLBACK").await;
+            (ran.answer)(None);
+            return;
+        }
+        answers.push(ran.answer);
+    }
+    let committed = conn.execute("COMMIT").await;
+    if committed.is_err() {
+        let _ = conn.execute("ROLLBACK").await;
+    }
+    for answer in answers {
+        answer(committed.as_ref().err());
     }
 }
 
 fn backend(error: sqlx::Error) -> ResultsError {
-    let temporary = matches!(
-        error,
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
-    ) || matches!(&error, sqlx::Error::Database(db) if db.message().contains("locked"));
+    let temporary = is_temporary(&error);
     ResultsError::Backend {
         source: error.into(),
         temporary,
     }
+}
+
+fn is_temporary(error: &sqlx::Error) -> bool {
+    matches!(
+        error,
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
+    ) || matches!(error, sqlx::Error::Database(db) if db.message().contains("locked"))
 }
 
 fn codec(error: impl Into<crate::BoxError>) -> ResultsError {
@@ -141,34 +274,40 @@ impl ResultStore for SqliteResults {
             .map(serde_json::to_string)
             .transpose()
             .map_err(codec)?;
-        let mut writer = self.writer.lock().await;
-        let inserted = sqlx::query(&sql)
-            .bind(r.task_id.to_string())
-            .bind(r.state.as_str())
-            .bind(&r.object_key)
-            .bind(serde_json::to_string(&r.metadata).map_err(codec)?)
-            .bind(&r.callback_url)
-            .bind(result)
-            .bind(&r.error)
-            .bind(i64::from(r.attempts))
-            .bind(r.created_at_ms)
-            .bind(r.updated_at_ms)
-            .bind(
-                r.webhook
-                    .as_ref()
-                    .map(serde_json::to_string)
-                    .transpose()
-                    .map_err(codec)?,
-            )
-            .execute(&mut writer.durable)
-            .await;
-        match inserted {
-            Ok(_) => Ok(()),
-            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
-                Err(ResultsError::Conflict(r.task_id))
-            }
-            Err(e) => Err(backend(e)),
-        }
+        let metadata = serde_json::to_string(&r.metadata).map_err(codec)?;
+        let webhook = r
+            .webhook
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(codec)?;
+        let r = r.clone();
+        self.write(true, move |conn| {
+            Box::pin(async move {
+                let inserted = sqlx::query(&sql)
+                    .bind(r.task_id.to_string())
+                    .bind(r.state.as_str())
+                    .bind(&r.object_key)
+                    .bind(metadata)
+                    .bind(&r.callback_url)
+                    .bind(result)
+                    .bind(&r.error)
+                    .bind(i64::from(r.attempts))
+                    .bind(r.created_at_ms)
+                    .bind(r.updated_at_ms)
+                    .bind(webhook)
+                    .execute(conn)
+                    .await;
+                match inserted {
+                    Ok(_) => Ok(()),
+                    Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                        Err(ResultsError::Conflict(r.task_id))
+                    }
+                    Err(e) => Err(backend(e)),
+                }
+            })
+        })
+        .await
     }
 
     async fn get(&self, id: TaskId) -> Result<Option<TaskRecord>, ResultsError> {
@@ -186,14 +325,19 @@ impl ResultStore for SqliteResults {
             "UPDATE tasks SET state = 'STARTED', attempts = attempts + 1, updated_at_ms = ? \
              WHERE task_id = ? AND state IN ('PENDING', 'STARTED') RETURNING {COLUMNS}"
         );
-        let mut writer = self.writer.lock().await;
-        let row = sqlx::query(&sql)
-            .bind(now_ms())
-            .bind(id.to_string())
-            .fetch_optional(&mut writer.relaxed)
-            .await
-            .map_err(backend)?;
-        drop(writer);
+        // Its commit need not wait for the disk: see `Writer::relaxed`.
+        let row = self
+            .write(false, move |conn| {
+                Box::pin(async move {
+                    sqlx::query(&sql)
+                        .bind(now_ms())
+                        .bind(id.to_string())
+                        .fetch_optional(conn)
+                        .await
+                        .map_err(backend)
+                })
+            })
+            .await?;
         match row {
             Some(row) => record(&row).map(Some),
             None => self.get(id).await,
@@ -205,14 +349,14 @@ impl ResultStore for SqliteResults {
         let sql = "UPDATE tasks SET state = 'SUCCESS', result = ?, error = NULL, \
                    updated_at_ms = ?, webhook = CASE WHEN callback_url IS NULL THEN webhook \
                    ELSE ? END WHERE task_id = ? AND state IN ('PENDING', 'STARTED')";
-        self.finish(sql, id, &payload).await
+        self.finish(sql, id, payload).await
     }
 
     async fn fail(&self, id: TaskId, error: &str) -> Result<bool, ResultsError> {
         let sql = "UPDATE tasks SET state = 'FAILURE', error = ?, updated_at_ms = ?, \
                    webhook = CASE WHEN callback_url IS NULL THEN webhook ELSE ? END \
                    WHERE task_id = ? AND state IN ('PENDING', 'STARTED')";
-        self.finish(sql, id, error).await
+        self.finish(sql, id, error.to_owned()).await
     }
 
     async fn claim_callbacks(
@@ -229,14 +373,19 @@ impl ResultStore for SqliteResults {
              ORDER BY json_extract(webhook, '$.next_attempt_at_ms'), task_id LIMIT ?) \
              RETURNING {COLUMNS}"
         );
-        let mut writer = self.writer.lock().await;
-        let rows = sqlx::query(&sql)
-            .bind(now_ms + lease_ms)
-            .bind(now_ms)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&mut writer.durable)
-            .await
-            .map_err(backend)?;
+        let rows = self
+            .write(true, move |conn| {
+                Box::pin(async move {
+                    sqlx::query(&sql)
+                        .bind(now_ms + lease_ms)
+                        .bind(now_ms)
+                        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                        .fetch_all(conn)
+                        .await
+                        .map_err(backend)
+                })
+            })
+            .await?;
         rows.iter().map(record).collect()
     }
 
@@ -246,14 +395,18 @@ impl ResultStore for SqliteResults {
         delivery: &WebhookDelivery,
     ) -> Result<(), ResultsError> {
         let webhook = serde_json::to_string(delivery).map_err(codec)?;
-        let mut writer = self.writer.lock().await;
-        sqlx::query("UPDATE tasks SET webhook = ? WHERE task_id = ?")
-            .bind(webhook)
-            .bind(id.to_string())
-            .execute(&mut writer.durable)
-            .await
-            .map_err(backend)?;
-        Ok(())
+        self.write(true, move |conn| {
+            Box::pin(async move {
+                sqlx::query("UPDATE tasks SET webhook = ? WHERE task_id = ?")
+                    .bind(webhook)
+                    .bind(id.to_string())
+                    .execute(conn)
+                    .await
+                    .map_err(backend)?;
+                Ok(())
+            })
+        })
+        .await
     }
 
     async fn unfinished(&self, limit: usize) -> Result<Vec<TaskRecord>, ResultsError> {
@@ -280,14 +433,19 @@ impl ResultStore for SqliteResults {
              WHERE state IN ('PENDING', 'STARTED') AND updated_at_ms < ? \
              ORDER BY updated_at_ms, task_id LIMIT ?) RETURNING {COLUMNS}"
         );
-        let mut writer = self.writer.lock().await;
-        let rows = sqlx::query(&sql)
-            .bind(now_ms())
-            .bind(before_ms)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&mut writer.durable)
-            .await
-            .map_err(backend)?;
+        let rows = self
+            .write(true, move |conn| {
+                Box::pin(async move {
+                    sqlx::query(&sql)
+                        .bind(now_ms())
+                        .bind(before_ms)
+                        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                        .fetch_all(conn)
+                        .await
+                        .map_err(backend)
+                })
+            })
+            .await?;
         rows.iter().map(record).collect()
     }
 
@@ -333,13 +491,17 @@ impl ResultStore for SqliteResults {
     }
 
     async fn delete(&self, id: TaskId) -> Result<(), ResultsError> {
-        let mut writer = self.writer.lock().await;
-        sqlx::query("DELETE FROM tasks WHERE task_id = ?")
-            .bind(id.to_string())
-            .execute(&mut writer.durable)
-            .await
-            .map_err(backend)?;
-        Ok(())
+        self.write(true, move |conn| {
+            Box::pin(async move {
+                sqlx::query("DELETE FROM tasks WHERE task_id = ?")
+                    .bind(id.to_string())
+                    .execute(conn)
+                    .await
+                    .map_err(backend)?;
+                Ok(())
+            })
+        })
+        .await
     }
 
     async fn delete_expired(
@@ -355,13 +517,18 @@ impl ResultStore for SqliteResults {
              AND COALESCE(json_extract(webhook, '$.state'), '') <> 'pending' \
              ORDER BY updated_at_ms, task_id LIMIT ?) RETURNING {COLUMNS}"
         );
-        let mut writer = self.writer.lock().await;
-        let rows = sqlx::query(&sql)
-            .bind(before_ms)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&mut writer.durable)
-            .await
-            .map_err(backend)?;
+        let rows = self
+            .write(true, move |conn| {
+                Box::pin(async move {
+                    sqlx::query(&sql)
+                        .bind(before_ms)
+                        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                        .fetch_all(conn)
+                        .await
+                        .map_err(backend)
+                })
+            })
+            .await?;
         let mut records = rows.iter().map(record).collect::<Result<Vec<_>, _>>()?;
         // RETURNING keeps no order.
         records.sort_by_key(|r| (r.updated_at_ms, r.task_id));
@@ -379,14 +546,19 @@ impl ResultStore for SqliteResults {
              AND image_deleted_at_ms IS NULL ORDER BY updated_at_ms, task_id LIMIT ?) \
              RETURNING {COLUMNS}"
         );
-        let mut writer = self.writer.lock().await;
-        let rows = sqlx::query(&sql)
-            .bind(now_ms())
-            .bind(before_ms)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&mut writer.durable)
-            .await
-            .map_err(backend)?;
+        let rows = self
+            .write(true, move |conn| {
+                Box::pin(async move {
+                    sqlx::query(&sql)
+                        .bind(now_ms())
+                        .bind(before_ms)
+                        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                        .fetch_all(conn)
+                        .await
+                        .map_err(backend)
+                })
+            })
+            .await?;
         let mut records = rows.iter().map(record).collect::<Result<Vec<_>, _>>()?;
         // RETURNING keeps no order.
         records.sort_by_key(|r| (r.updated_at_ms, r.task_id));
@@ -399,5 +571,53 @@ impl ResultStore for SqliteResults {
             .await
             .map_err(backend)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Map;
+
+    fn pending() -> TaskRecord {
+        let id = TaskId::new();
+        TaskRecord::pending(id, format!("images/{id}.jpg"), Map::new(), None)
+    }
+
+    /// A write that fails in the database rolls back the commit it shared: the writes before it
+    /// hear that they were not made (and may be tried again), the one that failed hears its own
+    /// error, and the connection is left ready for the next commit.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_broken_write_takes_back_only_what_was_not_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("imgclf.db").display());
+        let store = SqliteResults::connect(&url).await.unwrap();
+        let (before, after) = (pending(), pending());
+        // One thread: all three are queued before the writer runs, so they share one commit.
+        let (made_before, broken, made_after) = tokio::join!(
+            store.create(&before),
+            store.write(true, |conn| Box::pin(async move {
+                sqlx::query("INSERT INTO no_such_table VALUES (1)")
+                    .execute(conn)
+                    .await
+                    .map_err(backend)
+            })),
+            store.create(&after),
+        );
+        let broken = broken.expect_err("the statement fails");
+        assert!(
+            broken.to_string().contains("no_such_table") && !broken.is_temporary(),
+            "the failed write hears its own error: {broken}"
+        );
+        for (made, record) in [(made_before, &before), (made_after, &after)] {
+            let error = made.expect_err("rolled back or never run");
+            assert!(error.is_temporary(), "worth another try: {error}");
+            assert_eq!(store.get(record.task_id).await.unwrap(), None);
+            store.create(record).await.expect("made on the next try");
+            assert_eq!(
+                store.get(record.task_id).await.unwrap().as_ref(),
+                Some(record)
+            );
+        }
     }
 }

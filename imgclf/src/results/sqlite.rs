@@ -566,6 +566,9 @@ impl ResultStore for SqliteResults {
     }
 
     async fn check(&self) -> Result<(), ResultsError> {
+        if self.writes.is_closed() {
+            return Err(ResultsError::permanent("the SQLite writer has stopped"));
+        }
         sqlx::query("SELECT 1")
             .execute(&self.reads)
             .await

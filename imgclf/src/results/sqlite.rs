@@ -46,20 +46,23 @@ struct Writer {
 }
 
 type Boxed<'c, T> = Pin<Box<dyn Future<Output = T> + Send + 'c>>;
+/// Runs a write's statement on the connection of its commit.
+type Statement = Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> Boxed<'c, Ran> + Send>;
+/// Tells a caller how its write went, given the commit's error if the commit failed.
+type Answer = Box<dyn FnOnce(Option<&sqlx::Error>) + Send>;
 
 /// One caller's write, waiting for its turn.
 struct Write {
     /// It must be on disk before its caller hears of it.
     durable: bool,
-    run: Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> Boxed<'c, Ran> + Send>,
+    run: Statement,
 }
 
 /// A write that ran, waiting for its commit.
 struct Ran {
     /// It failed in the database, which may have rolled back the whole transaction.
     broke: bool,
-    /// Tells the caller how it went, given the commit's error if the commit failed.
-    answer: Box<dyn FnOnce(Option<&sqlx::Error>) + Send>,
+    answer: Answer,
 }
 
 impl SqliteResults {

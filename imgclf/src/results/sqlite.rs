@@ -141,6 +141,25 @@ impl SqliteResults {
         answered.await.map_err(|_| not_made())?
     }
 
+    /// Runs a durable write that binds `values` in turn, and reads the rows it returns.
+    async fn write_returning(
+        &self,
+        sql: String,
+        values: Vec<i64>,
+    ) -> Result<Vec<TaskRecord>, ResultsError> {
+        let rows = self
+            .write(true, move |conn| {
+                Box::pin(async move {
+                    let statement = values
+                        .into_iter()
+                        .fold(sqlx::query(&sql), |statement, value| statement.bind(value));
+                    statement.fetch_all(conn).await.map_err(backend)
+                })
+            })
+            .await?;
+        rows.iter().map(record).collect()
+    }
+
     /// Runs a final transition: `value`, the time, the callback made due, the id.
     async fn finish(
         &self,
@@ -235,6 +254,11 @@ fn is_temporary(error: &sqlx::Error) -> bool {
         error,
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
     ) || matches!(error, sqlx::Error::Database(db) if db.message().contains("locked"))
+}
+
+/// A row limit as SQLite binds it.
+fn at_most(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
 fn codec(error: impl Into<crate::BoxError>) -> ResultsError {
@@ -376,20 +400,8 @@ impl ResultStore for SqliteResults {
              ORDER BY json_extract(webhook, '$.next_attempt_at_ms'), task_id LIMIT ?) \
              RETURNING {COLUMNS}"
         );
-        let rows = self
-            .write(true, move |conn| {
-                Box::pin(async move {
-                    sqlx::query(&sql)
-                        .bind(now_ms + lease_ms)
-                        .bind(now_ms)
-                        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-                        .fetch_all(conn)
-                        .await
-                        .map_err(backend)
-                })
-            })
-            .await?;
-        rows.iter().map(record).collect()
+        self.write_returning(sql, vec![now_ms + lease_ms, now_ms, at_most(limit)])
+            .await
     }
 
     async fn record_webhook(
@@ -418,7 +430,7 @@ impl ResultStore for SqliteResults {
              ORDER BY created_at_ms, task_id LIMIT ?"
         );
         let rows = sqlx::query(&sql)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(at_most(limit))
             .fetch_all(&self.reads)
             .await
             .map_err(backend)?;
@@ -436,20 +448,8 @@ impl ResultStore for SqliteResults {
              WHERE state IN ('PENDING', 'STARTED') AND updated_at_ms < ? \
              ORDER BY updated_at_ms, task_id LIMIT ?) RETURNING {COLUMNS}"
         );
-        let rows = self
-            .write(true, move |conn| {
-                Box::pin(async move {
-                    sqlx::query(&sql)
-                        .bind(now_ms())
-                        .bind(before_ms)
-                        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-                        .fetch_all(conn)
-                        .await
-                        .map_err(backend)
-                })
-            })
-            .await?;
-        rows.iter().map(record).collect()
+        self.write_returning(sql, vec![now_ms(), before_ms, at_most(limit)])
+            .await
     }
 
     async fn list(&self, query: &TaskQuery) -> Result<Vec<TaskRecord>, ResultsError> {
@@ -477,7 +477,7 @@ impl ResultStore for SqliteResults {
             select = select.bind(created_at_ms).bind(id.to_string());
         }
         let rows = select
-            .bind(i64::try_from(query.limit).unwrap_or(i64::MAX))
+            .bind(at_most(query.limit))
             .fetch_all(&self.reads)
             .await
             .map_err(backend)?;
@@ -520,19 +520,9 @@ impl ResultStore for SqliteResults {
              AND COALESCE(json_extract(webhook, '$.state'), '') <> 'pending' \
              ORDER BY updated_at_ms, task_id LIMIT ?) RETURNING {COLUMNS}"
         );
-        let rows = self
-            .write(true, move |conn| {
-                Box::pin(async move {
-                    sqlx::query(&sql)
-                        .bind(before_ms)
-                        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-                        .fetch_all(conn)
-                        .await
-                        .map_err(backend)
-                })
-            })
+        let mut records = self
+            .write_returning(sql, vec![before_ms, at_most(limit)])
             .await?;
-        let mut records = rows.iter().map(record).collect::<Result<Vec<_>, _>>()?;
         // RETURNING keeps no order.
         records.sort_by_key(|r| (r.updated_at_ms, r.task_id));
         Ok(records)
@@ -549,20 +539,9 @@ impl ResultStore for SqliteResults {
              AND image_deleted_at_ms IS NULL ORDER BY updated_at_ms, task_id LIMIT ?) \
              RETURNING {COLUMNS}"
         );
-        let rows = self
-            .write(true, move |conn| {
-                Box::pin(async move {
-                    sqlx::query(&sql)
-                        .bind(now_ms())
-                        .bind(before_ms)
-                        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-                        .fetch_all(conn)
-                        .await
-                        .map_err(backend)
-                })
-            })
+        let mut records = self
+            .write_returning(sql, vec![now_ms(), before_ms, at_most(limit)])
             .await?;
-        let mut records = rows.iter().map(record).collect::<Result<Vec<_>, _>>()?;
         // RETURNING keeps no order.
         records.sort_by_key(|r| (r.updated_at_ms, r.task_id));
         Ok(records)

@@ -25,6 +25,7 @@ fn healthcheck_exits_0_for_a_live_server_and_1_for_a_dead_one() {
     let live = listener.local_addr().unwrap();
     std::thread::spawn(move || {
         if let Ok((mut stream, _)) = listener.accept() {
+            let _ = stream.set_nodelay(true);
             let mut request = [0u8; 512];
             let n = stream.read(&mut request).unwrap_or(0);
             let asked_health = String::from_utf8_lossy(&request[..n]).starts_with("GET /health ");
@@ -33,7 +34,12 @@ fn healthcheck_exits_0_for_a_live_server_and_1_for_a_dead_one() {
             } else {
                 "404 Not Found"
             };
-            let _ = write!(stream, "HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+            // In pieces, as a server may send it: the probe reads to the status line's end.
+            for piece in ["HTTP/1.1 ", status, "\r\nContent-Length: 0\r\n\r\n"] {
+                let _ = stream.write_all(piece.as_bytes());
+                let _ = stream.flush();
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
         }
     });
     let run = |addr: String| {

@@ -28,9 +28,19 @@ pub fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(), Stri
     stream
         .write_all(request.as_bytes())
         .map_err(|e| format!("{addr}: {e}"))?;
-    let mut head = [0u8; 64];
-    let read = stream.read(&mut head).map_err(|e| format!("{addr}: {e}"))?;
-    let status_line = String::from_utf8_lossy(&head[..read]);
+    // The status line may arrive in pieces: read until its end, the answer's end or 64 bytes.
+    let mut head = Vec::with_capacity(64);
+    let mut piece = [0u8; 64];
+    while head.len() < 64 && !head.contains(&b'\n') {
+        let read = stream
+            .read(&mut piece)
+            .map_err(|e| format!("{addr}: {e}"))?;
+        if read == 0 {
+            break;
+        }
+        head.extend_from_slice(&piece[..read.min(64 - head.len())]);
+    }
+    let status_line = String::from_utf8_lossy(&head);
     match status_line.split_whitespace().nth(1) {
         Some("200") => Ok(()),
         Some(status) => Err(format!("{addr}{path} answered {status}")),

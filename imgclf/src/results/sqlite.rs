@@ -134,9 +134,9 @@ impl SqliteResults {
             run: Box::new(run),
         };
         // A write dropped unanswered was rolled back (with another that broke the transaction)
-        // or never ran: trying it again is safe.
+        // or never ran (its transaction could not begin): trying it again is safe.
         let not_made =
-            || ResultsError::temporary("the write was not made: its commit was rolled back");
+            || ResultsError::temporary("the write was not made: its transaction did not commit");
         self.writes.send(write).await.map_err(|_| not_made())?;
         answered.await.map_err(|_| not_made())?
     }
@@ -158,6 +158,24 @@ impl SqliteResults {
             })
             .await?;
         rows.iter().map(record).collect()
+    }
+
+    /// Runs a durable write that binds `values` in turn and returns nothing.
+    async fn write_texts(
+        &self,
+        sql: &'static str,
+        values: Vec<String>,
+    ) -> Result<(), ResultsError> {
+        self.write(true, move |conn| {
+            Box::pin(async move {
+                let statement = values
+                    .into_iter()
+                    .fold(sqlx::query(sql), |statement, value| statement.bind(value));
+                statement.execute(conn).await.map_err(backend)?;
+                Ok(())
+            })
+        })
+        .await
     }
 
     /// Runs a final transition: `value`, the time, the callback made due, the id.
@@ -410,17 +428,10 @@ impl ResultStore for SqliteResults {
         delivery: &WebhookDelivery,
     ) -> Result<(), ResultsError> {
         let webhook = serde_json::to_string(delivery).map_err(codec)?;
-        self.write(true, move |conn| {
-            Box::pin(async move {
-                sqlx::query("UPDATE tasks SET webhook = ? WHERE task_id = ?")
-                    .bind(webhook)
-                    .bind(id.to_string())
-                    .execute(conn)
-                    .await
-                    .map_err(backend)?;
-                Ok(())
-            })
-        })
+        self.write_texts(
+            "UPDATE tasks SET webhook = ? WHERE task_id = ?",
+            vec![webhook, id.to_string()],
+        )
         .await
     }
 
@@ -494,17 +505,8 @@ impl ResultStore for SqliteResults {
     }
 
     async fn delete(&self, id: TaskId) -> Result<(), ResultsError> {
-        self.write(true, move |conn| {
-            Box::pin(async move {
-                sqlx::query("DELETE FROM tasks WHERE task_id = ?")
-                    .bind(id.to_string())
-                    .execute(conn)
-                    .await
-                    .map_err(backend)?;
-                Ok(())
-            })
-        })
-        .await
+        self.write_texts("DELETE FROM tasks WHERE task_id = ?", vec![id.to_string()])
+            .await
     }
 
     async fn delete_expired(

@@ -11,7 +11,7 @@ use super::{validate_key, Storage, StorageError};
 /// Objects as files under a root directory. Writes go to a temporary file that is flushed to
 /// disk and renamed into place, and the directory is flushed too, so a reader never sees half
 /// an image and an image whose task was recorded survives a power cut. Concurrent writes into
-/// one directory share its flushes (see [`DirFlushes`]).
+/// one directory share its flushes: one flush started after a rename covers it.
 pub struct LocalStorage {
     root: PathBuf,
     dir_flushes: Arc<DirFlushes>,

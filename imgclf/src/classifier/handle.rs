@@ -143,6 +143,11 @@ struct Pool {
     growth: Option<Growth>,
     /// Whether the worker sends images rather than tensors.
     preprocesses: bool,
+    /// Instances between taking a batch and answering it.
+    busy: AtomicUsize,
+    /// An instance whose runs spread over every core, for an image that finds every other
+    /// instance idle.
+    wide: Option<Mutex<Box<dyn Classifier>>>,
 }
 
 /// How a pool adds instances: a factory, a limit, and how long images have kept waiting.
@@ -170,15 +175,24 @@ impl ClassifierHandle {
     /// Several instances of one model, each on its own thread, taking batches from one queue:
     /// for single-threaded backends, so that inference can use more than one core.
     pub fn spawn_pool(classifiers: Vec<Box<dyn Classifier>>, max_batch: usize) -> Self {
-        Self::start(classifiers, max_batch, None, false)
+        Self::start(classifiers, max_batch, None, None)
     }
 
     /// Like [`Self::spawn_pool`], for instances that also decode and preprocess their images
     /// ([`Self::classify_image`]): with one single-threaded instance per core, each core takes
     /// an image from bytes to logits with no hand-off between threads, and the cores split
     /// between the two stages exactly as each image needs.
-    pub fn spawn_preprocessing(classifiers: Vec<Box<dyn Classifier>>, max_batch: usize) -> Self {
-        Self::start(classifiers, max_batch, None, true)
+    ///
+    /// `wide`, if given, is one more model whose runs spread over every core: an instance that
+    /// holds the only image in hand, with no other instance working, runs it there, so that
+    /// an image under light load is classified in the time the cores take together rather
+    /// than one core's.
+    pub fn spawn_preprocessing(
+        classifiers: Vec<Box<dyn Classifier>>,
+        max_batch: usize,
+        wide: Option<Box<dyn Classifier>>,
+    ) -> Self {
+        Self::start(classifiers, max_batch, None, Some(wide))
     }
 
     /// Like [`Self::spawn_pool`], and adds instances built by `build`, up to `limit` in all,
@@ -195,14 +209,15 @@ impl ClassifierHandle {
             backlog_streak: AtomicUsize::new(0),
             growing: false.into(),
         };
-        Self::start(classifiers, max_batch, Some(growth), false)
+        Self::start(classifiers, max_batch, Some(growth), None)
     }
 
+    /// `preprocessing`: given when the instances preprocess, with the wide model if any.
     fn start(
         classifiers: Vec<Box<dyn Classifier>>,
         max_batch: usize,
         growth: Option<Growth>,
-        preprocesses: bool,
+        preprocessing: Option<Option<Box<dyn Classifier>>>,
     ) -> Self {
         assert!(!classifiers.is_empty(), "at least one classifier");
         let max_batch = max_batch.max(1);
@@ -216,7 +231,9 @@ impl ClassifierHandle {
             warmed: AtomicUsize::new(0),
             initial: classifiers.len(),
             growth,
-            preprocesses,
+            preprocesses: preprocessing.is_some(),
+            busy: AtomicUsize::new(0),
+            wide: preprocessing.flatten().map(Mutex::new),
         });
         for (i, classifier) in classifiers.into_iter().enumerate() {
             pool.clone().run_instance(i, classifier);
@@ -320,6 +337,7 @@ impl Pool {
         if !queue.waiting.is_empty() {
             let n = queue.waiting.len().min(self.max_batch);
             let batch: Vec<Request> = queue.waiting.drain(..n).collect();
+            self.busy.fetch_add(1, Ordering::AcqRel);
             return Next::Batch(batch, queue.waiting.len());
         }
         if queue.closed {
@@ -403,15 +421,28 @@ impl Pool {
                 }
             }
             self.watch_backlog(waiting);
-            if replies.is_empty() {
+            let n = replies.len();
+            if n == 0 {
+                self.busy.fetch_sub(1, Ordering::AcqRel);
                 continue;
             }
-            let n = replies.len();
             if let Some(histogram) = self.batch_sizes.get() {
                 histogram.observe(n as f64);
             }
             let _span = tracing::debug_span!("infer", n).entered();
-            match classifier.classify(&batch, n) {
+            // The only image in hand, and no other instance working: every core is free for it.
+            let wide = match &self.wide {
+                Some(wide) if n == 1 && self.busy.load(Ordering::Acquire) == 1 => {
+                    wide.try_lock().ok()
+                }
+                _ => None,
+            };
+            let classified = match wide {
+                Some(mut wide) => wide.classify(&batch, n),
+                None => classifier.classify(&batch, n),
+            };
+            self.busy.fetch_sub(1, Ordering::AcqRel);
+            match classified {
                 Ok(rows) => {
                     for ((reply, logits), preprocess) in
                         replies.drain(..).zip(rows).zip(preprocessed.drain(..))
@@ -593,6 +624,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_lone_image_runs_on_the_wide_model_and_a_crowd_on_the_instances() {
+        let counts = [0, 1, 2].map(|_| Arc::new(AtomicUsize::new(0)));
+        let counting =
+            |i: usize| Box::new(Counting(spec(), counts[i].clone())) as Box<dyn Classifier>;
+        let handle = ClassifierHandle::spawn_preprocessing(
+            vec![counting(0), counting(1)],
+            2,
+            Some(counting(2)),
+        );
+        while !handle.is_ready() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let served = || counts.each_ref().map(|c| c.load(Ordering::Relaxed));
+        let warm_ups = served();
+        for _ in 0..20 {
+            load(&handle, 1).await;
+        }
+        assert_eq!(
+            served(),
+            [warm_ups[0], warm_ups[1], 20],
+            "each lone image on the wide model"
+        );
+        let before = served();
+        load(&handle, 200).await;
+        let on_instances = served()[0] + served()[1] - before[0] - before[1];
+        assert!(
+            on_instances >= 100,
+            "a crowd keeps the instances busy: {:?}",
+            served()
+        );
+    }
+
+    #[tokio::test]
     async fn the_threads_stop_when_the_last_handle_drops() {
         let (counts, handle) = counting_pair();
         let clone = handle.clone();
@@ -624,7 +688,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_instance_that_preprocesses_gives_the_tensor_a_worker_would_make() {
-        let handle = ClassifierHandle::spawn_preprocessing(vec![Box::new(Echo(spec()))], 4);
+        let handle = ClassifierHandle::spawn_preprocessing(vec![Box::new(Echo(spec()))], 4, None);
         assert!(handle.preprocesses());
         let mut png = Vec::new();
         image::RgbImage::from_fn(40, 30, |x, y| image::Rgb([x as u8 * 6, y as u8 * 8, 77]))

@@ -116,6 +116,9 @@ fn session_builder(
             b.with_intra_threads(intra_threads.max(1))
                 .map_err(|e| e.to_string())
         })
+        // Other instances and preprocessing share the cores: a thread that waits for work
+        // sleeps rather than spin on a core another thread needs.
+        .and_then(|b| b.with_intra_op_spinning(false).map_err(|e| e.to_string()))
 }
 
 /// Adds `provider` to the session's providers; the error says why it cannot be used.

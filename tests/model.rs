@@ -258,6 +258,45 @@ async fn a_pool_of_models_answers_as_one_model_does() {
     }
 }
 
+/// Tuned ort on several cores keeps one more instance, on all of them, for an image that finds
+/// the others idle: images sent one at a time get the logits a single-threaded instance gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lone_images_on_the_instance_over_every_core_get_the_same_logits() {
+    let Some(library) = imgclf_suite::service_url("IMGCLF_TEST_ORT_LIB") else {
+        return;
+    };
+    let spec = ModelSpec::load(default_model_dir()).expect("loads");
+    let mut single = ort(spec.clone()).expect("the library is there");
+    let expected = reference("efficientnet-lite0");
+    let names: Vec<&String> = expected.keys().collect();
+    let alone = classify_all(single.as_mut(), &names, 1);
+    let options = imgclf::classifier::ClassifierOptions {
+        ort_library: Some(library.into()),
+        ..Default::default()
+    };
+    let handle = imgclf::classifier::spawn("ort", spec, &options, None).expect("spawns");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(handle.spreads_lone_images(), cores > 1, "on {cores} cores");
+    for (name, alone) in names.iter().zip(&alone) {
+        let classified = handle
+            .classify_image(image(name).into(), 50_000_000)
+            .await
+            .expect("classified");
+        let diff = max_diff(&classified.logits, alone);
+        assert!(diff < 1e-4, "{name}: logits differ by {diff}");
+    }
+    let fixed = imgclf::classifier::ClassifierOptions {
+        instances: Some(cores),
+        ..options
+    };
+    let spec = ModelSpec::load(default_model_dir()).expect("loads");
+    let handle = imgclf::classifier::spawn("ort", spec, &fixed, Some(1)).expect("spawns");
+    assert!(
+        !handle.spreads_lone_images(),
+        "a set instance count is all there is"
+    );
+}
+
 /// `auto` picks ONNX Runtime when its library is there (here the one `IMGCLF_TEST_ORT_LIB`
 /// names, as `IMGCLF_ORT_LIB` would), and the model it runs answers like the reference.
 #[test]

@@ -277,6 +277,12 @@ impl ClassifierHandle {
         self.pool.warmed.load(Ordering::Acquire) >= self.pool.initial
     }
 
+    /// Whether an image that finds every instance idle runs on a model that spreads over every
+    /// core (see [`Self::spawn_preprocessing`]).
+    pub fn spreads_lone_images(&self) -> bool {
+        self.pool.wide.is_some()
+    }
+
     /// Whether its instances decode and preprocess images themselves: then images should come
     /// through [`Self::classify_image`], not preprocessed elsewhere.
     pub fn preprocesses(&self) -> bool {

@@ -209,15 +209,18 @@ class Service:
             time.sleep(0.2)
 
     def model_choice(self):
-        """What the tuning chose (instances at start, batch) and instances at the end."""
+        """What the tuning chose (instances at start, batch) and instances at the end, the one on
+        every core included."""
         text = "".join(open(log).read() for log in self.logs)
         import re
         start = re.search(r"classifier: (\d+) instance\(s\), batches of up to (\d+)", text)
         grown = re.findall(r"instance (\d+) of at most", text)
         if not start:
             return None
+        # One more on every core for an image that finds the others idle (ort, unset count).
+        wide = "one more instance, on all" in text
         return {"instances_at_start": int(start.group(1)), "max_batch": int(start.group(2)),
-                "instances": max([int(start.group(1))] + [int(g) for g in grown])}
+                "instances": max([int(start.group(1))] + [int(g) for g in grown]) + wide, "wide": wide}
 
     def __exit__(self, *exc):
         for p in self.procs:

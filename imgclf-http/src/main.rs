@@ -67,7 +67,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    imgclf::limit_malloc_arenas();
+    imgclf::tune_malloc();
     dotenvy::dotenv().ok();
     let mut args = Args::parse();
     imgclf::logs::init(args.log_format);

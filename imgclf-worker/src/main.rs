@@ -39,7 +39,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    imgclf::limit_malloc_arenas();
+    imgclf::tune_malloc();
     dotenvy::dotenv().ok();
     let args = Args::parse();
     imgclf::logs::init(args.log_format);

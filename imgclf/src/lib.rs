@@ -100,7 +100,7 @@ pub fn error_id() -> String {
 ///
 /// For binaries, first thing in `main`. Off glibc it does nothing.
 #[allow(unsafe_code)]
-pub fn limit_malloc_arenas() {
+pub fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         let unset = |name: &str| std::env::var_os(name).is_none();

@@ -609,12 +609,16 @@ mod tests {
         (counts, ClassifierHandle::spawn_pool(instances, 2))
     }
 
-    #[tokio::test]
-    async fn one_image_at_a_time_stays_on_the_instance_that_is_warm() {
-        let (counts, handle) = counting_pair();
+    async fn until_ready(handle: &ClassifierHandle) {
         while !handle.is_ready() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn one_image_at_a_time_stays_on_the_instance_that_is_warm() {
+        let (counts, handle) = counting_pair();
+        until_ready(&handle).await;
         let served = || counts.each_ref().map(|c| c.load(Ordering::Relaxed));
         let warm_ups = served();
         for _ in 0..50 {
@@ -639,9 +643,7 @@ mod tests {
             2,
             Some(counting(2)),
         );
-        while !handle.is_ready() {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        until_ready(&handle).await;
         let served = || counts.each_ref().map(|c| c.load(Ordering::Relaxed));
         let warm_ups = served();
         for _ in 0..20 {

@@ -13,7 +13,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::classifier::{ClassifierHandle, ClassifyError, ClassifyImageError};
+use crate::classifier::{ClassifierHandle, ClassifyError, ClassifyImageError, Queued};
 use crate::metrics::Metrics;
 use crate::notify::{Notifier, NotifyError};
 use crate::preprocess::{self, ImageError};
@@ -184,6 +184,8 @@ struct Shared {
     cpu_slots: Arc<Semaphore>,
     /// Waiters for tasks this process may finish, so that they need not poll.
     waiters: Arc<Waiters>,
+    /// Where uploads start their classification early (the embedded service only).
+    head_starts: Option<Arc<HeadStarts>>,
 }
 
 impl Shared {
@@ -198,7 +200,24 @@ impl Shared {
             config,
             metrics: Arc::new(Metrics::new()),
             waiters,
+            head_starts: None,
         }
+    }
+
+    /// An image's logits, and how long preprocessing and inference took (ms), from an instance
+    /// that preprocesses its images; `queued` at `started`.
+    async fn answer(&self, queued: Queued, started: Instant) -> Classification {
+        let classified = queued.answer().await?;
+        let (total, preprocess) = (started.elapsed(), classified.preprocess);
+        let infer = total.saturating_sub(preprocess);
+        let stages = &self.metrics.stage_seconds;
+        for (stage, time) in [("preprocess", preprocess), ("infer", infer)] {
+            stages
+                .with_label_values(&[stage])
+                .observe(time.as_secs_f64());
+        }
+        let ms = |t: Duration| t.as_secs_f64() * 1e3;
+        Ok((classified.logits, ms(preprocess), ms(infer)))
     }
 
     /// Histograms the time since `started` under `stage`; returns it in milliseconds.
@@ -386,6 +405,10 @@ impl Submitter {
         }
         metadata.insert("object_name".into(), key.clone().into());
         let record = TaskRecord::pending(task_id, key.clone(), metadata, upload.callback_url);
+        // With the model idle here, classifying starts now, beside the writes below; the
+        // worker takes the answer with the job. Any return before the job is queued cancels it.
+        let head_start =
+            (self.shared.head_starts.as_ref()).and_then(|s| s.start(task_id, &upload.bytes));
 
         // Both writes at once: each waits on its own disk flush. Nothing is queued until both
         // hold, so no worker sees a record without its image.
@@ -417,6 +440,9 @@ impl Submitter {
             let _ = results.delete(task_id).await;
             let _ = storage.delete(&key).await;
             return Err(SubmitError::unavailable("queueing the task")(e));
+        }
+        if let Some(head_start) = head_start {
+            head_start.keep();
         }
         tracing::debug!(%task_id, %key, "task accepted");
         Ok(task_id)
@@ -978,13 +1004,18 @@ impl Worker {
             storage, results, ..
         } = &self.shared.ports;
         // The image is fetched while the start is recorded: both wait on I/O. (A duplicate
-        // delivery of a final task fetches it for nothing; that is rare.)
-        let fetch = async {
+        // delivery of a final task fetches it for nothing; that is rare.) An image whose upload
+        // started its classification here needs no fetch.
+        let head_start = (self.shared.head_starts.as_ref()).and_then(|s| s.take(job.task_id));
+        let image = async {
+            if let Some((queued, started)) = head_start {
+                return Image::Queued(queued, started);
+            }
             let started = Instant::now();
             let bytes = storage.get(&job.object_key).await;
-            (bytes, self.shared.observe("fetch", started))
+            Image::Fetched(bytes, self.shared.observe("fetch", started))
         };
-        let (record, (bytes, fetch_ms)) = tokio::join!(results.start(job.task_id), fetch);
+        let (record, image) = tokio::join!(results.start(job.task_id), image);
         let record = match record.map_err(JobError::Start)? {
             Some(record) if record.state.is_final() => return Ok(None),
             Some(record) => record,
@@ -1010,10 +1041,13 @@ impl Worker {
                 .observe(timings.queue_wait_ms / 1000.0);
         }
 
-        let bytes = bytes.map_err(JobError::Fetch)?;
-        timings.fetch_ms = fetch_ms;
-
-        let (logits, preprocess_ms, infer_ms) = self.classify(bytes).await?;
+        let (logits, preprocess_ms, infer_ms) = match image {
+            Image::Queued(queued, started) => self.shared.answer(queued, started).await?,
+            Image::Fetched(bytes, fetch_ms) => {
+                timings.fetch_ms = fetch_ms;
+                self.classify(bytes.map_err(JobError::Fetch)?).await?
+            }
+        };
         timings.preprocess_ms = preprocess_ms;
         timings.infer_ms = infer_ms;
 
@@ -1044,21 +1078,11 @@ impl Worker {
     /// The image's logits, and how long preprocessing and inference took (ms): on one of the
     /// model's instances where they preprocess their own images, else preprocessed on the
     /// bounded blocking pool first.
-    async fn classify(&self, bytes: Bytes) -> Result<(Vec<f32>, f64, f64), ClassifyImageError> {
+    async fn classify(&self, bytes: Bytes) -> Classification {
         let started = Instant::now();
         if self.classifier.preprocesses() {
-            let max_pixels = self.shared.config.max_pixels;
-            let classified = self.classifier.classify_image(bytes, max_pixels).await?;
-            let (total, preprocess) = (started.elapsed(), classified.preprocess);
-            let infer = total.saturating_sub(preprocess);
-            let stages = &self.shared.metrics.stage_seconds;
-            for (stage, time) in [("preprocess", preprocess), ("infer", infer)] {
-                stages
-                    .with_label_values(&[stage])
-                    .observe(time.as_secs_f64());
-            }
-            let ms = |t: Duration| t.as_secs_f64() * 1e3;
-            return Ok((classified.logits, ms(preprocess), ms(infer)));
+            let queued = (self.classifier).queue_image(bytes, self.shared.config.max_pixels);
+            return self.shared.answer(queued, started).await;
         }
         let tensor = self
             .tensor(bytes)
@@ -1272,7 +1296,12 @@ pub struct Pipeline {
 impl Pipeline {
     /// Both sides on `ports`, the worker with its model.
     pub fn new(ports: Ports, classifier: ClassifierHandle, config: PipelineConfig) -> Self {
-        let shared = Shared::new(ports, config);
+        let mut shared = Shared::new(ports, config);
+        // Every job of an in-memory queue is this process's worker's to take.
+        if shared.ports.queue.is_local() && classifier.preprocesses() {
+            let max_pixels = shared.config.max_pixels;
+            shared.head_starts = Some(Arc::new(HeadStarts::new(classifier.clone(), max_pixels)));
+        }
         Self {
             submitter: Arc::new(Submitter::with(shared.clone())),
             worker: Arc::new(Worker::with(shared, classifier)),
@@ -1302,6 +1331,91 @@ impl Pipeline {
     /// See [`Worker::run`].
     pub async fn run_worker(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
         self.worker.clone().run(shutdown).await
+    }
+}
+
+/// An image's logits, and how long preprocessing and inference took (ms).
+type Classification = Result<(Vec<f32>, f64, f64), ClassifyImageError>;
+
+/// Where a worker's image comes from: storage, or the model already (a head start).
+enum Image {
+    Fetched(Result<Bytes, StorageError>, f64),
+    Queued(Queued, Instant),
+}
+
+/// Classifications the embedded service starts at upload. An upload that finds an instance of
+/// the model idle queues its image at once, beside the disk flushes that make it durable and
+/// the hand-off to the worker, which takes the answer with the job rather than fetching the
+/// image and classifying after them: under light load, an image's latency loses those flushes.
+/// Under load no instance is idle and nothing starts early. Only the worker writes the result,
+/// after it has recorded the start, so every guarantee holds as without it.
+struct HeadStarts {
+    classifier: ClassifierHandle,
+    max_pixels: u64,
+    started: std::sync::Mutex<std::collections::HashMap<TaskId, (Queued, Instant)>>,
+}
+
+/// A head start for an upload not yet accepted: cancelled when dropped before [`Self::keep`].
+struct HeadStart {
+    starts: Arc<HeadStarts>,
+    task_id: TaskId,
+    kept: bool,
+}
+
+impl HeadStarts {
+    fn new(classifier: ClassifierHandle, max_pixels: u64) -> Self {
+        Self {
+            classifier,
+            max_pixels,
+            started: Default::default(),
+        }
+    }
+
+    fn map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<TaskId, (Queued, Instant)>> {
+        self.started
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Queues `bytes` for the model if an instance is idle (and the task has no head start).
+    fn start(self: &Arc<Self>, task_id: TaskId, bytes: &Bytes) -> Option<HeadStart> {
+        let mut started = self.map();
+        // At most one image per instance: head starts never make a queue of their own.
+        if started.len() >= self.classifier.instances()
+            || started.contains_key(&task_id)
+            || !self.classifier.is_idle()
+        {
+            return None;
+        }
+        let queued = self.classifier.queue_image(bytes.clone(), self.max_pixels);
+        started.insert(task_id, (queued, Instant::now()));
+        Some(HeadStart {
+            starts: self.clone(),
+            task_id,
+            kept: false,
+        })
+    }
+
+    /// The task's head start, if it has one: taken once.
+    fn take(&self, task_id: TaskId) -> Option<(Queued, Instant)> {
+        self.map().remove(&task_id)
+    }
+}
+
+impl HeadStart {
+    /// The upload was accepted: its job will take the answer.
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for HeadStart {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.starts.take(self.task_id);
+        }
     }
 }
 
@@ -1361,6 +1475,118 @@ mod tests {
             .await
             .expect("the worker stops within 5 s of its stop sender being dropped")
             .unwrap();
+    }
+
+    /// The tract model, preprocessing on one instance, once it is ready.
+    #[cfg(feature = "tract")]
+    async fn ready_classifier() -> ClassifierHandle {
+        let spec = crate::ModelSpec::load(crate::config::default_model_dir()).unwrap();
+        let model = crate::classifier::TractClassifier::new(spec).unwrap();
+        let classifier = ClassifierHandle::spawn_preprocessing(vec![Box::new(model)], 1, None);
+        while !classifier.is_ready() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        classifier
+    }
+
+    fn photo() -> Bytes {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../fuzz/seeds/decode/opencv_butterfly.jpg"
+        );
+        std::fs::read(path).unwrap().into()
+    }
+
+    fn upload(bytes: &Bytes) -> Upload {
+        Upload {
+            bytes: bytes.clone(),
+            ..Upload::default()
+        }
+    }
+
+    fn head_started(pipeline: &Pipeline, id: TaskId) -> bool {
+        let starts = pipeline.worker.shared.head_starts.as_ref().unwrap();
+        starts.map().contains_key(&id)
+    }
+
+    /// An upload that finds the model idle is classified from the upload on; its worker takes
+    /// that answer, which is the one it would have computed. One that finds it busy is not.
+    #[cfg(feature = "tract")]
+    #[tokio::test]
+    async fn an_upload_to_an_idle_model_starts_classifying_at_once() {
+        let classifier = ready_classifier().await;
+        let pipeline = Arc::new(Pipeline::new(
+            ports(),
+            classifier.clone(),
+            PipelineConfig::default(),
+        ));
+        let bytes = photo();
+        let early = pipeline.submit(upload(&bytes)).await.unwrap();
+        assert!(
+            head_started(&pipeline, early),
+            "the idle model took the image at upload"
+        );
+
+        // Busy: images wait for the one instance.
+        let waiting: Vec<Queued> = (0..3)
+            .map(|_| classifier.queue_image(bytes.clone(), u64::MAX))
+            .collect();
+        let late = pipeline.submit(upload(&bytes)).await.unwrap();
+        assert!(
+            !head_started(&pipeline, late),
+            "nothing starts early beside waiting images"
+        );
+        drop(waiting);
+
+        let (_stop, stopped) = watch::channel(false);
+        tokio::spawn(pipeline.clone().run_worker(stopped));
+        let wait = Duration::from_secs(60);
+        let early = pipeline.submitter.wait(early, wait).await.unwrap().unwrap();
+        let late = pipeline.submitter.wait(late, wait).await.unwrap().unwrap();
+        assert!(!head_started(&pipeline, early.task_id), "taken by its job");
+        assert_eq!(early.state, TaskState::Success);
+        let classes = |record: &TaskRecord| record.result.clone().unwrap().classification;
+        assert_eq!(
+            classes(&early),
+            classes(&late),
+            "the same answer either way"
+        );
+        assert_eq!(classes(&early)[0].label, "monarch");
+    }
+
+    /// An upload refused after its head start (here, its image cannot be stored) leaves none
+    /// behind.
+    #[cfg(feature = "tract")]
+    #[tokio::test]
+    async fn a_refused_upload_leaves_no_head_start() {
+        struct Full;
+        #[async_trait::async_trait]
+        impl Storage for Full {
+            async fn put(&self, _: &str, _: Bytes) -> Result<(), StorageError> {
+                Err(StorageError::temporary("no space left on device"))
+            }
+            async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
+                Err(StorageError::NotFound(key.into()))
+            }
+            async fn delete(&self, _: &str) -> Result<(), StorageError> {
+                Ok(())
+            }
+            async fn check(&self) -> Result<(), StorageError> {
+                Ok(())
+            }
+        }
+        let ports = Ports {
+            storage: Arc::new(Full),
+            ..ports()
+        };
+        let pipeline = Pipeline::new(ports, ready_classifier().await, PipelineConfig::default());
+        let refused = pipeline.submit(upload(&photo())).await;
+        assert!(
+            matches!(refused, Err(SubmitError::Unavailable { .. })),
+            "{refused:?}"
+        );
+        let starts = pipeline.worker.shared.head_starts.as_ref().unwrap();
+        assert!(starts.map().is_empty());
     }
 
     /// Errors decide retries by what they are, never by their text.

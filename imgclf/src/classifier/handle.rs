@@ -307,16 +307,31 @@ impl ClassifierHandle {
         bytes: Bytes,
         max_pixels: u64,
     ) -> Result<Classified, ClassifyImageError> {
-        self.send(Input::Image { bytes, max_pixels }).await
+        self.queue_image(bytes, max_pixels).answer().await
+    }
+
+    /// Like [`Self::classify_image`], but the image is in line (or running) once this returns;
+    /// its answer is awaited later, or dropped with the [`Queued`].
+    pub fn queue_image(&self, bytes: Bytes, max_pixels: u64) -> Queued {
+        self.queue(Input::Image { bytes, max_pixels })
+    }
+
+    /// Whether an image sent now would start at once: an instance waits, and no image does.
+    pub fn is_idle(&self) -> bool {
+        let queue = self.pool.queue();
+        queue.waiting.is_empty() && !queue.idle.is_empty()
     }
 
     async fn send(&self, input: Input) -> Result<Classified, ClassifyImageError> {
-        let stopped = || ClassifyImageError::Classify(Arc::new(ClassifyError::Stopped));
+        self.queue(input).answer().await
+    }
+
+    fn queue(&self, input: Input) -> Queued {
         let (reply, answer) = oneshot::channel();
         let idle = {
             let mut queue = self.pool.queue();
             if queue.closed {
-                return Err(stopped());
+                return Queued(None);
             }
             queue.waiting.push_back(Request { input, reply });
             queue.idle.pop()
@@ -324,7 +339,22 @@ impl ClassifierHandle {
         if let Some(idle) = idle {
             idle.wake();
         }
-        answer.await.map_err(|_| stopped())?
+        Queued(Some(answer))
+    }
+}
+
+/// An image in line for the model ([`ClassifierHandle::queue_image`]). Dropped, its answer is
+/// thrown away when it comes.
+pub struct Queued(Option<oneshot::Receiver<Result<Classified, ClassifyImageError>>>);
+
+impl Queued {
+    /// The image's logits, once its instance has answered.
+    pub async fn answer(self) -> Result<Classified, ClassifyImageError> {
+        let stopped = || ClassifyImageError::Classify(Arc::new(ClassifyError::Stopped));
+        match self.0 {
+            Some(answer) => answer.await.map_err(|_| stopped())?,
+            None => Err(stopped()),
+        }
     }
 }
 

@@ -10,7 +10,7 @@ pub mod tuning;
 
 #[cfg(feature = "ort")]
 pub use self::ort::OrtClassifier;
-pub use handle::{Classified, ClassifierHandle, ClassifyImageError, Factory};
+pub use handle::{Classified, ClassifierHandle, ClassifyImageError, Factory, Queued};
 #[cfg(feature = "tract")]
 pub use tract::TractClassifier;
 

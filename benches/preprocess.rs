@@ -1,22 +1,47 @@
-//! Decode + preprocess per image size: small, 640x480 and 2560x1600.
+//! Decode + preprocess per image size (small, 640x480 and 2560x1600) and per kind of large
+//! JPEG (progressive; a phone's portrait, stored turned with an EXIF orientation), with the
+//! allocator set up as the binaries set it.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use imgclf::preprocess::{decode_rgb8, Transform};
-use imgclf_suite::image;
+use imgclf_suite::{image, with_exif_orientation};
+
+/// The 2560x1600 photo re-encoded as progressive JPEG, at quality 90.
+fn progressive(bytes: &[u8]) -> Vec<u8> {
+    let rgb = decode_rgb8(bytes, u64::MAX).unwrap();
+    let mut compress = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+    compress.set_size(rgb.width() as usize, rgb.height() as usize);
+    compress.set_quality(90.0);
+    compress.set_progressive_mode();
+    let mut started = compress.start_compress(Vec::new()).unwrap();
+    started.write_scanlines(rgb.as_raw()).unwrap();
+    started.finish().unwrap()
+}
 
 fn preprocess(c: &mut Criterion) {
+    imgclf::tune_malloc();
     let transform = Transform::default();
     let mut group = c.benchmark_group("preprocess");
-    for name in [
+    let large = image("kde_coldripple_2560x1600.jpg");
+    let photos = [
         "skimage_chelsea.png",
         "opencv_left01.jpg",
         "darknet_dog.jpg",
         "kde_coldripple_2560x1600.jpg",
-    ] {
-        let bytes = image(name);
+    ]
+    .map(|name| (name.to_string(), image(name)))
+    .into_iter()
+    .chain([
+        ("progressive_2560x1600.jpg".into(), progressive(&large)),
+        (
+            "exif_turned_2560x1600.jpg".into(),
+            with_exif_orientation(&large, 6),
+        ),
+    ]);
+    for (name, bytes) in photos {
         group.throughput(Throughput::Elements(1));
         group.bench_with_input(
-            BenchmarkId::new("decode+transform", name),
+            BenchmarkId::new("decode+transform", &name),
             &bytes,
             |b, bytes| b.iter(|| transform.tensor_from_bytes(bytes, u64::MAX).unwrap()),
         );

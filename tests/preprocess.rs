@@ -84,3 +84,33 @@ fn decoding_only_the_window_changes_no_value_for_any_layout_or_orientation() {
         }
     }
 }
+
+/// A progressive JPEG's coefficients live in buffers reused from image to image: decoded again
+/// and again on one thread, alternating photos, each decode must equal what libjpeg gives with
+/// its own memory manager (a buffer not cleared between images would carry one photo's
+/// coefficients into the next one's first scans).
+#[test]
+fn a_progressive_jpeg_decodes_as_libjpeg_alone_decodes_it_image_after_image() {
+    let photos = ["darknet_dog.jpg", "opencv_baboon.jpg"].map(|name| {
+        let rgb = image::load_from_memory(&imgclf_suite::image(name)).unwrap();
+        rgb.to_rgb8()
+    });
+    let mut jpegs = Vec::new();
+    for sampling in [(2, 2), (1, 1)] {
+        for photo in &photos {
+            jpegs.push(encoded(photo, sampling, true));
+        }
+    }
+    for round in 0..3 {
+        for (i, jpeg) in jpegs.iter().enumerate() {
+            let ours = decode_rgb8(jpeg, u64::MAX).expect("decodes");
+            let mut libjpeg = mozjpeg::Decompress::new_mem(jpeg).unwrap().rgb().unwrap();
+            let theirs: Vec<u8> = libjpeg.read_scanlines().unwrap();
+            libjpeg.finish().unwrap();
+            assert!(
+                ours.as_raw() == &theirs,
+                "round {round}, jpeg {i}: pixels differ"
+            );
+        }
+    }
+}

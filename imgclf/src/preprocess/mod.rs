@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use budget::{Budget, BudgetReader};
 use resample::Plan;
+use scratch::Scratch;
 
 mod budget;
 mod jpeg;
@@ -121,6 +122,48 @@ impl Rect {
             width: a.0.abs_diff(b.0) + 1,
             height: a.1.abs_diff(b.1) + 1,
         }
+    }
+}
+
+/// Whether `orientation` swaps width and height.
+fn turns(orientation: Orientation) -> bool {
+    use Orientation::*;
+    matches!(
+        orientation,
+        Rotate90 | Rotate270 | Rotate90FlipH | Rotate270FlipH
+    )
+}
+
+/// Each row of `region` (packed RGB8 rows of the stored `rect`) as `orientation` shows it, top
+/// to bottom: the pixels [`Rect::stored`] maps, without building the turned image.
+fn shown_rows(
+    region: &[u8],
+    rect: Rect,
+    orientation: Orientation,
+    mut each_row: impl FnMut(&[u8]),
+) {
+    use Orientation::*;
+    let (w, h) = (rect.width as isize, rect.height as isize);
+    // Shown pixel (x, y) is stored pixel `start + x * across + y * down`.
+    let (start, across, down) = match orientation {
+        NoTransforms => (0, 1, w),
+        Rotate90 => ((h - 1) * w, -w, 1),
+        Rotate180 => (h * w - 1, -1, -w),
+        Rotate270 => (w - 1, w, -1),
+        FlipHorizontal => (w - 1, -1, w),
+        FlipVertical => ((h - 1) * w, 1, -w),
+        Rotate90FlipH => (0, w, 1),
+        Rotate270FlipH => (h * w - 1, -w, -1),
+    };
+    let (shown_w, shown_h) = if turns(orientation) { (h, w) } else { (w, h) };
+    let mut row = Scratch::zeroed(shown_w as usize * 3);
+    for y in 0..shown_h {
+        let mut at = start + y * down;
+        for pixel in row.chunks_exact_mut(3) {
+            pixel.copy_from_slice(&region[at as usize * 3..][..3]);
+            at += across;
+        }
+        each_row(&row);
     }
 }
 
@@ -346,14 +389,7 @@ impl Transform {
                 if !header.rgb {
                     return Ok(None);
                 }
-                let turned = matches!(
-                    orientation,
-                    Orientation::Rotate90
-                        | Orientation::Rotate270
-                        | Orientation::Rotate90FlipH
-                        | Orientation::Rotate270FlipH
-                );
-                let (shown_w, shown_h) = if turned {
+                let (shown_w, shown_h) = if turns(orientation) {
                     (height, width)
                 } else {
                     (width, height)
@@ -368,11 +404,16 @@ impl Transform {
                     decoder.read_rect(stored, |row| resize.push_row(row));
                     resize.finish()
                 } else {
-                    let pixels = decoder.read_rect_pixels(stored).expect("an RGB JPEG");
-                    let mut region = DynamicImage::ImageRgb8(rgb_image(stored, pixels));
-                    region.apply_orientation(orientation);
-                    let pitch = region.width() as usize * 3;
-                    plan.run(region.as_bytes(), pitch)
+                    // The rows as stored, in a reused buffer; then each row as shown.
+                    let mut region = Scratch::zeroed(stored.width * stored.height * 3);
+                    let mut filled = 0;
+                    decoder.read_rect(stored, |row| {
+                        region[filled..][..row.len()].copy_from_slice(row);
+                        filled += row.len();
+                    });
+                    let mut resize = plan.start();
+                    shown_rows(&region, stored, orientation, |row| resize.push_row(row));
+                    resize.finish()
                 };
                 Ok(Some(self.normalise(&plan, &window)))
             })??;

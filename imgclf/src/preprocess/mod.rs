@@ -6,7 +6,7 @@
 //! Everything here is pure and synchronous; callers run it on a bounded blocking pool.
 
 use image::metadata::Orientation;
-use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
+use image::{ColorType, DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use budget::{Budget, BudgetReader};
@@ -269,14 +269,19 @@ fn decode_rgb8_within(
 /// 8-bit grey, grey + alpha or RGBA (`channels` of 1, 2 or 4) to RGB: grey replicated, alpha
 /// dropped, as Pillow's `convert("RGB")` does.
 fn to_rgb((width, height): (u32, u32), raw: &[u8], channels: usize) -> RgbImage {
-    let pixels = raw
-        .chunks_exact(channels)
-        .flat_map(|px| match channels {
-            1 | 2 => [px[0]; 3],
-            _ => [px[0], px[1], px[2]],
-        })
-        .collect();
+    let mut pixels = vec![0; raw.len() / channels * 3];
+    rgb_into(raw, channels, &mut pixels);
     RgbImage::from_raw(width, height, pixels).expect("three bytes per pixel")
+}
+
+/// [`to_rgb`] into `rgb`, which holds three bytes for each pixel of `raw`.
+fn rgb_into(raw: &[u8], channels: usize, rgb: &mut [u8]) {
+    for (px, out) in raw.chunks_exact(channels).zip(rgb.chunks_exact_mut(3)) {
+        match channels {
+            1 | 2 => out.fill(px[0]),
+            _ => out.copy_from_slice(&px[..3]),
+        }
+    }
 }
 
 fn rgb_image(rect: Rect, pixels: Vec<u8>) -> RgbImage {
@@ -421,17 +426,63 @@ impl Transform {
                 return Ok(tensor);
             }
         }
-        let rgb = decode_rgb8_within(bytes, max_pixels, &budget)?;
-        Ok(self.tensor_from_rgb(&rgb))
+        self.tensor_from_decoded(bytes, max_pixels, &budget)
+    }
+
+    /// Any format but an RGB JPEG: 8-bit grey, grey + alpha, RGB or RGBA shown as stored (the
+    /// common layouts) is decoded into this thread's reused buffers, anything else through
+    /// [`decode_rgb8`]; the same pixels either way.
+    fn tensor_from_decoded(
+        &self,
+        bytes: &[u8],
+        max_pixels: u64,
+        budget: &Budget,
+    ) -> Result<Vec<f32>, ImageError> {
+        let (_, mut decoder) = open(bytes, max_pixels, budget)?;
+        let (width, height) = decoder.dimensions();
+        check_pixels(width, height, max_pixels)?;
+        let channels = match decoder.color_type() {
+            ColorType::L8 => 1,
+            ColorType::La8 => 2,
+            ColorType::Rgb8 => 3,
+            ColorType::Rgba8 => 4,
+            _ => 0,
+        };
+        let upright = matches!(
+            decoder.orientation(),
+            Ok(Orientation::NoTransforms) | Err(_)
+        );
+        if channels == 0 || !upright {
+            let rgb = decode_rgb8_within(bytes, max_pixels, budget)?;
+            return Ok(self.tensor_from_rgb(&rgb));
+        }
+        let len = usize::try_from(decoder.total_bytes()).map_err(|_| {
+            ImageError::TooCostly("the image is larger than this machine can address".into())
+        })?;
+        let mut raw = Scratch::zeroed(len);
+        decoder
+            .read_image(&mut raw)
+            .map_err(|e| decode_error(e, budget))?;
+        if channels == 3 {
+            return Ok(self.tensor_from_packed(&raw, width, height));
+        }
+        let mut rgb = Scratch::zeroed(width as usize * height as usize * 3);
+        rgb_into(&raw, channels, &mut rgb);
+        Ok(self.tensor_from_packed(&rgb, width, height))
     }
 
     /// Resizes, crops and normalises an RGB image into a CHW tensor.
     pub fn tensor_from_rgb(&self, rgb: &RgbImage) -> Vec<f32> {
         let (width, height) = rgb.dimensions();
+        self.tensor_from_packed(rgb.as_raw(), width, height)
+    }
+
+    /// [`Self::tensor_from_rgb`] of packed RGB8 rows.
+    fn tensor_from_packed(&self, rgb: &[u8], width: u32, height: u32) -> Vec<f32> {
         let plan = self.plan(width, height);
         let source = plan.source();
         let pitch = width as usize * 3;
-        let first = &rgb.as_raw()[source.top * pitch + source.left * 3..];
+        let first = &rgb[source.top * pitch + source.left * 3..];
         self.normalise(&plan, &plan.run(first, pitch))
     }
 

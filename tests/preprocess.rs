@@ -114,3 +114,48 @@ fn a_progressive_jpeg_decodes_as_libjpeg_alone_decodes_it_image_after_image() {
         }
     }
 }
+
+/// Every other format and pixel layout goes from bytes to tensor through the thread's reused
+/// buffers (8-bit grey, grey + alpha, RGB, RGBA) or through the whole decode (16-bit): either
+/// way the tensor is the one the `image` crate's own decoding to RGB gives, image after image.
+#[test]
+fn every_format_and_layout_gives_the_tensor_of_its_decoded_image() {
+    use image::{DynamicImage, ImageFormat};
+    let photo = image::load_from_memory(&imgclf_suite::image("darknet_dog.jpg")).unwrap();
+    let photo = photo.crop_imm(31, 17, 401, 299);
+    let layouts = [
+        ("grey", DynamicImage::ImageLuma8(photo.to_luma8())),
+        (
+            "grey + alpha",
+            DynamicImage::ImageLumaA8(photo.to_luma_alpha8()),
+        ),
+        ("rgb", DynamicImage::ImageRgb8(photo.to_rgb8())),
+        ("rgba", DynamicImage::ImageRgba8(photo.to_rgba8())),
+        ("rgb, 16-bit", DynamicImage::ImageRgb16(photo.to_rgb16())),
+    ];
+    let mut images = Vec::new();
+    for (layout, image) in &layouts {
+        for format in [ImageFormat::Png, ImageFormat::Tiff, ImageFormat::Bmp] {
+            let mut bytes = std::io::Cursor::new(Vec::new());
+            if image.write_to(&mut bytes, format).is_ok() {
+                images.push((format!("{layout} {format:?}"), bytes.into_inner()));
+            }
+        }
+    }
+    let rgb = DynamicImage::ImageRgb8(photo.to_rgb8());
+    for format in [ImageFormat::WebP, ImageFormat::Gif] {
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        rgb.write_to(&mut bytes, format).unwrap();
+        images.push((format!("{format:?}"), bytes.into_inner()));
+    }
+    assert!(images.len() >= 12, "{} images encoded", images.len());
+    let transform = Transform::default();
+    for round in 0..2 {
+        for (what, bytes) in &images {
+            let rgb = image::load_from_memory(bytes).expect(what).to_rgb8();
+            let whole = transform.tensor_from_rgb(&rgb);
+            let direct = transform.tensor_from_bytes(bytes, u64::MAX).expect(what);
+            assert!(whole == direct, "round {round}, {what}: tensors differ");
+        }
+    }
+}

@@ -9,9 +9,9 @@
 use std::cell::RefCell;
 use std::ops::{Deref, DerefMut};
 
-/// A buffer larger than this goes back to the allocator rather than stay with its thread: one
-/// huge photo must not pin its memory for good.
-const KEEP_AT_MOST: usize = 16 << 20;
+/// Bytes one thread keeps between images at most: what a 12-megapixel phone photo stored
+/// turned needs (21 MiB of its crop's rows, then the resize's), not what a huge one pins.
+const KEEP_BYTES: usize = 32 << 20;
 
 /// Buffers one thread keeps between images: what one image needs at a time (three coefficient
 /// arrays and three of the resize's); more is waste.
@@ -46,13 +46,14 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let buffer = std::mem::take(&mut self.0);
-        if buffer.capacity() == 0 || buffer.capacity() > KEEP_AT_MOST {
+        if buffer.capacity() == 0 || buffer.capacity() > KEEP_BYTES {
             return;
         }
         // `try_with`: a buffer dropped while its thread's locals are torn down just goes.
         let _ = FREE.try_with(|free| {
             let mut free = free.borrow_mut();
-            if free.len() < KEEP_COUNT {
+            let kept: usize = free.iter().map(Vec::capacity).sum();
+            if free.len() < KEEP_COUNT && kept + buffer.capacity() <= KEEP_BYTES {
                 free.push(buffer);
             }
         });
@@ -90,11 +91,19 @@ mod tests {
     }
 
     #[test]
-    fn buffers_in_use_at_once_are_distinct_and_huge_ones_are_not_kept() {
+    fn buffers_in_use_at_once_are_distinct_and_no_more_than_the_cap_is_kept() {
         let (a, b) = (Scratch::zeroed(64), Scratch::zeroed(64));
         assert_ne!(a.as_ptr(), b.as_ptr());
         drop((a, b));
-        drop(Scratch::zeroed(KEEP_AT_MOST + 1));
-        FREE.with_borrow(|free| assert!(free.iter().all(|b| b.capacity() <= KEEP_AT_MOST)));
+        drop(Scratch::zeroed(KEEP_BYTES + 1));
+        let half = (
+            Scratch::zeroed(KEEP_BYTES / 2),
+            Scratch::zeroed(KEEP_BYTES / 2),
+        );
+        drop(half);
+        FREE.with_borrow(|free| {
+            let kept: usize = free.iter().map(Vec::capacity).sum();
+            assert!(kept <= KEEP_BYTES, "{kept} bytes kept");
+        });
     }
 }

@@ -85,10 +85,8 @@ fn decoding_only_the_window_changes_no_value_for_any_layout_or_orientation() {
     }
 }
 
-/// A progressive JPEG's coefficients live in buffers reused from image to image: decoded again
-/// and again on one thread, alternating photos, each decode must equal what libjpeg gives with
-/// its own memory manager (a buffer not cleared between images would carry one photo's
-/// coefficients into the next one's first scans).
+/// Progressive JPEGs decoded again and again on one thread, alternating photos and reusing the
+/// thread's buffers: each decode equals what libjpeg alone gives (the `mozjpeg` crate).
 #[test]
 fn a_progressive_jpeg_decodes_as_libjpeg_alone_decodes_it_image_after_image() {
     let photos = ["darknet_dog.jpg", "opencv_baboon.jpg"].map(|name| {

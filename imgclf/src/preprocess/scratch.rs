@@ -1,10 +1,10 @@
 //! Byte buffers reused across images on the same thread.
 //!
 //! Each image needs a few buffers of up to a few MiB (decoded rows, the resize's intermediate,
-//! the crop; a progressive JPEG's coefficients, one per colour component). Allocated afresh,
-//! memory that size comes from `mmap` or a trimmed heap, and every page faults in again on
-//! first touch: reused, it stays mapped and warm in cache. Preprocessing runs on a fixed pool
-//! of threads, so each keeps its own few buffers.
+//! the crop; a turned photo's rows). Allocated afresh, memory that size comes from `mmap` or a
+//! trimmed heap, and every page faults in again on first touch: reused, it stays mapped and
+//! warm in cache. Preprocessing runs on a fixed pool of threads, so each keeps its own few
+//! buffers.
 
 use std::cell::RefCell;
 use std::ops::{Deref, DerefMut};
@@ -13,9 +13,8 @@ use std::ops::{Deref, DerefMut};
 /// turned needs (21 MiB of its crop's rows, then the resize's), not what a huge one pins.
 const KEEP_BYTES: usize = 32 << 20;
 
-/// Buffers one thread keeps between images: what one image needs at a time (three coefficient
-/// arrays and three of the resize's); more is waste.
-const KEEP_COUNT: usize = 6;
+/// Buffers one thread keeps between images; more than one image needs at a time is waste.
+const KEEP_COUNT: usize = 4;
 
 thread_local! {
     static FREE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };

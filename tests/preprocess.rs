@@ -85,10 +85,14 @@ fn decoding_only_the_window_changes_no_value_for_any_layout_or_orientation() {
     }
 }
 
-/// Progressive JPEGs decoded again and again on one thread, alternating photos and reusing the
-/// thread's buffers: each decode equals what libjpeg alone gives (the `mozjpeg` crate).
+/// Progressive JPEGs decoded again and again on one thread, alternating photos, their
+/// coefficients in the thread's reused buffers: each decode equals what libjpeg alone gives
+/// with its own memory (the `mozjpeg` crate); a buffer not cleared between images would carry
+/// one photo's coefficients into the next one's first scans.
 #[test]
 fn a_progressive_jpeg_decodes_as_libjpeg_alone_decodes_it_image_after_image() {
+    // As the binaries run: progressive coefficients in the thread's reused buffers.
+    imgclf::tune_malloc();
     let photos = ["darknet_dog.jpg", "opencv_baboon.jpg"].map(|name| {
         let rgb = image::load_from_memory(&imgclf_suite::image(name)).unwrap();
         rgb.to_rgb8()

@@ -118,6 +118,10 @@ pub fn tune_malloc() {
             // SAFETY: as above; 1 MiB is within glibc's bounds for this parameter.
             unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20) };
         }
+        if unset("GLIBC_TUNABLES") {
+            // Fixed, from here or from the variable: large decode buffers are kept instead.
+            preprocess::REUSE_COEFFICIENT_MEMORY.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         if unset("MALLOC_TRIM_THRESHOLD_") && unset("GLIBC_TUNABLES") {
             // SAFETY: as above; any size is valid for this parameter.
             unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20) };

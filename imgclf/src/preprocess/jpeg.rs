@@ -10,16 +10,24 @@
 //!
 //! A progress monitor bounds the cost: at most [`MAX_JPEG_SCANS`] progressive scans, and the
 //! decode's CPU-time [`Budget`].
+//!
+//! A progressive JPEG's coefficients, which libjpeg must hold for the whole image before its
+//! first row (7 MiB for 2.3 megapixels), live in the thread's reused [`Scratch`] buffers where
+//! [`crate::tune_malloc`] has fixed glibc's mmap threshold: there, memory libjpeg allocates
+//! afresh is mapped and faulted in page by page at every decode. Elsewhere glibc raises the
+//! threshold when libjpeg frees it and serves the next decode from the heap, which is faster
+//! than the reused buffers (zeroed whole at once rather than row by row as libjpeg goes).
 
 // The crate's one FFI module; every unsafe block says why it holds.
 #![allow(unsafe_code)]
 
 use std::marker::PhantomData;
 use std::mem;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use mozjpeg_sys::{
     boolean, jpeg_common_struct, jpeg_decompress_struct, jpeg_error_mgr, jpeg_progress_mgr,
-    J_COLOR_SPACE,
+    jvirt_barray_control, JBLOCK, JBLOCKARRAY, JBLOCKROW, JDIMENSION, J_COLOR_SPACE,
 };
 
 use image::metadata::Orientation;
@@ -145,13 +153,99 @@ fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "libjpeg failed".into())
 }
 
+/// A whole-image array of coefficient blocks, handed to libjpeg in place of its own virtual
+/// block arrays. Its memory is taken from the thread's scratch buffers on first access (a
+/// header check that only sets up the decode touches none) and goes back when the decoder goes.
+struct BlockArray {
+    blocks_per_row: usize,
+    rows: usize,
+    /// Row pointers into `memory`, once accessed.
+    row_pointers: Vec<JBLOCKROW>,
+    memory: Option<Scratch>,
+}
+
+/// Whether progressive JPEGs' coefficients go in [`BlockArray`]s: set where glibc's mmap
+/// threshold is fixed (see the module's documentation).
+pub(crate) static REUSE_COEFFICIENT_MEMORY: AtomicBool = AtomicBool::new(false);
+
+/// libjpeg's blocks are read with aligned SIMD loads (it aligns its own to 32 bytes).
+const BLOCK_ALIGN: usize = 64;
+
+impl BlockArray {
+    /// Rows `start..start + count`; zeroed until written, as libjpeg's `pre_zero` arrays are.
+    fn rows(&mut self, start: usize, count: usize) -> Option<JBLOCKARRAY> {
+        if start.checked_add(count)? > self.rows {
+            return None;
+        }
+        if self.memory.is_none() {
+            let row_bytes = self.blocks_per_row * mem::size_of::<JBLOCK>();
+            let mut memory = Scratch::zeroed(row_bytes.checked_mul(self.rows)? + BLOCK_ALIGN);
+            let base = memory.as_mut_ptr();
+            let first = base.align_offset(BLOCK_ALIGN);
+            self.row_pointers = (0..self.rows)
+                // SAFETY: `first + rows * row_bytes` is within the buffer's length.
+                .map(|row| unsafe { base.add(first + row * row_bytes) } as JBLOCKROW)
+                .collect();
+            self.memory = Some(memory);
+        }
+        // SAFETY: `start <= rows`, the length of `row_pointers`.
+        Some(unsafe { self.row_pointers.as_mut_ptr().add(start) })
+    }
+}
+
+/// The coefficient arrays libjpeg asked one decoder for; `cinfo.client_data` points here.
+/// Boxed: libjpeg holds a pointer to each while more are added.
+#[allow(clippy::vec_box)]
+type BlockArrays = Vec<Box<BlockArray>>;
+
+/// libjpeg's `request_virt_barray`, answered with a [`BlockArray`].
+extern "C-unwind" fn request_block_array(
+    cinfo: &mut jpeg_common_struct,
+    _pool_id: std::ffi::c_int,
+    _pre_zero: boolean,
+    blocks_per_row: JDIMENSION,
+    rows: JDIMENSION,
+    _max_access: JDIMENSION,
+) -> *mut jvirt_barray_control {
+    // SAFETY: `Decoder::new` points `client_data` at its `BlockArrays`, which outlive the
+    // decompressor.
+    let arrays = unsafe { &mut *(cinfo.client_data as *mut BlockArrays) };
+    let mut array = Box::new(BlockArray {
+        blocks_per_row: blocks_per_row as usize,
+        rows: rows as usize,
+        row_pointers: Vec::new(),
+        memory: None,
+    });
+    let handle = &mut *array as *mut BlockArray as *mut jvirt_barray_control;
+    arrays.push(array); // the box's contents do not move
+    handle
+}
+
+/// libjpeg's `access_virt_barray` for a [`BlockArray`]: every row is in memory.
+extern "C-unwind" fn access_block_array(
+    _cinfo: &mut jpeg_common_struct,
+    array: *mut jvirt_barray_control,
+    start_row: JDIMENSION,
+    rows: JDIMENSION,
+    _writable: boolean,
+) -> JBLOCKARRAY {
+    // SAFETY: libjpeg passes back a handle `request_block_array` returned for this decoder.
+    let array = unsafe { &mut *(array as *mut BlockArray) };
+    match array.rows(start_row as usize, rows as usize) {
+        Some(rows) => rows,
+        // What libjpeg's own arrays report (JERR_BAD_VIRTUAL_ACCESS), unwound the same way.
+        None => std::panic::resume_unwind(Box::new("libjpeg: bogus virtual array access")),
+    }
+}
+
 /// A libjpeg decompressor over bytes in memory, with its header read. Its methods unwind on a
 /// fatal libjpeg error; it is destroyed on drop, also during that unwinding.
 pub(super) struct Decoder<'a> {
-    // Boxed: libjpeg keeps pointers to all three.
+    // Boxed: libjpeg keeps pointers to all four.
     cinfo: Box<jpeg_decompress_struct>,
     _err: Box<jpeg_error_mgr>,
     _progress: Box<Progress<'a>>,
+    _blocks: Box<BlockArrays>,
     _bytes: PhantomData<&'a [u8]>,
 }
 
@@ -174,10 +268,21 @@ impl<'a> Decoder<'a> {
             cinfo.common.err = &mut *err;
             mozjpeg_sys::jpeg_create_decompress(&mut *cinfo);
             cinfo.common.progress = &mut progress.mgr;
+            let mut blocks = Box::<BlockArrays>::default();
+            if REUSE_COEFFICIENT_MEMORY.load(Ordering::Relaxed) {
+                cinfo.common.client_data =
+                    &mut *blocks as *mut BlockArrays as *mut std::ffi::c_void;
+                // The memory manager exists from creation; its arrays are requested when the
+                // decode starts. Its `realize_virt_arrays` skips these: not on its lists.
+                let memory = &mut *cinfo.common.mem;
+                memory.request_virt_barray = Some(request_block_array);
+                memory.access_virt_barray = Some(access_block_array);
+            }
             let mut decoder = Decoder {
                 cinfo,
                 _err: err,
                 _progress: progress,
+                _blocks: blocks,
                 _bytes: PhantomData,
             };
             mozjpeg_sys::jpeg_mem_src(&mut decoder.cinfo, bytes.as_ptr(), bytes.len() as _);

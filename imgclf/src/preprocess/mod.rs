@@ -19,6 +19,7 @@ mod resample;
 mod scratch;
 
 pub use budget::{DECODE_CPU_BUDGET, MAX_ALLOC_PER_PIXEL, MAX_JPEG_SCANS};
+pub(crate) use jpeg::REUSE_COEFFICIENT_MEMORY;
 
 /// Formats accepted at upload; everything else is refused before it is stored.
 pub const ACCEPTED_FORMATS: [ImageFormat; 6] = [

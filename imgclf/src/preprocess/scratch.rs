@@ -1,7 +1,7 @@
 //! Byte buffers reused across images on the same thread.
 //!
 //! Each image needs a few buffers of up to a few MiB (decoded rows, the resize's intermediate,
-//! the crop; a turned photo's rows). Allocated afresh, memory that size comes from `mmap` or a
+//! the crop; a turned photo's rows, a progressive JPEG's coefficients). Allocated afresh, memory that size comes from `mmap` or a
 //! trimmed heap, and every page faults in again on first touch: reused, it stays mapped and
 //! warm in cache. Preprocessing runs on a fixed pool of threads, so each keeps its own few
 //! buffers.
@@ -13,8 +13,9 @@ use std::ops::{Deref, DerefMut};
 /// turned needs (21 MiB of its crop's rows, then the resize's), not what a huge one pins.
 const KEEP_BYTES: usize = 32 << 20;
 
-/// Buffers one thread keeps between images; more than one image needs at a time is waste.
-const KEEP_COUNT: usize = 4;
+/// Buffers one thread keeps between images: what one image needs at a time (three coefficient
+/// arrays and three of the resize's); more is waste.
+const KEEP_COUNT: usize = 6;
 
 thread_local! {
     static FREE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };

@@ -14,9 +14,9 @@
 //! A progressive JPEG's coefficients, which libjpeg must hold for the whole image before its
 //! first row (7 MiB for 2.3 megapixels), live in the thread's reused [`Scratch`] buffers where
 //! [`crate::tune_malloc`] has fixed glibc's mmap threshold: there, memory libjpeg allocates
-//! afresh is mapped and faulted in page by page at every decode. Elsewhere glibc raises the
-//! threshold when libjpeg frees it and serves the next decode from the heap, which is faster
-//! than the reused buffers (zeroed whole at once rather than row by row as libjpeg goes).
+//! afresh is mapped and faulted in page by page at every decode. Elsewhere glibc raises its
+//! threshold when libjpeg frees that memory and serves the next decode, and other large
+//! buffers, from the heap: measured faster there than keeping the coefficients (BENCHMARKS.md).
 
 // The crate's one FFI module; every unsafe block says why it holds.
 #![allow(unsafe_code)]

@@ -4,18 +4,13 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use imgclf::preprocess::{decode_rgb8, Transform};
-use imgclf_suite::{image, with_exif_orientation};
+use imgclf_suite::{encode_jpeg, image, with_exif_orientation};
 
 /// The 2560x1600 photo re-encoded as progressive JPEG, at quality 90.
 fn progressive(bytes: &[u8]) -> Vec<u8> {
     let rgb = decode_rgb8(bytes, u64::MAX).unwrap();
-    let mut compress = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
-    compress.set_size(rgb.width() as usize, rgb.height() as usize);
-    compress.set_quality(90.0);
-    compress.set_progressive_mode();
-    let mut started = compress.start_compress(Vec::new()).unwrap();
-    started.write_scanlines(rgb.as_raw()).unwrap();
-    started.finish().unwrap()
+    let size = (rgb.width() as usize, rgb.height() as usize);
+    encode_jpeg(rgb.as_raw(), size, 90.0, (2, 2), true)
 }
 
 fn preprocess(c: &mut Criterion) {

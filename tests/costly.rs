@@ -14,13 +14,7 @@ use imgclf::ImageError;
 /// each copy is a few bytes on the wire and a full pass over the image in the decoder.
 fn many_scan_jpeg(side: usize, repeats: usize) -> Vec<u8> {
     let rgb = vec![90u8; side * side * 3];
-    let mut compress = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
-    compress.set_size(side, side);
-    compress.set_quality(80.0);
-    compress.set_progressive_mode();
-    let mut started = compress.start_compress(Vec::new()).unwrap();
-    started.write_scanlines(&rgb).unwrap();
-    let jpeg = started.finish().unwrap();
+    let jpeg = imgclf_suite::encode_jpeg(&rgb, (side, side), 80.0, (2, 2), true);
     let last_scan = jpeg
         .windows(2)
         .rposition(|w| w == [0xFF, 0xDA])

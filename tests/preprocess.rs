@@ -4,7 +4,7 @@
 //! subsamplings, progressive scans, odd sizes and every EXIF orientation.
 
 use imgclf::preprocess::{decode_rgb8, Transform};
-use imgclf_suite::{image, reference, with_exif_orientation};
+use imgclf_suite::{encode_jpeg, image, reference, with_exif_orientation};
 
 /// Every shared JPEG the reference results cover.
 fn shared_jpegs() -> Vec<(String, Vec<u8>)> {
@@ -19,16 +19,8 @@ fn shared_jpegs() -> Vec<(String, Vec<u8>)> {
 
 /// One photo, cut to an odd size and encoded with chroma `sampling` (pixels per Cb/Cr sample).
 fn encoded(rgb: &image::RgbImage, sampling: (u8, u8), progressive: bool) -> Vec<u8> {
-    let mut compress = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
-    compress.set_size(rgb.width() as usize, rgb.height() as usize);
-    compress.set_quality(90.0);
-    compress.set_chroma_sampling_pixel_sizes(sampling, sampling);
-    if progressive {
-        compress.set_progressive_mode();
-    }
-    let mut started = compress.start_compress(Vec::new()).unwrap();
-    started.write_scanlines(rgb.as_raw()).unwrap();
-    started.finish().unwrap()
+    let size = (rgb.width() as usize, rgb.height() as usize);
+    encode_jpeg(rgb.as_raw(), size, 90.0, sampling, progressive)
 }
 
 fn assert_same_tensor(transform: &Transform, what: &str, bytes: &[u8]) {

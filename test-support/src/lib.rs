@@ -67,6 +67,27 @@ pub fn image(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// Packed RGB8 rows (`width` x `height`) encoded as JPEG by libjpeg at `quality`, with chroma
+/// `sampling` (pixels per Cb/Cr sample) and, if asked, progressive scans.
+pub fn encode_jpeg(
+    rgb: &[u8],
+    (width, height): (usize, usize),
+    quality: f32,
+    sampling: (u8, u8),
+    progressive: bool,
+) -> Vec<u8> {
+    let mut compress = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+    compress.set_size(width, height);
+    compress.set_quality(quality);
+    compress.set_chroma_sampling_pixel_sizes(sampling, sampling);
+    if progressive {
+        compress.set_progressive_mode();
+    }
+    let mut started = compress.start_compress(Vec::new()).unwrap();
+    started.write_scanlines(rgb).unwrap();
+    started.finish().unwrap()
+}
+
 /// Inserts an EXIF APP1 segment with `orientation` right after a JPEG's SOI marker.
 pub fn with_exif_orientation(jpeg: &[u8], orientation: u16) -> Vec<u8> {
     let mut tiff = b"MM\x00\x2a\x00\x00\x00\x08".to_vec();

@@ -1,9 +1,10 @@
 //! Decode + preprocess per image size (small, 640x480 and 2560x1600) and per kind of large
 //! JPEG (progressive; a phone's portrait, stored turned with an EXIF orientation), with the
-//! allocator set up as the binaries set it.
+//! allocator set up as the binaries set it; and each JPEG resized on a second thread while it
+//! is decoded, as an image alone on the machine is.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use imgclf::preprocess::{decode_rgb8, Transform};
+use imgclf::preprocess::{decode_rgb8, ResizeThread, Transform};
 use imgclf_suite::{encode_jpeg, image, with_exif_orientation};
 
 /// The 2560x1600 photo re-encoded as progressive JPEG, at quality 90.
@@ -16,6 +17,7 @@ fn progressive(bytes: &[u8]) -> Vec<u8> {
 fn preprocess(c: &mut Criterion) {
     imgclf::tune_malloc();
     let transform = Transform::default();
+    let resize_thread = ResizeThread::spawn().unwrap();
     let mut group = c.benchmark_group("preprocess");
     let large = image("kde_coldripple_2560x1600.jpg");
     let photos = [
@@ -40,6 +42,19 @@ fn preprocess(c: &mut Criterion) {
             &bytes,
             |b, bytes| b.iter(|| transform.tensor_from_bytes(bytes, u64::MAX).unwrap()),
         );
+        if name.ends_with(".jpg") {
+            group.bench_with_input(
+                BenchmarkId::new("decode+transform, two threads", &name),
+                &bytes,
+                |b, bytes| {
+                    b.iter(|| {
+                        transform
+                            .tensor_from_bytes_on_two_threads(bytes, u64::MAX, &resize_thread)
+                            .unwrap()
+                    })
+                },
+            );
+        }
         let rgb = decode_rgb8(&bytes, u64::MAX).unwrap();
         group.bench_with_input(BenchmarkId::new("transform", name), &rgb, |b, rgb| {
             b.iter(|| transform.tensor_from_rgb(rgb))

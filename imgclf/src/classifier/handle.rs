@@ -1,6 +1,7 @@
 //! Runs a [`Classifier`] on dedicated OS threads and batches whatever is waiting.
 
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::Thread;
@@ -13,7 +14,7 @@ use tokio::sync::oneshot;
 
 use super::{Classifier, ClassifyError};
 use crate::model::ModelSpec;
-use crate::preprocess::ImageError;
+use crate::preprocess::{ImageError, ResizeThread};
 
 type Reply = oneshot::Sender<Result<Classified, ClassifyImageError>>;
 
@@ -148,6 +149,8 @@ struct Pool {
     /// An instance whose runs spread over every core, for an image that finds every other
     /// instance idle.
     wide: Option<Mutex<Box<dyn Classifier>>>,
+    /// A thread that resizes such an image while its instance decodes it.
+    resize_thread: Option<Mutex<ResizeThread>>,
 }
 
 /// How a pool adds instances: a factory, a limit, and how long images have kept waiting.
@@ -183,10 +186,11 @@ impl ClassifierHandle {
     /// an image from bytes to logits with no hand-off between threads, and the cores split
     /// between the two stages exactly as each image needs.
     ///
-    /// `wide`, if given, is one more model whose runs spread over every core: an instance that
-    /// holds the only image in hand, with no other instance working, runs it there, so that
-    /// an image under light load is classified in the time the cores take together rather
-    /// than one core's.
+    /// An instance that holds the only image in hand, with no other instance working, has
+    /// the machine to itself: on more than one core it decodes a JPEG while a thread kept for
+    /// this resizes its rows, and runs it on `wide`, if given, one more model whose runs
+    /// spread over every core. So an image under light load is preprocessed and classified in
+    /// the time the cores take together rather than one core's.
     pub fn spawn_preprocessing(
         classifiers: Vec<Box<dyn Classifier>>,
         max_batch: usize,
@@ -233,6 +237,7 @@ impl ClassifierHandle {
             growth,
             preprocesses: preprocessing.is_some(),
             busy: AtomicUsize::new(0),
+            resize_thread: resize_thread(preprocessing.is_some()),
             wide: preprocessing.flatten().map(Mutex::new),
         });
         for (i, classifier) in classifiers.into_iter().enumerate() {
@@ -427,12 +432,18 @@ impl Pool {
                 }
                 Next::Closed => return,
             };
+            // The only image in hand, and no other instance working: every core is free for it.
+            let alone = requests.len() == 1 && self.busy.load(Ordering::Acquire) == 1;
             for request in requests {
                 let started = Instant::now();
                 let tensor = match request.input {
                     Input::Tensor(tensor) => Ok(tensor),
                     Input::Image { bytes, max_pixels } => {
-                        preprocess(&transform, &bytes, max_pixels)
+                        let resize_thread = match &self.resize_thread {
+                            Some(thread) if alone => thread.try_lock().ok(),
+                            _ => None,
+                        };
+                        preprocess(&transform, &bytes, max_pixels, resize_thread.as_deref())
                             .map_err(ClassifyImageError::Image)
                     }
                 };
@@ -466,7 +477,7 @@ impl Pool {
                 histogram.observe(n as f64);
             }
             let _span = tracing::debug_span!("infer", n).entered();
-            // The only image in hand, and no other instance working: every core is free for it.
+            // Still alone (another instance may have taken images meanwhile).
             let wide = match &self.wide {
                 Some(wide) if n == 1 && self.busy.load(Ordering::Acquire) == 1 => {
                     wide.try_lock().ok()
@@ -536,20 +547,34 @@ impl Pool {
     }
 }
 
-/// An image's tensor, made on an inference thread: a decoder's panic (a bug, in a crate or in
-/// libjpeg) fails the image, not the thread.
+/// The resize thread of a pool whose instances preprocess, on more than one core.
+fn resize_thread(preprocesses: bool) -> Option<Mutex<ResizeThread>> {
+    if !preprocesses || crate::cores() < 2 {
+        return None;
+    }
+    ResizeThread::spawn()
+        .inspect_err(|error| tracing::warn!(%error, "classifier: no resize thread"))
+        .ok()
+        .map(Mutex::new)
+}
+
+/// An image's tensor, made on an inference thread (resized on `resize_thread` if given): a
+/// decoder's panic (a bug, in a crate or in libjpeg) fails the image, not the thread.
 fn preprocess(
     transform: &crate::preprocess::Transform,
     bytes: &[u8],
     max_pixels: u64,
+    resize_thread: Option<&ResizeThread>,
 ) -> Result<Vec<f32>, ImageError> {
-    std::panic::catch_unwind(|| transform.tensor_from_bytes(bytes, max_pixels)).unwrap_or_else(
-        |_| {
-            Err(ImageError::Undecodable(
-                "the decoder crashed on this image".into(),
-            ))
-        },
-    )
+    std::panic::catch_unwind(AssertUnwindSafe(|| match resize_thread {
+        Some(thread) => transform.tensor_from_bytes_on_two_threads(bytes, max_pixels, thread),
+        None => transform.tensor_from_bytes(bytes, max_pixels),
+    }))
+    .unwrap_or_else(|_| {
+        Err(ImageError::Undecodable(
+            "the decoder crashed on this image".into(),
+        ))
+    })
 }
 
 #[cfg(test)]

@@ -11,15 +11,18 @@ use serde::{Deserialize, Serialize};
 
 use budget::{Budget, BudgetReader};
 use resample::Plan;
+use resize_thread::SPLIT_PIXELS;
 use scratch::Scratch;
 
 mod budget;
 mod jpeg;
 mod resample;
+mod resize_thread;
 mod scratch;
 
 pub use budget::{DECODE_CPU_BUDGET, MAX_ALLOC_PER_PIXEL, MAX_JPEG_SCANS};
 pub(crate) use jpeg::REUSE_COEFFICIENT_MEMORY;
+pub use resize_thread::ResizeThread;
 
 /// Formats accepted at upload; everything else is refused before it is stored.
 pub const ACCEPTED_FORMATS: [ImageFormat; 6] = [
@@ -384,6 +387,27 @@ impl Transform {
     /// Decodes and transforms one image into a CHW tensor. A JPEG is decoded only where the
     /// resize reads it; the tensor is the same as from the whole image.
     pub fn tensor_from_bytes(&self, bytes: &[u8], max_pixels: u64) -> Result<Vec<f32>, ImageError> {
+        self.tensor_from_bytes_helped(bytes, max_pixels, None)
+    }
+
+    /// [`Self::tensor_from_bytes`], the same tensor, with a JPEG of at least a quarter of a
+    /// megapixel resized on `resize_thread` while this thread decodes it: for an image that
+    /// has the machine to itself.
+    pub fn tensor_from_bytes_on_two_threads(
+        &self,
+        bytes: &[u8],
+        max_pixels: u64,
+        resize_thread: &ResizeThread,
+    ) -> Result<Vec<f32>, ImageError> {
+        self.tensor_from_bytes_helped(bytes, max_pixels, Some(resize_thread))
+    }
+
+    fn tensor_from_bytes_helped(
+        &self,
+        bytes: &[u8],
+        max_pixels: u64,
+        resize_thread: Option<&ResizeThread>,
+    ) -> Result<Vec<f32>, ImageError> {
         let budget = Budget::start();
         if image::guess_format(bytes).ok() == Some(ImageFormat::Jpeg) {
             // One libjpeg decoder reads the header and then only the rows the resize needs.
@@ -404,7 +428,22 @@ impl Transform {
                 let stored = plan
                     .source()
                     .stored(orientation, width as usize, height as usize);
-                let window = if orientation == Orientation::NoTransforms {
+                let upright = orientation == Orientation::NoTransforms;
+                match resize_thread {
+                    Some(thread) if upright && stored.width * stored.height >= SPLIT_PIXELS => {
+                        let transform = self.clone();
+                        let tensor = thread.resize(
+                            std::sync::Arc::new(plan),
+                            |push| decoder.read_rect(stored, push),
+                            move |plan, window| transform.normalise(plan, &window),
+                        );
+                        return tensor.map(Some).ok_or_else(|| {
+                            ImageError::Undecodable("the resize thread failed".into())
+                        });
+                    }
+                    _ => {}
+                }
+                let window = if upright {
                     // Rows go through the horizontal pass as they are decoded.
                     let mut resize = plan.start();
                     decoder.read_rect(stored, |row| resize.push_row(row));

@@ -230,6 +230,11 @@ impl Resize<'_> {
         assert_eq!(self.rows, self.plan.source.height, "every source row");
         self.plan.vertical_pass(self.temp)
     }
+
+    /// [`Self::finish`], or `None` where rows are missing (their decoder stopped short).
+    pub(super) fn finished(self) -> Option<Scratch> {
+        (self.rows == self.plan.source.height).then(|| self.plan.vertical_pass(self.temp))
+    }
 }
 
 /// `sums += row * weight`, lane by lane: the vertical pass's inner loop.

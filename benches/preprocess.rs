@@ -1,10 +1,10 @@
 //! Decode + preprocess per image size (small, 640x480 and 2560x1600) and per kind of large
 //! JPEG (progressive; a phone's portrait, stored turned with an EXIF orientation), with the
-//! allocator set up as the binaries set it; and each JPEG resized on a second thread while it
-//! is decoded, as an image alone on the machine is.
+//! allocator set up as the binaries set it; and each JPEG's lower rows decoded on a second
+//! thread, as an image alone on the machine is.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use imgclf::preprocess::{decode_rgb8, ResizeThread, Transform};
+use imgclf::preprocess::{decode_rgb8, HelperThread, Transform};
 use imgclf_suite::{encode_jpeg, image, with_exif_orientation};
 
 /// The 2560x1600 photo re-encoded as progressive JPEG, at quality 90.
@@ -17,7 +17,7 @@ fn progressive(bytes: &[u8]) -> Vec<u8> {
 fn preprocess(c: &mut Criterion) {
     imgclf::tune_malloc();
     let transform = Transform::default();
-    let resize_thread = ResizeThread::spawn().unwrap();
+    let helper_thread = HelperThread::spawn().unwrap();
     let mut group = c.benchmark_group("preprocess");
     let large = image("kde_coldripple_2560x1600.jpg");
     let photos = [
@@ -49,7 +49,7 @@ fn preprocess(c: &mut Criterion) {
                 |b, bytes| {
                     b.iter(|| {
                         transform
-                            .tensor_from_bytes_on_two_threads(bytes, u64::MAX, &resize_thread)
+                            .tensor_from_bytes_on_two_threads(bytes, u64::MAX, &helper_thread)
                             .unwrap()
                     })
                 },

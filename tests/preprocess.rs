@@ -154,13 +154,13 @@ fn every_format_and_layout_gives_the_tensor_of_its_decoded_image() {
     }
 }
 
-/// An image alone on the machine has its rows resized on a second thread while its own thread
-/// decodes them: the same tensor as on one thread, for large photos of every chroma
-/// subsampling, progressive or not, and grey; a decode that fails part-way fails the same way,
-/// and the second thread goes on with the next image.
+/// An image alone on the machine has its lower rows decoded and resized on a second thread
+/// while its own thread does the upper ones: the same tensor as on one thread, for large
+/// photos of every chroma subsampling and grey (progressive ones stay on one thread); a decode
+/// that fails fails the same way, and the second thread goes on with the next image.
 #[test]
-fn resizing_on_a_second_thread_changes_no_value_and_no_error() {
-    use imgclf::preprocess::ResizeThread;
+fn decoding_on_two_threads_changes_no_value_and_no_error() {
+    use imgclf::preprocess::HelperThread;
     let photo = image::load_from_memory(&image("kde_coldripple_2560x1600.jpg")).unwrap();
     let rgb = photo.to_rgb8();
     let mut jpegs = Vec::new();
@@ -176,23 +176,27 @@ fn resizing_on_a_second_thread_changes_no_value_and_no_error() {
         .unwrap();
     jpegs.push(("grey".into(), grey));
     let transform = Transform::default();
-    let thread = ResizeThread::spawn().unwrap();
+    let thread = HelperThread::spawn().unwrap();
     let two = |bytes: &[u8]| transform.tensor_from_bytes_on_two_threads(bytes, u64::MAX, &thread);
     for (what, jpeg) in &jpegs {
         let one = transform.tensor_from_bytes(jpeg, u64::MAX).expect(what);
         assert!(two(jpeg).expect(what) == one, "{what}: tensors differ");
     }
-    // The last scan of a progressive JPEG names a Huffman table that was never defined:
-    // libjpeg stops once decoding has started, before the first row.
-    let mut broken = jpegs[1].1.clone();
-    let last_scan = broken.windows(2).rposition(|m| m == [0xFF, 0xDA]).unwrap();
-    broken[last_scan + 6] = 0x33; // first component's DC and AC tables: 3, undefined
+    // The scan names a Huffman table that was never defined: libjpeg stops once decoding has
+    // started, before the first row, on both threads.
+    let (what, jpeg) = &jpegs[0];
+    assert!(
+        what.contains("progressive false"),
+        "a baseline JPEG: {what}"
+    );
+    let mut broken = jpeg.clone();
+    let scan = broken.windows(2).rposition(|m| m == [0xFF, 0xDA]).unwrap();
+    broken[scan + 6] = 0x33; // first component's DC and AC tables: 3, undefined
     let one = transform.tensor_from_bytes(&broken, u64::MAX).unwrap_err();
     assert!(
         matches!(&one, imgclf::ImageError::Undecodable(m) if m.contains("Huffman")),
         "{one}"
     );
     assert_eq!(two(&broken).unwrap_err(), one);
-    let (what, jpeg) = &jpegs[0];
     assert!(two(jpeg).expect(what) == transform.tensor_from_bytes(jpeg, u64::MAX).unwrap());
 }

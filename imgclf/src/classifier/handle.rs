@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 
 use super::{Classifier, ClassifyError};
 use crate::model::ModelSpec;
-use crate::preprocess::{ImageError, ResizeThread};
+use crate::preprocess::{HelperThread, ImageError};
 
 type Reply = oneshot::Sender<Result<Classified, ClassifyImageError>>;
 
@@ -149,8 +149,8 @@ struct Pool {
     /// An instance whose runs spread over every core, for an image that finds every other
     /// instance idle.
     wide: Option<Mutex<Box<dyn Classifier>>>,
-    /// A thread that resizes such an image while its instance decodes it.
-    resize_thread: Option<Mutex<ResizeThread>>,
+    /// A thread that decodes part of such an image while its instance decodes the rest.
+    helper_thread: Option<Mutex<HelperThread>>,
 }
 
 /// How a pool adds instances: a factory, a limit, and how long images have kept waiting.
@@ -187,8 +187,8 @@ impl ClassifierHandle {
     /// between the two stages exactly as each image needs.
     ///
     /// An instance that holds the only image in hand, with no other instance working, has
-    /// the machine to itself: on more than one core it decodes a JPEG while a thread kept for
-    /// this resizes its rows, and runs it on `wide`, if given, one more model whose runs
+    /// the machine to itself: on more than one core a thread kept for this decodes the lower
+    /// rows of a JPEG while the instance decodes the upper ones, and the instance runs it on `wide`, if given, one more model whose runs
     /// spread over every core. So an image under light load is preprocessed and classified in
     /// the time the cores take together rather than one core's.
     pub fn spawn_preprocessing(
@@ -237,7 +237,7 @@ impl ClassifierHandle {
             growth,
             preprocesses: preprocessing.is_some(),
             busy: AtomicUsize::new(0),
-            resize_thread: resize_thread(preprocessing.is_some()),
+            helper_thread: helper_thread(preprocessing.is_some()),
             wide: preprocessing.flatten().map(Mutex::new),
         });
         for (i, classifier) in classifiers.into_iter().enumerate() {
@@ -439,11 +439,11 @@ impl Pool {
                 let tensor = match request.input {
                     Input::Tensor(tensor) => Ok(tensor),
                     Input::Image { bytes, max_pixels } => {
-                        let resize_thread = match &self.resize_thread {
+                        let helper_thread = match &self.helper_thread {
                             Some(thread) if alone => thread.try_lock().ok(),
                             _ => None,
                         };
-                        preprocess(&transform, &bytes, max_pixels, resize_thread.as_deref())
+                        preprocess(&transform, &bytes, max_pixels, helper_thread.as_deref())
                             .map_err(ClassifyImageError::Image)
                     }
                 };
@@ -547,26 +547,26 @@ impl Pool {
     }
 }
 
-/// The resize thread of a pool whose instances preprocess, on more than one core.
-fn resize_thread(preprocesses: bool) -> Option<Mutex<ResizeThread>> {
+/// The helper thread of a pool whose instances preprocess, on more than one core.
+fn helper_thread(preprocesses: bool) -> Option<Mutex<HelperThread>> {
     if !preprocesses || crate::cores() < 2 {
         return None;
     }
-    ResizeThread::spawn()
-        .inspect_err(|error| tracing::warn!(%error, "classifier: no resize thread"))
+    HelperThread::spawn()
+        .inspect_err(|error| tracing::warn!(%error, "classifier: no helper thread"))
         .ok()
         .map(Mutex::new)
 }
 
-/// An image's tensor, made on an inference thread (resized on `resize_thread` if given): a
+/// An image's tensor, made on an inference thread (helped by `helper_thread` if given): a
 /// decoder's panic (a bug, in a crate or in libjpeg) fails the image, not the thread.
 fn preprocess(
     transform: &crate::preprocess::Transform,
     bytes: &[u8],
     max_pixels: u64,
-    resize_thread: Option<&ResizeThread>,
+    helper_thread: Option<&HelperThread>,
 ) -> Result<Vec<f32>, ImageError> {
-    std::panic::catch_unwind(AssertUnwindSafe(|| match resize_thread {
+    std::panic::catch_unwind(AssertUnwindSafe(|| match helper_thread {
         Some(thread) => transform.tensor_from_bytes_on_two_threads(bytes, max_pixels, thread),
         None => transform.tensor_from_bytes(bytes, max_pixels),
     }))

@@ -84,6 +84,9 @@ pub(super) struct Header {
     pub orientation: Orientation,
     /// False for colour spaces libjpeg does not turn into RGB (CMYK, YCCK).
     pub rgb: bool,
+    /// Whether its pixels come in more than one scan (progressive JPEGs): then every scan is
+    /// decoded before the first row.
+    pub multiple_scans: bool,
 }
 
 /// Runs `work` on a decoder of `bytes` with its header read, turning libjpeg's fatal errors
@@ -302,6 +305,8 @@ impl<'a> Decoder<'a> {
             height: height as u32,
             orientation: self.exif_orientation(),
             rgb: self.converts_to_rgb(),
+            // SAFETY: the header has been read.
+            multiple_scans: unsafe { mozjpeg_sys::jpeg_has_multiple_scans(&self.cinfo) } != 0,
         }
     }
 

@@ -10,19 +10,19 @@ use image::{ColorType, DynamicImage, ImageDecoder, ImageFormat, ImageReader, Rgb
 use serde::{Deserialize, Serialize};
 
 use budget::{Budget, BudgetReader};
+use helper_thread::{SPLIT_PIXELS, UPPER_PERCENT};
 use resample::Plan;
-use resize_thread::SPLIT_PIXELS;
 use scratch::Scratch;
 
 mod budget;
+mod helper_thread;
 mod jpeg;
 mod resample;
-mod resize_thread;
 mod scratch;
 
 pub use budget::{DECODE_CPU_BUDGET, MAX_ALLOC_PER_PIXEL, MAX_JPEG_SCANS};
+pub use helper_thread::HelperThread;
 pub(crate) use jpeg::REUSE_COEFFICIENT_MEMORY;
-pub use resize_thread::ResizeThread;
 
 /// Formats accepted at upload; everything else is refused before it is stored.
 pub const ACCEPTED_FORMATS: [ImageFormat; 6] = [
@@ -390,23 +390,23 @@ impl Transform {
         self.tensor_from_bytes_helped(bytes, max_pixels, None)
     }
 
-    /// [`Self::tensor_from_bytes`], the same tensor, with a JPEG of at least a quarter of a
-    /// megapixel resized on `resize_thread` while this thread decodes it: for an image that
-    /// has the machine to itself.
+    /// [`Self::tensor_from_bytes`], the same tensor, with the lower rows of a JPEG of at
+    /// least a quarter of a megapixel decoded and resized on `helper` meanwhile: for an image
+    /// that has the machine to itself.
     pub fn tensor_from_bytes_on_two_threads(
         &self,
         bytes: &[u8],
         max_pixels: u64,
-        resize_thread: &ResizeThread,
+        helper: &HelperThread,
     ) -> Result<Vec<f32>, ImageError> {
-        self.tensor_from_bytes_helped(bytes, max_pixels, Some(resize_thread))
+        self.tensor_from_bytes_helped(bytes, max_pixels, Some(helper))
     }
 
     fn tensor_from_bytes_helped(
         &self,
         bytes: &[u8],
         max_pixels: u64,
-        resize_thread: Option<&ResizeThread>,
+        helper: Option<&HelperThread>,
     ) -> Result<Vec<f32>, ImageError> {
         let budget = Budget::start();
         if image::guess_format(bytes).ok() == Some(ImageFormat::Jpeg) {
@@ -429,19 +429,34 @@ impl Transform {
                     .source()
                     .stored(orientation, width as usize, height as usize);
                 let upright = orientation == Orientation::NoTransforms;
-                match resize_thread {
-                    Some(thread) if upright && stored.width * stored.height >= SPLIT_PIXELS => {
-                        let transform = self.clone();
-                        let tensor = thread.resize(
-                            std::sync::Arc::new(plan),
-                            |push| decoder.read_rect(stored, push),
-                            move |plan, window| transform.normalise(plan, &window),
-                        );
-                        return tensor.map(Some).ok_or_else(|| {
-                            ImageError::Undecodable("the resize thread failed".into())
-                        });
+                // Not a progressive JPEG: both threads would decode all its scans first.
+                if let Some(helper) = helper.filter(|_| upright && !header.multiple_scans) {
+                    if stored.width * stored.height >= SPLIT_PIXELS {
+                        let split = stored.height * UPPER_PERCENT / 100;
+                        let upper = Rect {
+                            height: split,
+                            ..stored
+                        };
+                        let lower = Rect {
+                            top: stored.top + split,
+                            height: stored.height - split,
+                            ..stored
+                        };
+                        let window = plan.run_in_two(
+                            split,
+                            &helper.0,
+                            |push| {
+                                decoder.read_rect(upper, push);
+                                Ok(())
+                            },
+                            |push| {
+                                jpeg::with_decoder(bytes, &Budget::start(), |decoder| {
+                                    decoder.read_rect(lower, push)
+                                })
+                            },
+                        )?;
+                        return Ok(Some(self.normalise(&plan, &window)));
                     }
-                    _ => {}
                 }
                 let window = if upright {
                     // Rows go through the horizontal pass as they are decoded.

@@ -148,6 +148,47 @@ impl Plan {
         }
     }
 
+    /// Like [`Self::start`] and [`Resize::finish`], with the source rows in two parts made at
+    /// once: `upper` hands over the first `split` rows, top to bottom, on this thread, and
+    /// `lower` the rest on `helper`'s thread. Either's error is returned (the upper one's
+    /// first); a part that returns `Ok` must have handed over all its rows.
+    pub(super) fn run_in_two<E: Send>(
+        &self,
+        split: usize,
+        helper: &rayon::ThreadPool,
+        upper: impl FnOnce(&mut dyn FnMut(&[u8])) -> Result<(), E>,
+        lower: impl FnOnce(&mut dyn FnMut(&[u8])) -> Result<(), E> + Send,
+    ) -> Result<Scratch, E> {
+        let stride = self.window.width * 3;
+        let mut temp = Scratch::zeroed(self.source.height * stride);
+        let (upper_rows, lower_rows) = temp.split_at_mut(split * stride);
+        let mut lower_done = None;
+        let upper_done = helper.in_place_scope(|scope| {
+            scope.spawn(|_| lower_done = Some(self.horizontal_into(lower_rows, lower)));
+            self.horizontal_into(upper_rows, upper)
+        });
+        upper_done?;
+        lower_done.expect("the scope ran its task")?;
+        Ok(self.vertical_pass(temp))
+    }
+
+    /// The horizontal pass over the source rows `rows` hands over, into `out` (every row).
+    fn horizontal_into<E>(
+        &self,
+        out: &mut [u8],
+        rows: impl FnOnce(&mut dyn FnMut(&[u8])) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let row_len = self.source.width * 3;
+        let mut out_rows = out.chunks_exact_mut(self.window.width * 3);
+        rows(&mut |row| {
+            assert_eq!(row.len(), row_len, "a source row");
+            let out_row = out_rows.next().expect("no more rows than the source has");
+            self.horizontal(row, out_row);
+        })?;
+        assert!(out_rows.next().is_none(), "every source row");
+        Ok(())
+    }
+
     /// The horizontal pass over one source row (packed RGB8 from the source's left edge) into
     /// one row of the 8-bit intermediate, as Pillow has it.
     fn horizontal(&self, in_row: &[u8], out_row: &mut [u8]) {
@@ -229,11 +270,6 @@ impl Resize<'_> {
     pub(super) fn finish(self) -> Scratch {
         assert_eq!(self.rows, self.plan.source.height, "every source row");
         self.plan.vertical_pass(self.temp)
-    }
-
-    /// [`Self::finish`], or `None` where rows are missing (their decoder stopped short).
-    pub(super) fn finished(self) -> Option<Scratch> {
-        (self.rows == self.plan.source.height).then(|| self.plan.vertical_pass(self.temp))
     }
 }
 

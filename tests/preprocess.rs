@@ -156,8 +156,9 @@ fn every_format_and_layout_gives_the_tensor_of_its_decoded_image() {
 
 /// An image alone on the machine has its lower rows decoded and resized on a second thread
 /// while its own thread does the upper ones: the same tensor as on one thread, for large
-/// photos of every chroma subsampling and grey (progressive ones stay on one thread); a decode
-/// that fails fails the same way, and the second thread goes on with the next image.
+/// photos of every chroma subsampling, EXIF orientation and grey (progressive ones stay on one
+/// thread); a decode that fails fails the same way, and the second thread goes on with the
+/// next image.
 #[test]
 fn decoding_on_two_threads_changes_no_value_and_no_error() {
     use imgclf::preprocess::HelperThread;
@@ -169,6 +170,11 @@ fn decoding_on_two_threads_changes_no_value_and_no_error() {
             let what = format!("sampling {sampling:?}, progressive {progressive}");
             jpegs.push((what, encoded(&rgb, sampling, progressive)));
         }
+    }
+    let baseline = encoded(&rgb, (2, 2), false);
+    for orientation in 2..=8 {
+        let what = format!("orientation {orientation}");
+        jpegs.push((what, with_exif_orientation(&baseline, orientation)));
     }
     let mut grey = Vec::new();
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut grey, 90)

@@ -428,52 +428,73 @@ impl Transform {
                 let stored = plan
                     .source()
                     .stored(orientation, width as usize, height as usize);
-                let upright = orientation == Orientation::NoTransforms;
-                // Not a progressive JPEG: both threads would decode all its scans first.
-                if let Some(helper) = helper.filter(|_| upright && !header.multiple_scans) {
-                    if stored.width * stored.height >= SPLIT_PIXELS {
-                        let split = stored.height * UPPER_PERCENT / 100;
-                        let upper = Rect {
-                            height: split,
-                            ..stored
-                        };
-                        let lower = Rect {
-                            top: stored.top + split,
-                            height: stored.height - split,
-                            ..stored
-                        };
-                        let window = plan.run_in_two(
+                // Two parts at once where it pays, but not a progressive JPEG: each thread
+                // would decode all its scans first.
+                let parts = helper
+                    .filter(|_| !header.multiple_scans)
+                    .filter(|_| stored.width * stored.height >= SPLIT_PIXELS)
+                    .map(|helper| (helper, stored.height * UPPER_PERCENT / 100));
+                let upper = |split| Rect {
+                    height: split,
+                    ..stored
+                };
+                // The lower rows, by a decoder of its own on the helper's thread.
+                let lower = |split| {
+                    let rect = Rect {
+                        top: stored.top + split,
+                        height: stored.height - split,
+                        ..stored
+                    };
+                    move |push: &mut dyn FnMut(&[u8])| {
+                        jpeg::with_decoder(bytes, &Budget::start(), |lower| {
+                            lower.read_rect(rect, push)
+                        })
+                    }
+                };
+                let window = match parts {
+                    Some((helper, split)) if orientation == Orientation::NoTransforms => plan
+                        .run_in_two(
+                            helper,
                             split,
-                            &helper.0,
                             |push| {
-                                decoder.read_rect(upper, push);
+                                decoder.read_rect(upper(split), push);
                                 Ok(())
                             },
-                            |push| {
-                                jpeg::with_decoder(bytes, &Budget::start(), |decoder| {
-                                    decoder.read_rect(lower, push)
-                                })
-                            },
-                        )?;
-                        return Ok(Some(self.normalise(&plan, &window)));
-                    }
-                }
-                let window = if upright {
+                            lower(split),
+                        )?,
                     // Rows go through the horizontal pass as they are decoded.
-                    let mut resize = plan.start();
-                    decoder.read_rect(stored, |row| resize.push_row(row));
-                    resize.finish()
-                } else {
-                    // The rows as stored, in a reused buffer; then each row as shown.
-                    let mut region = Scratch::zeroed(stored.width * stored.height * 3);
-                    let mut filled = 0;
-                    decoder.read_rect(stored, |row| {
-                        region[filled..][..row.len()].copy_from_slice(row);
-                        filled += row.len();
-                    });
-                    let mut resize = plan.start();
-                    shown_rows(&region, stored, orientation, |row| resize.push_row(row));
-                    resize.finish()
+                    None if orientation == Orientation::NoTransforms => {
+                        let mut resize = plan.start();
+                        decoder.read_rect(stored, |row| resize.push_row(row));
+                        resize.finish()
+                    }
+                    _ => {
+                        // The rows as stored, in a reused buffer; then each row as shown.
+                        let row_len = stored.width * 3;
+                        let mut region = Scratch::zeroed(row_len * stored.height);
+                        match parts {
+                            Some((helper, split)) => helper.fill_in_two(
+                                &mut region,
+                                row_len,
+                                split,
+                                &|row, out| out.copy_from_slice(row),
+                                |push| {
+                                    decoder.read_rect(upper(split), push);
+                                    Ok(())
+                                },
+                                lower(split),
+                            )?,
+                            None => {
+                                let mut rows = region.chunks_exact_mut(row_len);
+                                decoder.read_rect(stored, |row| {
+                                    rows.next().expect("a row").copy_from_slice(row)
+                                });
+                            }
+                        }
+                        let mut resize = plan.start();
+                        shown_rows(&region, stored, orientation, |row| resize.push_row(row));
+                        resize.finish()
+                    }
                 };
                 Ok(Some(self.normalise(&plan, &window)))
             })??;

@@ -7,6 +7,7 @@
 //! Only the pixels inside the crop window are computed; each is computed exactly as Pillow would
 //! compute it for the full image.
 
+use super::helper_thread::HelperThread;
 use super::scratch::Scratch;
 use super::Rect;
 
@@ -149,44 +150,24 @@ impl Plan {
     }
 
     /// Like [`Self::start`] and [`Resize::finish`], with the source rows in two parts made at
-    /// once: `upper` hands over the first `split` rows, top to bottom, on this thread, and
-    /// `lower` the rest on `helper`'s thread. Either's error is returned (the upper one's
-    /// first); a part that returns `Ok` must have handed over all its rows.
+    /// once: `upper` hands over the first `split` rows on this thread, `lower` the rest on
+    /// `helper`'s (see [`HelperThread::fill_in_two`]).
     pub(super) fn run_in_two<E: Send>(
         &self,
+        helper: &HelperThread,
         split: usize,
-        helper: &rayon::ThreadPool,
         upper: impl FnOnce(&mut dyn FnMut(&[u8])) -> Result<(), E>,
         lower: impl FnOnce(&mut dyn FnMut(&[u8])) -> Result<(), E> + Send,
     ) -> Result<Scratch, E> {
         let stride = self.window.width * 3;
         let mut temp = Scratch::zeroed(self.source.height * stride);
-        let (upper_rows, lower_rows) = temp.split_at_mut(split * stride);
-        let mut lower_done = None;
-        let upper_done = helper.in_place_scope(|scope| {
-            scope.spawn(|_| lower_done = Some(self.horizontal_into(lower_rows, lower)));
-            self.horizontal_into(upper_rows, upper)
-        });
-        upper_done?;
-        lower_done.expect("the scope ran its task")?;
-        Ok(self.vertical_pass(temp))
-    }
-
-    /// The horizontal pass over the source rows `rows` hands over, into `out` (every row).
-    fn horizontal_into<E>(
-        &self,
-        out: &mut [u8],
-        rows: impl FnOnce(&mut dyn FnMut(&[u8])) -> Result<(), E>,
-    ) -> Result<(), E> {
         let row_len = self.source.width * 3;
-        let mut out_rows = out.chunks_exact_mut(self.window.width * 3);
-        rows(&mut |row| {
+        let horizontal = |row: &[u8], out: &mut [u8]| {
             assert_eq!(row.len(), row_len, "a source row");
-            let out_row = out_rows.next().expect("no more rows than the source has");
-            self.horizontal(row, out_row);
-        })?;
-        assert!(out_rows.next().is_none(), "every source row");
-        Ok(())
+            self.horizontal(row, out);
+        };
+        helper.fill_in_two(&mut temp, stride, split, &horizontal, upper, lower)?;
+        Ok(self.vertical_pass(temp))
     }
 
     /// The horizontal pass over one source row (packed RGB8 from the source's left edge) into

@@ -138,12 +138,13 @@ fn turns(orientation: Orientation) -> bool {
     )
 }
 
-/// Each row of `region` (packed RGB8 rows of the stored `rect`) as `orientation` shows it, top
-/// to bottom: the pixels [`Rect::stored`] maps, without building the turned image.
+/// The `rows` of `region` (packed RGB8 rows of the stored `rect`) as `orientation` shows it,
+/// top to bottom: the pixels [`Rect::stored`] maps, without building the turned image.
 fn shown_rows(
     region: &[u8],
     rect: Rect,
     orientation: Orientation,
+    rows: std::ops::Range<usize>,
     mut each_row: impl FnMut(&[u8]),
 ) {
     use Orientation::*;
@@ -159,10 +160,10 @@ fn shown_rows(
         Rotate90FlipH => (0, w, 1),
         Rotate270FlipH => (h * w - 1, -w, -1),
     };
-    let (shown_w, shown_h) = if turns(orientation) { (h, w) } else { (w, h) };
+    let shown_w = if turns(orientation) { h } else { w };
     let mut row = Scratch::zeroed(shown_w as usize * 3);
-    for y in 0..shown_h {
-        let mut at = start + y * down;
+    for y in rows {
+        let mut at = start + y as isize * down;
         for pixel in row.chunks_exact_mut(3) {
             pixel.copy_from_slice(&region[at as usize * 3..][..3]);
             at += across;
@@ -491,9 +492,28 @@ impl Transform {
                                 });
                             }
                         }
-                        let mut resize = plan.start();
-                        shown_rows(&region, stored, orientation, |row| resize.push_row(row));
-                        resize.finish()
+                        // Shown rows read across every stored row: two parts once all are in.
+                        let shown = |rows| {
+                            let region = &region;
+                            move |push: &mut dyn FnMut(&[u8])| {
+                                shown_rows(region, stored, orientation, rows, push);
+                                Ok::<_, ImageError>(())
+                            }
+                        };
+                        let height = plan.source().height;
+                        match parts {
+                            Some((helper, _)) => plan.run_in_two(
+                                helper,
+                                height / 2,
+                                shown(0..height / 2),
+                                shown(height / 2..height),
+                            )?,
+                            None => {
+                                let mut resize = plan.start();
+                                shown(0..height)(&mut |row| resize.push_row(row))?;
+                                resize.finish()
+                            }
+                        }
                     }
                 };
                 Ok(Some(self.normalise(&plan, &window)))

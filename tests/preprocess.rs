@@ -154,11 +154,10 @@ fn every_format_and_layout_gives_the_tensor_of_its_decoded_image() {
     }
 }
 
-/// An image alone on the machine has its lower rows decoded and resized on a second thread
-/// while its own thread does the upper ones: the same tensor as on one thread, for large
-/// photos of every chroma subsampling, EXIF orientation and grey (progressive ones stay on one
-/// thread); a decode that fails fails the same way, and the second thread goes on with the
-/// next image.
+/// An image alone on the machine is decoded on two threads (a progressive JPEG resized on the
+/// second while the first decodes it): the same tensor as on one thread, for large photos of
+/// every chroma subsampling, progressive or not, every EXIF orientation, and grey; a decode
+/// that fails fails the same way, and the second thread goes on with the next image.
 #[test]
 fn decoding_on_two_threads_changes_no_value_and_no_error() {
     use imgclf::preprocess::HelperThread;
@@ -171,10 +170,12 @@ fn decoding_on_two_threads_changes_no_value_and_no_error() {
             jpegs.push((what, encoded(&rgb, sampling, progressive)));
         }
     }
-    let baseline = encoded(&rgb, (2, 2), false);
-    for orientation in 2..=8 {
-        let what = format!("orientation {orientation}");
-        jpegs.push((what, with_exif_orientation(&baseline, orientation)));
+    for progressive in [false, true] {
+        let jpeg = encoded(&rgb, (2, 2), progressive);
+        for orientation in 2..=8 {
+            let what = format!("progressive {progressive}, orientation {orientation}");
+            jpegs.push((what, with_exif_orientation(&jpeg, orientation)));
+        }
     }
     let mut grey = Vec::new();
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut grey, 90)
@@ -188,21 +189,19 @@ fn decoding_on_two_threads_changes_no_value_and_no_error() {
         let one = transform.tensor_from_bytes(jpeg, u64::MAX).expect(what);
         assert!(two(jpeg).expect(what) == one, "{what}: tensors differ");
     }
-    // The scan names a Huffman table that was never defined: libjpeg stops once decoding has
-    // started, before the first row, on both threads.
+    // The last scan names a Huffman table that was never defined: libjpeg stops once decoding
+    // has started, before the first row, on both threads.
+    for (what, jpeg) in &jpegs[..2] {
+        let mut broken = jpeg.clone();
+        let scan = broken.windows(2).rposition(|m| m == [0xFF, 0xDA]).unwrap();
+        broken[scan + 6] = 0x33; // first component's DC and AC tables: 3, undefined
+        let one = transform.tensor_from_bytes(&broken, u64::MAX).unwrap_err();
+        assert!(
+            matches!(&one, imgclf::ImageError::Undecodable(m) if m.contains("Huffman")),
+            "{what}: {one}"
+        );
+        assert_eq!(two(&broken).unwrap_err(), one, "{what}");
+    }
     let (what, jpeg) = &jpegs[0];
-    assert!(
-        what.contains("progressive false"),
-        "a baseline JPEG: {what}"
-    );
-    let mut broken = jpeg.clone();
-    let scan = broken.windows(2).rposition(|m| m == [0xFF, 0xDA]).unwrap();
-    broken[scan + 6] = 0x33; // first component's DC and AC tables: 3, undefined
-    let one = transform.tensor_from_bytes(&broken, u64::MAX).unwrap_err();
-    assert!(
-        matches!(&one, imgclf::ImageError::Undecodable(m) if m.contains("Huffman")),
-        "{one}"
-    );
-    assert_eq!(two(&broken).unwrap_err(), one);
     assert!(two(jpeg).expect(what) == transform.tensor_from_bytes(jpeg, u64::MAX).unwrap());
 }

@@ -187,8 +187,8 @@ impl ClassifierHandle {
     /// between the two stages exactly as each image needs.
     ///
     /// An instance that holds the only image in hand, with no other instance working, has
-    /// the machine to itself: on more than one core a thread kept for this decodes the lower
-    /// rows of a JPEG while the instance decodes the upper ones, and the instance runs it on
+    /// the machine to itself: on more than one core a thread kept for this shares the
+    /// decoding of a JPEG (see [`crate::preprocess::HelperThread`]), and the instance runs it on
     /// `wide`, if given, one more model whose runs spread over every core. So an image under
     /// light load is preprocessed and classified in the time the cores take together rather
     /// than one core's.

@@ -391,9 +391,9 @@ impl Transform {
         self.tensor_from_bytes_helped(bytes, max_pixels, None)
     }
 
-    /// [`Self::tensor_from_bytes`], the same tensor, with the lower rows of a JPEG of at
-    /// least a quarter of a megapixel decoded and resized on `helper` meanwhile: for an image
-    /// that has the machine to itself.
+    /// [`Self::tensor_from_bytes`], the same tensor, with a JPEG of at least a quarter of a
+    /// megapixel decoded on this thread and `helper`'s at once (see [`HelperThread`]): for an
+    /// image that has the machine to itself.
     pub fn tensor_from_bytes_on_two_threads(
         &self,
         bytes: &[u8],
@@ -430,10 +430,10 @@ impl Transform {
                     .source()
                     .stored(orientation, width as usize, height as usize);
                 // Two parts at once where it pays, but not a progressive JPEG: each thread
-                // would decode all its scans first.
+                // would decode all its scans first. Its rows are resized on the helper instead.
+                let helper = helper.filter(|_| stored.width * stored.height >= SPLIT_PIXELS);
                 let parts = helper
                     .filter(|_| !header.multiple_scans)
-                    .filter(|_| stored.width * stored.height >= SPLIT_PIXELS)
                     .map(|helper| (helper, stored.height * UPPER_PERCENT / 100));
                 let upper = |split| Rect {
                     height: split,
@@ -452,19 +452,24 @@ impl Transform {
                         })
                     }
                 };
-                let window = match parts {
-                    Some((helper, split)) if orientation == Orientation::NoTransforms => plan
-                        .run_in_two(
-                            helper,
-                            split,
-                            |push| {
-                                decoder.read_rect(upper(split), push);
-                                Ok(())
-                            },
-                            lower(split),
-                        )?,
+                let upright = orientation == Orientation::NoTransforms;
+                let window = match (parts, helper) {
+                    (Some((helper, split)), _) if upright => plan.run_in_two(
+                        helper,
+                        split,
+                        |push| {
+                            decoder.read_rect(upper(split), push);
+                            Ok(())
+                        },
+                        lower(split),
+                    )?,
+                    // A progressive JPEG's rows resized on the helper as they are decoded.
+                    (None, Some(helper)) if upright => plan.run_pipelined(helper, |push| {
+                        decoder.read_rect(stored, push);
+                        Ok::<_, ImageError>(())
+                    })?,
                     // Rows go through the horizontal pass as they are decoded.
-                    None if orientation == Orientation::NoTransforms => {
+                    (None, None) if upright => {
                         let mut resize = plan.start();
                         decoder.read_rect(stored, |row| resize.push_row(row));
                         resize.finish()
@@ -501,8 +506,8 @@ impl Transform {
                             }
                         };
                         let height = plan.source().height;
-                        match parts {
-                            Some((helper, _)) => plan.run_in_two(
+                        match helper {
+                            Some(helper) => plan.run_in_two(
                                 helper,
                                 height / 2,
                                 shown(0..height / 2),

@@ -161,13 +161,34 @@ impl Plan {
     ) -> Result<Scratch, E> {
         let stride = self.window.width * 3;
         let mut temp = Scratch::zeroed(self.source.height * stride);
-        let row_len = self.source.width * 3;
-        let horizontal = |row: &[u8], out: &mut [u8]| {
-            assert_eq!(row.len(), row_len, "a source row");
-            self.horizontal(row, out);
-        };
+        let horizontal = self.checked_horizontal();
         helper.fill_in_two(&mut temp, stride, split, &horizontal, upper, lower)?;
         Ok(self.vertical_pass(temp))
+    }
+
+    /// Like [`Self::start`] and [`Resize::finish`], with the source rows that `rows` hands
+    /// over on this thread resized on `helper`'s meanwhile (see
+    /// [`HelperThread::fill_pipelined`]).
+    pub(super) fn run_pipelined<E: Send>(
+        &self,
+        helper: &HelperThread,
+        rows: impl FnOnce(&mut dyn FnMut(&[u8])) -> Result<(), E>,
+    ) -> Result<Scratch, E> {
+        let stride = self.window.width * 3;
+        let mut temp = Scratch::zeroed(self.source.height * stride);
+        let horizontal = self.checked_horizontal();
+        let row_len = self.source.width * 3;
+        helper.fill_pipelined(&mut temp, stride, row_len, &horizontal, rows)?;
+        Ok(self.vertical_pass(temp))
+    }
+
+    /// [`Self::horizontal`], checking that it is given source rows.
+    fn checked_horizontal(&self) -> impl Fn(&[u8], &mut [u8]) + Sync + '_ {
+        let row_len = self.source.width * 3;
+        move |row, out| {
+            assert_eq!(row.len(), row_len, "a source row");
+            self.horizontal(row, out);
+        }
     }
 
     /// The horizontal pass over one source row (packed RGB8 from the source's left edge) into

@@ -26,7 +26,7 @@ pub(super) const SPLIT_PIXELS: usize = 1 << 18;
 /// photo; 65% was about 12% slower).
 pub(super) const UPPER_PERCENT: usize = 55;
 
-/// A thread kept to take the lower part of a lone image's decoding (see the module's comment).
+/// A thread kept to share a lone image's decoding (see the module's comment).
 /// It stops when dropped. One image at a time: a second caller's part would wait behind the
 /// first's.
 pub struct HelperThread(rayon::ThreadPool);

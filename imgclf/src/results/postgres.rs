@@ -186,33 +186,28 @@ impl ResultStore for PostgresResults {
         let payload = serde_json::to_value(result).map_err(codec)?;
         let now = now_ms();
         let due = serde_json::to_value(WebhookDelivery::due(now)).map_err(codec)?;
-        let mut tx = self.pool.begin().await.map_err(backend)?;
-        let done = sqlx::query(
-            "UPDATE tasks SET state = 'SUCCESS', result = $1, model = $2, error = NULL, \
-             updated_at_ms = $3, webhook = CASE WHEN callback_url IS NULL THEN webhook ELSE $5 END \
-             WHERE task_id = $4 AND state IN ('PENDING', 'STARTED')",
+        // One statement, so one round trip and one commit: the result row is written only if
+        // this call made the task final (the CTE's INSERT reads the UPDATE's rows).
+        let (written,): (i64,) = sqlx::query_as(
+            "WITH done AS ( \
+                 UPDATE tasks SET state = 'SUCCESS', result = $1, model = $2, error = NULL, \
+                 updated_at_ms = $3, \
+                 webhook = CASE WHEN callback_url IS NULL THEN webhook ELSE $5 END \
+                 WHERE task_id = $4 AND state IN ('PENDING', 'STARTED') RETURNING task_id), \
+             kept AS ( \
+                 INSERT INTO results (task_id, payload) SELECT task_id::text, $1 FROM done \
+                 ON CONFLICT (task_id) DO NOTHING) \
+             SELECT count(*) FROM done",
         )
         .bind(&payload)
         .bind(&result.model)
         .bind(now)
         .bind(id.as_uuid())
         .bind(&due)
-        .execute(&mut *tx)
+        .fetch_one(&self.pool)
         .await
         .map_err(backend)?;
-        if done.rows_affected() != 1 {
-            return Ok(false);
-        }
-        sqlx::query(
-            "INSERT INTO results (task_id, payload) VALUES ($1, $2) ON CONFLICT (task_id) DO NOTHING",
-        )
-        .bind(id.to_string())
-        .bind(&payload)
-        .execute(&mut *tx)
-        .await
-        .map_err(backend)?;
-        tx.commit().await.map_err(backend)?;
-        Ok(true)
+        Ok(written == 1)
     }
 
     async fn fail(&self, id: TaskId, error: &str) -> Result<bool, ResultsError> {

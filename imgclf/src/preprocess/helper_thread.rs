@@ -8,7 +8,8 @@
 //! next ones, handed over in buffers of about [`CHUNK_BYTES`]: small enough to stay in cache
 //! between the two cores, large enough that waking the other thread is rare.
 
-use std::sync::mpsc;
+use std::sync::mpsc::{self, Receiver, TryRecvError};
+use std::time::{Duration, Instant};
 
 /// Decoded bytes handed over at a time, in a pipeline.
 const CHUNK_BYTES: usize = 128 << 10;
@@ -25,6 +26,12 @@ pub(super) const SPLIT_PIXELS: usize = 1 << 18;
 /// entropy-decodes the rows above its own (measured best between 50% and 60% on a 4 MP
 /// photo; 65% was about 12% slower).
 pub(super) const UPPER_PERCENT: usize = 55;
+
+/// How long the helper polls for the next buffer of a pipeline before it sleeps: the next one
+/// is usually a fraction of a millisecond away, and where the machine is a virtual one, waking
+/// a thread whose core went idle takes about as long. A pipeline runs only for an image alone
+/// on the machine, so the polling keeps no other work off the core.
+const POLL_BEFORE_SLEEP: Duration = Duration::from_millis(1);
 
 /// A thread kept to share a lone image's decoding (see the module's comment).
 /// It stops when dropped. One image at a time: a second caller's part would wait behind the
@@ -81,7 +88,8 @@ impl HelperThread {
         let mut all_filled = false;
         let decoded = self.0.in_place_scope(|scope| {
             scope.spawn(|_| {
-                for mut chunk in full_rx {
+                let chunks = full_rx;
+                while let Some(mut chunk) = next_chunk(&chunks) {
                     for row in chunk.chunks_exact(in_row) {
                         each_row(row, out_rows.next().expect("no more rows than `out` has"));
                     }
@@ -107,6 +115,22 @@ impl HelperThread {
         decoded?;
         assert!(all_filled, "every row of `out`");
         Ok(())
+    }
+}
+
+/// The next buffer of a pipeline, `None` once its sender is gone: polled for up to
+/// [`POLL_BEFORE_SLEEP`], then waited for asleep.
+fn next_chunk(chunks: &Receiver<Vec<u8>>) -> Option<Vec<u8>> {
+    let started = Instant::now();
+    loop {
+        match chunks.try_recv() {
+            Ok(chunk) => return Some(chunk),
+            Err(TryRecvError::Disconnected) => return None,
+            Err(TryRecvError::Empty) if started.elapsed() < POLL_BEFORE_SLEEP => {
+                std::hint::spin_loop();
+            }
+            Err(TryRecvError::Empty) => return chunks.recv().ok(),
+        }
     }
 }
 

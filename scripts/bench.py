@@ -383,11 +383,11 @@ def main():
         verdict(f"{model}: latency above t_pre + t_inf, worst photo", max(excess.values()), TARGETS["latency_excess_ms"], False, " ms")
         print(flush=True)
 
-    pillow, pre_by_photo = preprocessing_side_by_side(bins["classifier"], MODELS["efficientnet-lite0"], photo_dir, photos)
-    ours_large = statistics.mean(pre_by_photo[os.path.basename(p)] for p in large)
+    pillow, imgclf_pre = preprocessing_side_by_side(bins["classifier"], MODELS["efficientnet-lite0"], photo_dir, photos)
+    ours_large = statistics.mean(imgclf_pre[os.path.basename(p)] for p in large)
     pillow_large = statistics.mean(pillow[os.path.basename(p)] for p in large)
-    ours_all, pillow_all = statistics.mean(pre_by_photo.values()), statistics.mean(pillow.values())
-    results["preprocess"] = {"pillow_ms_by_photo": pillow, "imgclf_ms_by_photo": pre_by_photo,
+    ours_all, pillow_all = statistics.mean(imgclf_pre.values()), statistics.mean(pillow.values())
+    results["preprocess"] = {"pillow_ms_by_photo": pillow, "imgclf_ms_by_photo": imgclf_pre,
                              "large": {"pillow_ms": pillow_large, "imgclf_ms": ours_large, "speedup": pillow_large / ours_large},
                              "all": {"pillow_ms": pillow_all, "imgclf_ms": ours_all, "speedup": pillow_all / ours_all}}
     print(f"preprocessing per photo, 1-4 MP: Pillow {pillow_large:.2f} ms, imgclf {ours_large:.2f} ms ({pillow_large / ours_large:.2f}x); "

@@ -184,7 +184,8 @@ struct Shared {
     cpu_slots: Arc<Semaphore>,
     /// Waiters for tasks this process may finish, so that they need not poll.
     waiters: Arc<Waiters>,
-    /// Where uploads start their classification early (the embedded service only).
+    /// Where uploads start their classification early or hold their images for the worker (the
+    /// embedded service only).
     head_starts: Option<Arc<HeadStarts>>,
 }
 
@@ -406,7 +407,8 @@ impl Submitter {
         metadata.insert("object_name".into(), key.clone().into());
         let record = TaskRecord::pending(task_id, key.clone(), metadata, upload.callback_url);
         // With the model idle here, classifying starts now, beside the writes below; the
-        // worker takes the answer with the job. Any return before the job is queued cancels it.
+        // worker takes the answer (or else the bytes) with the job. Any return before the job
+        // is queued cancels it.
         let head_start =
             (self.shared.head_starts.as_ref()).and_then(|s| s.start(task_id, &upload.bytes));
 
@@ -1005,11 +1007,15 @@ impl Worker {
         } = &self.shared.ports;
         // The image is fetched while the start is recorded: both wait on I/O. (A duplicate
         // delivery of a final task fetches it for nothing; that is rare.) An image whose upload
-        // started its classification here needs no fetch.
+        // started its classification here, or held its bytes, needs no fetch.
         let head_start = (self.shared.head_starts.as_ref()).and_then(|s| s.take(job.task_id));
         let image = async {
-            if let Some((queued, started)) = head_start {
-                return Image::Queued(queued, started);
+            match head_start {
+                Some(HeadStarted::Classifying(queued, started)) => {
+                    return Image::Queued(queued, started)
+                }
+                Some(HeadStarted::Held(bytes)) => return Image::Fetched(Ok(bytes), 0.0),
+                None => {}
             }
             let started = Instant::now();
             let bytes = storage.get(&job.object_key).await;
@@ -1298,7 +1304,7 @@ impl Pipeline {
     pub fn new(ports: Ports, classifier: ClassifierHandle, config: PipelineConfig) -> Self {
         let mut shared = Shared::new(ports, config);
         // Every job of an in-memory queue is this process's worker's to take.
-        if shared.ports.queue.is_local() && classifier.preprocesses() {
+        if shared.ports.queue.is_local() {
             let max_pixels = shared.config.max_pixels;
             shared.head_starts = Some(Arc::new(HeadStarts::new(classifier.clone(), max_pixels)));
         }
@@ -1343,16 +1349,38 @@ enum Image {
     Queued(Queued, Instant),
 }
 
-/// Classifications the embedded service starts at upload. An upload that finds an instance of
-/// the model idle queues its image at once, beside the disk flushes that make it durable and
-/// the hand-off to the worker, which takes the answer with the job rather than fetching the
-/// image and classifying after them: under light load, an image's latency loses those flushes.
-/// Under load no instance is idle and nothing starts early. Only the worker writes the result,
+/// The most image bytes uploads hold in memory for their worker at once; beyond it, workers
+/// read the images back from storage.
+const MAX_HELD_BYTES: usize = 64 << 20;
+
+/// What an embedded upload hands its worker in memory, beside the job: the worker takes it
+/// rather than reading back the image that the upload has just written. An upload that finds
+/// an instance of the model idle queues its image at once, beside the disk flushes that make it
+/// durable, and the worker takes the answer with the job: under light load, an image's latency
+/// loses those flushes. Under load no instance is idle, and the upload holds its bytes instead,
+/// sparing the worker a file read and the buffer it fills. Only the worker writes the result,
 /// after it has recorded the start, so every guarantee holds as without it.
 struct HeadStarts {
     classifier: ClassifierHandle,
     max_pixels: u64,
-    started: std::sync::Mutex<std::collections::HashMap<TaskId, (Queued, Instant)>>,
+    early: std::sync::Mutex<Early>,
+}
+
+/// Uploads' head starts by task, and what they hold.
+#[derive(Default)]
+struct Early {
+    tasks: std::collections::HashMap<TaskId, HeadStarted>,
+    /// Classifications queued early: at most one per instance, so they never make a queue.
+    started: usize,
+    held_bytes: usize,
+}
+
+/// One upload's head start.
+enum HeadStarted {
+    /// Its classification, queued on an idle instance at `Instant`.
+    Classifying(Queued, Instant),
+    /// Its image's bytes.
+    Held(Bytes),
 }
 
 /// A head start for an upload not yet accepted: cancelled when dropped before [`Self::keep`].
@@ -1367,30 +1395,37 @@ impl HeadStarts {
         Self {
             classifier,
             max_pixels,
-            started: Default::default(),
+            early: Default::default(),
         }
     }
 
-    fn map(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<TaskId, (Queued, Instant)>> {
-        self.started
+    fn early(&self) -> std::sync::MutexGuard<'_, Early> {
+        self.early
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Queues `bytes` for the model if an instance is idle (and the task has no head start).
+    /// Queues `bytes` for the model if an instance is idle, else holds them if there is room
+    /// (and the task has no head start yet).
     fn start(self: &Arc<Self>, task_id: TaskId, bytes: &Bytes) -> Option<HeadStart> {
-        let mut started = self.map();
-        // At most one image per instance: head starts never make a queue of their own.
-        if started.len() >= self.classifier.instances()
-            || started.contains_key(&task_id)
-            || !self.classifier.is_idle()
-        {
+        let mut early = self.early();
+        if early.tasks.contains_key(&task_id) {
             return None;
         }
-        let queued = self.classifier.queue_image(bytes.clone(), self.max_pixels);
-        started.insert(task_id, (queued, Instant::now()));
+        let head_start = if self.classifier.preprocesses()
+            && early.started < self.classifier.instances()
+            && self.classifier.is_idle()
+        {
+            early.started += 1;
+            let queued = self.classifier.queue_image(bytes.clone(), self.max_pixels);
+            HeadStarted::Classifying(queued, Instant::now())
+        } else if early.held_bytes + bytes.len() <= MAX_HELD_BYTES {
+            early.held_bytes += bytes.len();
+            HeadStarted::Held(bytes.clone())
+        } else {
+            return None;
+        };
+        early.tasks.insert(task_id, head_start);
         Some(HeadStart {
             starts: self.clone(),
             task_id,
@@ -1399,13 +1434,19 @@ impl HeadStarts {
     }
 
     /// The task's head start, if it has one: taken once.
-    fn take(&self, task_id: TaskId) -> Option<(Queued, Instant)> {
-        self.map().remove(&task_id)
+    fn take(&self, task_id: TaskId) -> Option<HeadStarted> {
+        let mut early = self.early();
+        let taken = early.tasks.remove(&task_id)?;
+        match &taken {
+            HeadStarted::Classifying(..) => early.started -= 1,
+            HeadStarted::Held(bytes) => early.held_bytes -= bytes.len(),
+        }
+        Some(taken)
     }
 }
 
 impl HeadStart {
-    /// The upload was accepted: its job will take the answer.
+    /// The upload was accepted: its job will take the head start.
     fn keep(mut self) {
         self.kept = true;
     }
@@ -1504,13 +1545,23 @@ mod tests {
         }
     }
 
+    fn head_starts(pipeline: &Pipeline) -> std::sync::MutexGuard<'_, Early> {
+        pipeline.worker.shared.head_starts.as_ref().unwrap().early()
+    }
+
     fn head_started(pipeline: &Pipeline, id: TaskId) -> bool {
-        let starts = pipeline.worker.shared.head_starts.as_ref().unwrap();
-        starts.map().contains_key(&id)
+        let early = head_starts(pipeline);
+        matches!(early.tasks.get(&id), Some(HeadStarted::Classifying(..)))
+    }
+
+    fn held(pipeline: &Pipeline, id: TaskId) -> bool {
+        let early = head_starts(pipeline);
+        matches!(early.tasks.get(&id), Some(HeadStarted::Held(..)))
     }
 
     /// An upload that finds the model idle is classified from the upload on; its worker takes
-    /// that answer, which is the one it would have computed. One that finds it busy is not.
+    /// that answer, which is the one it would have computed. One that finds it busy is not: it
+    /// holds its image for the worker.
     #[cfg(feature = "tract")]
     #[tokio::test]
     async fn an_upload_to_an_idle_model_starts_classifying_at_once() {
@@ -1536,6 +1587,7 @@ mod tests {
             !head_started(&pipeline, late),
             "nothing starts early beside waiting images"
         );
+        assert!(held(&pipeline, late), "the image waits in memory instead");
         drop(waiting);
 
         let (_stop, stopped) = watch::channel(false);
@@ -1543,7 +1595,11 @@ mod tests {
         let wait = Duration::from_secs(60);
         let early = pipeline.submitter.wait(early, wait).await.unwrap().unwrap();
         let late = pipeline.submitter.wait(late, wait).await.unwrap().unwrap();
-        assert!(!head_started(&pipeline, early.task_id), "taken by its job");
+        {
+            let early = head_starts(&pipeline);
+            assert!(early.tasks.is_empty(), "each taken by its job");
+            assert_eq!((early.started, early.held_bytes), (0, 0));
+        }
         assert_eq!(early.state, TaskState::Success);
         let classes = |record: &TaskRecord| record.result.clone().unwrap().classification;
         assert_eq!(
@@ -1585,8 +1641,56 @@ mod tests {
             matches!(refused, Err(SubmitError::Unavailable { .. })),
             "{refused:?}"
         );
-        let starts = pipeline.worker.shared.head_starts.as_ref().unwrap();
-        assert!(starts.map().is_empty());
+        let early = head_starts(&pipeline);
+        assert!(early.tasks.is_empty());
+        assert_eq!((early.started, early.held_bytes), (0, 0));
+    }
+
+    /// A worker classifies an image its upload held without reading it back: here storage
+    /// cannot give it back, and the task succeeds all the same.
+    #[cfg(feature = "tract")]
+    #[tokio::test]
+    async fn a_held_image_is_not_read_back() {
+        struct WriteOnly(MemoryStorage);
+        #[async_trait::async_trait]
+        impl Storage for WriteOnly {
+            async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
+                self.0.put(key, bytes).await
+            }
+            async fn get(&self, _: &str) -> Result<Bytes, StorageError> {
+                Err(StorageError::temporary("not readable"))
+            }
+            async fn delete(&self, key: &str) -> Result<(), StorageError> {
+                self.0.delete(key).await
+            }
+            async fn check(&self) -> Result<(), StorageError> {
+                Ok(())
+            }
+        }
+        let ports = Ports {
+            storage: Arc::new(WriteOnly(MemoryStorage::new())),
+            ..ports()
+        };
+        let classifier = ready_classifier().await;
+        let pipeline = Arc::new(Pipeline::new(
+            ports,
+            classifier.clone(),
+            PipelineConfig::default(),
+        ));
+        let bytes = photo();
+        let busy = classifier.queue_image(bytes.clone(), u64::MAX);
+        let id = pipeline.submit(upload(&bytes)).await.unwrap();
+        assert!(held(&pipeline, id));
+        drop(busy);
+
+        let (_stop, stopped) = watch::channel(false);
+        tokio::spawn(pipeline.clone().run_worker(stopped));
+        let wait = Duration::from_secs(60);
+        let record = pipeline.submitter.wait(id, wait).await.unwrap().unwrap();
+        assert_eq!(record.state, TaskState::Success, "{record:?}");
+        let result = record.result.unwrap();
+        assert_eq!(result.classification[0].label, "monarch");
+        assert_eq!(head_starts(&pipeline).held_bytes, 0);
     }
 
     /// Errors decide retries by what they are, never by their text.

@@ -391,7 +391,7 @@ impl Submitter {
             }
         }
         self.admit().await?;
-        let info = self.validate(upload.bytes.clone()).await?;
+        let (info, decoded) = self.validate(upload.bytes.clone()).await?;
         if let Some(url) = &upload.callback_url {
             notifier.check_url(url).await?;
             if !notifier.enabled() {
@@ -409,8 +409,8 @@ impl Submitter {
         // With the model idle here, classifying starts now, beside the writes below; the
         // worker takes the answer (or else the bytes) with the job. Any return before the job
         // is queued cancels it.
-        let head_start =
-            (self.shared.head_starts.as_ref()).and_then(|s| s.start(task_id, &upload.bytes));
+        let head_start = (self.shared.head_starts.as_ref())
+            .and_then(|s| s.start(task_id, &upload.bytes, decoded));
 
         // Both writes at once: each waits on its own disk flush. Nothing is queued until both
         // hold, so no worker sees a record without its image.
@@ -536,11 +536,20 @@ impl Submitter {
     /// Refuses what is not a whole, decodable image of acceptable size before anything is
     /// stored: the header first (cheap, stops decompression bombs), then a full decode on the
     /// bounded pool, so a truncated or corrupt file is a 4xx now rather than a FAILURE later.
-    async fn validate(&self, bytes: Bytes) -> Result<preprocess::ImageInfo, ImageError> {
+    /// Where this process's model takes the upload (embedded), an image that had to be decoded
+    /// to be checked is kept for it.
+    async fn validate(
+        &self,
+        bytes: Bytes,
+    ) -> Result<(preprocess::ImageInfo, Option<image::RgbImage>), ImageError> {
         let max_pixels = self.shared.config.max_pixels;
         let info = preprocess::inspect(&bytes, max_pixels)?;
+        let keep = (self.shared.head_starts.as_ref()).is_some_and(|s| s.takes_decoded());
         self.shared
-            .on_cpu(move || preprocess::validate(&bytes, max_pixels).map(|_| info))
+            .on_cpu(move || match keep {
+                true => preprocess::validate_keeping(&bytes, max_pixels),
+                false => preprocess::validate(&bytes, max_pixels).map(|_| (info, None)),
+            })
             .await
     }
 
@@ -1015,6 +1024,9 @@ impl Worker {
                     return Image::Queued(queued, started)
                 }
                 Some(HeadStarted::Held(bytes)) => return Image::Fetched(Ok(bytes), 0.0),
+                Some(HeadStarted::Decoded(rgb)) => {
+                    return Image::Queued(self.classifier.queue_decoded(rgb), Instant::now())
+                }
                 None => {}
             }
             let started = Instant::now();
@@ -1381,6 +1393,8 @@ enum HeadStarted {
     Classifying(Queued, Instant),
     /// Its image's bytes.
     Held(Bytes),
+    /// Its image, decoded by the upload's check.
+    Decoded(image::RgbImage),
 }
 
 /// A head start for an upload not yet accepted: cancelled when dropped before [`Self::keep`].
@@ -1405,23 +1419,40 @@ impl HeadStarts {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Queues `bytes` for the model if an instance is idle, else holds them if there is room
-    /// (and the task has no head start yet).
-    fn start(self: &Arc<Self>, task_id: TaskId, bytes: &Bytes) -> Option<HeadStart> {
+    /// Whether the model takes images decoded by the uploads' checks.
+    fn takes_decoded(&self) -> bool {
+        self.classifier.preprocesses()
+    }
+
+    /// Queues the image for the model if an instance is idle (`decoded` by the upload's check,
+    /// else its `bytes`), else holds it if there is room (and the task has no head start yet).
+    fn start(
+        self: &Arc<Self>,
+        task_id: TaskId,
+        bytes: &Bytes,
+        decoded: Option<image::RgbImage>,
+    ) -> Option<HeadStart> {
         let mut early = self.early();
         if early.tasks.contains_key(&task_id) {
             return None;
         }
+        let held = decoded.as_ref().map_or(bytes.len(), |rgb| rgb.len());
         let head_start = if self.classifier.preprocesses()
             && early.started < self.classifier.instances()
             && self.classifier.is_idle()
         {
             early.started += 1;
-            let queued = self.classifier.queue_image(bytes.clone(), self.max_pixels);
+            let queued = match decoded {
+                Some(rgb) => self.classifier.queue_decoded(rgb),
+                None => self.classifier.queue_image(bytes.clone(), self.max_pixels),
+            };
             HeadStarted::Classifying(queued, Instant::now())
-        } else if early.held_bytes + bytes.len() <= MAX_HELD_BYTES {
-            early.held_bytes += bytes.len();
-            HeadStarted::Held(bytes.clone())
+        } else if early.held_bytes + held <= MAX_HELD_BYTES {
+            early.held_bytes += held;
+            match decoded {
+                Some(rgb) => HeadStarted::Decoded(rgb),
+                None => HeadStarted::Held(bytes.clone()),
+            }
         } else {
             return None;
         };
@@ -1440,6 +1471,7 @@ impl HeadStarts {
         match &taken {
             HeadStarted::Classifying(..) => early.started -= 1,
             HeadStarted::Held(bytes) => early.held_bytes -= bytes.len(),
+            HeadStarted::Decoded(rgb) => early.held_bytes -= rgb.len(),
         }
         Some(taken)
     }
@@ -1647,7 +1679,8 @@ mod tests {
     }
 
     /// A worker classifies an image its upload held without reading it back: here storage
-    /// cannot give it back, and the task succeeds all the same.
+    /// cannot give it back, and the tasks succeed all the same. A PNG, decoded by the upload's
+    /// check, is held decoded and classified as from its bytes; a JPEG is held as it came.
     #[cfg(feature = "tract")]
     #[tokio::test]
     async fn a_held_image_is_not_read_back() {
@@ -1677,19 +1710,46 @@ mod tests {
             classifier.clone(),
             PipelineConfig::default(),
         ));
-        let bytes = photo();
-        let busy = classifier.queue_image(bytes.clone(), u64::MAX);
-        let id = pipeline.submit(upload(&bytes)).await.unwrap();
-        assert!(held(&pipeline, id));
+        let jpeg = photo();
+        let png: Bytes = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../fuzz/seeds/decode/skimage_horse.png"
+        ))
+        .unwrap()
+        .into();
+        let busy = classifier.queue_image(jpeg.clone(), u64::MAX);
+        let jpeg_id = pipeline.submit(upload(&jpeg)).await.unwrap();
+        let png_id = pipeline.submit(upload(&png)).await.unwrap();
+        assert!(held(&pipeline, jpeg_id), "a JPEG is held as it came");
+        assert!(
+            matches!(
+                head_starts(&pipeline).tasks.get(&png_id),
+                Some(HeadStarted::Decoded(..))
+            ),
+            "a PNG is held decoded"
+        );
         drop(busy);
 
         let (_stop, stopped) = watch::channel(false);
         tokio::spawn(pipeline.clone().run_worker(stopped));
         let wait = Duration::from_secs(60);
-        let record = pipeline.submitter.wait(id, wait).await.unwrap().unwrap();
-        assert_eq!(record.state, TaskState::Success, "{record:?}");
-        let result = record.result.unwrap();
-        assert_eq!(result.classification[0].label, "monarch");
+        let mut results = vec![];
+        for id in [jpeg_id, png_id] {
+            let record = pipeline.submitter.wait(id, wait).await.unwrap().unwrap();
+            assert_eq!(record.state, TaskState::Success, "{record:?}");
+            results.push(record.result.unwrap().classification);
+        }
+        assert_eq!(results[0][0].label, "monarch");
+        let from_bytes = classifier.classify_image(png, u64::MAX).await.unwrap();
+        let expected = classifier
+            .spec()
+            .top_k(&from_bytes.logits, results[1].len());
+        // The same answer as from the PNG's bytes (batched alike or not).
+        for (held, expected) in results[1].iter().zip(&expected) {
+            assert_eq!(held.label, expected.label);
+            let close = (held.probability - expected.probability).abs() < 1e-4;
+            assert!(close, "{held:?} against {expected:?}");
+        }
         assert_eq!(head_starts(&pipeline).held_bytes, 0);
     }
 

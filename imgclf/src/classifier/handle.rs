@@ -26,7 +26,12 @@ struct Request {
 /// What an instance is given: a tensor, or an image it decodes and preprocesses itself.
 enum Input {
     Tensor(Vec<f32>),
-    Image { bytes: Bytes, max_pixels: u64 },
+    Image {
+        bytes: Bytes,
+        max_pixels: u64,
+    },
+    /// An image already decoded (by the upload's check), to resize and normalise.
+    Decoded(image::RgbImage),
 }
 
 /// An image's logits, and how long its instance took to preprocess it.
@@ -322,6 +327,12 @@ impl ClassifierHandle {
         self.queue(Input::Image { bytes, max_pixels })
     }
 
+    /// Like [`Self::queue_image`], for an image already decoded: its instance only resizes and
+    /// normalises it.
+    pub fn queue_decoded(&self, rgb: image::RgbImage) -> Queued {
+        self.queue(Input::Decoded(rgb))
+    }
+
     /// Whether an image sent now would start at once: an instance waits, and no image does.
     pub fn is_idle(&self) -> bool {
         let queue = self.pool.queue();
@@ -439,6 +450,7 @@ impl Pool {
                 let started = Instant::now();
                 let tensor = match request.input {
                     Input::Tensor(tensor) => Ok(tensor),
+                    Input::Decoded(rgb) => Ok(transform.tensor_from_rgb(&rgb)),
                     Input::Image { bytes, max_pixels } => {
                         let helper_thread = match &self.helper_thread {
                             Some(thread) if alone => thread.try_lock().ok(),

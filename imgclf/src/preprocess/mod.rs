@@ -205,6 +205,22 @@ pub fn validate(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, ImageError> 
     decode_rgb8_within(bytes, max_pixels, &budget).map(|_| info)
 }
 
+/// [`validate`], keeping the decoded image where checking one means decoding it (every format
+/// but an RGB JPEG, whose check reads only its headers): a caller that classifies it next in
+/// the same process need not decode it again.
+pub fn validate_keeping(
+    bytes: &[u8],
+    max_pixels: u64,
+) -> Result<(ImageInfo, Option<RgbImage>), ImageError> {
+    let budget = Budget::start();
+    let info = inspect_within(bytes, max_pixels, &budget)?;
+    if info.format == ImageFormat::Jpeg && jpeg::check(bytes, &budget)? {
+        return Ok((info, None));
+    }
+    let rgb = decode_rgb8_within(bytes, max_pixels, &budget)?;
+    Ok((info, Some(rgb)))
+}
+
 /// Reads every row of a PNG's image with the png crate, set up as `image` sets it up to decode
 /// (the same limits, chunks and transformations), so it fails exactly where decoding would;
 /// the image-sized buffer and the conversion to RGB that a decode adds are left to the worker.

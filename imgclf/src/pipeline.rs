@@ -1361,16 +1361,18 @@ enum Image {
     Queued(Queued, Instant),
 }
 
-/// The most image bytes uploads hold in memory for their worker at once; beyond it, workers
-/// read the images back from storage.
-const MAX_HELD_BYTES: usize = 64 << 20;
+/// The most image bytes uploads hold in memory for their worker at once; beyond it (a backlog
+/// of a hundred photos or so), workers read the images back from storage. Peak memory grows
+/// by at most this much.
+const MAX_HELD_BYTES: usize = 32 << 20;
 
 /// What an embedded upload hands its worker in memory, beside the job: the worker takes it
 /// rather than reading back the image that the upload has just written. An upload that finds
 /// an instance of the model idle queues its image at once, beside the disk flushes that make it
 /// durable, and the worker takes the answer with the job: under light load, an image's latency
 /// loses those flushes. Under load no instance is idle, and the upload holds its bytes instead,
-/// sparing the worker a file read and the buffer it fills. Only the worker writes the result,
+/// sparing the worker a file read and the buffer it fills, or the image decoded by its check
+/// (a PNG, say), sparing the model a second decode. Only the worker writes the result,
 /// after it has recorded the start, so every guarantee holds as without it.
 struct HeadStarts {
     classifier: ClassifierHandle,

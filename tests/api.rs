@@ -245,7 +245,9 @@ async fn callbacks_to_internal_addresses_are_refused_at_upload() {
 
 #[tokio::test]
 async fn an_image_lost_from_storage_fails_cleanly_and_is_dead_lettered() {
-    // No worker yet: the task waits in the queue while its image disappears.
+    // No worker yet: the task waits in the queue while its image disappears. The worker that
+    // takes it then is one of its own (as in another process, or after a restart): the
+    // embedded pipeline's own worker would classify the copy its upload held in memory.
     let s = service_custom(Arc::new(NoopNotifier), PipelineConfig::default(), false);
     let jpeg = image("opencv_apple.jpg");
     let (status, body) = call(
@@ -259,8 +261,15 @@ async fn an_image_lost_from_storage_fails_cleanly_and_is_dead_lettered() {
     imgclf::Storage::delete(s.storage.as_ref(), &key)
         .await
         .unwrap();
+    let worker = s.pipeline.worker();
+    let worker = imgclf::Worker::new(
+        worker.ports().clone(),
+        worker.classifier().clone(),
+        worker.config().clone(),
+    );
+    let worker = Arc::new(worker);
     let (_stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(s.pipeline.clone().run_worker(stopped));
+    tokio::spawn(worker.clone().run(stopped));
     let done = wait_final(&s.app, id).await;
     assert_eq!(done["state"], "FAILURE");
     // The client reads a generic message and an error id; the backend's words (here the object
@@ -277,11 +286,8 @@ async fn an_image_lost_from_storage_fails_cleanly_and_is_dead_lettered() {
         1,
         "a permanent failure is dead-lettered at once"
     );
-    let (_, metrics) = get(&s.app, "/metrics").await;
-    assert!(metrics
-        .as_str()
-        .unwrap()
-        .contains("image_task_failure_total 1"));
+    let metrics = worker.render_metrics().await;
+    assert!(metrics.contains("image_task_failure_total 1"), "{metrics}");
 }
 
 #[tokio::test]

@@ -543,12 +543,15 @@ impl Submitter {
         bytes: Bytes,
     ) -> Result<(preprocess::ImageInfo, Option<image::RgbImage>), ImageError> {
         let max_pixels = self.shared.config.max_pixels;
-        let info = preprocess::inspect(&bytes, max_pixels)?;
+        preprocess::inspect(&bytes, max_pixels)?; // the cheap refusals before a pool slot
         let keep = (self.shared.head_starts.as_ref()).is_some_and(|s| s.takes_decoded());
         self.shared
-            .on_cpu(move || match keep {
-                true => preprocess::validate_keeping(&bytes, max_pixels),
-                false => preprocess::validate(&bytes, max_pixels).map(|_| (info, None)),
+            .on_cpu(move || {
+                if keep {
+                    preprocess::validate_keeping(&bytes, max_pixels)
+                } else {
+                    preprocess::validate(&bytes, max_pixels).map(|info| (info, None))
+                }
             })
             .await
     }

@@ -195,14 +195,7 @@ fn inspect_within(bytes: &[u8], max_pixels: u64, budget: &Budget) -> Result<Imag
 /// CRC, the inflated data, each row's filter), without building the image. Other formats are
 /// decoded fully.
 pub fn validate(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, ImageError> {
-    let budget = Budget::start();
-    let info = inspect_within(bytes, max_pixels, &budget)?;
-    match info.format {
-        ImageFormat::Jpeg if jpeg::check(bytes, &budget)? => return Ok(info),
-        ImageFormat::Png => return check_png(bytes, max_pixels, &budget).map(|()| info),
-        _ => {}
-    }
-    decode_rgb8_within(bytes, max_pixels, &budget).map(|_| info)
+    check(bytes, max_pixels, false).map(|(info, _)| info)
 }
 
 /// [`validate`], keeping the decoded image where checking one means decoding it (every format
@@ -212,13 +205,26 @@ pub fn validate_keeping(
     bytes: &[u8],
     max_pixels: u64,
 ) -> Result<(ImageInfo, Option<RgbImage>), ImageError> {
+    check(bytes, max_pixels, true)
+}
+
+/// A PNG not to be kept is checked without building its RGB image.
+fn check(
+    bytes: &[u8],
+    max_pixels: u64,
+    keep: bool,
+) -> Result<(ImageInfo, Option<RgbImage>), ImageError> {
     let budget = Budget::start();
     let info = inspect_within(bytes, max_pixels, &budget)?;
-    if info.format == ImageFormat::Jpeg && jpeg::check(bytes, &budget)? {
-        return Ok((info, None));
+    match info.format {
+        ImageFormat::Jpeg if jpeg::check(bytes, &budget)? => return Ok((info, None)),
+        ImageFormat::Png if !keep => {
+            return check_png(bytes, max_pixels, &budget).map(|()| (info, None))
+        }
+        _ => {}
     }
     let rgb = decode_rgb8_within(bytes, max_pixels, &budget)?;
-    Ok((info, Some(rgb)))
+    Ok((info, keep.then_some(rgb)))
 }
 
 /// Reads every row of a PNG's image with the png crate, set up as `image` sets it up to decode

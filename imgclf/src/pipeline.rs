@@ -534,16 +534,24 @@ impl Submitter {
     }
 
     /// Refuses what is not a whole, decodable image of acceptable size before anything is
-    /// stored: the header first (cheap, stops decompression bombs), then a full decode on the
-    /// bounded pool, so a truncated or corrupt file is a 4xx now rather than a FAILURE later.
-    /// Where this process's model takes the upload (embedded), an image that had to be decoded
-    /// to be checked is kept for it.
+    /// stored: the headers first, here (cheap, stops decompression bombs, and all that an RGB
+    /// JPEG needs), then a full decode on the bounded pool, so a truncated or corrupt file is
+    /// a 4xx now rather than a FAILURE later. Where this process's model takes the upload
+    /// (embedded), an image that had to be decoded to be checked is kept for it.
     async fn validate(
         &self,
         bytes: Bytes,
     ) -> Result<(preprocess::ImageInfo, Option<image::RgbImage>), ImageError> {
         let max_pixels = self.shared.config.max_pixels;
-        preprocess::inspect(&bytes, max_pixels)?; // the cheap refusals before a pool slot
+        // A progressive JPEG's scans are counted in its bytes: past this size, on the pool.
+        const INLINE_BYTES: usize = 4 << 20;
+        if bytes.len() <= INLINE_BYTES {
+            if let Some(info) = preprocess::validate_headers(&bytes, max_pixels)? {
+                return Ok((info, None)); // no pool hop
+            }
+        } else {
+            preprocess::inspect(&bytes, max_pixels)?; // the cheap refusals before a pool slot
+        }
         let keep = (self.shared.head_starts.as_ref()).is_some_and(|s| s.takes_decoded());
         self.shared
             .on_cpu(move || {

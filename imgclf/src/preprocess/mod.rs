@@ -208,6 +208,22 @@ pub fn validate_keeping(
     check(bytes, max_pixels, true)
 }
 
+/// The part of [`validate`] that decodes nothing, cheap enough to run where the upload
+/// arrived: `Some` when it settles that the upload is whole (an RGB JPEG, whose headers are all
+/// its check reads), `None` when only [`validate`] can tell.
+pub fn validate_headers(bytes: &[u8], max_pixels: u64) -> Result<Option<ImageInfo>, ImageError> {
+    let budget = Budget::start();
+    let info = inspect_within(bytes, max_pixels, &budget)?;
+    Ok(settled_by_headers(bytes, &info, &budget)?.then_some(info))
+}
+
+fn settled_by_headers(bytes: &[u8], info: &ImageInfo, budget: &Budget) -> Result<bool, ImageError> {
+    match info.format {
+        ImageFormat::Jpeg => jpeg::check(bytes, budget),
+        _ => Ok(false),
+    }
+}
+
 /// A PNG not to be kept is checked without building its RGB image.
 fn check(
     bytes: &[u8],
@@ -216,8 +232,10 @@ fn check(
 ) -> Result<(ImageInfo, Option<RgbImage>), ImageError> {
     let budget = Budget::start();
     let info = inspect_within(bytes, max_pixels, &budget)?;
+    if settled_by_headers(bytes, &info, &budget)? {
+        return Ok((info, None));
+    }
     match info.format {
-        ImageFormat::Jpeg if jpeg::check(bytes, &budget)? => return Ok((info, None)),
         ImageFormat::Png if !keep => {
             return check_png(bytes, max_pixels, &budget).map(|()| (info, None))
         }

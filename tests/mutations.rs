@@ -62,6 +62,45 @@ fn mutations_per_image() -> usize {
         .unwrap_or(1000)
 }
 
+/// The header check that runs where an upload arrives gives the full check's answer wherever
+/// it settles one: whole RGB JPEGs pass on their headers alone, other formats are left to the
+/// full check, and a damaged file it passes is one the full check passes too.
+#[test]
+fn the_header_check_agrees_with_the_full_check() {
+    let per_image = mutations_per_image();
+    let mut rng = Rng(0xD1B5_4A32_D192_ED03);
+    let (mut settled, mut refused) = (0, 0);
+    for (name, settles) in [
+        ("opencv_butterfly.jpg", true),
+        ("opencv_left01.jpg", true),
+        ("skimage_horse.png", false),
+    ] {
+        let original = image(name);
+        let full = preprocess::validate(&original, 50_000_000).expect(name);
+        let headers = preprocess::validate_headers(&original, 50_000_000).expect(name);
+        assert_eq!(headers, settles.then_some(full), "{name}");
+        for _ in 0..per_image {
+            let damaged = mutate(&mut rng, &original);
+            let full = preprocess::validate(&damaged, 50_000_000);
+            match preprocess::validate_headers(&damaged, 50_000_000) {
+                Ok(Some(info)) => {
+                    assert_eq!(full.ok(), Some(info), "{name}: passed on its headers");
+                    settled += 1;
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    assert!(full.is_err(), "{name}: refused on its headers ({error})");
+                    refused += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        settled > 0 && refused > 0,
+        "{settled} settled, {refused} refused"
+    );
+}
+
 #[test]
 fn damaged_images_never_panic_or_hang() {
     let per_image = mutations_per_image();

@@ -121,7 +121,7 @@ pub fn choose(
     })
 }
 
-/// The smallest batch whose time per image is within [`MARGIN`] of the best of `timed`.
+/// The smallest batch whose time per image is within 3% of the best of `timed`.
 pub fn best_batch(timed: &[(usize, Duration)]) -> usize {
     let best = timed.iter().map(|(_, t)| *t).min().unwrap_or_default();
     timed
@@ -156,7 +156,7 @@ pub fn time_inference(
 }
 
 /// Inference time per image of one instance at each of `batches`, on zero tensors: one
-/// untimed run of each (which may compile its plan), then [`ROUNDS`] rounds that run every
+/// untimed run of each (which may compile its plan), then three rounds that run every
 /// size in turn; each size keeps its fastest round.
 pub fn time_batches(
     classifier: &mut dyn Classifier,

@@ -726,6 +726,12 @@ mod tests {
                 avx512::Taps::new(c, l, w, s).map(Kernel::Avx512)
             });
             assert!(avx2.simd.is_some(), "the CPU has AVX2");
+            assert!(
+                Plan::new(size.0, size.1, new_w, new_h, window)
+                    .simd
+                    .is_some(),
+                "{size:?}: the CPU has AVX2, so the plan takes a SIMD kernel"
+            );
             for (name, plan) in [("AVX2", avx2), ("AVX-512", avx512)] {
                 if plan.simd.is_none() {
                     eprintln!(

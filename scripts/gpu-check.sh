@@ -2,26 +2,34 @@
 # Runs the ort classifier on an NVIDIA GPU (CUDA execution provider) and checks it:
 #   1. installs the `onnxruntime-gpu` wheel (ORT_GPU_VERSION, default the version
 #      scripts/setup-ort.sh uses; else the newest release below it) and the CUDA/cuDNN runtime
-#      wheels it names (its `cuda` and `cudnn` extras) into a venv under /var/tmp;
+#      wheels it names (its `cuda` and `cudnn` extras) into a venv under /var/tmp; on a machine
+#      with no PyPI, GPU_CHECK_ORT_DIR and GPU_CHECK_CUDA_SITE name libraries already there;
 #   2. points LD_LIBRARY_PATH at those wheels' libraries and IMGCLF_ORT_LIB at the GPU wheel's
 #      libonnxruntime.so;
 #   3. for each model, has examples/bench_classifier write every shared photo's logits on CPU
 #      and on CUDA (the same library), requires the CUDA run's log to say the session runs on
 #      cuda (a silent fallback to CPU would pass the comparison), and requires every logit to
 #      agree within GPU_CHECK_TOLERANCE (1e-3);
-#   4. benchmarks the classifier on the GPU at each batch size in GPU_CHECK_BATCHES.
+#   4. benchmarks the classifier on the GPU at each batch size in GPU_CHECK_BATCHES;
+#   5. where the service and load generator are built (IMGCLF_HTTP_BIN, IMGCLF_LOAD_BIN), runs
+#      the embedded `imgclf-http` on the GPU under GPU_CHECK_CLIENTS clients, upload to result.
 # On a machine without a working `nvidia-smi` it says so and exits 0.
 #
-# Not run on a GPU where it was written (no GPU there): its steps are checked one by one
-# (bash -n, shellcheck, the example on the CPU library), so a first run on a GPU may need a fix.
 # TensorRT is not checked: its libraries are another multi-GB install (IMGCLF_ORT_PROVIDERS=
 # tensorrt,cuda works where they are on LD_LIBRARY_PATH).
 #
-#   scripts/gpu-check.sh                    # builds the example (release), installs, checks
+#   scripts/gpu-check.sh                    # builds the examples (release), installs, checks
 #   IMGCLF_BENCH_BIN=path/to/bench_classifier scripts/gpu-check.sh   # with a built example
+#   GPU_CHECK_ORT_DIR=.../onnxruntime/capi GPU_CHECK_CUDA_SITE=.../site-packages \
+#     scripts/gpu-check.sh                  # offline: an unpacked onnxruntime-gpu wheel's
+#                                           # libraries and a site-packages (PyTorch's, say)
+#                                           # that holds the NVIDIA CUDA 13 wheels
 #
-# Environment: ORT_GPU_VERSION, GPU_CHECK_VENV (/var/tmp/imgclf-gpu-venv), GPU_CHECK_BATCHES
-# ("1 8 32 64"), GPU_CHECK_SECONDS (5), GPU_CHECK_TOLERANCE (1e-3), IMGCLF_SHARED_DIR.
+# Environment: ORT_GPU_VERSION, GPU_CHECK_VENV (/var/tmp/imgclf-gpu-venv), GPU_CHECK_MODELS
+# (Lite0 and the shared ResNet18), GPU_CHECK_BATCHES ("1 8 32 64"), GPU_CHECK_SECONDS (5),
+# GPU_CHECK_TOLERANCE (1e-3), GPU_CHECK_TASKS (2000), GPU_CHECK_CLIENTS (64), IMGCLF_SHARED_DIR,
+# IMGCLF_BENCH_LOAD_THREADS (the load generator's threads: 2),
+# IMGCLF_BENCH_PHOTOS (the photos: the shared ones by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,34 +49,43 @@ export IMGCLF_SHARED_DIR="$shared"
 work="$(mktemp -d /var/tmp/imgclf-gpu-check.XXXXXX)"
 trap 'rm -rf "$work"' EXIT
 
-# 1. The GPU wheel and its CUDA libraries.
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
+python=python3
+if [ -n "${GPU_CHECK_ORT_DIR:-}" ] && [ -n "${GPU_CHECK_CUDA_SITE:-}" ]; then
+  # 1. Offline: the libraries are already on this machine.
+  ort_dir="$GPU_CHECK_ORT_DIR"
+  cuda_site="$GPU_CHECK_CUDA_SITE"
+else
+  # 1. The GPU wheel and its CUDA libraries.
+  if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+  fi
+  python="$venv/bin/python"
+  pip=("$python" -m pip install --quiet --disable-pip-version-check)
+  if ! "${pip[@]}" "onnxruntime-gpu[cuda,cudnn]==$version" >&2; then
+    echo "gpu-check: onnxruntime-gpu $version is not on PyPI; taking the newest before it" >&2
+    "${pip[@]}" "onnxruntime-gpu[cuda,cudnn]<=$version" >&2
+  fi
+  cuda_site="$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  # Older wheels without the extras: the CUDA 12 runtime libraries its documentation lists.
+  if ! find "$cuda_site/nvidia" -name 'libcublas.so*' 2>/dev/null | grep -q .; then
+    "${pip[@]}" nvidia-cuda-runtime-cu12 nvidia-cuda-nvrtc-cu12 nvidia-cudnn-cu12 \
+      nvidia-cublas-cu12 nvidia-cufft-cu12 nvidia-curand-cu12 >&2
+  fi
+  echo "gpu-check: onnxruntime-gpu $("$python" -c \
+    'import importlib.metadata as m; print(m.version("onnxruntime-gpu"))')" >&2
+  ort_dir="$cuda_site/onnxruntime/capi"
 fi
-pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
-if ! "${pip[@]}" "onnxruntime-gpu[cuda,cudnn]==$version" >&2; then
-  echo "gpu-check: onnxruntime-gpu $version is not on PyPI; taking the newest before it" >&2
-  "${pip[@]}" "onnxruntime-gpu[cuda,cudnn]<=$version" >&2
-fi
-site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-# Older wheels without the extras: the CUDA 12 runtime libraries its documentation lists.
-if ! find "$site/nvidia" -name 'libcublas.so*' 2>/dev/null | grep -q .; then
-  "${pip[@]}" nvidia-cuda-runtime-cu12 nvidia-cuda-nvrtc-cu12 nvidia-cudnn-cu12 \
-    nvidia-cublas-cu12 nvidia-cufft-cu12 nvidia-curand-cu12 >&2
-fi
-echo "gpu-check: onnxruntime-gpu $("$venv/bin/python" -c \
-  'import importlib.metadata as m; print(m.version("onnxruntime-gpu"))')" >&2
 
 # 2. Where the libraries are: every folder of the NVIDIA wheels holding a shared library.
-lib_dirs="$(find "$site/nvidia" -name '*.so*' -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)"
+lib_dirs="$(find "$cuda_site/nvidia" -name '*.so*' -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)"
 if [ -z "$lib_dirs" ]; then
-  echo "gpu-check: no CUDA libraries found under $site/nvidia" >&2
+  echo "gpu-check: no CUDA libraries found under $cuda_site/nvidia" >&2
   exit 1
 fi
 export LD_LIBRARY_PATH="$lib_dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-ort_lib="$(find "$site/onnxruntime/capi" -maxdepth 1 -name 'libonnxruntime.so*' | sort | tail -n 1)"
-if [ -z "$ort_lib" ] || [ ! -e "$site/onnxruntime/capi/libonnxruntime_providers_cuda.so" ]; then
-  echo "gpu-check: the onnxruntime-gpu wheel has no libonnxruntime.so with the CUDA provider" >&2
+ort_lib="$(find "$ort_dir" -maxdepth 1 -name 'libonnxruntime.so*' | sort | tail -n 1)"
+if [ -z "$ort_lib" ] || [ ! -e "$ort_dir/libonnxruntime_providers_cuda.so" ]; then
+  echo "gpu-check: $ort_dir has no libonnxruntime.so with the CUDA provider" >&2
   exit 1
 fi
 export IMGCLF_ORT_LIB="$ort_lib"
@@ -77,13 +94,17 @@ echo "gpu-check: IMGCLF_ORT_LIB=$IMGCLF_ORT_LIB" >&2
 # The benchmark example (release: the figures are for reading).
 bench="${IMGCLF_BENCH_BIN:-}"
 if [ -z "$bench" ]; then
-  cargo build --release --example bench_classifier >&2
-  bench="${CARGO_TARGET_DIR:-target}/release/examples/bench_classifier"
+  cargo build --release --example bench_classifier --example bench_load --bin imgclf-http >&2
+  release="${CARGO_TARGET_DIR:-target}/release"
+  bench="$release/examples/bench_classifier"
+  IMGCLF_LOAD_BIN="${IMGCLF_LOAD_BIN:-$release/examples/bench_load}"
+  IMGCLF_HTTP_BIN="${IMGCLF_HTTP_BIN:-$release/imgclf-http}"
 fi
+read -r -a models <<<"${GPU_CHECK_MODELS:-models/efficientnet-lite0 $shared/models/resnet18-random-init}"
 
 # 3. GPU logits against CPU logits, on every shared photo, for both models.
 status=0
-for model in models/efficientnet-lite0 "$shared/models/resnet18-random-init"; do
+for model in "${models[@]}"; do
   name="$(basename "$model")"
   for providers in cpu cuda; do
     IMGCLF_ORT_PROVIDERS="$providers" IMGCLF_BENCH_LOGITS="$work/$name-$providers.json" \
@@ -98,7 +119,7 @@ for model in models/efficientnet-lite0 "$shared/models/resnet18-random-init"; do
     cat "$work/$name-cuda.log" >&2
     exit 1
   fi
-  "$venv/bin/python" - "$work/$name-cpu.json" "$work/$name-cuda.json" "$tolerance" "$name" <<'PY' || status=1
+  "$python" - "$work/$name-cpu.json" "$work/$name-cuda.json" "$tolerance" "$name" <<'PY' || status=1
 import json, sys
 cpu, gpu = (json.load(open(path)) for path in sys.argv[1:3])
 tolerance, name = float(sys.argv[3]), sys.argv[4]
@@ -112,11 +133,56 @@ sys.exit(0 if worst[0] <= tolerance else f"gpu-check: {name}: over the tolerance
 PY
 done
 
+# Results without the per-photo figures, one line each.
+brief() {
+  "$python" -c 'import json, sys
+d = json.load(sys.stdin)
+print(json.dumps({k: v for k, v in d.items() if not k.endswith("_by_photo")}))'
+}
+
 # 4. Throughput on the GPU, batch by batch.
-for model in models/efficientnet-lite0 "$shared/models/resnet18-random-init"; do
+for model in "${models[@]}"; do
   for batch in $batches; do
-    result="$(IMGCLF_ORT_PROVIDERS=cuda RUST_LOG=warn "$bench" ort "$model" "$batch" "$seconds")"
+    result="$(IMGCLF_ORT_PROVIDERS=cuda RUST_LOG=warn "$bench" ort "$model" "$batch" "$seconds" | brief)"
     echo "gpu-check: $(basename "$model") on cuda: $result"
   done
 done
+# 5. The embedded service on the GPU: uploads over HTTP, results in SQLite, many clients.
+if [ -x "${IMGCLF_HTTP_BIN:-}" ] && [ -x "${IMGCLF_LOAD_BIN:-}" ]; then
+  mapfile -t photos < <(find "${IMGCLF_BENCH_PHOTOS:-$shared/images}" -maxdepth 1 \
+    \( -name '*.jpg' -o -name '*.jpeg' -o -name '*.png' -o -name '*.webp' \) | sort)
+  port="${GPU_CHECK_PORT:-18411}"
+  for model in "${models[@]}"; do
+    name="$(basename "$model")"
+    IMGCLF_CLASSIFIER=ort IMGCLF_ORT_PROVIDERS=cuda IMGCLF_MODEL="$model" \
+      IMGCLF_ADDR="127.0.0.1:$port" IMGCLF_DATA_DIR="$work/data-$name" IMGCLF_MAX_QUEUE_DEPTH=0 \
+      NO_COLOR=1 RUST_LOG=info "$IMGCLF_HTTP_BIN" >/dev/null 2>"$work/$name-http.log" &
+    service=$!
+    if ! "$python" - "$port" <<'PY'; then
+import sys, time, urllib.request
+for _ in range(600):
+    try:
+        if urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/ready", timeout=2).status == 200:
+            sys.exit(0)
+    except OSError:
+        time.sleep(0.2)
+sys.exit(1)
+PY
+      echo "gpu-check: $name: the service did not become ready" >&2
+      cat "$work/$name-http.log" >&2
+      kill "$service" 2>/dev/null || true
+      exit 1
+    fi
+    # The service's CPU while loaded: whether its cores or something else set the pace.
+    cpu_seconds() { awk -v tick="$(getconf CLK_TCK)" '{ print ($14 + $15) / tick }' "/proc/$service/stat"; }
+    cpu_before="$(cpu_seconds)" started="$(date +%s.%N)"
+    result="$("$IMGCLF_LOAD_BIN" "http://127.0.0.1:$port" "${GPU_CHECK_TASKS:-2000}" \
+      "${GPU_CHECK_CLIENTS:-64}" "${photos[@]}" | brief)" || status=1
+    awk -v cpu="$(cpu_seconds)" -v before="$cpu_before" -v wall="$(date +%s.%N)" -v from="$started" \
+      -v cores="$(nproc)" -v name="$name" 'BEGIN { printf "gpu-check: %s service: %.2f of %d cores busy while loaded\n", name, (cpu - before) / (wall - from), cores }' >&2
+    kill "$service" && wait "$service" || true
+    grep -E "runs on|classifier:|instance" "$work/$name-http.log" | sed "s/^/gpu-check: $name service: /" >&2
+    echo "gpu-check: $name embedded service on cuda: $result"
+  done
+fi
 exit "$status"

@@ -35,9 +35,10 @@ pub struct OrtClassifier {
     spec: ModelSpec,
     session: Session,
     /// On an accelerator, the batch size every run is padded to: the largest so far. ONNX
-    /// Runtime's CUDA provider prepares its convolutions again whenever the input shape
-    /// changes, and batches of changing sizes ran about 100 to 300 times slower than one size
-    /// (EfficientNet-Lite0 on an H200); a padded row costs the GPU next to nothing.
+    /// Runtime's CUDA provider slows down badly when the input shape changes from run to run:
+    /// batches of sizes taken in turn ran 100 to 700 ms each where one size runs in 1 to 2 ms
+    /// (EfficientNet-Lite0 on an H200, ONNX Runtime 1.31), and a padded row costs the GPU
+    /// next to nothing.
     padded: Option<usize>,
     /// The padded batch, reused from run to run.
     scratch: Vec<f32>,

@@ -20,7 +20,9 @@
 //! inference needs, from a typical 2 MP photo's preprocessing time, rounded up; such a pool adds
 //! an instance, up to one per core, when images keep waiting for the model (see
 //! [`super::ClassifierHandle::spawn_growing`]). The batch size is chosen once: it depends on
-//! the model and the CPU, which do not change while the process runs.
+//! the model and the CPU, which do not change while the process runs. On a GPU ort pads each
+//! batch to the largest size run so far, so every size is timed at the largest one's cost and
+//! the largest is chosen.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};

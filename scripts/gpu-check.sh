@@ -15,6 +15,8 @@
 #      the embedded `imgclf-http` on the GPU under GPU_CHECK_CLIENTS clients, upload to result.
 # On a machine without a working `nvidia-smi` it says so and exits 0.
 #
+# Ran on an NVIDIA H200 (docs/gpu-check-h200.log, BENCHMARKS.md).
+#
 # TensorRT is not checked: its libraries are another multi-GB install (IMGCLF_ORT_PROVIDERS=
 # tensorrt,cuda works where they are on LD_LIBRARY_PATH).
 #

@@ -34,14 +34,8 @@ fn environment(library: &Path) -> Result<&'static Environment, String> {
 pub struct OrtClassifier {
     spec: ModelSpec,
     session: Session,
-    /// On an accelerator, the batch size every run is padded to: the largest so far. ONNX
-    /// Runtime's CUDA provider slows down badly when the input shape changes from run to run:
-    /// batches of sizes taken in turn ran 100 to 700 ms each where one size runs in 1 to 2 ms
-    /// (EfficientNet-Lite0 on an H200, ONNX Runtime 1.31), and a padded row costs the GPU
-    /// next to nothing.
-    padded: Option<usize>,
-    /// The padded batch, reused from run to run.
-    scratch: Vec<f32>,
+    /// On an accelerator, every batch is padded to one size (see [`Padding`]).
+    padding: Option<Padding>,
 }
 
 impl OrtClassifier {
@@ -108,8 +102,7 @@ impl OrtClassifier {
         Ok(Self {
             spec,
             session,
-            padded: (runs_on != Provider::Cpu).then_some(0),
-            scratch: Vec::new(),
+            padding: (runs_on != Provider::Cpu).then(Padding::default),
         })
     }
 }
@@ -192,15 +185,8 @@ impl Classifier for OrtClassifier {
     fn classify(&mut self, batch: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ClassifyError> {
         let inference = |e: ort::Error| ClassifyError::Inference(e.to_string());
         let side = self.spec.transform.crop as usize;
-        let (input, rows) = match &mut self.padded {
-            Some(largest) if n < *largest => {
-                pad(&mut self.scratch, batch, n, *largest);
-                (&self.scratch[..], *largest)
-            }
-            Some(largest) => {
-                *largest = n;
-                (batch, n)
-            }
+        let (input, rows) = match &mut self.padding {
+            Some(padding) => padding.pad(batch, n),
             None => (batch, n),
         };
         let input =
@@ -213,20 +199,46 @@ impl Classifier for OrtClassifier {
     }
 }
 
-/// `batch` (`n` images) followed by zero images up to `rows`, in `scratch`.
-fn pad(scratch: &mut Vec<f32>, batch: &[f32], n: usize, rows: usize) {
-    let image = batch.len() / n.max(1);
-    scratch.clear();
-    scratch.extend_from_slice(batch);
-    scratch.resize(image * rows, 0.0);
+/// Pads each batch with zero images up to the largest batch so far. ONNX Runtime's CUDA
+/// provider slows down badly when the input shape changes from run to run: batches of sizes
+/// taken in turn ran 100 to 700 ms each where one size runs in 1 to 2 ms (EfficientNet-Lite0
+/// on an H200, ONNX Runtime 1.31), and a padded image costs the GPU next to nothing.
+#[derive(Default)]
+struct Padding {
+    largest: usize,
+    /// The padded batch, reused from run to run.
+    scratch: Vec<f32>,
+}
+
+impl Padding {
+    /// The batch to run for `batch` (`n` images), and its number of images.
+    fn pad<'a>(&'a mut self, batch: &'a [f32], n: usize) -> (&'a [f32], usize) {
+        if n >= self.largest {
+            self.largest = n;
+            return (batch, n);
+        }
+        let image = batch.len() / n.max(1);
+        self.scratch.clear();
+        self.scratch.extend_from_slice(batch);
+        self.scratch.resize(image * self.largest, 0.0);
+        (&self.scratch, self.largest)
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::Padding;
+
     #[test]
-    fn a_batch_is_padded_with_zero_images() {
-        let mut scratch = vec![9.0; 3];
-        super::pad(&mut scratch, &[1.0, 2.0, 3.0, 4.0], 2, 3);
-        assert_eq!(scratch, [1.0, 2.0, 3.0, 4.0, 0.0, 0.0]);
+    fn batches_are_padded_with_zero_images_to_the_largest_so_far() {
+        let mut padding = Padding::default();
+        assert_eq!(padding.pad(&[1.0, 2.0], 1), (&[1.0, 2.0][..], 1));
+        assert_eq!(padding.pad(&[1.0; 6], 3), (&[1.0; 6][..], 3));
+        assert_eq!(
+            padding.pad(&[5.0, 6.0], 1),
+            (&[5.0, 6.0, 0.0, 0.0, 0.0, 0.0][..], 3)
+        );
+        assert_eq!(padding.pad(&[7.0; 8], 4), (&[7.0; 8][..], 4));
+        assert_eq!(padding.pad(&[8.0; 6], 3).1, 4);
     }
 }

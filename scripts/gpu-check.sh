@@ -30,7 +30,7 @@
 # Environment: ORT_GPU_VERSION, GPU_CHECK_VENV (/var/tmp/imgclf-gpu-venv), GPU_CHECK_MODELS
 # (Lite0 and the shared ResNet18), GPU_CHECK_BATCHES ("1 8 32 64"), GPU_CHECK_SECONDS (5),
 # GPU_CHECK_TOLERANCE (1e-3), GPU_CHECK_TASKS (2000), GPU_CHECK_CLIENTS (64), IMGCLF_SHARED_DIR,
-# IMGCLF_BENCH_LOAD_THREADS (the load generator's threads: 2),
+# GPU_CHECK_PORT (18411), IMGCLF_BENCH_LOAD_THREADS (the load generator's threads: 2),
 # IMGCLF_BENCH_PHOTOS (the photos: the shared ones by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -149,11 +149,14 @@ for model in "${models[@]}"; do
     echo "gpu-check: $(basename "$model") on cuda: $result"
   done
 done
+
 # 5. The embedded service on the GPU: uploads over HTTP, results in SQLite, many clients.
 if [ -x "${IMGCLF_HTTP_BIN:-}" ] && [ -x "${IMGCLF_LOAD_BIN:-}" ]; then
   mapfile -t photos < <(find "${IMGCLF_BENCH_PHOTOS:-$shared/images}" -maxdepth 1 \
     \( -name '*.jpg' -o -name '*.jpeg' -o -name '*.png' -o -name '*.webp' \) | sort)
   port="${GPU_CHECK_PORT:-18411}"
+  # The service's CPU time so far: whether its cores or something else set the pace.
+  cpu_seconds() { awk -v tick="$(getconf CLK_TCK)" '{ print ($14 + $15) / tick }' "/proc/$1/stat"; }
   for model in "${models[@]}"; do
     name="$(basename "$model")"
     IMGCLF_CLASSIFIER=ort IMGCLF_ORT_PROVIDERS=cuda IMGCLF_MODEL="$model" \
@@ -175,13 +178,13 @@ PY
       kill "$service" 2>/dev/null || true
       exit 1
     fi
-    # The service's CPU while loaded: whether its cores or something else set the pace.
-    cpu_seconds() { awk -v tick="$(getconf CLK_TCK)" '{ print ($14 + $15) / tick }' "/proc/$service/stat"; }
-    cpu_before="$(cpu_seconds)" started="$(date +%s.%N)"
+    cpu_before="$(cpu_seconds "$service")" started="$(date +%s.%N)"
     result="$("$IMGCLF_LOAD_BIN" "http://127.0.0.1:$port" "${GPU_CHECK_TASKS:-2000}" \
       "${GPU_CHECK_CLIENTS:-64}" "${photos[@]}" | brief)" || status=1
-    awk -v cpu="$(cpu_seconds)" -v before="$cpu_before" -v wall="$(date +%s.%N)" -v from="$started" \
-      -v cores="$(nproc)" -v name="$name" 'BEGIN { printf "gpu-check: %s service: %.2f of %d cores busy while loaded\n", name, (cpu - before) / (wall - from), cores }' >&2
+    awk -v cpu="$(cpu_seconds "$service")" -v before="$cpu_before" -v from="$started" \
+      -v wall="$(date +%s.%N)" -v cores="$(nproc)" -v name="$name" 'BEGIN {
+        printf "gpu-check: %s service: %.2f of %d cores busy while loaded\n",
+          name, (cpu - before) / (wall - from), cores }' >&2
     kill "$service" && wait "$service" || true
     grep -E "runs on|classifier:|instance" "$work/$name-http.log" | sed "s/^/gpu-check: $name service: /" >&2
     echo "gpu-check: $name embedded service on cuda: $result"

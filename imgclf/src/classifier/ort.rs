@@ -201,7 +201,7 @@ impl Classifier for OrtClassifier {
 
 /// Pads each batch with zero images up to the largest batch so far. ONNX Runtime's CUDA
 /// provider slows down badly when the input shape changes from run to run: batches of sizes
-/// taken in turn ran 100 to 700 ms each where one size runs in 1 to 2 ms (EfficientNet-Lite0
+/// taken in turn ran 110 to 720 ms each where one size runs in 1 to 2 ms (EfficientNet-Lite0
 /// on an H200, ONNX Runtime 1.31), and a padded image costs the GPU next to nothing.
 #[derive(Default)]
 struct Padding {

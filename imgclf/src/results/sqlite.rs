@@ -1,13 +1,11 @@
-use std::future::Future;
-use std::pin::Pin;
+use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
-use sqlx::{ConnectOptions, Executor, Row, SqliteConnection, SqlitePool};
+use rusqlite::{params, Connection, ErrorCode};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
+use sqlx::{Row, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{ResultStore, ResultsError, StateCounts, TaskQuery};
@@ -21,11 +19,12 @@ const COLUMNS: &str = "task_id, state, object_key, metadata, callback_url, resul
 /// Task records in SQLite: the embedded default, one file under the data directory.
 ///
 /// SQLite takes one writer at a time, and a writer that finds the database locked sleeps
-/// (1 ms, then longer) before it tries again; so this process's writes queue for one task that
-/// holds the write connections for good (a pool would ping the connection's thread after every
-/// statement). The writes that queued while a commit ran go into the next commit together: one
-/// disk flush for all of them, where each would wait for its own. Reads have a pool of their
-/// own, which WAL mode runs beside a write.
+/// (1 ms, then longer) before it tries again; so this process's writes queue for one thread
+/// that holds the write connections for good and runs each statement itself (through sqlx,
+/// each statement would be a round trip to its connection's thread). The writes that queued
+/// while a commit ran go into the next commit together: one disk flush for all of them, where
+/// each would wait for its own. Reads have a pool of their own, which WAL mode runs beside a
+/// write.
 pub struct SqliteResults {
     reads: SqlitePool,
     writes: mpsc::Sender<Write>,
@@ -38,18 +37,32 @@ const MOST_PER_COMMIT: usize = 64;
 /// The write connections, one for each kind of commit.
 struct Writer {
     /// Commits that wait for the disk (`synchronous = FULL`).
-    durable: SqliteConnection,
+    durable: Connection,
     /// Commits that do not (`synchronous = NORMAL`: in WAL mode a commit survives the process,
     /// not a power cut), for a group of writes that need no more: [`ResultStore::start`]. Each
     /// commit of `durable` flushes the log with these in it.
-    relaxed: SqliteConnection,
+    relaxed: Connection,
 }
 
-type Boxed<'c, T> = Pin<Box<dyn Future<Output = T> + Send + 'c>>;
+impl Writer {
+    fn open(path: &Path) -> Result<Self, ResultsError> {
+        let open = |synchronous: &str| -> rusqlite::Result<Connection> {
+            let conn = Connection::open(path)?;
+            conn.busy_timeout(Duration::from_secs(10))?;
+            conn.pragma_update(None, "synchronous", synchronous)?;
+            Ok(conn)
+        };
+        Ok(Self {
+            durable: open("FULL").map_err(backend)?,
+            relaxed: open("NORMAL").map_err(backend)?,
+        })
+    }
+}
+
 /// Runs a write's statement on the connection of its commit.
-type Statement = Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> Boxed<'c, Ran> + Send>;
+type Statement = Box<dyn FnOnce(&Connection) -> Ran + Send>;
 /// Tells a caller how its write went, given the commit's error if the commit failed.
-type Answer = Box<dyn FnOnce(Option<&sqlx::Error>) + Send>;
+type Answer = Box<dyn FnOnce(Option<&rusqlite::Error>) + Send>;
 
 /// One caller's write, waiting for its turn.
 struct Write {
@@ -73,31 +86,31 @@ impl SqliteResults {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(Duration::from_secs(10));
-        if let Some(parent) = options.get_filename().parent() {
+        let path = options.get_filename().to_owned();
+        if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| {
                 ResultsError::permanent(format!("cannot create {}: {e}", parent.display()))
             })?;
         }
-        let mut durable = options.connect().await.map_err(backend)?;
-        MIGRATOR
-            .run(&mut durable)
-            .await
-            .map_err(ResultsError::permanent)?;
-        let relaxed = options
-            .clone()
-            .synchronous(SqliteSynchronous::Normal)
-            .connect()
-            .await
-            .map_err(backend)?;
         // A local file needs no liveness check before each statement.
         let reads = SqlitePoolOptions::new()
             .max_connections(4)
             .test_before_acquire(false)
             .connect_with(options)
             .await
-            .map_err(backend)?;
+            .map_err(sqlx_backend)?;
+        MIGRATOR
+            .run(&reads)
+            .await
+            .map_err(ResultsError::permanent)?;
+        let writer = tokio::task::spawn_blocking(move || Writer::open(&path))
+            .await
+            .map_err(ResultsError::permanent)??;
         let (writes, queued) = mpsc::channel(4 * MOST_PER_COMMIT);
-        tokio::spawn(write_groups(queued, Writer { durable, relaxed }));
+        std::thread::Builder::new()
+            .name("imgclf-sqlite-writer".into())
+            .spawn(move || write_groups(queued, writer))
+            .map_err(ResultsError::permanent)?;
         Ok(Self { reads, writes })
     }
 
@@ -106,29 +119,25 @@ impl SqliteResults {
     async fn write<T, F>(&self, durable: bool, statement: F) -> Result<T, ResultsError>
     where
         T: Send + 'static,
-        F: for<'c> FnOnce(&'c mut SqliteConnection) -> Boxed<'c, Result<T, ResultsError>>
-            + Send
-            + 'static,
+        F: FnOnce(&Connection) -> Result<T, ResultsError> + Send + 'static,
     {
         let (answer, answered) = oneshot::channel();
-        let run = ran_by(move |conn| {
-            Box::pin(async move {
-                let outcome = statement(conn).await;
-                Ran {
-                    broke: matches!(outcome, Err(ResultsError::Backend { .. })),
-                    answer: Box::new(move |commit: Option<&sqlx::Error>| {
-                        let outcome = match (outcome, commit) {
-                            (Ok(_), Some(error)) => Err(ResultsError::Backend {
-                                source: error.to_string().into(),
-                                temporary: is_temporary(error),
-                            }),
-                            (outcome, _) => outcome,
-                        };
-                        let _ = answer.send(outcome);
-                    }),
-                }
-            })
-        });
+        let run = move |conn: &Connection| {
+            let outcome = statement(conn);
+            Ran {
+                broke: matches!(outcome, Err(ResultsError::Backend { .. })),
+                answer: Box::new(move |commit: Option<&rusqlite::Error>| {
+                    let outcome = match (outcome, commit) {
+                        (Ok(_), Some(error)) => Err(ResultsError::Backend {
+                            source: error.to_string().into(),
+                            temporary: is_temporary(error),
+                        }),
+                        (outcome, _) => outcome,
+                    };
+                    let _ = answer.send(outcome);
+                }),
+            }
+        };
         let write = Write {
             durable,
             run: Box::new(run),
@@ -147,17 +156,18 @@ impl SqliteResults {
         sql: String,
         values: Vec<i64>,
     ) -> Result<Vec<TaskRecord>, ResultsError> {
-        let rows = self
-            .write(true, move |conn| {
-                Box::pin(async move {
-                    let statement = values
-                        .into_iter()
-                        .fold(sqlx::query(&sql), |statement, value| statement.bind(value));
-                    statement.fetch_all(conn).await.map_err(backend)
-                })
-            })
-            .await?;
-        rows.iter().map(record).collect()
+        self.write(true, move |conn| {
+            let mut statement = conn.prepare_cached(&sql).map_err(backend)?;
+            let mut rows = statement
+                .query(rusqlite::params_from_iter(values))
+                .map_err(backend)?;
+            let mut records = Vec::new();
+            while let Some(row) = rows.next().map_err(backend)? {
+                records.push(record(row)?);
+            }
+            Ok(records)
+        })
+        .await
     }
 
     /// Runs a durable write that binds `values` in turn and returns nothing.
@@ -167,13 +177,10 @@ impl SqliteResults {
         values: Vec<String>,
     ) -> Result<(), ResultsError> {
         self.write(true, move |conn| {
-            Box::pin(async move {
-                let statement = values
-                    .into_iter()
-                    .fold(sqlx::query(sql), |statement, value| statement.bind(value));
-                statement.execute(conn).await.map_err(backend)?;
-                Ok(())
-            })
+            conn.prepare_cached(sql)
+                .and_then(|mut statement| statement.execute(rusqlite::params_from_iter(values)))
+                .map_err(backend)?;
+            Ok(())
         })
         .await
     }
@@ -188,78 +195,72 @@ impl SqliteResults {
         let now = now_ms();
         let due = serde_json::to_string(&WebhookDelivery::due(now)).map_err(codec)?;
         self.write(true, move |conn| {
-            Box::pin(async move {
-                let done = sqlx::query(sql)
-                    .bind(value)
-                    .bind(now)
-                    .bind(due)
-                    .bind(id.to_string())
-                    .execute(conn)
-                    .await
-                    .map_err(backend)?;
-                Ok(done.rows_affected() == 1)
-            })
+            let changed = conn
+                .prepare_cached(sql)
+                .and_then(|mut statement| {
+                    statement.execute(params![value, now, due, id.to_string()])
+                })
+                .map_err(backend)?;
+            Ok(changed == 1)
         })
         .await
     }
 }
 
-/// Gives a write's closure the signature that `Write::run` needs (a closure alone does not
-/// infer that its future borrows its argument).
-fn ran_by<F>(run: F) -> F
-where
-    F: for<'c> FnOnce(&'c mut SqliteConnection) -> Boxed<'c, Ran>,
-{
-    run
-}
-
 /// Takes the writes in turn, each group that queued meanwhile in one commit, until every
 /// sender is gone.
-async fn write_groups(mut queued: mpsc::Receiver<Write>, mut writer: Writer) {
+fn write_groups(mut queued: mpsc::Receiver<Write>, writer: Writer) {
     let mut group = Vec::with_capacity(MOST_PER_COMMIT);
-    while queued.recv_many(&mut group, MOST_PER_COMMIT).await > 0 {
+    while let Some(first) = queued.blocking_recv() {
+        group.push(first);
+        while group.len() < MOST_PER_COMMIT {
+            match queued.try_recv() {
+                Ok(write) => group.push(write),
+                Err(_) => break,
+            }
+        }
         let conn = if group.iter().any(|write| write.durable) {
-            &mut writer.durable
+            &writer.durable
         } else {
-            &mut writer.relaxed
+            &writer.relaxed
         };
-        commit(conn, group.drain(..)).await;
+        commit(conn, group.drain(..));
     }
 }
 
 /// Runs `group` in one transaction and answers each write.
-async fn commit(conn: &mut SqliteConnection, mut group: impl ExactSizeIterator<Item = Write>) {
+fn commit(conn: &Connection, mut group: impl ExactSizeIterator<Item = Write>) {
     if group.len() == 1 {
         let write = group.next().expect("one write");
-        ((write.run)(conn).await.answer)(None);
+        ((write.run)(conn).answer)(None);
         return;
     }
     // Writes dropped here unanswered hear that they were not made.
-    if let Err(error) = conn.execute("BEGIN IMMEDIATE").await {
+    if let Err(error) = conn.execute_batch("BEGIN IMMEDIATE") {
         tracing::warn!(%error, "SQLite could not begin a transaction");
         return;
     }
     let mut answers = Vec::with_capacity(group.len());
     for write in group {
-        let ran = (write.run)(conn).await;
+        let ran = (write.run)(conn);
         if ran.broke {
             // The writes before it go with the rollback; the ones after it never ran.
-            let _ = conn.execute("ROLLBACK").await;
+            let _ = conn.execute_batch("ROLLBACK");
             (ran.answer)(None);
             return;
         }
         answers.push(ran.answer);
     }
-    let committed = conn.execute("COMMIT").await;
+    let committed = conn.execute_batch("COMMIT");
     if committed.is_err() {
-        let _ = conn.execute("ROLLBACK").await;
+        let _ = conn.execute_batch("ROLLBACK");
     }
     for answer in answers {
         answer(committed.as_ref().err());
     }
 }
 
-fn backend(error: sqlx::Error) -> ResultsError {
+fn backend(error: rusqlite::Error) -> ResultsError {
     let temporary = is_temporary(&error);
     ResultsError::Backend {
         source: error.into(),
@@ -267,11 +268,37 @@ fn backend(error: sqlx::Error) -> ResultsError {
     }
 }
 
-fn is_temporary(error: &sqlx::Error) -> bool {
+/// Busy or locked by another process, or a disk that may come back (full, failing).
+fn is_temporary(error: &rusqlite::Error) -> bool {
     matches!(
+        error.sqlite_error_code(),
+        Some(
+            ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::DiskFull
+                | ErrorCode::SystemIoFailure
+        )
+    )
+}
+
+fn sqlx_backend(error: sqlx::Error) -> ResultsError {
+    let temporary = matches!(
         error,
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
-    ) || matches!(error, sqlx::Error::Database(db) if db.message().contains("locked"))
+    ) || matches!(&error, sqlx::Error::Database(db) if db.message().contains("locked"));
+    ResultsError::Backend {
+        source: error.into(),
+        temporary,
+    }
+}
+
+fn is_unique_violation(error: &rusqlite::Error) -> bool {
+    matches!(
+        error,
+        rusqlite::Error::SqliteFailure(failure, _)
+            if failure.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+                || failure.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+    )
 }
 
 /// A row limit as SQLite binds it.
@@ -283,30 +310,64 @@ fn codec(error: impl Into<crate::BoxError>) -> ResultsError {
     ResultsError::Codec(error.into())
 }
 
-fn record(row: &SqliteRow) -> Result<TaskRecord, ResultsError> {
-    let text = |name: &str| row.try_get::<String, _>(name).map_err(codec);
-    let result: Option<String> = row.try_get("result").map_err(codec)?;
+/// A row of [`COLUMNS`], as the reads (sqlx) and the writer (rusqlite) get it.
+trait Columns {
+    fn text(&self, name: &str) -> Result<Option<String>, ResultsError>;
+    fn integer(&self, name: &str) -> Result<Option<i64>, ResultsError>;
+}
+
+impl Columns for SqliteRow {
+    fn text(&self, name: &str) -> Result<Option<String>, ResultsError> {
+        self.try_get(name).map_err(codec)
+    }
+
+    fn integer(&self, name: &str) -> Result<Option<i64>, ResultsError> {
+        self.try_get(name).map_err(codec)
+    }
+}
+
+impl Columns for rusqlite::Row<'_> {
+    fn text(&self, name: &str) -> Result<Option<String>, ResultsError> {
+        self.get(name).map_err(codec)
+    }
+
+    fn integer(&self, name: &str) -> Result<Option<i64>, ResultsError> {
+        self.get(name).map_err(codec)
+    }
+}
+
+fn record(row: &impl Columns) -> Result<TaskRecord, ResultsError> {
+    let text = |name: &str| {
+        row.text(name)?
+            .ok_or_else(|| codec(format!("{name} is NULL")))
+    };
+    let integer = |name: &str| {
+        row.integer(name)?
+            .ok_or_else(|| codec(format!("{name} is NULL")))
+    };
     Ok(TaskRecord {
         task_id: text("task_id")?.parse().map_err(codec)?,
         state: text("state")?.parse::<TaskState>().map_err(codec)?,
         object_key: text("object_key")?,
         metadata: serde_json::from_str(&text("metadata")?).map_err(codec)?,
-        callback_url: row.try_get("callback_url").map_err(codec)?,
-        result: result
-            .map(|r| serde_json::from_str(&r))
-            .transpose()
-            .map_err(codec)?,
-        error: row.try_get("error").map_err(codec)?,
-        attempts: row.try_get::<i64, _>("attempts").map_err(codec)? as u32,
-        created_at_ms: row.try_get("created_at_ms").map_err(codec)?,
-        updated_at_ms: row.try_get("updated_at_ms").map_err(codec)?,
-        webhook: row
-            .try_get::<Option<String>, _>("webhook")
-            .map_err(codec)?
-            .map(|w| serde_json::from_str(&w))
-            .transpose()
-            .map_err(codec)?,
+        callback_url: row.text("callback_url")?,
+        result: json(row, "result")?,
+        error: row.text("error")?,
+        attempts: u32::try_from(integer("attempts")?).map_err(codec)?,
+        created_at_ms: integer("created_at_ms")?,
+        updated_at_ms: integer("updated_at_ms")?,
+        webhook: json(row, "webhook")?,
     })
+}
+
+fn json<T: serde::de::DeserializeOwned>(
+    row: &impl Columns,
+    name: &str,
+) -> Result<Option<T>, ResultsError> {
+    row.text(name)?
+        .map(|text| serde_json::from_str(&text))
+        .transpose()
+        .map_err(codec)
 }
 
 #[async_trait]
@@ -328,29 +389,26 @@ impl ResultStore for SqliteResults {
             .map_err(codec)?;
         let r = r.clone();
         self.write(true, move |conn| {
-            Box::pin(async move {
-                let inserted = sqlx::query(&sql)
-                    .bind(r.task_id.to_string())
-                    .bind(r.state.as_str())
-                    .bind(&r.object_key)
-                    .bind(metadata)
-                    .bind(&r.callback_url)
-                    .bind(result)
-                    .bind(&r.error)
-                    .bind(i64::from(r.attempts))
-                    .bind(r.created_at_ms)
-                    .bind(r.updated_at_ms)
-                    .bind(webhook)
-                    .execute(conn)
-                    .await;
-                match inserted {
-                    Ok(_) => Ok(()),
-                    Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
-                        Err(ResultsError::Conflict(r.task_id))
-                    }
-                    Err(e) => Err(backend(e)),
-                }
-            })
+            let inserted = conn.prepare_cached(&sql).and_then(|mut statement| {
+                statement.execute(params![
+                    r.task_id.to_string(),
+                    r.state.as_str(),
+                    r.object_key,
+                    metadata,
+                    r.callback_url,
+                    result,
+                    r.error,
+                    i64::from(r.attempts),
+                    r.created_at_ms,
+                    r.updated_at_ms,
+                    webhook,
+                ])
+            });
+            match inserted {
+                Ok(_) => Ok(()),
+                Err(e) if is_unique_violation(&e) => Err(ResultsError::Conflict(r.task_id)),
+                Err(e) => Err(backend(e)),
+            }
         })
         .await
     }
@@ -361,7 +419,7 @@ impl ResultStore for SqliteResults {
             .bind(id.to_string())
             .fetch_optional(&self.reads)
             .await
-            .map_err(backend)?;
+            .map_err(sqlx_backend)?;
         row.as_ref().map(record).transpose()
     }
 
@@ -373,18 +431,15 @@ impl ResultStore for SqliteResults {
         // Its commit need not wait for the disk: see `Writer::relaxed`.
         let row = self
             .write(false, move |conn| {
-                Box::pin(async move {
-                    sqlx::query(&sql)
-                        .bind(now_ms())
-                        .bind(id.to_string())
-                        .fetch_optional(conn)
-                        .await
-                        .map_err(backend)
-                })
+                let mut statement = conn.prepare_cached(&sql).map_err(backend)?;
+                let mut rows = statement
+                    .query(params![now_ms(), id.to_string()])
+                    .map_err(backend)?;
+                rows.next().map_err(backend)?.map(record).transpose()
             })
             .await?;
         match row {
-            Some(row) => record(&row).map(Some),
+            Some(record) => Ok(Some(record)),
             None => self.get(id).await,
         }
     }
@@ -444,7 +499,7 @@ impl ResultStore for SqliteResults {
             .bind(at_most(limit))
             .fetch_all(&self.reads)
             .await
-            .map_err(backend)?;
+            .map_err(sqlx_backend)?;
         rows.iter().map(record).collect()
     }
 
@@ -491,7 +546,7 @@ impl ResultStore for SqliteResults {
             .bind(at_most(query.limit))
             .fetch_all(&self.reads)
             .await
-            .map_err(backend)?;
+            .map_err(sqlx_backend)?;
         rows.iter().map(record).collect()
     }
 
@@ -500,7 +555,7 @@ impl ResultStore for SqliteResults {
             sqlx::query_as("SELECT state, count(*) FROM tasks GROUP BY state")
                 .fetch_all(&self.reads)
                 .await
-                .map_err(backend)?;
+                .map_err(sqlx_backend)?;
         StateCounts::from_rows(rows)
     }
 
@@ -556,7 +611,7 @@ impl ResultStore for SqliteResults {
         sqlx::query("SELECT 1")
             .execute(&self.reads)
             .await
-            .map_err(backend)?;
+            .map_err(sqlx_backend)?;
         Ok(())
     }
 }
@@ -565,6 +620,7 @@ impl ResultStore for SqliteResults {
 mod tests {
     use super::*;
     use serde_json::Map;
+    use std::sync::Arc;
 
     fn pending() -> TaskRecord {
         let id = TaskId::new();
@@ -574,23 +630,40 @@ mod tests {
     /// A write that fails in the database rolls back the commit it shared: the writes before it
     /// hear that they were not made (and may be tried again), the one that failed hears its own
     /// error, and the connection is left ready for the next commit.
-    #[tokio::test(flavor = "current_thread")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_broken_write_takes_back_only_what_was_not_answered() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("imgclf.db").display());
-        let store = SqliteResults::connect(&url).await.unwrap();
+        let store = Arc::new(SqliteResults::connect(&url).await.unwrap());
         let (before, after) = (pending(), pending());
-        // One thread: all three are queued before the writer runs, so they share one commit.
-        let (made_before, broken, made_after) = tokio::join!(
-            store.create(&before),
-            store.write(true, |conn| Box::pin(async move {
-                sqlx::query("INSERT INTO no_such_table VALUES (1)")
-                    .execute(conn)
+        // The writer waits in a write of its own while the three queue: they share a commit.
+        let (entered, has_entered) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let held = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .write(true, move |_| {
+                        entered.send(()).unwrap();
+                        released.recv().unwrap();
+                        Ok(())
+                    })
                     .await
-                    .map_err(backend)
-            })),
+            }
+        });
+        tokio::task::spawn_blocking(move || has_entered.recv().unwrap())
+            .await
+            .unwrap();
+        let (made_before, broken, made_after, ()) = tokio::join!(
+            store.create(&before),
+            store.write(true, |conn| conn
+                .execute("INSERT INTO no_such_table VALUES (1)", [])
+                .map_err(backend)),
             store.create(&after),
+            // Polled last: the three are queued by then.
+            async { release.send(()).unwrap() },
         );
+        held.await.unwrap().expect("the held write is made");
         let broken = broken.expect_err("the statement fails");
         assert!(
             broken.to_string().contains("no_such_table") && !broken.is_temporary(),

@@ -10,7 +10,8 @@ raw onnxruntime's (Python) single-threaded time per image at its best batch size
 here in this run. For each model it then runs the embedded `imgclf-http` and the distributed
 deployment (imgclf-http + imgclf-worker over RabbitMQ, PostgreSQL and a compiled S3 server) under
 16 clients with no tuning flag set but the backend, one client for latency, and compares
-preprocessing with Pillow (the reference transform) on the 1-4 megapixel photos. Prints every
+preprocessing with Pillow (the reference transform) on the 1-4 megapixel photos, and measures
+each result store alone (examples/bench_results). Prints every
 ratio against its target, writes docs/bench-results.json and docs/throughput.png.
 
     scripts/bench.sh        # builds the release binaries, starts the services, runs this
@@ -260,6 +261,22 @@ class Service:
         return {("worker" if i else "http"): round(vm_hwm_mib(p.pid), 1) for i, p in enumerate(self.procs)}
 
 
+def result_stores(binary):
+    """Each result store alone (examples/bench_results): the three writes of an image, 64 tasks
+    in flight. SQLite on the disk the embedded service uses; PostgreSQL where the tests have it."""
+    work = tempfile.mkdtemp(prefix="imgclf-bench-store-")
+    LEFTOVERS.append(work)
+    stores = {"sqlite": f"sqlite://{work}/imgclf.db"}
+    if os.environ.get("IMGCLF_TEST_POSTGRES"):
+        stores["postgres"] = os.environ["IMGCLF_TEST_POSTGRES"]
+    out = {}
+    for name, url in stores.items():
+        out[name] = json.loads(subprocess.run([binary, url, "20000", "64"], stdout=subprocess.PIPE, check=True).stdout)
+        print(f"result store {name:8s} {out[name]['tasks_per_s']:8.0f} tasks/s, {out[name]['cpu_ms_per_task']:.3f} ms of "
+              f"this process's CPU per task (create, start, complete; 64 in flight)", flush=True)
+    return out
+
+
 def load(bins, service, tasks, clients, photos):
     out = subprocess.run([bins["load"], f"http://127.0.0.1:{service.port}", str(tasks), str(clients), *photos],
                          stdout=subprocess.PIPE, check=True).stdout
@@ -298,7 +315,8 @@ def main():
     a = ap.parse_args()
     bins = {"http": os.path.join(a.bin_dir, "imgclf-http"), "worker": os.path.join(a.bin_dir, "imgclf-worker"),
             "classifier": os.path.join(a.bin_dir, "examples", "bench_classifier"),
-            "load": os.path.join(a.bin_dir, "examples", "bench_load")}
+            "load": os.path.join(a.bin_dir, "examples", "bench_load"),
+            "results": os.path.join(a.bin_dir, "examples", "bench_results")}
     batches = [int(b) for b in a.batches.split(",")]
     cores = os.cpu_count()
     photo_dir = os.path.join(tempfile.gettempdir(), "imgclf-bench-photos")
@@ -401,6 +419,9 @@ def main():
     print(f"preprocessing per photo, 1-4 MP: Pillow {pillow_large:.2f} ms, imgclf {ours_large:.2f} ms ({pillow_large / ours_large:.2f}x); "
           f"all photos: {pillow_all:.2f} / {ours_all:.2f} ms ({pillow_all / ours_all:.2f}x)")
     verdict("preprocessing speed-up over Pillow, 1-4 MP photos", pillow_large / ours_large, TARGETS["preprocess_speedup"], unit="x")
+
+    print()
+    results["result_stores"] = result_stores(bins["results"])
 
     print(f"\ntargets ({cpu['model']}, {cores} cores):")
     for what, value, target, ok, unit, higher in verdicts:

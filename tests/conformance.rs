@@ -72,6 +72,36 @@ async fn results_postgres() {
         .await
         .expect("connects and migrates");
     conformance::results::run(&store).await;
+    // A write the server refuses (no PostgreSQL text holds a NUL) fails alone, though it
+    // went with others in one statement: more at once than the store runs statements, so
+    // the ones after the first few go as a group.
+    let record = |note: &str| {
+        let id = imgclf::TaskId::new();
+        let metadata = serde_json::json!({ "note": note });
+        let metadata = metadata.as_object().unwrap().clone();
+        imgclf::TaskRecord::pending(id, format!("images/{id}.jpg"), metadata, None)
+    };
+    let mut records: Vec<_> = (0..12).map(|i| record(&i.to_string())).collect();
+    records.insert(8, record("nul \u{0}"));
+    let created = futures_util::future::join_all(
+        (records.iter()).map(|r| imgclf::ResultStore::create(&store, r)),
+    )
+    .await;
+    for (i, created) in created.iter().enumerate() {
+        match i {
+            8 => assert!(
+                matches!(
+                    created,
+                    Err(imgclf::ResultsError::Backend {
+                        temporary: false,
+                        ..
+                    })
+                ),
+                "{created:?}"
+            ),
+            _ => assert!(created.is_ok(), "{created:?}"),
+        }
+    }
     // The replaced service's table holds each success once.
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     let (rows, tasks): (i64, i64) = sqlx::query_as(

@@ -15,6 +15,7 @@ pub async fn run(store: &dyn ResultStore) {
     stale_tasks_are_claimed_once(store).await;
     concurrent_completions_write_once(store).await;
     concurrent_writes_answer_each_for_itself(store).await;
+    many_writes_at_once_answer_as_in_sequence(store).await;
     webhook_state_is_kept_apart(store).await;
     callbacks_are_due_with_the_final_state_and_claimed_once(store).await;
     listing_pages_newest_first(store).await;
@@ -284,6 +285,103 @@ async fn concurrent_writes_answer_each_for_itself(store: &dyn ResultStore) {
     assert_eq!(
         (b.state, b.error.as_deref()),
         (TaskState::Failure, Some("b failed"))
+    );
+}
+
+/// Many writes at once, as a busy process makes them (a backend may make each kind with one
+/// statement): a task written twice, an existing one, an unknown one and a final one each get
+/// the answer they would get alone, one after the other.
+async fn many_writes_at_once_answer_as_in_sequence(store: &dyn ResultStore) {
+    use futures_util::future::join_all;
+    let (fresh, taken, done): (Vec<_>, _, _) =
+        ((0..24).map(|_| record()).collect(), record(), record());
+    for r in [&taken, &done] {
+        store.create(r).await.expect("create");
+    }
+    assert!(store
+        .complete(done.task_id, &result(done.task_id, "done"))
+        .await
+        .expect("complete"));
+    let twice = &fresh[0];
+
+    let creates = join_all(fresh.iter().chain([&taken, twice]).map(|r| store.create(r))).await;
+    let (fresh_created, rest) = creates.split_at(fresh.len());
+    assert!(
+        fresh_created[1..].iter().all(Result::is_ok),
+        "{fresh_created:?}"
+    );
+    assert!(matches!(rest[0], Err(ResultsError::Conflict(id)) if id == taken.task_id));
+    let twice_created = [&fresh_created[0], &rest[1]];
+    assert_eq!(
+        twice_created.iter().filter(|c| c.is_ok()).count(),
+        1,
+        "one of two creates of one task wins: {twice_created:?}"
+    );
+    assert!(twice_created
+        .iter()
+        .any(|c| matches!(c, Err(ResultsError::Conflict(id)) if *id == twice.task_id)));
+
+    let unknown = TaskId::new();
+    let ids: Vec<TaskId> = (fresh.iter().map(|r| r.task_id))
+        .chain([twice.task_id, unknown, done.task_id])
+        .collect();
+    let starts = join_all(ids.iter().map(|id| store.start(*id))).await;
+    let starts: Vec<_> = starts.into_iter().map(|s| s.expect("start")).collect();
+    for (id, started) in ids.iter().zip(&starts) {
+        let expected = match *id {
+            id if id == unknown => None,
+            id if id == done.task_id => Some((TaskState::Success, 0)),
+            _ => Some((TaskState::Started, 1)),
+        };
+        let got = started.as_ref().map(|r| (r.state, r.attempts.min(1)));
+        assert_eq!(got, expected, "start of {id}");
+    }
+    let mut twice_attempts =
+        [&starts[0], &starts[fresh.len()]].map(|s| s.as_ref().unwrap().attempts);
+    twice_attempts.sort();
+    assert_eq!(
+        twice_attempts,
+        [1, 2],
+        "each start of one task counts an attempt"
+    );
+
+    let completed = join_all(ids.iter().map(|id| {
+        let labelled = result(*id, &id.to_string());
+        async move { store.complete(*id, &labelled).await }
+    }))
+    .await;
+    let completed: Vec<bool> = completed
+        .into_iter()
+        .map(|c| c.expect("complete"))
+        .collect();
+    let (fresh_completed, rest) = completed.split_at(fresh.len());
+    assert!(
+        fresh_completed[1..].iter().all(|c| *c),
+        "{fresh_completed:?}"
+    );
+    assert_eq!(
+        [fresh_completed[0], rest[0]].iter().filter(|c| **c).count(),
+        1,
+        "one of two completions of one task writes"
+    );
+    assert_eq!(
+        &rest[1..],
+        [false, false],
+        "unknown and final tasks are not completed"
+    );
+    for r in &fresh {
+        let stored = store.get(r.task_id).await.expect("get").expect("exists");
+        assert_eq!(stored.state, TaskState::Success);
+        assert_eq!(
+            stored.result,
+            Some(result(r.task_id, &r.task_id.to_string()))
+        );
+    }
+    let done_now = store.get(done.task_id).await.expect("get").expect("exists");
+    assert_eq!(
+        done_now.result,
+        Some(result(done.task_id, "done")),
+        "a final result stays"
     );
 }
 

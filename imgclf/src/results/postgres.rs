@@ -1,9 +1,14 @@
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::future::BoxFuture;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::Connection;
 use sqlx::Row;
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{ResultStore, ResultsError, StateCounts, TaskQuery};
@@ -16,12 +21,20 @@ const COLUMNS: &str = "task_id, state, object_key, metadata, callback_url, resul
 
 /// Task records in PostgreSQL, shared by every `imgclf-http` and `imgclf-worker`. The pool
 /// reconnects by itself after the server restarts.
+///
+/// The writes of an image's life (`create`, `start`, `complete`) go in groups: the ones that
+/// queued in this process while the last statement of their kind ran are made by one
+/// statement, one round trip and one commit where each would take its own. PostgreSQL shares
+/// the log flushes of concurrent commits anyway; what a group saves is the server's work per
+/// statement and per transaction, which is most of its work per task.
 pub struct PostgresResults {
     pool: PgPool,
-    /// Connections with `synchronous_commit = off` (a commit returns before the server
-    /// flushes its log, which it does within a fraction of a second), for the one write that
-    /// needs no more: [`ResultStore::start`].
-    relaxed: PgPool,
+    creates: Grouped<TaskRecord, ()>,
+    /// On connections of their own with `synchronous_commit = off` (a commit returns before
+    /// the server flushes its log, which it does within a fraction of a second): a start needs
+    /// no more.
+    starts: Grouped<TaskId, Option<TaskRecord>>,
+    completes: Grouped<(TaskId, TaskResult), bool>,
 }
 
 impl PostgresResults {
@@ -38,8 +51,492 @@ impl PostgresResults {
             .connect_with(options.options([("synchronous_commit", "off")]))
             .await
             .map_err(backend)?;
-        Ok(Self { pool, relaxed })
+        let creates = {
+            let pool = pool.clone();
+            Grouped::new(move |records| create_group(pool.clone(), records))
+        };
+        let starts = {
+            let (relaxed, pool) = (relaxed.clone(), pool.clone());
+            Grouped::new(move |ids| start_group(relaxed.clone(), pool.clone(), ids))
+        };
+        let completes = {
+            let pool = pool.clone();
+            Grouped::new(move |results| complete_group(pool.clone(), results))
+        };
+        Ok(Self {
+            pool,
+            creates,
+            starts,
+            completes,
+        })
     }
+}
+
+/// Most writes in one statement: enough for every upload and worker of a busy process.
+const MOST_PER_STATEMENT: usize = 64;
+
+/// Statements of each kind at once. A write that finds fewer running goes straight to the
+/// server on its caller's task, as it would with no grouping; one that finds them all running
+/// waits for the next to end, with all the others that queued meanwhile.
+const STATEMENTS: usize = 4;
+
+/// Callers' writes of one kind, made in groups when they come faster than single statements
+/// go (up to [`MOST_PER_STATEMENT`] in one).
+struct Grouped<I, O> {
+    inner: Arc<GroupedInner<I, O>>,
+}
+
+type Answer<O> = oneshot::Sender<Result<O, ResultsError>>;
+type MakeGroup<I, O> =
+    Box<dyn Fn(Vec<I>) -> BoxFuture<'static, Vec<Result<O, ResultsError>>> + Send + Sync>;
+
+struct GroupedInner<I, O> {
+    /// Makes a group's writes, answering them in order.
+    make: MakeGroup<I, O>,
+    state: std::sync::Mutex<Waiting<I, O>>,
+}
+
+struct Waiting<I, O> {
+    /// Statements running now.
+    running: usize,
+    queued: Vec<(I, Answer<O>)>,
+}
+
+impl<I: Send + 'static, O: Send + 'static> Grouped<I, O> {
+    fn new<Fut>(make: impl Fn(Vec<I>) -> Fut + Send + Sync + 'static) -> Self
+    where
+        Fut: Future<Output = Vec<Result<O, ResultsError>>> + Send + 'static,
+    {
+        let make: MakeGroup<I, O> = Box::new(move |group| Box::pin(make(group)));
+        Self {
+            inner: Arc::new(GroupedInner {
+                make,
+                state: std::sync::Mutex::new(Waiting {
+                    running: 0,
+                    queued: Vec::new(),
+                }),
+            }),
+        }
+    }
+
+    /// Makes `input`: at once if a statement is free, else in the next group.
+    async fn make(&self, input: I) -> Result<O, ResultsError> {
+        let turn = {
+            let mut state = self.inner.state();
+            if state.running < STATEMENTS {
+                state.running += 1;
+                Turn::Now(input)
+            } else {
+                let (answer, answered) = oneshot::channel();
+                state.queued.push((input, answer));
+                Turn::Queued(answered)
+            }
+        };
+        match turn {
+            Turn::Queued(answered) => answered.await.map_err(|_| not_made())?,
+            Turn::Now(input) => {
+                // Hands the statement on to what queued meanwhile, even if this caller gives up.
+                let _running = Running(self.inner.clone());
+                let mut outcome = (self.inner.make)(vec![input]).await;
+                outcome.pop().unwrap_or_else(|| Err(not_made()))
+            }
+        }
+    }
+}
+
+enum Turn<I, O> {
+    /// A statement is free: the write goes now.
+    Now(I),
+    /// The write waits for its group.
+    Queued(oneshot::Receiver<Result<O, ResultsError>>),
+}
+
+/// Unanswered, a write's statement may or may not have run; every write is guarded, so
+/// trying it again never makes it twice.
+fn not_made() -> ResultsError {
+    ResultsError::temporary("the write was not made")
+}
+
+impl<I, O> GroupedInner<I, O> {
+    fn state(&self) -> std::sync::MutexGuard<'_, Waiting<I, O>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A running statement: when it ends, the writes that queued meanwhile go as the next group.
+struct Running<I: Send + 'static, O: Send + 'static>(Arc<GroupedInner<I, O>>);
+
+impl<I: Send + 'static, O: Send + 'static> Drop for Running<I, O> {
+    fn drop(&mut self) {
+        let inner = &self.0;
+        let mut state = inner.state();
+        let runtime = match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if !state.queued.is_empty() => runtime,
+            // Nothing waits (or the runtime is going, and the writes with it).
+            _ => {
+                state.running -= 1;
+                return;
+            }
+        };
+        let take = state.queued.len().min(MOST_PER_STATEMENT);
+        let group: Vec<_> = state.queued.drain(..take).collect();
+        drop(state);
+        let running = Running(inner.clone());
+        runtime.spawn(async move {
+            let (inputs, answers): (Vec<I>, Vec<Answer<O>>) = group.into_iter().unzip();
+            for (answer, outcome) in answers.into_iter().zip((running.0.make)(inputs).await) {
+                let _ = answer.send(outcome);
+            }
+        });
+    }
+}
+
+/// Makes a group's writes: the first write for each task with one statement (`together`,
+/// answering them in order), or each alone (`one`) if that fails, so that one bad write
+/// cannot fail the others; then any repeats, one at a time, in order. (A task twice in one
+/// group is rare: a redelivery racing the first delivery, or two uploads with one
+/// idempotency key. A repeat must see its first write's outcome, as it would in sequence.)
+async fn make_group<T, O, One>(
+    group: Vec<T>,
+    id: impl Fn(&T) -> TaskId,
+    together: impl AsyncFnOnce(&[T]) -> Result<Vec<Result<O, ResultsError>>, ResultsError>,
+    one: impl Fn(T) -> One,
+) -> Vec<Result<O, ResultsError>>
+where
+    One: Future<Output = Result<O, ResultsError>>,
+{
+    let mut answers: Vec<Option<Result<O, ResultsError>>> = group.iter().map(|_| None).collect();
+    let mut seen = HashSet::new();
+    let (firsts, repeats): (Vec<_>, Vec<_>) =
+        (group.into_iter().enumerate()).partition(|(_, write)| seen.insert(id(write)));
+    let (indices, firsts): (Vec<usize>, Vec<T>) = firsts.into_iter().unzip();
+    let made = match firsts.len() {
+        1 => None,
+        _ => together(&firsts).await.ok(),
+    };
+    let outcomes = match made {
+        Some(outcomes) => outcomes,
+        None => futures_util::future::join_all(firsts.into_iter().map(&one)).await,
+    };
+    for (i, outcome) in indices.into_iter().zip(outcomes) {
+        answers[i] = Some(outcome);
+    }
+    for (i, write) in repeats {
+        answers[i] = Some(one(write).await);
+    }
+    answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err(not_made())))
+        .collect()
+}
+
+fn json(value: &impl serde::Serialize) -> Result<serde_json::Value, ResultsError> {
+    serde_json::to_value(value).map_err(codec)
+}
+
+async fn create_group(pool: PgPool, records: Vec<TaskRecord>) -> Vec<Result<(), ResultsError>> {
+    let together = async |records: &[TaskRecord]| create_together(&pool, records).await;
+    make_group(records, |r| r.task_id, together, |r| create_one(&pool, r)).await
+}
+
+/// Creates tasks of distinct ids with one statement; a conflict for each id that exists.
+async fn create_together(
+    pool: &PgPool,
+    records: &[TaskRecord],
+) -> Result<Vec<Result<(), ResultsError>>, ResultsError> {
+    let mut columns = CreateColumns::default();
+    for record in records {
+        columns.push(record)?;
+    }
+    let sql = format!(
+        "INSERT INTO tasks ({COLUMNS}) SELECT * FROM UNNEST($1::uuid[], $2::text[], \
+         $3::text[], $4::jsonb[], $5::text[], $6::jsonb[], $7::text[], $8::int4[], \
+         $9::int8[], $10::int8[], $11::jsonb[]) ON CONFLICT (task_id) DO NOTHING \
+         RETURNING task_id"
+    );
+    let inserted: HashSet<Uuid> = sqlx::query_scalar(&sql)
+        .bind(columns.task_id)
+        .bind(columns.state)
+        .bind(columns.object_key)
+        .bind(columns.metadata)
+        .bind(columns.callback_url)
+        .bind(columns.result)
+        .bind(columns.error)
+        .bind(columns.attempts)
+        .bind(columns.created_at_ms)
+        .bind(columns.updated_at_ms)
+        .bind(columns.webhook)
+        .fetch_all(pool)
+        .await
+        .map_err(backend)?
+        .into_iter()
+        .collect();
+    Ok(records
+        .iter()
+        .map(|r| match inserted.contains(&r.task_id.as_uuid()) {
+            true => Ok(()),
+            false => Err(ResultsError::Conflict(r.task_id)),
+        })
+        .collect())
+}
+
+/// A group of new records, column by column, for `UNNEST`.
+#[derive(Default)]
+struct CreateColumns {
+    task_id: Vec<Uuid>,
+    state: Vec<&'static str>,
+    object_key: Vec<String>,
+    metadata: Vec<serde_json::Value>,
+    callback_url: Vec<Option<String>>,
+    result: Vec<Option<serde_json::Value>>,
+    error: Vec<Option<String>>,
+    attempts: Vec<i32>,
+    created_at_ms: Vec<i64>,
+    updated_at_ms: Vec<i64>,
+    webhook: Vec<Option<serde_json::Value>>,
+}
+
+impl CreateColumns {
+    fn push(&mut self, r: &TaskRecord) -> Result<(), ResultsError> {
+        self.task_id.push(r.task_id.as_uuid());
+        self.state.push(r.state.as_str());
+        self.object_key.push(r.object_key.clone());
+        self.metadata
+            .push(serde_json::Value::Object(r.metadata.clone()));
+        self.callback_url.push(r.callback_url.clone());
+        self.result.push(r.result.as_ref().map(json).transpose()?);
+        self.error.push(r.error.clone());
+        self.attempts.push(r.attempts as i32);
+        self.created_at_ms.push(r.created_at_ms);
+        self.updated_at_ms.push(r.updated_at_ms);
+        self.webhook.push(r.webhook.as_ref().map(json).transpose()?);
+        Ok(())
+    }
+}
+
+async fn create_one(pool: &PgPool, r: TaskRecord) -> Result<(), ResultsError> {
+    let sql = format!(
+        "INSERT INTO tasks ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+    );
+    let inserted = sqlx::query(&sql)
+        .bind(r.task_id.as_uuid())
+        .bind(r.state.as_str())
+        .bind(&r.object_key)
+        .bind(serde_json::Value::Object(r.metadata.clone()))
+        .bind(&r.callback_url)
+        .bind(r.result.as_ref().map(json).transpose()?)
+        .bind(&r.error)
+        .bind(r.attempts as i32)
+        .bind(r.created_at_ms)
+        .bind(r.updated_at_ms)
+        .bind(r.webhook.as_ref().map(json).transpose()?)
+        .execute(pool)
+        .await;
+    match inserted {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+            Err(ResultsError::Conflict(r.task_id))
+        }
+        Err(e) => Err(backend(e)),
+    }
+}
+
+async fn start_group(
+    relaxed: PgPool,
+    durable: PgPool,
+    ids: Vec<TaskId>,
+) -> Vec<Result<Option<TaskRecord>, ResultsError>> {
+    let together = async |ids: &[TaskId]| start_together(&relaxed, &durable, ids).await;
+    make_group(
+        ids,
+        |id| *id,
+        together,
+        |id| start_one(&relaxed, &durable, id),
+    )
+    .await
+}
+
+/// Starts distinct tasks with one statement; the records as they now are, a final one
+/// unchanged, an unknown one `None`. An error after the statement ran belongs to the tasks
+/// it did not start: the others' attempts are counted, and must not be counted again.
+async fn start_together(
+    relaxed: &PgPool,
+    durable: &PgPool,
+    ids: &[TaskId],
+) -> Result<Vec<Result<Option<TaskRecord>, ResultsError>>, ResultsError> {
+    let uuids: Vec<Uuid> = ids.iter().map(|id| id.as_uuid()).collect();
+    let sql = format!(
+        "UPDATE tasks SET state = 'STARTED', attempts = attempts + 1, updated_at_ms = $1 \
+         WHERE task_id = ANY($2) AND state IN ('PENDING', 'STARTED') RETURNING {COLUMNS}"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(now_ms())
+        .bind(&uuids)
+        .fetch_all(relaxed)
+        .await
+        .map_err(backend)?;
+    let mut records = HashMap::with_capacity(ids.len());
+    let mut unreadable = None;
+    for row in &rows {
+        match record(row) {
+            Ok(record) => {
+                records.insert(record.task_id, record);
+            }
+            Err(e) => unreadable = Some(e.to_string()),
+        }
+    }
+    if records.len() < ids.len() && unreadable.is_none() {
+        // The final and the unknown, as they are.
+        let rest: Vec<Uuid> = (ids.iter())
+            .filter(|id| !records.contains_key(id))
+            .map(|id| id.as_uuid())
+            .collect();
+        let sql = format!("SELECT {COLUMNS} FROM tasks WHERE task_id = ANY($1)");
+        match sqlx::query(&sql).bind(&rest).fetch_all(durable).await {
+            Ok(rows) => {
+                for row in &rows {
+                    let record = record(row)?;
+                    records.insert(record.task_id, record);
+                }
+            }
+            Err(e) => return Ok(answer_or(ids, records, backend(e))),
+        }
+    }
+    match unreadable {
+        Some(e) => Ok(answer_or(ids, records, ResultsError::Codec(e.into()))),
+        None => Ok(ids.iter().map(|id| Ok(records.remove(id))).collect()),
+    }
+}
+
+/// Each task's record, or `error` for those without one.
+fn answer_or(
+    ids: &[TaskId],
+    mut records: HashMap<TaskId, TaskRecord>,
+    error: ResultsError,
+) -> Vec<Result<Option<TaskRecord>, ResultsError>> {
+    let (codec, temporary, text) = (
+        matches!(error, ResultsError::Codec(_)),
+        error.is_temporary(),
+        error.to_string(),
+    );
+    let error = || match (codec, temporary) {
+        (true, _) => ResultsError::Codec(text.clone().into()),
+        (false, true) => ResultsError::temporary(text.clone()),
+        (false, false) => ResultsError::permanent(text.clone()),
+    };
+    ids.iter()
+        .map(|id| records.remove(id).map(Some).ok_or_else(error))
+        .collect()
+}
+
+async fn start_one(
+    relaxed: &PgPool,
+    durable: &PgPool,
+    id: TaskId,
+) -> Result<Option<TaskRecord>, ResultsError> {
+    let sql = format!(
+        "UPDATE tasks SET state = 'STARTED', attempts = attempts + 1, updated_at_ms = $1 \
+         WHERE task_id = $2 AND state IN ('PENDING', 'STARTED') RETURNING {COLUMNS}"
+    );
+    let row = sqlx::query(&sql)
+        .bind(now_ms())
+        .bind(id.as_uuid())
+        .fetch_optional(relaxed)
+        .await
+        .map_err(backend)?;
+    match row {
+        Some(row) => record(&row).map(Some),
+        None => get(durable, id).await,
+    }
+}
+
+async fn get(pool: &PgPool, id: TaskId) -> Result<Option<TaskRecord>, ResultsError> {
+    let sql = format!("SELECT {COLUMNS} FROM tasks WHERE task_id = $1");
+    let row = sqlx::query(&sql)
+        .bind(id.as_uuid())
+        .fetch_optional(pool)
+        .await
+        .map_err(backend)?;
+    row.as_ref().map(record).transpose()
+}
+
+async fn complete_group(
+    pool: PgPool,
+    results: Vec<(TaskId, TaskResult)>,
+) -> Vec<Result<bool, ResultsError>> {
+    let together = async |results: &[(TaskId, TaskResult)]| complete_together(&pool, results).await;
+    let one = |(id, result): (TaskId, TaskResult)| complete_one(&pool, id, result);
+    make_group(results, |(id, _)| *id, together, one).await
+}
+
+/// Completes distinct tasks with one statement; for each, whether this made it final.
+async fn complete_together(
+    pool: &PgPool,
+    results: &[(TaskId, TaskResult)],
+) -> Result<Vec<Result<bool, ResultsError>>, ResultsError> {
+    let now = now_ms();
+    let due = json(&WebhookDelivery::due(now))?;
+    let (mut ids, mut payloads, mut models) = (Vec::new(), Vec::new(), Vec::new());
+    for (id, result) in results {
+        ids.push(id.as_uuid());
+        payloads.push(json(result)?);
+        models.push(result.model.as_str());
+    }
+    // `complete_one`'s statement for many: the result rows are written only for the tasks
+    // the UPDATE made final.
+    let done: HashSet<Uuid> = sqlx::query_scalar(
+        "WITH input AS ( \
+             SELECT * FROM UNNEST($1::uuid[], $2::jsonb[], $3::text[]) AS i(task_id, result, model)), \
+         done AS ( \
+             UPDATE tasks SET state = 'SUCCESS', result = input.result, model = input.model, \
+             error = NULL, updated_at_ms = $4, \
+             webhook = CASE WHEN callback_url IS NULL THEN webhook ELSE $5 END \
+             FROM input WHERE tasks.task_id = input.task_id \
+             AND tasks.state IN ('PENDING', 'STARTED') RETURNING tasks.task_id, input.result), \
+         kept AS ( \
+             INSERT INTO results (task_id, payload) SELECT task_id::text, result::json FROM done \
+             ON CONFLICT (task_id) DO NOTHING) \
+         SELECT task_id FROM done",
+    )
+    .bind(&ids)
+    .bind(&payloads)
+    .bind(&models)
+    .bind(now)
+    .bind(&due)
+    .fetch_all(pool)
+    .await
+    .map_err(backend)?
+    .into_iter()
+    .collect();
+    Ok(ids.iter().map(|id| Ok(done.contains(id))).collect())
+}
+
+async fn complete_one(pool: &PgPool, id: TaskId, result: TaskResult) -> Result<bool, ResultsError> {
+    let payload = json(&result)?;
+    let now = now_ms();
+    let due = json(&WebhookDelivery::due(now))?;
+    // One statement, so one round trip and one commit: the result row is written only if
+    // this call made the task final (the CTE's INSERT reads the UPDATE's rows).
+    let (written,): (i64,) = sqlx::query_as(
+        "WITH done AS ( \
+             UPDATE tasks SET state = 'SUCCESS', result = $1, model = $2, error = NULL, \
+             updated_at_ms = $3, \
+             webhook = CASE WHEN callback_url IS NULL THEN webhook ELSE $5 END \
+             WHERE task_id = $4 AND state IN ('PENDING', 'STARTED') RETURNING task_id), \
+         kept AS ( \
+             INSERT INTO results (task_id, payload) SELECT task_id::text, $1 FROM done \
+             ON CONFLICT (task_id) DO NOTHING) \
+         SELECT count(*) FROM done",
+    )
+    .bind(&payload)
+    .bind(&result.model)
+    .bind(now)
+    .bind(id.as_uuid())
+    .bind(&due)
+    .fetch_one(pool)
+    .await
+    .map_err(backend)?;
+    Ok(written == 1)
 }
 
 /// A pool that checks a connection before lending it only when it has been idle a while: a
@@ -117,97 +614,19 @@ fn record(row: &PgRow) -> Result<TaskRecord, ResultsError> {
 #[async_trait]
 impl ResultStore for PostgresResults {
     async fn create(&self, r: &TaskRecord) -> Result<(), ResultsError> {
-        let sql = format!(
-            "INSERT INTO tasks ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-        );
-        let result = r
-            .result
-            .as_ref()
-            .map(serde_json::to_value)
-            .transpose()
-            .map_err(codec)?;
-        let inserted = sqlx::query(&sql)
-            .bind(r.task_id.as_uuid())
-            .bind(r.state.as_str())
-            .bind(&r.object_key)
-            .bind(serde_json::Value::Object(r.metadata.clone()))
-            .bind(&r.callback_url)
-            .bind(result)
-            .bind(&r.error)
-            .bind(r.attempts as i32)
-            .bind(r.created_at_ms)
-            .bind(r.updated_at_ms)
-            .bind(
-                r.webhook
-                    .as_ref()
-                    .map(serde_json::to_value)
-                    .transpose()
-                    .map_err(codec)?,
-            )
-            .execute(&self.pool)
-            .await;
-        match inserted {
-            Ok(_) => Ok(()),
-            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
-                Err(ResultsError::Conflict(r.task_id))
-            }
-            Err(e) => Err(backend(e)),
-        }
+        self.creates.make(r.clone()).await
     }
 
     async fn get(&self, id: TaskId) -> Result<Option<TaskRecord>, ResultsError> {
-        let sql = format!("SELECT {COLUMNS} FROM tasks WHERE task_id = $1");
-        let row = sqlx::query(&sql)
-            .bind(id.as_uuid())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(backend)?;
-        row.as_ref().map(record).transpose()
+        get(&self.pool, id).await
     }
 
     async fn start(&self, id: TaskId) -> Result<Option<TaskRecord>, ResultsError> {
-        let sql = format!(
-            "UPDATE tasks SET state = 'STARTED', attempts = attempts + 1, updated_at_ms = $1 \
-             WHERE task_id = $2 AND state IN ('PENDING', 'STARTED') RETURNING {COLUMNS}"
-        );
-        let row = sqlx::query(&sql)
-            .bind(now_ms())
-            .bind(id.as_uuid())
-            .fetch_optional(&self.relaxed)
-            .await
-            .map_err(backend)?;
-        match row {
-            Some(row) => record(&row).map(Some),
-            None => self.get(id).await,
-        }
+        self.starts.make(id).await
     }
 
     async fn complete(&self, id: TaskId, result: &TaskResult) -> Result<bool, ResultsError> {
-        let payload = serde_json::to_value(result).map_err(codec)?;
-        let now = now_ms();
-        let due = serde_json::to_value(WebhookDelivery::due(now)).map_err(codec)?;
-        // One statement, so one round trip and one commit: the result row is written only if
-        // this call made the task final (the CTE's INSERT reads the UPDATE's rows).
-        let (written,): (i64,) = sqlx::query_as(
-            "WITH done AS ( \
-                 UPDATE tasks SET state = 'SUCCESS', result = $1, model = $2, error = NULL, \
-                 updated_at_ms = $3, \
-                 webhook = CASE WHEN callback_url IS NULL THEN webhook ELSE $5 END \
-                 WHERE task_id = $4 AND state IN ('PENDING', 'STARTED') RETURNING task_id), \
-             kept AS ( \
-                 INSERT INTO results (task_id, payload) SELECT task_id::text, $1 FROM done \
-                 ON CONFLICT (task_id) DO NOTHING) \
-             SELECT count(*) FROM done",
-        )
-        .bind(&payload)
-        .bind(&result.model)
-        .bind(now)
-        .bind(id.as_uuid())
-        .bind(&due)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(backend)?;
-        Ok(written == 1)
+        self.completes.make((id, result.clone())).await
     }
 
     async fn fail(&self, id: TaskId, error: &str) -> Result<bool, ResultsError> {

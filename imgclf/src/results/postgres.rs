@@ -23,9 +23,9 @@ const COLUMNS: &str = "task_id, state, object_key, metadata, callback_url, resul
 /// reconnects by itself after the server restarts.
 ///
 /// The writes of an image's life (`create`, `start`, `complete`) go in groups: the ones that
-/// queued in this process while the last statement of their kind ran are made by one
-/// statement, one round trip and one commit where each would take its own. PostgreSQL shares
-/// the log flushes of concurrent commits anyway; what a group saves is the server's work per
+/// come in this process while a statement of their kind runs are made by the next one, one
+/// round trip and one commit where each would take its own. PostgreSQL shares the log
+/// flushes of concurrent commits anyway; what a group saves is the server's work per
 /// statement and per transaction, which is most of its work per task.
 pub struct PostgresResults {
     pool: PgPool,
@@ -75,10 +75,13 @@ impl PostgresResults {
 /// Most writes in one statement: enough for every upload and worker of a busy process.
 const MOST_PER_STATEMENT: usize = 64;
 
-/// Statements of each kind at once. A write that finds fewer running goes straight to the
-/// server on its caller's task, as it would with no grouping; one that finds them all running
-/// waits for the next to end, with all the others that queued meanwhile.
-const STATEMENTS: usize = 4;
+/// Statements of each kind at once. A write that finds none running goes straight to the
+/// server on its caller's task, as it would with no grouping; one that finds one running
+/// waits for it to end and goes in the next, with every other that came meanwhile. More at
+/// once would take a few writes that come together sooner, and split the groups of many: in
+/// BENCHMARKS.md, one gives the most tasks per second for the least CPU from 16 in flight
+/// up, and a little less throughput than four at four in flight.
+const STATEMENTS: usize = 1;
 
 /// Callers' writes of one kind, made in groups when they come faster than single statements
 /// go (up to [`MOST_PER_STATEMENT`] in one).
@@ -367,7 +370,8 @@ async fn start_together(
     let uuids: Vec<Uuid> = ids.iter().map(|id| id.as_uuid()).collect();
     let sql = format!(
         "UPDATE tasks SET state = 'STARTED', attempts = attempts + 1, updated_at_ms = $1 \
-         WHERE task_id = ANY($2) AND state IN ('PENDING', 'STARTED') RETURNING {COLUMNS}"
+         FROM UNNEST($2::uuid[]) AS started(id) \
+         WHERE task_id = started.id AND state IN ('PENDING', 'STARTED') RETURNING {COLUMNS}"
     );
     let rows = sqlx::query(&sql)
         .bind(now_ms())
@@ -483,18 +487,18 @@ async fn complete_together(
         models.push(result.model.as_str());
     }
     // `complete_one`'s statement for many: the result rows are written only for the tasks
-    // the UPDATE made final.
+    // the UPDATE made final. A join on the ids (not `task_id = ANY(…)`, which the planner
+    // may answer by scanning every unfinished task) finds each by its key.
     let done: HashSet<Uuid> = sqlx::query_scalar(
-        "WITH input AS ( \
-             SELECT * FROM UNNEST($1::uuid[], $2::jsonb[], $3::text[]) AS i(task_id, result, model)), \
-         done AS ( \
-             UPDATE tasks SET state = 'SUCCESS', result = input.result, model = input.model, \
+        "WITH done AS ( \
+             UPDATE tasks SET state = 'SUCCESS', result = given.payload, model = given.model_name, \
              error = NULL, updated_at_ms = $4, \
              webhook = CASE WHEN callback_url IS NULL THEN webhook ELSE $5 END \
-             FROM input WHERE tasks.task_id = input.task_id \
-             AND tasks.state IN ('PENDING', 'STARTED') RETURNING tasks.task_id, input.result), \
+             FROM UNNEST($1::uuid[], $2::jsonb[], $3::text[]) AS given(id, payload, model_name) \
+             WHERE task_id = given.id AND state IN ('PENDING', 'STARTED') \
+             RETURNING task_id, given.payload), \
          kept AS ( \
-             INSERT INTO results (task_id, payload) SELECT task_id::text, result::json FROM done \
+             INSERT INTO results (task_id, payload) SELECT task_id::text, payload::json FROM done \
              ON CONFLICT (task_id) DO NOTHING) \
          SELECT task_id FROM done",
     )

@@ -399,8 +399,12 @@ async fn start_together(
         match sqlx::query(&sql).bind(&rest).fetch_all(durable).await {
             Ok(rows) => {
                 for row in &rows {
-                    let record = record(row)?;
-                    records.insert(record.task_id, record);
+                    match record(row) {
+                        Ok(record) => {
+                            records.insert(record.task_id, record);
+                        }
+                        Err(e) => unreadable = Some(e.to_string()),
+                    }
                 }
             }
             Err(e) => return Ok(answer_or(ids, records, backend(e))),

@@ -173,13 +173,18 @@ impl<I: Send + 'static, O: Send + 'static> Drop for Running<I, O> {
     fn drop(&mut self) {
         let inner = &self.0;
         let mut state = inner.state();
-        let runtime = match tokio::runtime::Handle::try_current() {
-            Ok(runtime) if !state.queued.is_empty() => runtime,
-            // Nothing waits (or the runtime is going, and the writes with it).
-            _ => {
-                state.running -= 1;
-                return;
+        if state.queued.is_empty() {
+            state.running -= 1;
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to run the next group on (it is shutting down): the waiting writes
+            // are told they were not made rather than left waiting.
+            state.running -= 1;
+            for (_, answer) in state.queued.drain(..) {
+                let _ = answer.send(Err(not_made()));
             }
+            return;
         };
         let take = state.queued.len().min(MOST_PER_STATEMENT);
         let group: Vec<_> = state.queued.drain(..take).collect();

@@ -73,8 +73,8 @@ async fn results_postgres() {
         .expect("connects and migrates");
     conformance::results::run(&store).await;
     // A write the server refuses (no PostgreSQL text holds a NUL) fails alone, though it
-    // went with others in one statement: more at once than the store runs statements, so
-    // the ones after the first few go as a group.
+    // went with others in one statement: more at once than the store runs statements of a
+    // kind, so all but the first go as a group.
     let record = |note: &str| {
         let id = imgclf::TaskId::new();
         let metadata = serde_json::json!({ "note": note });

@@ -644,7 +644,7 @@ impl ResultStore for PostgresResults {
 
     async fn fail(&self, id: TaskId, error: &str) -> Result<bool, ResultsError> {
         let now = now_ms();
-        let due = serde_json::to_value(WebhookDelivery::due(now)).map_err(codec)?;
+        let due = json(&WebhookDelivery::due(now))?;
         let done = sqlx::query(
             "UPDATE tasks SET state = 'FAILURE', error = $1, updated_at_ms = $2, \
              webhook = CASE WHEN callback_url IS NULL THEN webhook ELSE $4 END \
@@ -689,7 +689,7 @@ impl ResultStore for PostgresResults {
         id: TaskId,
         delivery: &WebhookDelivery,
     ) -> Result<(), ResultsError> {
-        let webhook = serde_json::to_value(delivery).map_err(codec)?;
+        let webhook = json(delivery)?;
         sqlx::query("UPDATE tasks SET webhook = $1 WHERE task_id = $2")
             .bind(webhook)
             .bind(id.as_uuid())

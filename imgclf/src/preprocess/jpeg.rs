@@ -8,6 +8,10 @@
 //! decoding stops after its last row. libjpeg treats the edges of a crop as image edges, so a few
 //! pixels of margin are decoded and dropped to keep every kept pixel as a full decode has it.
 //!
+//! A progressive JPEG's scans are entropy-decoded by [`super::progressive`] where it takes the
+//! file, into the coefficient arrays libjpeg's output pass then reads (see
+//! [`Decoder::decode_scans_first`]); libjpeg decodes the rest, and all pixels.
+//!
 //! A progress monitor bounds the cost: at most [`MAX_JPEG_SCANS`] progressive scans, and the
 //! decode's CPU-time [`Budget`].
 //!
@@ -21,7 +25,6 @@
 // The crate's one FFI module; every unsafe block says why it holds.
 #![allow(unsafe_code)]
 
-use std::marker::PhantomData;
 use std::mem;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -33,6 +36,7 @@ use mozjpeg_sys::{
 use image::metadata::Orientation;
 
 use super::budget::{Budget, MAX_JPEG_SCANS};
+use super::progressive::{self, Component, Frame, Stop};
 use super::scratch::Scratch;
 use super::{ImageError, Rect};
 
@@ -158,11 +162,12 @@ fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
 
 /// A whole-image array of coefficient blocks, handed to libjpeg in place of its own virtual
 /// block arrays. Its memory is taken from the thread's scratch buffers on first access (a
-/// header check that only sets up the decode touches none) and goes back when the decoder goes.
+/// header check that only sets up the decode touches none) and goes back when the decoder goes,
+/// unless it was handed over already decoded (see [`Decoder::decode_scans_first`]).
 struct BlockArray {
     blocks_per_row: usize,
     rows: usize,
-    /// Row pointers into `memory`, once accessed.
+    /// Row pointers into its memory, once accessed.
     row_pointers: Vec<JBLOCKROW>,
     memory: Option<Scratch>,
 }
@@ -180,15 +185,10 @@ impl BlockArray {
         if start.checked_add(count)? > self.rows {
             return None;
         }
-        if self.memory.is_none() {
-            let row_bytes = self.blocks_per_row * mem::size_of::<JBLOCK>();
-            let mut memory = Scratch::zeroed(row_bytes.checked_mul(self.rows)? + BLOCK_ALIGN);
-            let base = memory.as_mut_ptr();
-            let first = base.align_offset(BLOCK_ALIGN);
-            self.row_pointers = (0..self.rows)
-                // SAFETY: `first + rows * row_bytes` is within the buffer's length.
-                .map(|row| unsafe { base.add(first + row * row_bytes) } as JBLOCKROW)
-                .collect();
+        if self.row_pointers.is_empty() {
+            let mut memory = Scratch::zeroed(block_bytes(self.blocks_per_row, self.rows)?);
+            let first = aligned_blocks(&mut memory, self.blocks_per_row * self.rows);
+            self.row_pointers = row_pointers(first, self.blocks_per_row, self.rows);
             self.memory = Some(memory);
         }
         // SAFETY: `start <= rows`, the length of `row_pointers`.
@@ -196,10 +196,53 @@ impl BlockArray {
     }
 }
 
-/// The coefficient arrays libjpeg asked one decoder for; `cinfo.client_data` points here.
-/// Boxed: libjpeg holds a pointer to each while more are added.
-#[allow(clippy::vec_box)]
-type BlockArrays = Vec<Box<BlockArray>>;
+/// Bytes of scratch memory that hold `blocks_per_row * rows` aligned blocks.
+fn block_bytes(blocks_per_row: usize, rows: usize) -> Option<usize> {
+    let blocks = blocks_per_row.checked_mul(rows)?;
+    blocks
+        .checked_mul(mem::size_of::<JBLOCK>())?
+        .checked_add(BLOCK_ALIGN)
+}
+
+/// `count` blocks at the first aligned address of `memory` (of at least [`block_bytes`]).
+fn aligned_blocks(memory: &mut [u8], count: usize) -> &mut [JBLOCK] {
+    let first = memory.as_ptr().align_offset(BLOCK_ALIGN);
+    let blocks = &mut memory[first..first + count * mem::size_of::<JBLOCK>()];
+    // SAFETY: the bytes are in bounds (checked by the slice above), aligned for JBLOCK (an
+    // array of i16) and every bit pattern is a valid i16; the slice borrows them exclusively.
+    unsafe { std::slice::from_raw_parts_mut(blocks.as_mut_ptr() as *mut JBLOCK, count) }
+}
+
+/// libjpeg's row pointers for blocks laid out row by row from `blocks`.
+fn row_pointers(blocks: &mut [JBLOCK], blocks_per_row: usize, rows: usize) -> Vec<JBLOCKROW> {
+    let base = blocks.as_mut_ptr();
+    (0..rows)
+        // SAFETY: `row * blocks_per_row` is within `blocks` (`rows * blocks_per_row` long).
+        .map(|row| unsafe { base.add(row * blocks_per_row) })
+        .collect()
+}
+
+/// The coefficient arrays libjpeg asked one decoder for, and those decoded already for it;
+/// `cinfo.client_data` points here.
+#[derive(Default)]
+struct BlockArrays {
+    /// Boxed: libjpeg holds a pointer to each while more are added.
+    #[allow(clippy::vec_box)]
+    requested: Vec<Box<BlockArray>>,
+    /// Each component's decoded blocks, handed out in order as libjpeg requests its arrays
+    /// (one per component, in order), and their memory.
+    decoded: Vec<Decoded>,
+    decoded_memory: Option<Scratch>,
+}
+
+/// A component's coefficient blocks, decoded before libjpeg asks for them.
+struct Decoded {
+    blocks_per_row: usize,
+    rows: usize,
+    row_pointers: Vec<JBLOCKROW>,
+    /// The blocks of an MCU: `h` across, `v` down.
+    mcu: (usize, usize),
+}
 
 /// libjpeg's `request_virt_barray`, answered with a [`BlockArray`].
 extern "C-unwind" fn request_block_array(
@@ -213,14 +256,24 @@ extern "C-unwind" fn request_block_array(
     // SAFETY: `Decoder::new` points `client_data` at its `BlockArrays`, which outlive the
     // decompressor.
     let arrays = unsafe { &mut *(cinfo.client_data as *mut BlockArrays) };
+    let (blocks_per_row, rows) = (blocks_per_row as usize, rows as usize);
+    let row_pointers = match arrays.decoded.get_mut(arrays.requested.len()) {
+        Some(decoded) if (decoded.blocks_per_row, decoded.rows) == (blocks_per_row, rows) => {
+            mem::take(&mut decoded.row_pointers)
+        }
+        Some(_) => std::panic::resume_unwind(Box::new(
+            "coefficient arrays decoded for another layout than libjpeg's".to_string(),
+        )),
+        None => Vec::new(),
+    };
     let mut array = Box::new(BlockArray {
-        blocks_per_row: blocks_per_row as usize,
-        rows: rows as usize,
-        row_pointers: Vec::new(),
+        blocks_per_row,
+        rows,
+        row_pointers,
         memory: None,
     });
     let handle = &mut *array as *mut BlockArray as *mut jvirt_barray_control;
-    arrays.push(array); // the box's contents do not move
+    arrays.requested.push(array); // the box's contents do not move
     handle
 }
 
@@ -247,9 +300,9 @@ pub(super) struct Decoder<'a> {
     // Boxed: libjpeg keeps pointers to all four.
     cinfo: Box<jpeg_decompress_struct>,
     _err: Box<jpeg_error_mgr>,
-    _progress: Box<Progress<'a>>,
-    _blocks: Box<BlockArrays>,
-    _bytes: PhantomData<&'a [u8]>,
+    progress: Box<Progress<'a>>,
+    blocks: Box<BlockArrays>,
+    bytes: &'a [u8],
 }
 
 impl<'a> Decoder<'a> {
@@ -271,23 +324,16 @@ impl<'a> Decoder<'a> {
             cinfo.common.err = &mut *err;
             mozjpeg_sys::jpeg_create_decompress(&mut *cinfo);
             cinfo.common.progress = &mut progress.mgr;
-            let mut blocks = Box::<BlockArrays>::default();
-            if REUSE_COEFFICIENT_MEMORY.load(Ordering::Relaxed) {
-                cinfo.common.client_data =
-                    &mut *blocks as *mut BlockArrays as *mut std::ffi::c_void;
-                // The memory manager exists from creation; its arrays are requested when the
-                // decode starts. Its `realize_virt_arrays` skips these: not on its lists.
-                let memory = &mut *cinfo.common.mem;
-                memory.request_virt_barray = Some(request_block_array);
-                memory.access_virt_barray = Some(access_block_array);
-            }
             let mut decoder = Decoder {
                 cinfo,
                 _err: err,
-                _progress: progress,
-                _blocks: blocks,
-                _bytes: PhantomData,
+                progress,
+                blocks: Box::default(),
+                bytes,
             };
+            if REUSE_COEFFICIENT_MEMORY.load(Ordering::Relaxed) {
+                decoder.use_block_arrays();
+            }
             mozjpeg_sys::jpeg_mem_src(&mut decoder.cinfo, bytes.as_ptr(), bytes.len() as _);
             // APP1 holds EXIF (and XMP): kept for the orientation, at most 64 KiB by format.
             mozjpeg_sys::jpeg_save_markers(&mut decoder.cinfo, 0xE1, 0xFFFF);
@@ -358,10 +404,129 @@ impl<'a> Decoder<'a> {
         )
     }
 
+    /// Has libjpeg ask for [`BlockArray`]s: the memory manager exists from creation; its
+    /// arrays are requested when the decode starts.
+    fn use_block_arrays(&mut self) {
+        self.cinfo.common.client_data =
+            &mut *self.blocks as *mut BlockArrays as *mut std::ffi::c_void;
+        // SAFETY: created with the decompressor; its `realize_virt_arrays` skips these arrays,
+        // which are not on its lists.
+        let memory = unsafe { &mut *self.cinfo.common.mem };
+        memory.request_virt_barray = Some(request_block_array);
+        memory.access_virt_barray = Some(access_block_array);
+    }
+
+    /// For a progressive JPEG, before the decode starts: its scans entropy-decoded by
+    /// [`progressive`] into the coefficient arrays libjpeg will ask for, and libjpeg's input
+    /// pointed at an end-of-image marker, so that it decodes no scan and its output pass reads
+    /// those arrays. Nothing changes where that decoder leaves the file to libjpeg.
+    ///
+    /// libjpeg still reads its first scan's header, finds the data missing (a warning), and
+    /// decodes the scan's first MCU from zero bits before it leaves the rest untouched (also
+    /// across restart markers, which it cannot find): the blocks that MCU can cover are put
+    /// back by [`Self::start`].
+    fn decode_scans_first(&mut self) {
+        // SAFETY: the header has been read.
+        if unsafe { mozjpeg_sys::jpeg_has_multiple_scans(&self.cinfo) } == 0 {
+            return;
+        }
+        let count = self.cinfo.num_components as usize;
+        // SAFETY: libjpeg allocated `num_components` entries when it read the frame header.
+        let components = unsafe { std::slice::from_raw_parts_mut(self.cinfo.comp_info, count) };
+        let quant_tables: Vec<_> = (components.iter())
+            .map(|c| {
+                self.cinfo
+                    .quant_tbl_ptrs
+                    .get(c.quant_tbl_no as usize)
+                    .copied()
+            })
+            .collect();
+        if quant_tables.iter().any(|t| t.is_none_or(|t| t.is_null())) {
+            return; // libjpeg fails on it
+        }
+        let frame = Frame {
+            width: self.cinfo.image_width as usize,
+            height: self.cinfo.image_height as usize,
+            components: (components.iter())
+                .map(|c| Component {
+                    id: c.component_id as u8,
+                    h: c.h_samp_factor as usize,
+                    v: c.v_samp_factor as usize,
+                    width_in_blocks: c.width_in_blocks as usize,
+                    height_in_blocks: c.height_in_blocks as usize,
+                })
+                .collect(),
+        };
+        // One scratch buffer for all components, each one's blocks aligned.
+        let sizes: Option<Vec<usize>> = (frame.components.iter())
+            .map(|c| block_bytes(c.blocks_per_row(), c.block_rows()))
+            .collect();
+        let Some(sizes) = sizes else { return };
+        let mut memory = Scratch::zeroed(sizes.iter().sum());
+        let mut planes = Vec::with_capacity(count);
+        let mut rest = &mut memory[..];
+        for (c, &size) in frame.components.iter().zip(&sizes) {
+            let (mine, others) = rest.split_at_mut(size);
+            planes.push(aligned_blocks(mine, c.blocks_per_row() * c.block_rows()));
+            rest = others;
+        }
+        match progressive::decode(self.bytes, &frame, &mut planes, self.progress.budget) {
+            Ok(()) => {}
+            Err(Stop::Unsupported) => return,
+            Err(Stop::TooCostly(why)) => std::panic::resume_unwind(Box::new(TooCostly(why))),
+        }
+        self.blocks.decoded = (planes.into_iter().zip(&frame.components))
+            .map(|(blocks, c)| {
+                let (blocks_per_row, rows) = (c.blocks_per_row(), c.block_rows());
+                Decoded {
+                    blocks_per_row,
+                    rows,
+                    row_pointers: row_pointers(blocks, blocks_per_row, rows),
+                    mcu: (c.h, c.v),
+                }
+            })
+            .collect();
+        self.blocks.decoded_memory = Some(memory);
+        self.use_block_arrays();
+        for (component, table) in components.iter_mut().zip(quant_tables) {
+            // What libjpeg latches at each component's first scan: no table is defined later
+            // (the decoder leaves such files to libjpeg).
+            if component.quant_table.is_null() {
+                component.quant_table = table.expect("checked above");
+            }
+        }
+        // Block smoothing applies only to coefficients not yet fully refined; the decoder
+        // took the file only if none is left so.
+        self.cinfo.do_block_smoothing = false as boolean;
+        // SAFETY: `jpeg_mem_src` set the source manager; this static outlives the decoder.
+        unsafe {
+            let source = &mut *self.cinfo.src;
+            source.next_input_byte = END_OF_IMAGE.as_ptr();
+            source.bytes_in_buffer = END_OF_IMAGE.len();
+        }
+    }
+
     fn start(&mut self) {
+        // The blocks libjpeg's first MCU can cover, decoded already (see
+        // `decode_scans_first`): rows `0..v` and columns `0..h` of each component.
+        let mut first_mcu = Vec::new();
+        for decoded in &self.blocks.decoded {
+            let (h, v) = decoded.mcu;
+            for row in &decoded.row_pointers[..v.min(decoded.rows)] {
+                for x in 0..h.min(decoded.blocks_per_row) {
+                    // SAFETY: block `x` of a row of the array, whose memory the decoder holds.
+                    let block = unsafe { row.add(x) };
+                    first_mcu.push((block, unsafe { *block }));
+                }
+            }
+        }
         self.cinfo.out_color_space = J_COLOR_SPACE::JCS_RGB;
         // SAFETY: the header has been read; errors unwind.
         unsafe { mozjpeg_sys::jpeg_start_decompress(&mut self.cinfo) };
+        for (block, kept) in first_mcu {
+            // SAFETY: as above; libjpeg holds no reference to the block between its calls.
+            unsafe { *block = kept };
+        }
     }
 
     /// Decodes `rect` (inside the image, of a JPEG that [`Header::rgb`] says libjpeg turns
@@ -369,6 +534,7 @@ impl<'a> Decoder<'a> {
     pub(super) fn read_rect(&mut self, rect: Rect, mut each_row: impl FnMut(&[u8])) {
         let (width, height) = self.size();
         assert!(rect.left + rect.width <= width && rect.top + rect.height <= height);
+        self.decode_scans_first();
         self.start();
         let mut x = rect.left.saturating_sub(CROP_MARGIN) as u32;
         let mut crop_width =
@@ -397,6 +563,9 @@ impl Drop for Decoder<'_> {
         unsafe { mozjpeg_sys::jpeg_destroy_decompress(&mut self.cinfo) };
     }
 }
+
+/// What libjpeg reads once [`Decoder::decode_scans_first`] has decoded the scans.
+static END_OF_IMAGE: [u8; 2] = [0xFF, 0xD9];
 
 #[cold]
 extern "C-unwind" fn unwind_error_exit(cinfo: &mut jpeg_common_struct) {
@@ -469,5 +638,263 @@ mod tests {
             0xFF, 0xD8, 0xFF, 0xDA, 0xFF, 0x00, 0xDA, 0xFF, 0xDA, 0xFF, 0xD9,
         ];
         assert_eq!(count_scans(&two), 2, "a stuffed FF 00 is data");
+    }
+}
+
+/// The progressive decoder's coefficients against libjpeg's own: every pixel the same, on
+/// files made by libjpeg's and mozjpeg's encoders across the layouts they write.
+#[cfg(test)]
+mod progressive_tests {
+    use std::ffi::c_ulong;
+
+    use mozjpeg_sys::{
+        jpeg_compress_struct, jpeg_scan_info, JINT_COMPRESS_PROFILE_VALUE, J_INT_PARAM,
+    };
+
+    use super::*;
+
+    /// How a test image is encoded.
+    #[derive(Clone, Copy, Debug)]
+    struct Encoding {
+        /// Luma's sampling factors (chroma's are 1), or `None` for greyscale.
+        luma: Option<(i32, i32)>,
+        quality: i32,
+        /// MCUs per restart interval (0: none).
+        restart_interval: u32,
+        script: Script,
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Script {
+        /// libjpeg's standard progression.
+        Libjpeg,
+        /// mozjpeg's, chosen per image.
+        Mozjpeg,
+        /// [`SCRIPT`].
+        Own,
+    }
+
+    /// A script unlike the encoders' own: DC scans of one component and of several, with
+    /// successive approximation, bands split differently per component, a component's
+    /// refinement scans apart from each other.
+    const SCRIPT: [(&[i32], i32, i32, i32, i32); 12] = [
+        (&[0], 0, 0, 0, 1),
+        (&[1, 2], 0, 0, 0, 1),
+        (&[0], 1, 9, 0, 2),
+        (&[0], 10, 63, 0, 1),
+        (&[1], 1, 63, 0, 0),
+        (&[0], 1, 9, 2, 1),
+        (&[0], 0, 0, 1, 0),
+        (&[1, 2], 0, 0, 1, 0),
+        (&[2], 1, 20, 0, 1),
+        (&[2], 21, 63, 0, 0),
+        (&[0], 1, 63, 1, 0),
+        (&[2], 1, 20, 1, 0),
+    ];
+
+    fn encode(pixels: &[u8], (width, height): (usize, usize), how: Encoding) -> Vec<u8> {
+        let channels = if how.luma.is_some() { 3 } else { 1 };
+        assert_eq!(pixels.len(), width * height * channels);
+        // libjpeg writes into this buffer, which is ample, and allocates no other.
+        let mut buffer = vec![0u8; width * height * channels * 4 + 65536];
+        let (mut out, mut len) = (buffer.as_mut_ptr(), buffer.len() as c_ulong);
+        // SAFETY: the usual libjpeg compression sequence on zeroed structs, over rows of
+        // `pixels` that live through it; errors unwind.
+        unsafe {
+            let mut err: jpeg_error_mgr = mem::zeroed();
+            mozjpeg_sys::jpeg_std_error(&mut err);
+            err.error_exit = Some(unwind_error_exit);
+            let mut cinfo: jpeg_compress_struct = mem::zeroed();
+            cinfo.common.err = &mut err;
+            mozjpeg_sys::jpeg_create_compress(&mut cinfo);
+            mozjpeg_sys::jpeg_mem_dest(&mut cinfo, &mut out, &mut len);
+            cinfo.image_width = width as u32;
+            cinfo.image_height = height as u32;
+            cinfo.input_components = channels as i32;
+            cinfo.in_color_space = if channels == 3 {
+                J_COLOR_SPACE::JCS_RGB
+            } else {
+                J_COLOR_SPACE::JCS_GRAYSCALE
+            };
+            if !matches!(how.script, Script::Mozjpeg) {
+                let fastest = JINT_COMPRESS_PROFILE_VALUE::JCP_FASTEST as i32;
+                let profile = J_INT_PARAM::JINT_COMPRESS_PROFILE;
+                mozjpeg_sys::jpeg_c_set_int_param(&mut cinfo, profile, fastest);
+            }
+            mozjpeg_sys::jpeg_set_defaults(&mut cinfo);
+            mozjpeg_sys::jpeg_set_quality(&mut cinfo, how.quality, true as boolean);
+            if let Some((h, v)) = how.luma {
+                let luma = &mut *cinfo.comp_info;
+                (luma.h_samp_factor, luma.v_samp_factor) = (h, v);
+            }
+            cinfo.restart_interval = how.restart_interval;
+            mozjpeg_sys::jpeg_simple_progression(&mut cinfo);
+            // The scans of those components the image has; libjpeg reads them at the start.
+            let script: Vec<jpeg_scan_info> = (SCRIPT.iter())
+                .filter(|scan| scan.0.iter().all(|&c| c < channels as i32))
+                .map(|&(components, ss, se, ah, al)| {
+                    let mut index = [0; 4];
+                    index[..components.len()].copy_from_slice(components);
+                    jpeg_scan_info {
+                        comps_in_scan: components.len() as i32,
+                        component_index: index,
+                        Ss: ss,
+                        Se: se,
+                        Ah: ah,
+                        Al: al,
+                    }
+                })
+                .collect();
+            if let Script::Own = how.script {
+                cinfo.scan_info = script.as_ptr();
+                cinfo.num_scans = script.len() as i32;
+            }
+            mozjpeg_sys::jpeg_start_compress(&mut cinfo, true as boolean);
+            for row in pixels.chunks_exact(width * channels) {
+                let row = row.as_ptr();
+                mozjpeg_sys::jpeg_write_scanlines(&mut cinfo, &row, 1);
+            }
+            mozjpeg_sys::jpeg_finish_compress(&mut cinfo);
+            mozjpeg_sys::jpeg_destroy_compress(&mut cinfo);
+        }
+        assert_eq!(out, buffer.as_mut_ptr(), "libjpeg kept to the buffer");
+        buffer.truncate(len as usize);
+        buffer
+    }
+
+    /// RGB (or grey) of smooth gradients with noise in one half: coefficients of every size.
+    fn test_pixels((width, height): (usize, usize), channels: usize) -> Vec<u8> {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut out = Vec::with_capacity(width * height * channels);
+        for y in 0..height {
+            for x in 0..width {
+                for c in 0..channels {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    let smooth = (x * 255 / width.max(2) + y * (c + 1) * 3) as u64;
+                    let noise = if x < width / 2 { state % 96 } else { 0 };
+                    out.push(((smooth + noise) % 256) as u8);
+                }
+            }
+        }
+        out
+    }
+
+    /// The whole image's pixels as `decode_rect` gives them, and whether the progressive
+    /// decoder took the file.
+    fn decoded(bytes: &[u8]) -> (Vec<u8>, bool) {
+        with_decoder(bytes, &Budget::start(), |decoder| {
+            let (width, height) = decoder.size();
+            let whole = Rect {
+                left: 0,
+                top: 0,
+                width,
+                height,
+            };
+            let mut pixels = Vec::new();
+            decoder.read_rect(whole, |row| pixels.extend_from_slice(row));
+            (pixels, decoder.blocks.decoded_memory.is_some())
+        })
+        .expect("decodes")
+    }
+
+    /// The pixels libjpeg gives alone: its own entropy decoding, arrays and memory.
+    fn libjpeg_alone(bytes: &[u8]) -> Vec<u8> {
+        // SAFETY: the usual libjpeg decompression sequence over `bytes`; errors unwind.
+        unsafe {
+            let mut err: jpeg_error_mgr = mem::zeroed();
+            mozjpeg_sys::jpeg_std_error(&mut err);
+            err.error_exit = Some(unwind_error_exit);
+            err.emit_message = Some(silence_message);
+            let mut cinfo: jpeg_decompress_struct = mem::zeroed();
+            cinfo.common.err = &mut err;
+            mozjpeg_sys::jpeg_create_decompress(&mut cinfo);
+            mozjpeg_sys::jpeg_mem_src(&mut cinfo, bytes.as_ptr(), bytes.len() as c_ulong);
+            mozjpeg_sys::jpeg_read_header(&mut cinfo, true as boolean);
+            cinfo.out_color_space = J_COLOR_SPACE::JCS_RGB;
+            mozjpeg_sys::jpeg_start_decompress(&mut cinfo);
+            let row_len = cinfo.output_width as usize * 3;
+            let mut pixels = vec![0u8; row_len * cinfo.output_height as usize];
+            for row in pixels.chunks_exact_mut(row_len) {
+                let mut row = row.as_mut_ptr();
+                mozjpeg_sys::jpeg_read_scanlines(&mut cinfo, &mut row, 1);
+            }
+            mozjpeg_sys::jpeg_destroy_decompress(&mut cinfo);
+            pixels
+        }
+    }
+
+    #[test]
+    fn every_layout_and_scan_script_decodes_as_libjpeg_alone_does() {
+        let mut cases = 0;
+        for size in [(1, 1), (9, 7), (64, 48), (203, 117)] {
+            for luma in [None, Some((1, 1)), Some((2, 1)), Some((1, 2)), Some((2, 2))] {
+                for (quality, restart_interval) in [(90, 0), (100, 1), (50, 3)] {
+                    for script in [Script::Libjpeg, Script::Mozjpeg, Script::Own] {
+                        let how = Encoding {
+                            luma,
+                            quality,
+                            restart_interval,
+                            script,
+                        };
+                        let channels = if luma.is_some() { 3 } else { 1 };
+                        let jpeg = encode(&test_pixels(size, channels), size, how);
+                        let (pixels, taken) = decoded(&jpeg);
+                        assert!(taken, "{size:?} {how:?}: the progressive decoder took it");
+                        assert!(
+                            pixels == libjpeg_alone(&jpeg),
+                            "{size:?} {how:?}: pixels differ from libjpeg's"
+                        );
+                        cases += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 180);
+    }
+
+    /// A file whose last scan is missing is left to libjpeg, which smooths the blocks whose
+    /// coefficients are not fully refined: the same pixels as libjpeg alone.
+    #[test]
+    fn an_incomplete_file_is_left_to_libjpeg() {
+        let size = (64, 48);
+        let how = Encoding {
+            luma: Some((2, 2)),
+            quality: 90,
+            restart_interval: 0,
+            script: Script::Libjpeg,
+        };
+        let jpeg = encode(&test_pixels(size, 3), size, how);
+        let last_scan = jpeg.windows(2).rposition(|w| w == [0xFF, 0xDA]).unwrap();
+        let cut = [&jpeg[..last_scan], &[0xFF, 0xD9][..]].concat();
+        let (pixels, taken) = decoded(&cut);
+        assert!(!taken, "left to libjpeg");
+        assert!(
+            pixels == libjpeg_alone(&cut),
+            "pixels differ from libjpeg's"
+        );
+    }
+
+    /// A restart marker out of sequence: libjpeg resynchronises in its own way, so the file is
+    /// left to it.
+    #[test]
+    fn a_restart_marker_out_of_sequence_is_left_to_libjpeg() {
+        let size = (64, 48);
+        let how = Encoding {
+            luma: Some((2, 2)),
+            quality: 90,
+            restart_interval: 2,
+            script: Script::Libjpeg,
+        };
+        let mut jpeg = encode(&test_pixels(size, 3), size, how);
+        let first_restart = jpeg.windows(2).position(|w| w == [0xFF, 0xD0]).unwrap();
+        jpeg[first_restart + 1] = 0xD3;
+        let (pixels, taken) = decoded(&jpeg);
+        assert!(!taken, "left to libjpeg");
+        assert!(
+            pixels == libjpeg_alone(&jpeg),
+            "pixels differ from libjpeg's"
+        );
     }
 }

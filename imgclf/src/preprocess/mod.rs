@@ -17,6 +17,7 @@ use scratch::Scratch;
 mod budget;
 mod helper_thread;
 mod jpeg;
+mod progressive;
 mod resample;
 mod scratch;
 

@@ -1,0 +1,815 @@
+//! Entropy decoding of progressive JPEGs into the coefficient blocks libjpeg's output pass
+//! reads, instead of libjpeg's own: most of a progressive photo's decoding time is libjpeg's
+//! refinement scans, which visit every coefficient of every block for each correction bit.
+//! Here each block keeps a mask of its coefficients already nonzero, so a refinement scan
+//! reads its correction bits in one go and touches only those coefficients.
+//!
+//! Coefficients are lossless: any correct decoder gives libjpeg's values, so the pixels stay
+//! exactly libjpeg's. To keep it so on every file, anything this decoder does not take for
+//! certain (a marker or table it does not expect, a scan order libjpeg would warn about, data
+//! cut short, a restart marker out of sequence) makes it return [`Stop::Unsupported`], and
+//! libjpeg decodes the file from the start as before.
+
+use super::budget::{Budget, MAX_JPEG_SCANS};
+
+/// The position in a block (row-major) of each zigzag index: libjpeg's `jpeg_natural_order`.
+const NATURAL: [usize; 64] = [
+    0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27, 20,
+    13, 6, 7, 14, 21, 28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51, 58, 59,
+    52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63,
+];
+
+/// Coefficients libjpeg's block smoothing looks at: all of them must end fully refined, or
+/// libjpeg would smooth the image and this decoder is not used.
+const SMOOTHED: usize = 10;
+
+/// One 8x8 block of quantised coefficients in natural order, as libjpeg's `JBLOCK`.
+pub(super) type Block = [i16; 64];
+
+/// A component's place in the frame, as libjpeg computed it from the header.
+pub(super) struct Component {
+    pub id: u8,
+    pub h: usize,
+    pub v: usize,
+    pub width_in_blocks: usize,
+    pub height_in_blocks: usize,
+}
+
+impl Component {
+    /// Blocks per row of its coefficient array: libjpeg rounds up to whole MCUs.
+    pub fn blocks_per_row(&self) -> usize {
+        self.width_in_blocks.div_ceil(self.h) * self.h
+    }
+
+    /// Rows of blocks of its coefficient array.
+    pub fn block_rows(&self) -> usize {
+        self.height_in_blocks.div_ceil(self.v) * self.v
+    }
+}
+
+/// The frame of a progressive JPEG, from libjpeg's reading of its header.
+pub(super) struct Frame {
+    pub width: usize,
+    pub height: usize,
+    pub components: Vec<Component>,
+}
+
+/// Why a file was not decoded here.
+#[derive(Debug)]
+pub(super) enum Stop {
+    /// Something this decoder leaves to libjpeg, which decodes the whole file instead.
+    Unsupported,
+    /// Over the decode's budget (libjpeg's progress monitor stops the same way).
+    TooCostly(String),
+}
+
+type Result<T> = std::result::Result<T, Stop>;
+
+/// Decodes every scan of `bytes` (a progressive JPEG whose header gave `frame`) into `planes`,
+/// one per component, each `blocks_per_row * block_rows` zeroed blocks.
+pub(super) fn decode(
+    bytes: &[u8],
+    frame: &Frame,
+    planes: &mut [&mut [Block]],
+    budget: &Budget,
+) -> Result<()> {
+    if !bytes.starts_with(&[0xFF, 0xD8])
+        || planes.len() != frame.components.len()
+        || frame.components.len() > 4
+    {
+        return Err(Stop::Unsupported);
+    }
+    for (plane, c) in planes.iter().zip(&frame.components) {
+        if plane.len() != c.blocks_per_row() * c.block_rows() {
+            return Err(Stop::Unsupported);
+        }
+    }
+    let mut decoder = Decoder {
+        frame,
+        masks: planes.iter().map(|p| vec![0; p.len()]).collect(),
+        planes,
+        progress: vec![[-1; 64]; frame.components.len()],
+        dc_tables: Default::default(),
+        ac_tables: Default::default(),
+        restart_interval: 0,
+        data: Bits::default(),
+        budget,
+    };
+    let mut pos = 2;
+    let mut scans = 0;
+    let mut frames = 0;
+    loop {
+        let (marker, at) = next_marker(bytes, pos)?;
+        pos = at;
+        match marker {
+            0xD9 => break,
+            // One progressive Huffman frame (libjpeg's other multi-scan kinds are left to it).
+            0xDA if frames != 1 => return Err(Stop::Unsupported),
+            0xDA => {
+                scans += 1;
+                if scans > MAX_JPEG_SCANS {
+                    let why = format!("more than {MAX_JPEG_SCANS} progressive scans");
+                    return Err(Stop::TooCostly(why));
+                }
+                let header = segment(bytes, pos)?;
+                pos = decoder.scan(bytes, pos + 2 + header.len(), header)?;
+                continue;
+            }
+            0xC4 => decoder.define_tables(segment(bytes, pos)?)?,
+            0xDD => match segment(bytes, pos)? {
+                &[high, low] => decoder.restart_interval = u16::from_be_bytes([high, low]),
+                _ => return Err(Stop::Unsupported),
+            },
+            // The frame, and quantisation tables libjpeg latches at each component's first
+            // scan: defined before the first scan, as libjpeg read them with the header.
+            0xC2 if scans == 0 => frames += 1,
+            0xDB if scans == 0 => {}
+            0xE0..=0xEF | 0xFE => {}
+            _ => return Err(Stop::Unsupported),
+        }
+        pos += 2 + segment(bytes, pos)?.len();
+    }
+    // libjpeg smooths blocks whose first coefficients are not all fully refined.
+    let complete = decoder
+        .progress
+        .iter()
+        .all(|p| p[..SMOOTHED] == [0; SMOOTHED]);
+    if complete {
+        Ok(())
+    } else {
+        Err(Stop::Unsupported)
+    }
+}
+
+/// The marker at or after `pos` (skipping fill bytes and, as libjpeg does, stray bytes) and
+/// the position of its segment's length.
+fn next_marker(bytes: &[u8], mut pos: usize) -> Result<(u8, usize)> {
+    loop {
+        let ff = bytes
+            .get(pos..)
+            .and_then(|rest| rest.iter().position(|&b| b == 0xFF))
+            .ok_or(Stop::Unsupported)?;
+        pos += ff + 1;
+        while bytes.get(pos) == Some(&0xFF) {
+            pos += 1;
+        }
+        match bytes.get(pos) {
+            None => return Err(Stop::Unsupported),
+            Some(0) => pos += 1,
+            Some(&marker) => return Ok((marker, pos + 1)),
+        }
+    }
+}
+
+/// The contents of the segment whose length field is at `pos`.
+fn segment(bytes: &[u8], pos: usize) -> Result<&[u8]> {
+    let length = match bytes.get(pos..pos + 2) {
+        Some(&[high, low]) => u16::from_be_bytes([high, low]) as usize,
+        _ => return Err(Stop::Unsupported),
+    };
+    length
+        .checked_sub(2)
+        .and_then(|len| bytes.get(pos + 2..pos + 2 + len))
+        .ok_or(Stop::Unsupported)
+}
+
+struct Decoder<'a, 'p> {
+    frame: &'a Frame,
+    planes: &'a mut [&'p mut [Block]],
+    /// Per block, bit `k` set where the coefficient at zigzag index `k` is nonzero.
+    masks: Vec<Vec<u64>>,
+    /// Per component and coefficient, its precision so far (libjpeg's `coef_bits`): -1 until
+    /// its first scan, then the scan's `Al`.
+    progress: Vec<[i8; 64]>,
+    dc_tables: [Option<Box<Huffman>>; 4],
+    ac_tables: [Option<Box<Huffman>>; 4],
+    restart_interval: u16,
+    /// The entropy-coded data being read.
+    data: Bits,
+    budget: &'a Budget,
+}
+
+/// What a scan codes, from its header.
+struct Scan {
+    /// Component indices, with their DC and AC tables.
+    components: Vec<(usize, usize, usize)>,
+    ss: usize,
+    se: usize,
+    ah: u8,
+    al: u8,
+}
+
+impl Decoder<'_, '_> {
+    fn define_tables(&mut self, mut segment: &[u8]) -> Result<()> {
+        while let [class_id, rest @ ..] = segment {
+            let (class, id) = (class_id >> 4, (class_id & 15) as usize);
+            if rest.len() < 16 || id > 3 || class > 1 {
+                return Err(Stop::Unsupported);
+            }
+            let counts: [u8; 16] = rest[..16].try_into().expect("16 counts");
+            let total: usize = counts.iter().map(|&c| c as usize).sum();
+            if total > 256 {
+                return Err(Stop::Unsupported);
+            }
+            let values = rest.get(16..16 + total).ok_or(Stop::Unsupported)?;
+            let table = Box::new(Huffman::new(&counts, values)?);
+            if class == 0 {
+                self.dc_tables[id] = Some(table);
+            } else {
+                self.ac_tables[id] = Some(table);
+            }
+            segment = &rest[16 + total..];
+        }
+        Ok(())
+    }
+
+    /// Reads a scan's header and decodes its data from `pos`; returns where its data ends.
+    fn scan(&mut self, bytes: &[u8], pos: usize, header: &[u8]) -> Result<usize> {
+        let scan = self.scan_header(header)?;
+        let dc = scan.ss == 0;
+        for &(c, dc_table, ac_table) in &scan.components {
+            let needed = if dc {
+                // DC tables' symbols are bit counts: libjpeg refuses more than 15.
+                match &self.dc_tables[dc_table] {
+                    Some(table) => scan.ah != 0 || table.max_symbol <= 15,
+                    None => scan.ah != 0,
+                }
+            } else {
+                self.ac_tables[ac_table].is_some()
+            };
+            if !needed {
+                return Err(Stop::Unsupported);
+            }
+            // Each coefficient's first scan once, then refinements one bit at a time in
+            // order: anything else makes libjpeg warn, and is left to it.
+            for k in scan.ss..=scan.se {
+                let before = self.progress[c][k];
+                let in_order = if scan.ah == 0 {
+                    before == -1
+                } else {
+                    before == scan.ah as i8
+                };
+                if !in_order || (!dc && self.progress[c][0] == -1) {
+                    return Err(Stop::Unsupported);
+                }
+                self.progress[c][k] = scan.al as i8;
+            }
+        }
+        let Decoder {
+            frame,
+            planes,
+            masks,
+            dc_tables,
+            ac_tables,
+            restart_interval,
+            data,
+            budget,
+            ..
+        } = self;
+        data.start(bytes, pos)?;
+        let (first, al) = (scan.components[0], scan.al);
+        let p1 = 1i16 << al;
+        let blocks = Blocks {
+            frame,
+            planes,
+            masks,
+            scan: &scan,
+            restart_interval: *restart_interval as usize,
+            budget,
+        };
+        match (scan.ss, scan.ah) {
+            (0, 0) => blocks.each(bytes, data, |bits, state, i, block, _| {
+                let table = table(dc_tables, scan.components[i].1);
+                dc_first(bits, table, block, &mut state.dc_predictions[i], al)
+            }),
+            (0, _) => blocks.each(bytes, data, |bits, _, _, block, _| {
+                if bits.take(1) != 0 {
+                    block[0] |= p1;
+                }
+                Ok(())
+            }),
+            (_, 0) => {
+                let table = table(ac_tables, first.2);
+                blocks.each(bytes, data, |bits, state, _, block, mask| {
+                    ac_first(bits, table, block, mask, &scan, &mut state.eob_run)
+                })
+            }
+            _ => {
+                let table = table(ac_tables, first.2);
+                blocks.each(bytes, data, |bits, state, _, block, mask| {
+                    ac_refine(bits, table, block, mask, &scan, &mut state.eob_run)
+                })
+            }
+        }
+    }
+
+    fn scan_header(&self, header: &[u8]) -> Result<Scan> {
+        let [count, rest @ ..] = header else {
+            return Err(Stop::Unsupported);
+        };
+        let count = *count as usize;
+        if !(1..=4).contains(&count) || rest.len() != 2 * count + 3 {
+            return Err(Stop::Unsupported);
+        }
+        let mut components: Vec<(usize, usize, usize)> = Vec::with_capacity(count);
+        for pair in rest[..2 * count].chunks_exact(2) {
+            let c = (self.frame.components.iter())
+                .position(|c| c.id == pair[0])
+                .ok_or(Stop::Unsupported)?;
+            let (dc, ac) = ((pair[1] >> 4) as usize, (pair[1] & 15) as usize);
+            if components.iter().any(|&(seen, ..)| seen == c) || dc > 3 || ac > 3 {
+                return Err(Stop::Unsupported);
+            }
+            components.push((c, dc, ac));
+        }
+        let [ss, se, a] = rest[2 * count..] else {
+            return Err(Stop::Unsupported);
+        };
+        let (ss, se, ah, al) = (ss as usize, se as usize, a >> 4, a & 15);
+        let band_ok = if ss == 0 {
+            se == 0
+        } else {
+            se >= ss && se <= 63 && count == 1
+        };
+        let refinement_ok = ah == 0 || al + 1 == ah;
+        if !band_ok || !refinement_ok || al > 13 {
+            return Err(Stop::Unsupported);
+        }
+        Ok(Scan {
+            components,
+            ss,
+            se,
+            ah,
+            al,
+        })
+    }
+}
+
+/// The blocks of one scan, in the order its data codes them, and its restart intervals.
+struct Blocks<'s, 'p> {
+    frame: &'s Frame,
+    planes: &'s mut [&'p mut [Block]],
+    masks: &'s mut [Vec<u64>],
+    scan: &'s Scan,
+    restart_interval: usize,
+    budget: &'s Budget,
+}
+
+impl Blocks<'_, '_> {
+    /// Calls `decode` on each block of the scan (with the index of its component in the
+    /// scan); `bits` holds the scan's first interval. Returns where the scan's data ends.
+    fn each(
+        self,
+        bytes: &[u8],
+        bits: &mut Bits,
+        mut decode: impl FnMut(&mut Bits, &mut State, usize, &mut Block, &mut u64) -> Result<()>,
+    ) -> Result<usize> {
+        let frame = self.frame;
+        // A scan of one component codes its blocks in raster order, one per MCU; else each
+        // MCU holds each component's `h x v` blocks.
+        let single = self.scan.components.len() == 1;
+        let (mcus_per_row, mcu_rows) = if single {
+            let c = &frame.components[self.scan.components[0].0];
+            (c.width_in_blocks, c.height_in_blocks)
+        } else {
+            let max_h = frame.components.iter().map(|c| c.h).max().unwrap_or(1);
+            let max_v = frame.components.iter().map(|c| c.v).max().unwrap_or(1);
+            (
+                frame.width.div_ceil(8 * max_h),
+                frame.height.div_ceil(8 * max_v),
+            )
+        };
+        let layout: Vec<(usize, usize, usize, usize)> = (self.scan.components.iter())
+            .map(|&(c, ..)| {
+                let component = &frame.components[c];
+                let (h, v) = if single {
+                    (1, 1)
+                } else {
+                    (component.h, component.v)
+                };
+                (c, h, v, component.blocks_per_row())
+            })
+            .collect();
+        let mut state = State::default();
+        let mut to_restart = self.restart_interval;
+        let mut restarts = 0u8;
+        for row in 0..mcu_rows {
+            // Reading the thread's CPU clock is a system call: every few rows.
+            if row % 16 == 0 && self.budget.exceeded() {
+                let super::ImageError::TooCostly(why) = self.budget.error() else {
+                    unreachable!("a budget's error is TooCostly")
+                };
+                return Err(Stop::TooCostly(why));
+            }
+            for col in 0..mcus_per_row {
+                if self.restart_interval > 0 {
+                    if to_restart == 0 {
+                        // The restart marker the interval must end with, in sequence.
+                        let at = bits.end(bytes)?;
+                        if bytes.get(at..at + 2) != Some(&[0xFF, 0xD0 + restarts]) {
+                            return Err(Stop::Unsupported);
+                        }
+                        restarts = (restarts + 1) % 8;
+                        bits.start(bytes, at + 2)?;
+                        state = State::default();
+                        to_restart = self.restart_interval;
+                    }
+                    to_restart -= 1;
+                }
+                for (i, &(c, h, v, per_row)) in layout.iter().enumerate() {
+                    let (plane, masks) = (&mut *self.planes[c], &mut self.masks[c]);
+                    for y in 0..v {
+                        let first = (row * v + y) * per_row + col * h;
+                        let blocks = plane.get_mut(first..first + h).ok_or(Stop::Unsupported)?;
+                        for (block, mask) in blocks.iter_mut().zip(&mut masks[first..]) {
+                            decode(bits, &mut state, i, block, mask)?;
+                        }
+                    }
+                }
+            }
+        }
+        bits.end(bytes)
+    }
+}
+
+/// What carries from block to block within a restart interval.
+#[derive(Default)]
+struct State {
+    dc_predictions: [i32; 4],
+    eob_run: u32,
+}
+
+fn dc_first(
+    bits: &mut Bits,
+    table: &Huffman,
+    block: &mut Block,
+    prediction: &mut i32,
+    al: u8,
+) -> Result<()> {
+    let size = bits.symbol(table)?;
+    let difference = extend(bits.take(size as u32), size as u32);
+    *prediction = prediction
+        .checked_add(difference)
+        .ok_or(Stop::Unsupported)?;
+    block[0] = ((*prediction as u32) << al) as i16;
+    Ok(())
+}
+
+fn ac_first(
+    bits: &mut Bits,
+    table: &Huffman,
+    block: &mut Block,
+    mask: &mut u64,
+    scan: &Scan,
+    eob_run: &mut u32,
+) -> Result<()> {
+    if *eob_run > 0 {
+        *eob_run -= 1;
+        return Ok(());
+    }
+    let mut k = scan.ss;
+    while k <= scan.se {
+        let symbol = bits.symbol(table)?;
+        let (run, size) = ((symbol >> 4) as usize, (symbol & 15) as u32);
+        if size != 0 {
+            k += run;
+            if k > scan.se {
+                return Err(Stop::Unsupported);
+            }
+            let value = extend(bits.take(size), size);
+            let coefficient = ((value as u32) << scan.al) as i16;
+            block[NATURAL[k]] = coefficient;
+            *mask |= ((coefficient != 0) as u64) << k;
+            k += 1;
+        } else if run == 15 {
+            k += 16;
+        } else {
+            *eob_run = (1 << run) + bits.take(run as u32) - 1;
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn ac_refine(
+    bits: &mut Bits,
+    table: &Huffman,
+    block: &mut Block,
+    mask: &mut u64,
+    scan: &Scan,
+    eob_run: &mut u32,
+) -> Result<()> {
+    let p1 = 1i16 << scan.al;
+    let mut k = scan.ss;
+    if *eob_run == 0 {
+        while k <= scan.se {
+            let symbol = bits.symbol(table)?;
+            let (run, size) = (symbol >> 4, symbol & 15);
+            let new = match size {
+                0 if run < 15 => {
+                    *eob_run = (1 << run) + bits.take(run as u32);
+                    break;
+                }
+                0 => 0,
+                1 if bits.take(1) != 0 => p1,
+                1 => -p1,
+                _ => return Err(Stop::Unsupported),
+            };
+            // The coefficient `run` still-zero ones on, correcting the nonzero ones passed.
+            let mut zeros = !*mask & band(k, scan.se);
+            for _ in 0..run {
+                zeros &= zeros.wrapping_sub(1);
+            }
+            if zeros == 0 {
+                if new != 0 {
+                    return Err(Stop::Unsupported);
+                }
+                // A run of zeros past the band's end: libjpeg corrects the rest and ends the
+                // block there.
+                correct(bits, block, *mask & band(k, scan.se), p1);
+                return Ok(());
+            }
+            let target = zeros.trailing_zeros() as usize;
+            correct(
+                bits,
+                block,
+                *mask & band(k, scan.se) & !band(target, 63),
+                p1,
+            );
+            if new != 0 {
+                block[NATURAL[target]] = new;
+                *mask |= 1 << target;
+            }
+            k = target + 1;
+        }
+    }
+    if *eob_run > 0 {
+        if k <= scan.se {
+            correct(bits, block, *mask & band(k, scan.se), p1);
+        }
+        *eob_run -= 1;
+    }
+    Ok(())
+}
+
+/// Reads one correction bit for each coefficient in `nonzero` (zigzag bits), in order, and
+/// adds `p1` to the magnitude of those whose bit is set (once: a bit already there stays).
+#[inline(always)]
+fn correct(bits: &mut Bits, block: &mut Block, mut nonzero: u64, p1: i16) {
+    while nonzero != 0 {
+        let k = nonzero.trailing_zeros() as usize;
+        nonzero &= nonzero - 1;
+        let raise = bits.bit();
+        let coefficient = &mut block[NATURAL[k]];
+        let away_from_zero = if *coefficient >= 0 { p1 } else { -p1 };
+        let raise = raise && *coefficient & p1 == 0;
+        *coefficient = coefficient.wrapping_add(away_from_zero & -(raise as i16));
+    }
+}
+
+/// Bits `from..=to` of a zigzag mask.
+fn band(from: usize, to: usize) -> u64 {
+    (u64::MAX << from) & (u64::MAX >> (63 - to))
+}
+
+/// The table a scan refers to (checked to be defined).
+fn table(tables: &[Option<Box<Huffman>>; 4], id: usize) -> &Huffman {
+    tables[id].as_deref().expect("checked when the scan began")
+}
+
+/// The JPEG value of `size` bits `raw` (sizes up to 16).
+fn extend(raw: u32, size: u32) -> i32 {
+    if size == 0 {
+        0
+    } else if raw < 1 << (size - 1) {
+        raw as i32 - (1 << size) + 1
+    } else {
+        raw as i32
+    }
+}
+
+/// Copies entropy-coded bytes from `pos` to the next marker into `out` without their stuffed
+/// zero bytes (libjpeg's rule: FF, any further FFs, then 00 is one data byte FF), with eight
+/// zero bytes after them; returns the position of the marker.
+fn unstuff(bytes: &[u8], mut pos: usize, out: &mut Vec<u8>) -> Result<usize> {
+    out.clear();
+    loop {
+        let rest = bytes.get(pos..).ok_or(Stop::Unsupported)?;
+        let ff = rest
+            .iter()
+            .position(|&b| b == 0xFF)
+            .ok_or(Stop::Unsupported)?;
+        out.extend_from_slice(&rest[..ff]);
+        let mut next = pos + ff + 1;
+        while bytes.get(next) == Some(&0xFF) {
+            next += 1;
+        }
+        match bytes.get(next) {
+            Some(0) => {
+                out.push(0xFF);
+                pos = next + 1;
+            }
+            Some(_) => {
+                out.extend_from_slice(&[0; 8]);
+                return Ok(pos + ff);
+            }
+            None => return Err(Stop::Unsupported),
+        }
+    }
+}
+
+/// A canonical Huffman table: a lookup of the first [`LOOKUP_BITS`] bits for short codes,
+/// and libjpeg's `maxcode`/`valoffset` for the rest.
+struct Huffman {
+    /// Code length (high byte) and symbol, or 0 for a longer code.
+    lookup: [u16; 1 << LOOKUP_BITS],
+    max_code: [i32; 18],
+    value_offset: [i32; 17],
+    values: Vec<u8>,
+    max_symbol: u8,
+}
+
+const LOOKUP_BITS: u32 = 9;
+
+impl Huffman {
+    /// Builds the table as libjpeg's `jpeg_make_d_derived_tbl` does, refusing what it
+    /// refuses.
+    fn new(counts: &[u8; 16], values: &[u8]) -> Result<Self> {
+        let mut table = Huffman {
+            lookup: [0; 1 << LOOKUP_BITS],
+            max_code: [-1; 18],
+            value_offset: [0; 17],
+            values: values.to_vec(),
+            max_symbol: values.iter().copied().max().unwrap_or(0),
+        };
+        let mut code = 0u32;
+        let mut p = 0usize;
+        for length in 1..=16u32 {
+            let count = counts[length as usize - 1] as usize;
+            if count > 0 {
+                table.value_offset[length as usize] = p as i32 - code as i32;
+                for symbol in &values[p..p + count] {
+                    // No code may be all ones at its length (libjpeg: JERR_BAD_HUFF_TABLE).
+                    if code + 1 >= 1 << length {
+                        return Err(Stop::Unsupported);
+                    }
+                    if length <= LOOKUP_BITS {
+                        let shift = LOOKUP_BITS - length;
+                        let first = (code << shift) as usize;
+                        let entry = (length as u16) << 8 | *symbol as u16;
+                        table.lookup[first..first + (1 << shift)].fill(entry);
+                    }
+                    code += 1;
+                }
+                p += count;
+                table.max_code[length as usize] = code as i32 - 1;
+            }
+            code <<= 1;
+        }
+        table.max_code[17] = i32::MAX;
+        Ok(table)
+    }
+}
+
+/// Bits of one restart interval's entropy-coded data, most significant first, with zeros
+/// after its end.
+#[derive(Default)]
+struct Bits {
+    /// The data, unstuffed, and eight zero bytes (reused from interval to interval).
+    data: Vec<u8>,
+    /// The data's length without those zero bytes.
+    len: usize,
+    /// Where the marker after the data is, in the file.
+    marker: usize,
+    pos: usize,
+    /// Unread bits, left-aligned.
+    buffer: u64,
+    count: u32,
+    /// Zero bits supplied past the end of `data`.
+    past_end: u64,
+}
+
+impl Bits {
+    /// Starts on the data at `pos` in `bytes`, up to the next marker.
+    fn start(&mut self, bytes: &[u8], pos: usize) -> Result<()> {
+        self.marker = unstuff(bytes, pos, &mut self.data)?;
+        self.len = self.data.len() - 8;
+        (self.pos, self.buffer, self.count, self.past_end) = (0, 0, 0, 0);
+        Ok(())
+    }
+
+    /// Where the marker after the data is, unless more bits were read than the data holds
+    /// (libjpeg would have run out and left the rest of the scan undecoded).
+    fn end(&self, _bytes: &[u8]) -> Result<usize> {
+        let read = self.pos as u64 * 8 + self.past_end - self.count as u64;
+        if read > self.len as u64 * 8 {
+            return Err(Stop::Unsupported);
+        }
+        Ok(self.marker)
+    }
+
+    /// Tops the buffer up to at least 56 bits.
+    #[inline(always)]
+    fn refill(&mut self) {
+        if let Some(next) = self.data.get(self.pos..self.pos + 8) {
+            let word = u64::from_be_bytes(next.try_into().expect("eight bytes"));
+            self.buffer |= word >> self.count;
+            self.pos += (63 - self.count as usize) >> 3;
+            self.count |= 56;
+        } else {
+            let added = (63 - self.count) & !7;
+            self.past_end += added as u64;
+            self.count += added;
+        }
+    }
+
+    /// The next bit.
+    #[inline(always)]
+    fn bit(&mut self) -> bool {
+        if self.count == 0 {
+            self.refill();
+        }
+        let bit = self.buffer >> 63 != 0;
+        self.buffer <<= 1;
+        self.count -= 1;
+        bit
+    }
+
+    /// The next `n` bits (at most 32) as a number.
+    #[inline(always)]
+    fn take(&mut self, n: u32) -> u32 {
+        if n == 0 {
+            return 0;
+        }
+        if self.count < n {
+            self.refill();
+        }
+        let value = (self.buffer >> (64 - n)) as u32;
+        self.buffer <<= n;
+        self.count -= n;
+        value
+    }
+
+    #[inline(always)]
+    fn symbol(&mut self, table: &Huffman) -> Result<u8> {
+        if self.count < 16 {
+            self.refill();
+        }
+        let entry = table.lookup[(self.buffer >> (64 - LOOKUP_BITS)) as usize];
+        if entry != 0 {
+            let length = (entry >> 8) as u32;
+            self.buffer <<= length;
+            self.count -= length;
+            return Ok(entry as u8);
+        }
+        for length in LOOKUP_BITS + 1..=16 {
+            let code = (self.buffer >> (64 - length)) as i32;
+            if code <= table.max_code[length as usize] {
+                self.buffer <<= length;
+                self.count -= length;
+                let index = code + table.value_offset[length as usize];
+                return table
+                    .values
+                    .get(index as usize)
+                    .copied()
+                    .ok_or(Stop::Unsupported);
+            }
+        }
+        Err(Stop::Unsupported)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{band, extend, unstuff, Huffman};
+
+    #[test]
+    fn bands_are_inclusive() {
+        assert_eq!(band(0, 63), u64::MAX);
+        assert_eq!(band(1, 5), 0b11_1110);
+        assert_eq!(band(63, 63), 1 << 63);
+    }
+
+    #[test]
+    fn values_extend_as_jpeg_codes_them() {
+        assert_eq!(extend(0, 0), 0);
+        assert_eq!(extend(0, 1), -1);
+        assert_eq!(extend(1, 1), 1);
+        assert_eq!(extend(0b010, 3), -5);
+        assert_eq!(extend(0b110, 3), 6);
+    }
+
+    #[test]
+    fn stuffed_bytes_and_fill_bytes_are_read_as_libjpeg_reads_them() {
+        let mut out = Vec::new();
+        let bytes = [1, 0xFF, 0x00, 2, 0xFF, 0xFF, 0x00, 3, 0xFF, 0xD9];
+        assert_eq!(unstuff(&bytes, 0, &mut out).ok(), Some(8));
+        assert_eq!(out, [1, 0xFF, 2, 0xFF, 3, 0, 0, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn tables_with_an_all_ones_code_are_refused() {
+        assert!(Huffman::new(&[2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[0, 1]).is_err());
+        assert!(Huffman::new(&[1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[0, 1]).is_ok());
+    }
+}

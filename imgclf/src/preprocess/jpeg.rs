@@ -651,6 +651,7 @@ mod progressive_tests {
         jpeg_compress_struct, jpeg_scan_info, JINT_COMPRESS_PROFILE_VALUE, J_INT_PARAM,
     };
 
+    use super::super::progressive::PORTABLE_REFINEMENT;
     use super::*;
 
     /// How a test image is encoded.
@@ -840,12 +841,15 @@ mod progressive_tests {
                         };
                         let channels = if luma.is_some() { 3 } else { 1 };
                         let jpeg = encode(&test_pixels(size, channels), size, how);
-                        let (pixels, taken) = decoded(&jpeg);
-                        assert!(taken, "{size:?} {how:?}: the progressive decoder took it");
-                        assert!(
-                            pixels == libjpeg_alone(&jpeg),
-                            "{size:?} {how:?}: pixels differ from libjpeg's"
-                        );
+                        let libjpeg = libjpeg_alone(&jpeg);
+                        // With this CPU's refinement, and with the portable one.
+                        for portable in [false, true] {
+                            PORTABLE_REFINEMENT.set(portable);
+                            let (pixels, taken) = decoded(&jpeg);
+                            let what = format!("{size:?} {how:?}, portable {portable}");
+                            assert!(taken, "{what}: the progressive decoder took it");
+                            assert!(pixels == libjpeg, "{what}: pixels differ from libjpeg's");
+                        }
                         cases += 1;
                     }
                 }

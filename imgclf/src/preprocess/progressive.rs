@@ -296,8 +296,9 @@ impl Decoder<'_, '_> {
             }
             _ => {
                 let table = table(ac_tables, first.2);
+                let refine = ac_refine_on_this_cpu();
                 blocks.each(bytes, data, |bits, state, _, block, mask| {
-                    ac_refine(bits, table, block, mask, &scan, &mut state.eob_run)
+                    refine(bits, table, block, mask, &scan, &mut state.eob_run)
                 })
             }
         }
@@ -401,6 +402,18 @@ impl Blocks<'_, '_> {
                 };
                 return Err(Stop::TooCostly(why));
             }
+            if single && self.restart_interval == 0 {
+                // The common case, without the MCU bookkeeping: a row of blocks.
+                let (c, .., per_row) = layout[0];
+                let first = row * per_row;
+                let blocks = (self.planes[c].get_mut(first..first + mcus_per_row))
+                    .ok_or(Stop::Unsupported)?;
+                let masks = &mut self.masks[c][first..first + mcus_per_row];
+                for (block, mask) in blocks.iter_mut().zip(masks) {
+                    decode(bits, &mut state, 0, block, mask)?;
+                }
+                continue;
+            }
             for col in 0..mcus_per_row {
                 if self.restart_interval > 0 {
                     if to_restart == 0 {
@@ -491,7 +504,94 @@ fn ac_first(
     Ok(())
 }
 
-fn ac_refine(
+/// One block of a refinement scan of AC coefficients.
+type Refine = fn(&mut Bits, &Huffman, &mut Block, &mut u64, &Scan, &mut u32) -> Result<()>;
+
+#[cfg(test)]
+thread_local! {
+    /// Set by tests to decode with the portable [`ac_refine`] on any CPU.
+    pub(super) static PORTABLE_REFINEMENT: std::cell::Cell<bool> =
+        const { std::cell::Cell::new(false) };
+}
+
+/// [`ac_refine`] as this CPU runs it fastest.
+fn ac_refine_on_this_cpu() -> Refine {
+    #[cfg(test)]
+    if PORTABLE_REFINEMENT.get() {
+        return ac_refine::<false>;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if bmi2::deposits_fast() {
+        return bmi2::ac_refine;
+    }
+    ac_refine::<false>
+}
+
+/// [`ac_refine`] with BMI2's bit deposit (`pdep`) finding the coefficient a run of zeros ends
+/// at, in one instruction where a loop over the run mispredicts its end (a quarter fewer
+/// branch mispredictions over a photo's decode).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)] // a target-feature function; each unsafe block says why it holds
+mod bmi2 {
+    use std::sync::OnceLock;
+
+    use super::{Bits, Block, Huffman, Result, Scan};
+
+    /// Whether the CPU has BMI2 and runs `pdep` in a few cycles: AMD's before Zen 3 (family
+    /// 0x19) and Hygon's run it in microcode, tens to hundreds of cycles.
+    pub(super) fn deposits_fast() -> bool {
+        static FAST: OnceLock<bool> = OnceLock::new();
+        *FAST.get_or_init(|| {
+            use std::arch::x86_64::__cpuid;
+            if !std::is_x86_feature_detected!("bmi2") {
+                return false;
+            }
+            let vendor = __cpuid(0);
+            let vendor = [vendor.ebx, vendor.edx, vendor.ecx].map(u32::to_le_bytes);
+            let family = __cpuid(1).eax;
+            let family = (family >> 8 & 0xF) + (family >> 20 & 0xFF);
+            match vendor.as_flattened() {
+                b"GenuineIntel" => true,
+                b"AuthenticAMD" => family >= 0x19,
+                _ => false,
+            }
+        })
+    }
+
+    pub(super) fn ac_refine(
+        bits: &mut Bits,
+        table: &Huffman,
+        block: &mut Block,
+        mask: &mut u64,
+        scan: &Scan,
+        eob_run: &mut u32,
+    ) -> Result<()> {
+        #[target_feature(enable = "bmi2")]
+        fn with_bmi2(
+            bits: &mut Bits,
+            table: &Huffman,
+            block: &mut Block,
+            mask: &mut u64,
+            scan: &Scan,
+            eob_run: &mut u32,
+        ) -> Result<()> {
+            super::ac_refine::<true>(bits, table, block, mask, scan, eob_run)
+        }
+        // SAFETY: only handed out where `deposits_fast`, so the CPU has BMI2.
+        unsafe { with_bmi2(bits, table, block, mask, scan, eob_run) }
+    }
+
+    /// The lowest set bit of `ones` with `n` set bits below it (0 if none).
+    #[inline(always)]
+    pub(super) fn nth_one(ones: u64, n: u8) -> u64 {
+        // SAFETY: called only from `ac_refine::<true>`, which runs within `with_bmi2`.
+        unsafe { std::arch::x86_64::_pdep_u64(1 << n, ones) }
+    }
+}
+
+/// One block of a refinement scan of AC coefficients (`PDEP`: through [`bmi2::ac_refine`]).
+#[inline(always)]
+fn ac_refine<const PDEP: bool>(
     bits: &mut Bits,
     table: &Huffman,
     block: &mut Block,
@@ -516,10 +616,12 @@ fn ac_refine(
                 _ => return Err(Stop::Unsupported),
             };
             // The coefficient `run` still-zero ones on, correcting the nonzero ones passed.
-            let mut zeros = !*mask & band(k, scan.se);
-            for _ in 0..run {
-                zeros &= zeros.wrapping_sub(1);
-            }
+            let zeros = !*mask & band(k, scan.se);
+            let zeros = match PDEP {
+                #[cfg(target_arch = "x86_64")]
+                true => bmi2::nth_one(zeros, run),
+                _ => (0..run).fold(zeros, |zeros, _| zeros & zeros.wrapping_sub(1)),
+            };
             if zeros == 0 {
                 if new != 0 {
                     return Err(Stop::Unsupported);
@@ -561,8 +663,10 @@ fn correct(bits: &mut Bits, block: &mut Block, mut nonzero: u64, p1: i16) {
         nonzero &= nonzero - 1;
         let raise = bits.bit();
         let coefficient = &mut block[NATURAL[k]];
-        let away_from_zero = if *coefficient >= 0 { p1 } else { -p1 };
-        let raise = raise && *coefficient & p1 == 0;
+        // Without branches: the signs of the coefficients are as good as random.
+        let sign = *coefficient >> 15;
+        let away_from_zero = (p1 ^ sign) - sign;
+        let raise = raise & (*coefficient & p1 == 0);
         *coefficient = coefficient.wrapping_add(away_from_zero & -(raise as i16));
     }
 }

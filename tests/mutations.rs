@@ -256,3 +256,44 @@ fn the_png_check_accepts_exactly_what_decoding_accepts() {
     eprintln!("{accepted} damaged PNGs accepted by both, {refused} refused by both");
     assert!(refused > 0 && accepted > 0, "both outcomes are exercised");
 }
+
+/// Damaged progressive JPEGs, whose scans imgclf entropy-decodes itself where it is certain
+/// of the file and leaves to libjpeg otherwise: whatever it decodes has exactly the pixels that
+/// libjpeg alone (the `mozjpeg` crate) gives, and what libjpeg refuses it refuses too.
+#[test]
+fn a_damaged_progressive_jpeg_decodes_as_libjpeg_alone_decodes_it() {
+    let photo = image::load_from_memory(&image("opencv_butterfly.jpg")).unwrap();
+    let photo = image::imageops::thumbnail(&photo.to_rgb8(), 160, 120);
+    let original = imgclf_suite::encode_jpeg(photo.as_raw(), (160, 120), 90.0, (2, 2), true);
+    let libjpeg_alone = |bytes: &[u8]| {
+        std::panic::catch_unwind(|| {
+            let mut decoder = mozjpeg::Decompress::new_mem(bytes).ok()?.rgb().ok()?;
+            let pixels: Vec<u8> = decoder.read_scanlines().ok()?;
+            decoder.finish().ok()?;
+            Some(pixels)
+        })
+        .ok()
+        .flatten()
+    };
+    assert_eq!(
+        preprocess::decode_rgb8(&original, 50_000_000).unwrap().into_raw(),
+        libjpeg_alone(&original).unwrap()
+    );
+    let mut rng = Rng(0xD1B5_4A32_D192_ED03);
+    let (mut same, mut refused) = (0, 0);
+    for i in 0..mutations_per_image() {
+        let damaged = mutate(&mut rng, &original);
+        let ours = preprocess::decode_rgb8(&damaged, 50_000_000);
+        match (ours, libjpeg_alone(&damaged)) {
+            (Ok(ours), Some(theirs)) => {
+                assert!(ours.as_raw() == &theirs, "variant {i}: pixels differ");
+                same += 1;
+            }
+            (Ok(_), None) => panic!("variant {i}: decoded what libjpeg refuses"),
+            // Refused before decoding (a file cut short, say), where libjpeg fills in grey.
+            (Err(_), _) => refused += 1,
+        }
+    }
+    eprintln!("{same} damaged progressive JPEGs decoded as libjpeg does, {refused} refused");
+    assert!(same > 0 && refused > 0, "the mutations exercise both paths");
+}

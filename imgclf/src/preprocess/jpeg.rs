@@ -13,14 +13,15 @@
 //! [`Decoder::decode_scans_first`]); libjpeg decodes the rest, and all pixels.
 //!
 //! A progress monitor bounds the cost: at most [`MAX_JPEG_SCANS`] progressive scans, and the
-//! decode's CPU-time [`Budget`].
+//! decode's CPU-time [`Budget`] (both checked by the progressive decoder too).
 //!
-//! A progressive JPEG's coefficients, which libjpeg must hold for the whole image before its
-//! first row (7 MiB for 2.3 megapixels), live in the thread's reused [`Scratch`] buffers where
-//! [`crate::tune_malloc`] has fixed glibc's mmap threshold: there, memory libjpeg allocates
-//! afresh is mapped and faulted in page by page at every decode. Elsewhere glibc raises its
-//! threshold when libjpeg frees that memory and serves the next decode, and other large
-//! buffers, from the heap: measured faster there than keeping the coefficients (BENCHMARKS.md).
+//! A progressive JPEG's coefficients, which must be held for the whole image before its first
+//! row (7 MiB for 2.3 megapixels), live in the thread's reused [`Scratch`] buffers where the
+//! progressive decoder takes the file, and where [`crate::tune_malloc`] has fixed glibc's mmap
+//! threshold: there, memory libjpeg allocates afresh is mapped and faulted in page by page at
+//! every decode. Elsewhere, in a file left to libjpeg, glibc raises its threshold when libjpeg
+//! frees that memory and serves the next decode, and other large buffers, from the heap:
+//! measured faster there than keeping the coefficients (BENCHMARKS.md).
 
 // The crate's one FFI module; every unsafe block says why it holds.
 #![allow(unsafe_code)]

@@ -859,47 +859,42 @@ mod progressive_tests {
         assert_eq!(cases, 180);
     }
 
+    /// A 64x48 4:2:0 JPEG with libjpeg's standard scans, restarts every `restart_interval` MCUs.
+    fn small_jpeg(restart_interval: u32) -> Vec<u8> {
+        let how = Encoding {
+            luma: Some((2, 2)),
+            quality: 90,
+            restart_interval,
+            script: Script::Libjpeg,
+        };
+        encode(&test_pixels((64, 48), 3), (64, 48), how)
+    }
+
+    fn assert_left_to_libjpeg(jpeg: &[u8]) {
+        let (pixels, taken) = decoded(jpeg);
+        assert!(!taken, "left to libjpeg");
+        assert!(
+            pixels == libjpeg_alone(jpeg),
+            "pixels differ from libjpeg's"
+        );
+    }
+
     /// A file whose last scan is missing is left to libjpeg, which smooths the blocks whose
     /// coefficients are not fully refined: the same pixels as libjpeg alone.
     #[test]
     fn an_incomplete_file_is_left_to_libjpeg() {
-        let size = (64, 48);
-        let how = Encoding {
-            luma: Some((2, 2)),
-            quality: 90,
-            restart_interval: 0,
-            script: Script::Libjpeg,
-        };
-        let jpeg = encode(&test_pixels(size, 3), size, how);
+        let jpeg = small_jpeg(0);
         let last_scan = jpeg.windows(2).rposition(|w| w == [0xFF, 0xDA]).unwrap();
-        let cut = [&jpeg[..last_scan], &[0xFF, 0xD9][..]].concat();
-        let (pixels, taken) = decoded(&cut);
-        assert!(!taken, "left to libjpeg");
-        assert!(
-            pixels == libjpeg_alone(&cut),
-            "pixels differ from libjpeg's"
-        );
+        assert_left_to_libjpeg(&[&jpeg[..last_scan], &[0xFF, 0xD9][..]].concat());
     }
 
     /// A restart marker out of sequence: libjpeg resynchronises in its own way, so the file is
     /// left to it.
     #[test]
     fn a_restart_marker_out_of_sequence_is_left_to_libjpeg() {
-        let size = (64, 48);
-        let how = Encoding {
-            luma: Some((2, 2)),
-            quality: 90,
-            restart_interval: 2,
-            script: Script::Libjpeg,
-        };
-        let mut jpeg = encode(&test_pixels(size, 3), size, how);
+        let mut jpeg = small_jpeg(2);
         let first_restart = jpeg.windows(2).position(|w| w == [0xFF, 0xD0]).unwrap();
         jpeg[first_restart + 1] = 0xD3;
-        let (pixels, taken) = decoded(&jpeg);
-        assert!(!taken, "left to libjpeg");
-        assert!(
-            pixels == libjpeg_alone(&jpeg),
-            "pixels differ from libjpeg's"
-        );
+        assert_left_to_libjpeg(&jpeg);
     }
 }

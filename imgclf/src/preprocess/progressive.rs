@@ -289,16 +289,18 @@ impl Decoder<'_, '_> {
                 Ok(())
             }),
             (_, 0) => {
-                let table = table(ac_tables, first.2);
+                let ac = AcScan::of(&scan, table(ac_tables, first.2));
                 blocks.each(bytes, data, |bits, state, _, block, mask| {
-                    ac_first(bits, table, block, mask, &scan, &mut state.eob_run)
+                    ac_first(bits, ac, Coded { block, mask }, &mut state.eob_run)
                 })
             }
             _ => {
-                let table = table(ac_tables, first.2);
-                let refine = ac_refine_on_this_cpu();
+                let (ac, refine) = (
+                    AcScan::of(&scan, table(ac_tables, first.2)),
+                    ac_refine_on_this_cpu(),
+                );
                 blocks.each(bytes, data, |bits, state, _, block, mask| {
-                    refine(bits, table, block, mask, &scan, &mut state.eob_run)
+                    refine(bits, ac, Coded { block, mask }, &mut state.eob_run)
                 })
             }
         }
@@ -344,6 +346,28 @@ impl Decoder<'_, '_> {
             al,
         })
     }
+}
+
+/// What decoding a block of an AC scan needs of the scan.
+#[derive(Clone, Copy)]
+struct AcScan<'t> {
+    table: &'t Huffman,
+    ss: usize,
+    se: usize,
+    al: u8,
+}
+
+impl<'t> AcScan<'t> {
+    fn of(scan: &Scan, table: &'t Huffman) -> Self {
+        let (ss, se, al) = (scan.ss, scan.se, scan.al);
+        AcScan { table, ss, se, al }
+    }
+}
+
+/// A block being decoded, and the mask of its nonzero coefficients (bit `k`: zigzag index `k`).
+struct Coded<'b> {
+    block: &'b mut Block,
+    mask: &'b mut u64,
 }
 
 /// The blocks of one scan, in the order its data codes them, and its restart intervals.
@@ -468,21 +492,15 @@ fn dc_first(
     Ok(())
 }
 
-fn ac_first(
-    bits: &mut Bits,
-    table: &Huffman,
-    block: &mut Block,
-    mask: &mut u64,
-    scan: &Scan,
-    eob_run: &mut u32,
-) -> Result<()> {
+fn ac_first(bits: &mut Bits, scan: AcScan, coded: Coded, eob_run: &mut u32) -> Result<()> {
+    let Coded { block, mask } = coded;
     if *eob_run > 0 {
         *eob_run -= 1;
         return Ok(());
     }
     let mut k = scan.ss;
     while k <= scan.se {
-        let symbol = bits.symbol(table)?;
+        let symbol = bits.symbol(scan.table)?;
         let (run, size) = ((symbol >> 4) as usize, (symbol & 15) as u32);
         if size != 0 {
             k += run;
@@ -505,7 +523,7 @@ fn ac_first(
 }
 
 /// One block of a refinement scan of AC coefficients.
-type Refine = fn(&mut Bits, &Huffman, &mut Block, &mut u64, &Scan, &mut u32) -> Result<()>;
+type Refine = fn(&mut Bits, AcScan, Coded, &mut u32) -> Result<()>;
 
 #[cfg(test)]
 thread_local! {
@@ -535,7 +553,7 @@ fn ac_refine_on_this_cpu() -> Refine {
 mod bmi2 {
     use std::sync::OnceLock;
 
-    use super::{Bits, Block, Huffman, Result, Scan};
+    use super::{AcScan, Bits, Coded, Result};
 
     /// Whether the CPU has BMI2 and runs `pdep` in a few cycles: AMD's before Zen 3 (family
     /// 0x19) and Hygon's run it in microcode, tens to hundreds of cycles.
@@ -560,25 +578,18 @@ mod bmi2 {
 
     pub(super) fn ac_refine(
         bits: &mut Bits,
-        table: &Huffman,
-        block: &mut Block,
-        mask: &mut u64,
-        scan: &Scan,
-        eob_run: &mut u32,
+        scan: AcScan,
+        coded: Coded,
+        eob: &mut u32,
     ) -> Result<()> {
-        #[target_feature(enable = "bmi2")]
-        fn with_bmi2(
-            bits: &mut Bits,
-            table: &Huffman,
-            block: &mut Block,
-            mask: &mut u64,
-            scan: &Scan,
-            eob_run: &mut u32,
-        ) -> Result<()> {
-            super::ac_refine::<true>(bits, table, block, mask, scan, eob_run)
-        }
         // SAFETY: only handed out where `deposits_fast`, so the CPU has BMI2.
-        unsafe { with_bmi2(bits, table, block, mask, scan, eob_run) }
+        unsafe { with_bmi2(|| super::ac_refine::<true>(bits, scan, coded, eob)) }
+    }
+
+    /// `work` compiled for BMI2 (with what it inlines, as `ac_refine` is).
+    #[target_feature(enable = "bmi2")]
+    fn with_bmi2<R>(work: impl FnOnce() -> R) -> R {
+        work()
     }
 
     /// The lowest set bit of `ones` with `n` set bits below it (0 if none).
@@ -593,17 +604,16 @@ mod bmi2 {
 #[inline(always)]
 fn ac_refine<const PDEP: bool>(
     bits: &mut Bits,
-    table: &Huffman,
-    block: &mut Block,
-    mask: &mut u64,
-    scan: &Scan,
+    scan: AcScan,
+    coded: Coded,
     eob_run: &mut u32,
 ) -> Result<()> {
+    let Coded { block, mask } = coded;
     let p1 = 1i16 << scan.al;
     let mut k = scan.ss;
     if *eob_run == 0 {
         while k <= scan.se {
-            let symbol = bits.symbol(table)?;
+            let symbol = bits.symbol(scan.table)?;
             let (run, size) = (symbol >> 4, symbol & 15);
             let new = match size {
                 0 if run < 15 => {

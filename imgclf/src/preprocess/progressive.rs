@@ -267,7 +267,8 @@ impl Decoder<'_, '_> {
             ..
         } = self;
         data.start(bytes, pos)?;
-        let (first, al) = (scan.components[0], scan.al);
+        // An AC scan codes one component, with its AC table.
+        let (ac_table, al) = (scan.components[0].2, scan.al);
         let p1 = 1i16 << al;
         let blocks = Blocks {
             frame,
@@ -289,16 +290,14 @@ impl Decoder<'_, '_> {
                 Ok(())
             }),
             (_, 0) => {
-                let ac = AcScan::of(&scan, table(ac_tables, first.2));
+                let ac = AcScan::of(&scan, table(ac_tables, ac_table));
                 blocks.each(bytes, data, |bits, state, _, block, mask| {
                     ac_first(bits, ac, Coded { block, mask }, &mut state.eob_run)
                 })
             }
             _ => {
-                let (ac, refine) = (
-                    AcScan::of(&scan, table(ac_tables, first.2)),
-                    ac_refine_on_this_cpu(),
-                );
+                let ac = AcScan::of(&scan, table(ac_tables, ac_table));
+                let refine = ac_refine_on_this_cpu();
                 blocks.each(bytes, data, |bits, state, _, block, mask| {
                     refine(bits, ac, Coded { block, mask }, &mut state.eob_run)
                 })

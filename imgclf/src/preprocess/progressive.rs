@@ -2,13 +2,13 @@
 //! reads, instead of libjpeg's own: most of a progressive photo's decoding time is libjpeg's
 //! refinement scans, which visit every coefficient of every block for each correction bit.
 //! Here each block keeps a mask of its coefficients already nonzero, so a refinement scan
-//! reads its correction bits in one go and touches only those coefficients.
+//! touches only those, without a branch on their values.
 //!
 //! Coefficients are lossless: any correct decoder gives libjpeg's values, so the pixels stay
 //! exactly libjpeg's. To keep it so on every file, anything this decoder does not take for
 //! certain (a marker or table it does not expect, a scan order libjpeg would warn about, data
-//! cut short, a restart marker out of sequence) makes it return [`Stop::Unsupported`], and
-//! libjpeg decodes the file from the start as before.
+//! cut short, a restart marker out of sequence, coefficients left unrefined) makes it return
+//! [`Stop::Unsupported`], and libjpeg decodes the file from the start as before.
 
 use super::budget::{Budget, MAX_JPEG_SCANS};
 
@@ -441,7 +441,7 @@ impl Blocks<'_, '_> {
                 if self.restart_interval > 0 {
                     if to_restart == 0 {
                         // The restart marker the interval must end with, in sequence.
-                        let at = bits.end(bytes)?;
+                        let at = bits.end()?;
                         if bytes.get(at..at + 2) != Some(&[0xFF, 0xD0 + restarts]) {
                             return Err(Stop::Unsupported);
                         }
@@ -464,7 +464,7 @@ impl Blocks<'_, '_> {
                 }
             }
         }
-        bits.end(bytes)
+        bits.end()
     }
 }
 
@@ -813,7 +813,7 @@ impl Bits {
 
     /// Where the marker after the data is, unless more bits were read than the data holds
     /// (libjpeg would have run out and left the rest of the scan undecoded).
-    fn end(&self, _bytes: &[u8]) -> Result<usize> {
+    fn end(&self) -> Result<usize> {
         let read = self.pos as u64 * 8 + self.past_end - self.count as u64;
         if read > self.len as u64 * 8 {
             return Err(Stop::Unsupported);

@@ -42,11 +42,18 @@ impl Budget {
 
     /// The error a decode over budget ends with.
     pub(crate) fn error(&self) -> super::ImageError {
-        super::ImageError::TooCostly(format!(
-            "decoding took more than {:?} of CPU time",
-            self.limit
-        ))
+        super::ImageError::TooCostly(self.why())
     }
+
+    /// Why a decode over budget was stopped.
+    pub(crate) fn why(&self) -> String {
+        format!("decoding took more than {:?} of CPU time", self.limit)
+    }
+}
+
+/// Why a JPEG of more than [`MAX_JPEG_SCANS`] scans was stopped.
+pub(crate) fn too_many_scans() -> String {
+    format!("more than {MAX_JPEG_SCANS} progressive scans")
 }
 
 /// The image bytes, read by a decoder that stops (with an I/O error) once the budget is spent:

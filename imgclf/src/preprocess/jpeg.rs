@@ -36,7 +36,7 @@ use mozjpeg_sys::{
 
 use image::metadata::Orientation;
 
-use super::budget::{Budget, MAX_JPEG_SCANS};
+use super::budget::{too_many_scans, Budget, MAX_JPEG_SCANS};
 use super::progressive::{self, Component, Frame, Stop};
 use super::scratch::Scratch;
 use super::{ImageError, Rect};
@@ -59,9 +59,8 @@ pub(super) fn check(bytes: &[u8], budget: &Budget) -> Result<bool, ImageError> {
         if unsafe { mozjpeg_sys::jpeg_has_multiple_scans(&decoder.cinfo) } != 0 {
             let scans = count_scans(bytes);
             if scans > MAX_JPEG_SCANS as usize {
-                return Err(ImageError::TooCostly(format!(
-                    "more than {MAX_JPEG_SCANS} progressive scans ({scans})"
-                )));
+                let why = format!("{} ({scans})", too_many_scans());
+                return Err(ImageError::TooCostly(why));
             }
             decoder.cinfo.buffered_image = true as boolean;
         }
@@ -140,16 +139,12 @@ extern "C-unwind" fn monitor(cinfo: &mut jpeg_common_struct) {
         (progress, dinfo.input_scan_number)
     };
     if scan > MAX_JPEG_SCANS {
-        let why = format!("more than {MAX_JPEG_SCANS} progressive scans");
-        std::panic::resume_unwind(Box::new(TooCostly(why)));
+        std::panic::resume_unwind(Box::new(TooCostly(too_many_scans())));
     }
     // Reading the clock costs a system call: look every few calls.
     progress.calls = progress.calls.wrapping_add(1);
     if progress.calls.is_multiple_of(64) && progress.budget.exceeded() {
-        let ImageError::TooCostly(why) = progress.budget.error() else {
-            unreachable!("a budget's error is TooCostly")
-        };
-        std::panic::resume_unwind(Box::new(TooCostly(why)));
+        std::panic::resume_unwind(Box::new(TooCostly(progress.budget.why())));
     }
 }
 

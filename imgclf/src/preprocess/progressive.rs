@@ -10,7 +10,7 @@
 //! cut short, a restart marker out of sequence, coefficients left unrefined) makes it return
 //! [`Stop::Unsupported`], and libjpeg decodes the file from the start as before.
 
-use super::budget::{Budget, MAX_JPEG_SCANS};
+use super::budget::{too_many_scans, Budget, MAX_JPEG_SCANS};
 
 /// The position in a block (row-major) of each zigzag index: libjpeg's `jpeg_natural_order`.
 const NATURAL: [usize; 64] = [
@@ -108,8 +108,7 @@ pub(super) fn decode(
             0xDA => {
                 scans += 1;
                 if scans > MAX_JPEG_SCANS {
-                    let why = format!("more than {MAX_JPEG_SCANS} progressive scans");
-                    return Err(Stop::TooCostly(why));
+                    return Err(Stop::TooCostly(too_many_scans()));
                 }
                 let header = segment(bytes, pos)?;
                 pos = decoder.scan(bytes, pos + 2 + header.len(), header)?;
@@ -420,10 +419,7 @@ impl Blocks<'_, '_> {
         for row in 0..mcu_rows {
             // Reading the thread's CPU clock is a system call: every few rows.
             if row % 16 == 0 && self.budget.exceeded() {
-                let super::ImageError::TooCostly(why) = self.budget.error() else {
-                    unreachable!("a budget's error is TooCostly")
-                };
-                return Err(Stop::TooCostly(why));
+                return Err(Stop::TooCostly(self.budget.why()));
             }
             if single && self.restart_interval == 0 {
                 // The common case, without the MCU bookkeeping: a row of blocks.

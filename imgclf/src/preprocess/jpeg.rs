@@ -30,14 +30,17 @@ use std::mem;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use mozjpeg_sys::{
-    boolean, jpeg_common_struct, jpeg_decompress_struct, jpeg_error_mgr, jpeg_progress_mgr,
-    jvirt_barray_control, JBLOCK, JBLOCKARRAY, JBLOCKROW, JDIMENSION, J_COLOR_SPACE,
+    boolean, jpeg_common_struct, jpeg_component_info, jpeg_decompress_struct, jpeg_error_mgr,
+    jpeg_progress_mgr, jvirt_barray_control, JBLOCK, JBLOCKARRAY, JBLOCKROW, JDIMENSION,
+    J_COLOR_SPACE,
 };
 
 use image::metadata::Orientation;
 
+use super::baseline;
 use super::budget::{too_many_scans, Budget, MAX_JPEG_SCANS};
-use super::progressive::{self, Component, Frame, Stop};
+use super::huffman::{Block, Stop};
+use super::progressive::{self, Component, Frame};
 use super::scratch::Scratch;
 use super::{ImageError, Rect};
 
@@ -298,6 +301,8 @@ pub(super) struct Decoder<'a> {
     _err: Box<jpeg_error_mgr>,
     progress: Box<Progress<'a>>,
     blocks: Box<BlockArrays>,
+    /// A baseline JPEG's entropy decoder, where [`baseline`] takes the file.
+    baseline: Option<Box<BaselineEntropy>>,
     bytes: &'a [u8],
 }
 
@@ -325,6 +330,7 @@ impl<'a> Decoder<'a> {
                 _err: err,
                 progress,
                 blocks: Box::default(),
+                baseline: None,
                 bytes,
             };
             if REUSE_COEFFICIENT_MEMORY.load(Ordering::Relaxed) {
@@ -426,40 +432,21 @@ impl<'a> Decoder<'a> {
         if unsafe { mozjpeg_sys::jpeg_has_multiple_scans(&self.cinfo) } == 0 {
             return;
         }
-        let count = self.cinfo.num_components as usize;
-        // SAFETY: libjpeg allocated `num_components` entries when it read the frame header.
-        let components = unsafe { std::slice::from_raw_parts_mut(self.cinfo.comp_info, count) };
-        let quant_tables: Vec<_> = (components.iter())
-            .map(|c| {
-                self.cinfo
-                    .quant_tbl_ptrs
-                    .get(c.quant_tbl_no as usize)
-                    .copied()
-            })
+        let frame = self.frame();
+        let quant_tbl_ptrs = self.cinfo.quant_tbl_ptrs;
+        let quant_tables: Vec<_> = (self.components().iter())
+            .map(|c| quant_tbl_ptrs.get(c.quant_tbl_no as usize).copied())
             .collect();
         if quant_tables.iter().any(|t| t.is_none_or(|t| t.is_null())) {
             return; // libjpeg fails on it
         }
-        let frame = Frame {
-            width: self.cinfo.image_width as usize,
-            height: self.cinfo.image_height as usize,
-            components: (components.iter())
-                .map(|c| Component {
-                    id: c.component_id as u8,
-                    h: c.h_samp_factor as usize,
-                    v: c.v_samp_factor as usize,
-                    width_in_blocks: c.width_in_blocks as usize,
-                    height_in_blocks: c.height_in_blocks as usize,
-                })
-                .collect(),
-        };
         // One scratch buffer for all components, each one's blocks aligned.
         let sizes: Option<Vec<usize>> = (frame.components.iter())
             .map(|c| block_bytes(c.blocks_per_row(), c.block_rows()))
             .collect();
         let Some(sizes) = sizes else { return };
         let mut memory = Scratch::zeroed(sizes.iter().sum());
-        let mut planes = Vec::with_capacity(count);
+        let mut planes = Vec::with_capacity(frame.components.len());
         let mut rest = &mut memory[..];
         for (c, &size) in frame.components.iter().zip(&sizes) {
             let (mine, others) = rest.split_at_mut(size);
@@ -484,7 +471,7 @@ impl<'a> Decoder<'a> {
             .collect();
         self.blocks.decoded_memory = Some(memory);
         self.use_block_arrays();
-        for (component, table) in components.iter_mut().zip(quant_tables) {
+        for (component, table) in self.components().iter_mut().zip(quant_tables) {
             // What libjpeg latches at each component's first scan: no table is defined later
             // (the decoder leaves such files to libjpeg).
             if component.quant_table.is_null() {
@@ -500,6 +487,59 @@ impl<'a> Decoder<'a> {
             source.next_input_byte = END_OF_IMAGE.as_ptr();
             source.bytes_in_buffer = END_OF_IMAGE.len();
         }
+    }
+
+    /// The frame as libjpeg read it from the header.
+    fn frame(&mut self) -> Frame {
+        Frame {
+            width: self.cinfo.image_width as usize,
+            height: self.cinfo.image_height as usize,
+            components: (self.components().iter())
+                .map(|c| Component {
+                    id: c.component_id as u8,
+                    h: c.h_samp_factor as usize,
+                    v: c.v_samp_factor as usize,
+                    width_in_blocks: c.width_in_blocks as usize,
+                    height_in_blocks: c.height_in_blocks as usize,
+                })
+                .collect(),
+        }
+    }
+
+    fn components(&mut self) -> &mut [jpeg_component_info] {
+        let count = self.cinfo.num_components as usize;
+        // SAFETY: libjpeg allocated `num_components` entries when it read the frame header.
+        unsafe { std::slice::from_raw_parts_mut(self.cinfo.comp_info, count) }
+    }
+
+    /// For a baseline JPEG, before the decode starts: its scan ready for [`baseline`] to
+    /// entropy-decode MCU by MCU as libjpeg asks ([`Self::start`] hands it over).
+    fn prepare_baseline(&mut self) {
+        // SAFETY: the header has been read.
+        if unsafe { mozjpeg_sys::jpeg_has_multiple_scans(&self.cinfo) } != 0 {
+            return;
+        }
+        #[cfg(test)]
+        if LIBJPEG_ENTROPY.get() {
+            return;
+        }
+        // SAFETY: `jpeg_mem_src`'s source over `bytes`, which libjpeg has read up to the
+        // scan's data.
+        let data_start = unsafe {
+            (*self.cinfo.src)
+                .next_input_byte
+                .offset_from(self.bytes.as_ptr())
+        };
+        let frame = self.frame();
+        let scan = baseline::Scan::new(self.bytes, &frame, data_start as usize);
+        self.baseline = scan.map(|scan| {
+            Box::new(BaselineEntropy {
+                start_pass: no_second_scan,
+                decode_mcu: decode_baseline_mcu,
+                insufficient_data: false as boolean,
+                scan,
+            })
+        });
     }
 
     fn start(&mut self) {
@@ -519,6 +559,21 @@ impl<'a> Decoder<'a> {
         self.cinfo.out_color_space = J_COLOR_SPACE::JCS_RGB;
         // SAFETY: the header has been read; errors unwind.
         unsafe { mozjpeg_sys::jpeg_start_decompress(&mut self.cinfo) };
+        if let Some(entropy) = self.baseline.as_deref_mut() {
+            let end = entropy.scan.end();
+            // SAFETY: libjpeg set up its entropy decoder for the scan and has decoded no MCU;
+            // from here it calls `decode_mcu` through this pointer, on `entropy`, which the
+            // decoder keeps alive.
+            unsafe {
+                let field = entropy_field(&mut self.cinfo);
+                assert!(!(*field).is_null(), "libjpeg has an entropy decoder");
+                *field = entropy as *mut BaselineEntropy as *mut std::ffi::c_void;
+                // Nothing of the scan's data is libjpeg's to read: its input goes on after it.
+                let source = &mut *self.cinfo.src;
+                source.next_input_byte = self.bytes[end..].as_ptr();
+                source.bytes_in_buffer = self.bytes.len() - end;
+            }
+        }
         for (block, kept) in first_mcu {
             // SAFETY: as above; libjpeg holds no reference to the block between its calls.
             unsafe { *block = kept };
@@ -531,6 +586,7 @@ impl<'a> Decoder<'a> {
         let (width, height) = self.size();
         assert!(rect.left + rect.width <= width && rect.top + rect.height <= height);
         self.decode_scans_first();
+        self.prepare_baseline();
         self.start();
         let mut x = rect.left.saturating_sub(CROP_MARGIN) as u32;
         let mut crop_width =
@@ -585,6 +641,57 @@ extern "C-unwind" fn unwind_error_exit(cinfo: &mut jpeg_common_struct) {
 }
 
 #[cold]
+#[cfg(test)]
+thread_local! {
+    /// Set by tests to have libjpeg entropy-decode baseline JPEGs itself.
+    static LIBJPEG_ENTROPY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// libjpeg's `struct jpeg_entropy_decoder` (jpegint.h), through which it has a baseline scan
+/// decoded, and that scan.
+#[repr(C)]
+struct BaselineEntropy {
+    start_pass: unsafe extern "C-unwind" fn(&mut jpeg_decompress_struct),
+    decode_mcu: unsafe extern "C-unwind" fn(&mut jpeg_decompress_struct, *mut JBLOCKROW) -> boolean,
+    insufficient_data: boolean,
+    scan: baseline::Scan,
+}
+
+/// The address of `cinfo.entropy`, which mozjpeg-sys keeps private: the fifth pointer from
+/// the end of the struct, as jpeglib.h declares it (`entropy`, `idct`, `upsample`,
+/// `cconvert`, `cquantize`).
+fn entropy_field(cinfo: &mut jpeg_decompress_struct) -> *mut *mut std::ffi::c_void {
+    let offset = mem::size_of::<jpeg_decompress_struct>() - 5 * mem::size_of::<usize>();
+    // SAFETY: within the struct, at a pointer-aligned offset (its size is a multiple of its
+    // pointer alignment).
+    unsafe { (cinfo as *mut jpeg_decompress_struct as *mut u8).add(offset) as *mut _ }
+}
+
+/// libjpeg's `decode_mcu` for a baseline scan: the next MCU into `mcu`'s blocks (zeroed by
+/// libjpeg), or discarded where `mcu` is null (rows it skips).
+extern "C-unwind" fn decode_baseline_mcu(
+    cinfo: &mut jpeg_decompress_struct,
+    mcu: *mut JBLOCKROW,
+) -> boolean {
+    // SAFETY: `Decoder::start` pointed `entropy` at its `BaselineEntropy`, alive while
+    // libjpeg decodes.
+    let entropy = unsafe { &mut *(*entropy_field(cinfo) as *mut BaselineEntropy) };
+    let count = entropy.scan.blocks_per_mcu();
+    // SAFETY: libjpeg passes one pointer per block of the MCU, each to a distinct block.
+    let blocks = (!mcu.is_null())
+        .then(|| unsafe { std::slice::from_raw_parts_mut(mcu as *mut &mut Block, count) });
+    entropy.scan.decode_mcu(blocks);
+    entropy.insufficient_data = entropy.scan.out_of_data() as boolean;
+    true as boolean
+}
+
+/// libjpeg starts a second scan only in files with several, which it decodes itself.
+extern "C-unwind" fn no_second_scan(_cinfo: &mut jpeg_decompress_struct) {
+    std::panic::resume_unwind(Box::new(
+        "libjpeg: a second scan in a one-scan file".to_string(),
+    ))
+}
+
 extern "C-unwind" fn silence_message(_cinfo: &mut jpeg_common_struct, _level: std::ffi::c_int) {}
 
 /// Start-of-scan markers (FF DA) in a JPEG. Entropy-coded data never holds one (an FF byte
@@ -669,6 +776,10 @@ mod progressive_tests {
         Mozjpeg,
         /// [`SCRIPT`].
         Own,
+        /// One sequential scan (baseline), with the standard Huffman tables.
+        Baseline,
+        /// One sequential scan, with Huffman tables made for the image.
+        BaselineOptimized,
     }
 
     /// A script unlike the encoders' own: DC scans of one component and of several, with
@@ -725,7 +836,12 @@ mod progressive_tests {
                 (luma.h_samp_factor, luma.v_samp_factor) = (h, v);
             }
             cinfo.restart_interval = how.restart_interval;
-            mozjpeg_sys::jpeg_simple_progression(&mut cinfo);
+            let baseline = matches!(how.script, Script::Baseline | Script::BaselineOptimized);
+            if baseline {
+                cinfo.optimize_coding = matches!(how.script, Script::BaselineOptimized) as boolean;
+            } else {
+                mozjpeg_sys::jpeg_simple_progression(&mut cinfo);
+            }
             // The scans of those components the image has; libjpeg reads them at the start.
             let script: Vec<jpeg_scan_info> = (SCRIPT.iter())
                 .filter(|scan| scan.0.iter().all(|&c| c < channels as i32))
@@ -791,9 +907,27 @@ mod progressive_tests {
             };
             let mut pixels = Vec::new();
             decoder.read_rect(whole, |row| pixels.extend_from_slice(row));
-            (pixels, decoder.blocks.decoded_memory.is_some())
+            let taken = decoder.blocks.decoded_memory.is_some() || decoder.baseline.is_some();
+            (pixels, taken)
         })
         .expect("decodes")
+    }
+
+    /// `rect`'s pixels as `decode_rect` gives them, by imgclf's entropy decoders where they
+    /// take the file or by libjpeg's alone (`libjpeg_entropy`).
+    fn decoded_rect(
+        bytes: &[u8],
+        rect: Rect,
+        libjpeg_entropy: bool,
+    ) -> Result<Vec<u8>, ImageError> {
+        LIBJPEG_ENTROPY.set(libjpeg_entropy);
+        let pixels = with_decoder(bytes, &Budget::start(), |decoder| {
+            let mut pixels = Vec::new();
+            decoder.read_rect(rect, |row| pixels.extend_from_slice(row));
+            pixels
+        });
+        LIBJPEG_ENTROPY.set(false);
+        pixels
     }
 
     /// The pixels libjpeg gives alone: its own entropy decoding, arrays and memory.
@@ -852,6 +986,124 @@ mod progressive_tests {
             }
         }
         assert_eq!(cases, 180);
+    }
+
+    #[test]
+    fn every_layout_of_a_baseline_jpeg_decodes_as_libjpeg_alone_does() {
+        let mut cases = 0;
+        for size in [(1, 1), (9, 7), (64, 48), (203, 117)] {
+            for luma in [None, Some((1, 1)), Some((2, 1)), Some((1, 2)), Some((2, 2))] {
+                for (quality, restart_interval) in [(90, 0), (100, 1), (50, 3), (75, 7)] {
+                    for script in [Script::Baseline, Script::BaselineOptimized] {
+                        let how = Encoding {
+                            luma,
+                            quality,
+                            restart_interval,
+                            script,
+                        };
+                        let channels = if luma.is_some() { 3 } else { 1 };
+                        let jpeg = encode(&test_pixels(size, channels), size, how);
+                        let what = format!("{size:?} {how:?}");
+                        let (pixels, taken) = decoded(&jpeg);
+                        assert!(taken, "{what}: the baseline decoder took it");
+                        assert!(pixels == libjpeg_alone(&jpeg), "{what}: pixels differ");
+                        // A rectangle below the top and right of the left edge: libjpeg
+                        // skips rows (MCUs discarded) and crops columns.
+                        let (width, height) = size;
+                        let rect = Rect {
+                            left: width / 3,
+                            top: height / 2,
+                            width: (width / 3).max(1),
+                            height: (height / 3).max(1),
+                        };
+                        assert!(
+                            decoded_rect(&jpeg, rect, false).unwrap()
+                                == decoded_rect(&jpeg, rect, true).unwrap(),
+                            "{what}: a rectangle's pixels differ"
+                        );
+                        cases += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 160);
+    }
+
+    /// Damaged baseline JPEGs, in their data and anywhere: whatever libjpeg makes of them
+    /// (pixels or an error), imgclf's baseline decoder makes the same.
+    #[test]
+    fn a_damaged_baseline_jpeg_decodes_as_libjpeg_alone_decodes_it() {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n.max(1) as u64) as usize
+        };
+        let (mut taken, mut same) = (0, 0);
+        for (luma, restart_interval, script) in [
+            (Some((2, 2)), 0, Script::BaselineOptimized),
+            (Some((2, 2)), 2, Script::Baseline),
+            (Some((1, 1)), 1, Script::BaselineOptimized),
+            (None, 3, Script::Baseline),
+        ] {
+            let how = Encoding {
+                luma,
+                quality: 90,
+                restart_interval,
+                script,
+            };
+            let channels = if luma.is_some() { 3 } else { 1 };
+            let original = encode(&test_pixels((64, 48), channels), (64, 48), how);
+            let data_start = original.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap() + 14;
+            for _ in 0..500 {
+                let mut jpeg = original.clone();
+                for _ in 0..1 + next(3) {
+                    // Mostly in the scan's data (before its end-of-image marker).
+                    let at = match next(4) {
+                        0 => next(jpeg.len()),
+                        _ => data_start + next(jpeg.len() - 2 - data_start),
+                    };
+                    match next(4) {
+                        0 => jpeg[at] ^= 1 << next(8),
+                        1 => jpeg[at] = 0xFF,
+                        2 => {
+                            let end = (at + 1 + next(40)).min(jpeg.len() - 2);
+                            jpeg.drain(at..end.max(at));
+                        }
+                        _ => jpeg[at] = next(256) as u8,
+                    }
+                }
+                let whole = Rect {
+                    left: 0,
+                    top: 0,
+                    width: 64,
+                    height: 48,
+                };
+                let ours = decoded_rect(&jpeg, whole, false);
+                let theirs = decoded_rect(&jpeg, whole, true);
+                match (ours, theirs) {
+                    (Ok(ours), Ok(theirs)) => {
+                        assert!(ours == theirs, "{how:?}: pixels differ on {jpeg:?}");
+                        same += 1;
+                    }
+                    (Err(_), Err(_)) => {}
+                    (ours, theirs) => panic!("{how:?}: {ours:?} against {theirs:?} on {jpeg:?}"),
+                }
+                if with_decoder(&jpeg, &Budget::start(), |decoder| {
+                    decoder.prepare_baseline();
+                    decoder.baseline.is_some()
+                }) == Ok(true)
+                {
+                    taken += 1;
+                }
+            }
+        }
+        eprintln!("{same} of 2000 damaged baseline JPEGs decoded as libjpeg does; {taken} taken");
+        assert!(
+            taken > 1000 && same > 1000,
+            "the damage exercises the decoder"
+        );
     }
 
     /// A 64x48 4:2:0 JPEG with libjpeg's standard scans, restarts every `restart_interval` MCUs.

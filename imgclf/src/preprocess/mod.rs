@@ -14,8 +14,10 @@ use helper_thread::{SPLIT_PIXELS, UPPER_PERCENT};
 use resample::Plan;
 use scratch::Scratch;
 
+mod baseline;
 mod budget;
 mod helper_thread;
+mod huffman;
 mod jpeg;
 mod progressive;
 mod resample;

@@ -11,20 +11,13 @@
 //! [`Stop::Unsupported`], and libjpeg decodes the file from the start as before.
 
 use super::budget::{too_many_scans, Budget, MAX_JPEG_SCANS};
-
-/// The position in a block (row-major) of each zigzag index: libjpeg's `jpeg_natural_order`.
-const NATURAL: [usize; 64] = [
-    0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27, 20,
-    13, 6, 7, 14, 21, 28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51, 58, 59,
-    52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63,
-];
+use super::huffman::{
+    extend, next_marker, segment, Bits, Block, Huffman, Result, Stop, Tables, NATURAL,
+};
 
 /// Coefficients libjpeg's block smoothing looks at: all of them must end fully refined, or
 /// libjpeg would smooth the image and this decoder is not used.
 const SMOOTHED: usize = 10;
-
-/// One 8x8 block of quantised coefficients in natural order, as libjpeg's `JBLOCK`.
-pub(super) type Block = [i16; 64];
 
 /// A component's place in the frame, as libjpeg computed it from the header.
 pub(super) struct Component {
@@ -54,17 +47,6 @@ pub(super) struct Frame {
     pub components: Vec<Component>,
 }
 
-/// Why a file was not decoded here.
-#[derive(Debug)]
-pub(super) enum Stop {
-    /// Something this decoder leaves to libjpeg, which decodes the whole file instead.
-    Unsupported,
-    /// Over the decode's budget (libjpeg's progress monitor stops the same way).
-    TooCostly(String),
-}
-
-type Result<T> = std::result::Result<T, Stop>;
-
 /// Decodes every scan of `bytes` (a progressive JPEG whose header gave `frame`) into `planes`,
 /// one per component, each `blocks_per_row * block_rows` zeroed blocks.
 pub(super) fn decode(
@@ -89,8 +71,7 @@ pub(super) fn decode(
         masks: planes.iter().map(|p| vec![0; p.len()]).collect(),
         planes,
         progress: vec![[-1; 64]; frame.components.len()],
-        dc_tables: Default::default(),
-        ac_tables: Default::default(),
+        tables: Tables::default(),
         restart_interval: 0,
         data: Bits::default(),
         budget,
@@ -114,7 +95,7 @@ pub(super) fn decode(
                 pos = decoder.scan(bytes, pos + 2 + header.len(), header)?;
                 continue;
             }
-            0xC4 => decoder.define_tables(segment(bytes, pos)?)?,
+            0xC4 => decoder.tables.define(segment(bytes, pos)?)?,
             0xDD => match segment(bytes, pos)? {
                 &[high, low] => decoder.restart_interval = u16::from_be_bytes([high, low]),
                 _ => return Err(Stop::Unsupported),
@@ -140,38 +121,6 @@ pub(super) fn decode(
     }
 }
 
-/// The marker at or after `pos` (skipping fill bytes and, as libjpeg does, stray bytes) and
-/// the position of its segment's length.
-fn next_marker(bytes: &[u8], mut pos: usize) -> Result<(u8, usize)> {
-    loop {
-        let ff = bytes
-            .get(pos..)
-            .and_then(|rest| rest.iter().position(|&b| b == 0xFF))
-            .ok_or(Stop::Unsupported)?;
-        pos += ff + 1;
-        while bytes.get(pos) == Some(&0xFF) {
-            pos += 1;
-        }
-        match bytes.get(pos) {
-            None => return Err(Stop::Unsupported),
-            Some(0) => pos += 1,
-            Some(&marker) => return Ok((marker, pos + 1)),
-        }
-    }
-}
-
-/// The contents of the segment whose length field is at `pos`.
-fn segment(bytes: &[u8], pos: usize) -> Result<&[u8]> {
-    let length = match bytes.get(pos..pos + 2) {
-        Some(&[high, low]) => u16::from_be_bytes([high, low]) as usize,
-        _ => return Err(Stop::Unsupported),
-    };
-    length
-        .checked_sub(2)
-        .and_then(|len| bytes.get(pos + 2..pos + 2 + len))
-        .ok_or(Stop::Unsupported)
-}
-
 struct Decoder<'a, 'p> {
     frame: &'a Frame,
     planes: &'a mut [&'p mut [Block]],
@@ -180,8 +129,7 @@ struct Decoder<'a, 'p> {
     /// Per component and coefficient, its precision so far (libjpeg's `coef_bits`): -1 until
     /// its first scan, then the scan's `Al`.
     progress: Vec<[i8; 64]>,
-    dc_tables: [Option<Box<Huffman>>; 4],
-    ac_tables: [Option<Box<Huffman>>; 4],
+    tables: Tables,
     restart_interval: u16,
     /// The entropy-coded data being read.
     data: Bits,
@@ -199,29 +147,6 @@ struct Scan {
 }
 
 impl Decoder<'_, '_> {
-    fn define_tables(&mut self, mut segment: &[u8]) -> Result<()> {
-        while let [class_id, rest @ ..] = segment {
-            let (class, id) = (class_id >> 4, (class_id & 15) as usize);
-            if rest.len() < 16 || id > 3 || class > 1 {
-                return Err(Stop::Unsupported);
-            }
-            let counts: [u8; 16] = rest[..16].try_into().expect("16 counts");
-            let total: usize = counts.iter().map(|&c| c as usize).sum();
-            if total > 256 {
-                return Err(Stop::Unsupported);
-            }
-            let values = rest.get(16..16 + total).ok_or(Stop::Unsupported)?;
-            let table = Box::new(Huffman::new(&counts, values)?);
-            if class == 0 {
-                self.dc_tables[id] = Some(table);
-            } else {
-                self.ac_tables[id] = Some(table);
-            }
-            segment = &rest[16 + total..];
-        }
-        Ok(())
-    }
-
     /// Reads a scan's header and decodes its data from `pos`; returns where its data ends.
     fn scan(&mut self, bytes: &[u8], pos: usize, header: &[u8]) -> Result<usize> {
         let scan = self.scan_header(header)?;
@@ -229,12 +154,12 @@ impl Decoder<'_, '_> {
         for &(c, dc_table, ac_table) in &scan.components {
             let needed = if dc {
                 // DC tables' symbols are bit counts: libjpeg refuses more than 15.
-                match &self.dc_tables[dc_table] {
+                match &self.tables.dc[dc_table] {
                     Some(table) => scan.ah != 0 || table.max_symbol <= 15,
                     None => scan.ah != 0,
                 }
             } else {
-                self.ac_tables[ac_table].is_some()
+                self.tables.ac[ac_table].is_some()
             };
             if !needed {
                 return Err(Stop::Unsupported);
@@ -258,8 +183,7 @@ impl Decoder<'_, '_> {
             frame,
             planes,
             masks,
-            dc_tables,
-            ac_tables,
+            tables,
             restart_interval,
             data,
             budget,
@@ -279,7 +203,7 @@ impl Decoder<'_, '_> {
         };
         match (scan.ss, scan.ah) {
             (0, 0) => blocks.each(bytes, data, |bits, state, i, block, _| {
-                let table = table(dc_tables, scan.components[i].1);
+                let table = tables.dc(scan.components[i].1);
                 dc_first(bits, table, block, &mut state.dc_predictions[i], al)
             }),
             (0, _) => blocks.each(bytes, data, |bits, _, _, block, _| {
@@ -289,13 +213,13 @@ impl Decoder<'_, '_> {
                 Ok(())
             }),
             (_, 0) => {
-                let ac = AcScan::of(&scan, table(ac_tables, ac_table));
+                let ac = AcScan::of(&scan, tables.ac(ac_table));
                 blocks.each(bytes, data, |bits, state, _, block, mask| {
                     ac_first(bits, ac, Coded { block, mask }, &mut state.eob_run)
                 })
             }
             _ => {
-                let ac = AcScan::of(&scan, table(ac_tables, ac_table));
+                let ac = AcScan::of(&scan, tables.ac(ac_table));
                 let refine = ac_refine_on_this_cpu();
                 blocks.each(bytes, data, |bits, state, _, block, mask| {
                     refine(bits, ac, Coded { block, mask }, &mut state.eob_run)
@@ -681,244 +605,14 @@ fn band(from: usize, to: usize) -> u64 {
     (u64::MAX << from) & (u64::MAX >> (63 - to))
 }
 
-/// The table a scan refers to (checked to be defined).
-fn table(tables: &[Option<Box<Huffman>>; 4], id: usize) -> &Huffman {
-    tables[id].as_deref().expect("checked when the scan began")
-}
-
-/// The JPEG value of `size` bits `raw` (sizes up to 16).
-fn extend(raw: u32, size: u32) -> i32 {
-    if size == 0 {
-        0
-    } else if raw < 1 << (size - 1) {
-        raw as i32 - (1 << size) + 1
-    } else {
-        raw as i32
-    }
-}
-
-/// Copies entropy-coded bytes from `pos` to the next marker into `out` without their stuffed
-/// zero bytes (libjpeg's rule: FF, any further FFs, then 00 is one data byte FF), with eight
-/// zero bytes after them; returns the position of the marker.
-fn unstuff(bytes: &[u8], mut pos: usize, out: &mut Vec<u8>) -> Result<usize> {
-    out.clear();
-    loop {
-        let rest = bytes.get(pos..).ok_or(Stop::Unsupported)?;
-        let ff = rest
-            .iter()
-            .position(|&b| b == 0xFF)
-            .ok_or(Stop::Unsupported)?;
-        out.extend_from_slice(&rest[..ff]);
-        let mut next = pos + ff + 1;
-        while bytes.get(next) == Some(&0xFF) {
-            next += 1;
-        }
-        match bytes.get(next) {
-            Some(0) => {
-                out.push(0xFF);
-                pos = next + 1;
-            }
-            Some(_) => {
-                out.extend_from_slice(&[0; 8]);
-                return Ok(pos + ff);
-            }
-            None => return Err(Stop::Unsupported),
-        }
-    }
-}
-
-/// A canonical Huffman table: a lookup of the first [`LOOKUP_BITS`] bits for short codes,
-/// and libjpeg's `maxcode`/`valoffset` for the rest.
-struct Huffman {
-    /// Code length (high byte) and symbol, or 0 for a longer code.
-    lookup: [u16; 1 << LOOKUP_BITS],
-    max_code: [i32; 18],
-    value_offset: [i32; 17],
-    values: Vec<u8>,
-    max_symbol: u8,
-}
-
-const LOOKUP_BITS: u32 = 9;
-
-impl Huffman {
-    /// Builds the table as libjpeg's `jpeg_make_d_derived_tbl` does, refusing what it
-    /// refuses.
-    fn new(counts: &[u8; 16], values: &[u8]) -> Result<Self> {
-        let mut table = Huffman {
-            lookup: [0; 1 << LOOKUP_BITS],
-            max_code: [-1; 18],
-            value_offset: [0; 17],
-            values: values.to_vec(),
-            max_symbol: values.iter().copied().max().unwrap_or(0),
-        };
-        let mut code = 0u32;
-        let mut p = 0usize;
-        for length in 1..=16u32 {
-            let count = counts[length as usize - 1] as usize;
-            if count > 0 {
-                table.value_offset[length as usize] = p as i32 - code as i32;
-                for symbol in &values[p..p + count] {
-                    // No code may be all ones at its length (libjpeg: JERR_BAD_HUFF_TABLE).
-                    if code + 1 >= 1 << length {
-                        return Err(Stop::Unsupported);
-                    }
-                    if length <= LOOKUP_BITS {
-                        let shift = LOOKUP_BITS - length;
-                        let first = (code << shift) as usize;
-                        let entry = (length as u16) << 8 | *symbol as u16;
-                        table.lookup[first..first + (1 << shift)].fill(entry);
-                    }
-                    code += 1;
-                }
-                p += count;
-                table.max_code[length as usize] = code as i32 - 1;
-            }
-            code <<= 1;
-        }
-        table.max_code[17] = i32::MAX;
-        Ok(table)
-    }
-}
-
-/// Bits of one restart interval's entropy-coded data, most significant first, with zeros
-/// after its end.
-#[derive(Default)]
-struct Bits {
-    /// The data, unstuffed, and eight zero bytes (reused from interval to interval).
-    data: Vec<u8>,
-    /// The data's length without those zero bytes.
-    len: usize,
-    /// Where the marker after the data is, in the file.
-    marker: usize,
-    pos: usize,
-    /// Unread bits, left-aligned.
-    buffer: u64,
-    count: u32,
-    /// Zero bits supplied past the end of `data`.
-    past_end: u64,
-}
-
-impl Bits {
-    /// Starts on the data at `pos` in `bytes`, up to the next marker.
-    fn start(&mut self, bytes: &[u8], pos: usize) -> Result<()> {
-        self.marker = unstuff(bytes, pos, &mut self.data)?;
-        self.len = self.data.len() - 8;
-        (self.pos, self.buffer, self.count, self.past_end) = (0, 0, 0, 0);
-        Ok(())
-    }
-
-    /// Where the marker after the data is, unless more bits were read than the data holds
-    /// (libjpeg would have run out and left the rest of the scan undecoded).
-    fn end(&self) -> Result<usize> {
-        let read = self.pos as u64 * 8 + self.past_end - self.count as u64;
-        if read > self.len as u64 * 8 {
-            return Err(Stop::Unsupported);
-        }
-        Ok(self.marker)
-    }
-
-    /// Tops the buffer up to at least 56 bits.
-    #[inline(always)]
-    fn refill(&mut self) {
-        if let Some(next) = self.data.get(self.pos..self.pos + 8) {
-            let word = u64::from_be_bytes(next.try_into().expect("eight bytes"));
-            self.buffer |= word >> self.count;
-            self.pos += (63 - self.count as usize) >> 3;
-            self.count |= 56;
-        } else {
-            let added = (63 - self.count) & !7;
-            self.past_end += added as u64;
-            self.count += added;
-        }
-    }
-
-    /// The next bit.
-    #[inline(always)]
-    fn bit(&mut self) -> bool {
-        if self.count == 0 {
-            self.refill();
-        }
-        let bit = self.buffer >> 63 != 0;
-        self.buffer <<= 1;
-        self.count -= 1;
-        bit
-    }
-
-    /// The next `n` bits (at most 32) as a number.
-    #[inline(always)]
-    fn take(&mut self, n: u32) -> u32 {
-        if n == 0 {
-            return 0;
-        }
-        if self.count < n {
-            self.refill();
-        }
-        let value = (self.buffer >> (64 - n)) as u32;
-        self.buffer <<= n;
-        self.count -= n;
-        value
-    }
-
-    #[inline(always)]
-    fn symbol(&mut self, table: &Huffman) -> Result<u8> {
-        if self.count < 16 {
-            self.refill();
-        }
-        let entry = table.lookup[(self.buffer >> (64 - LOOKUP_BITS)) as usize];
-        if entry != 0 {
-            let length = (entry >> 8) as u32;
-            self.buffer <<= length;
-            self.count -= length;
-            return Ok(entry as u8);
-        }
-        for length in LOOKUP_BITS + 1..=16 {
-            let code = (self.buffer >> (64 - length)) as i32;
-            if code <= table.max_code[length as usize] {
-                self.buffer <<= length;
-                self.count -= length;
-                let index = code + table.value_offset[length as usize];
-                return table
-                    .values
-                    .get(index as usize)
-                    .copied()
-                    .ok_or(Stop::Unsupported);
-            }
-        }
-        Err(Stop::Unsupported)
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{band, extend, unstuff, Huffman};
+    use super::band;
 
     #[test]
     fn bands_are_inclusive() {
         assert_eq!(band(0, 63), u64::MAX);
         assert_eq!(band(1, 5), 0b11_1110);
         assert_eq!(band(63, 63), 1 << 63);
-    }
-
-    #[test]
-    fn values_extend_as_jpeg_codes_them() {
-        assert_eq!(extend(0, 0), 0);
-        assert_eq!(extend(0, 1), -1);
-        assert_eq!(extend(1, 1), 1);
-        assert_eq!(extend(0b010, 3), -5);
-        assert_eq!(extend(0b110, 3), 6);
-    }
-
-    #[test]
-    fn stuffed_bytes_and_fill_bytes_are_read_as_libjpeg_reads_them() {
-        let mut out = Vec::new();
-        let bytes = [1, 0xFF, 0x00, 2, 0xFF, 0xFF, 0x00, 3, 0xFF, 0xD9];
-        assert_eq!(unstuff(&bytes, 0, &mut out).ok(), Some(8));
-        assert_eq!(out, [1, 0xFF, 2, 0xFF, 3, 0, 0, 0, 0, 0, 0, 0, 0]);
-    }
-
-    #[test]
-    fn tables_with_an_all_ones_code_are_refused() {
-        assert!(Huffman::new(&[2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[0, 1]).is_err());
-        assert!(Huffman::new(&[1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[0, 1]).is_ok());
     }
 }

@@ -1,0 +1,285 @@
+//! Entropy decoding of baseline JPEGs (one sequential Huffman scan), MCU by MCU, in place of
+//! libjpeg's `decode_mcu` in its single-pass decoder (see `jpeg::Decoder::start`): this is
+//! most of a large photo's decoding time beside the IDCT. libjpeg refills its bit buffer a
+//! byte at a time, checking each byte for a marker, decodes a coefficient's code and then its
+//! value bits apart, and takes its slow path for every MCU of a file with restart markers.
+//! Here each restart interval's data is unstuffed once beforehand and read 64 bits at a time,
+//! and a short code with its value bits is one table lookup.
+//!
+//! Damaged data decodes as libjpeg decodes it: a code no table holds reads as 17 bits and
+//! symbol 0; an interval whose data runs out reads zero bits to the end of that MCU and leaves
+//! its later MCUs zero; a run of zeros past a block's end lands on coefficient 63; DC
+//! predictions wrap as libjpeg's `int`s do. What libjpeg resolves in ways not mirrored here
+//! (restart markers out of sequence, data with no marker after it, default tables, anything
+//! but one baseline or extended Huffman frame) makes [`Scan::new`] return `None`, and libjpeg
+//! decodes the file as before.
+
+use super::huffman::{extend, next_marker, segment, Bits, Block, Huffman, Interval, Tables};
+use super::huffman::{LOOKUP_BITS, NATURAL};
+use super::progressive::Frame;
+
+/// Bits of the lookup that decodes a short AC code and its value bits together.
+const FAST_BITS: u32 = 10;
+
+/// An AC table with its combined lookup.
+struct AcTable {
+    table: Box<Huffman>,
+    /// Per [`FAST_BITS`] bits: the value (high half, as `i16`), the run of zeros before it
+    /// (bits 8..12) and the bits the code and value take (low byte); 0 where they take more.
+    fast: Box<[u32; 1 << FAST_BITS]>,
+}
+
+impl AcTable {
+    fn new(table: Box<Huffman>) -> Self {
+        let mut fast = Box::new([0; 1 << FAST_BITS]);
+        for (bits, entry) in fast.iter_mut().enumerate() {
+            let code = table.lookup[bits >> (FAST_BITS - LOOKUP_BITS)];
+            let (length, symbol) = ((code >> 8) as u32, code as u8);
+            let (run, size) = ((symbol >> 4) as u32, (symbol & 15) as u32);
+            if code == 0 || size == 0 || length + size > FAST_BITS {
+                continue;
+            }
+            let raw = (bits as u32 >> (FAST_BITS - length - size)) & ((1 << size) - 1);
+            let value = extend(raw, size) as i16 as u16 as u32;
+            *entry = value << 16 | run << 8 | (length + size);
+        }
+        AcTable { table, fast }
+    }
+}
+
+/// One block of an MCU: its component's place in the scan and its tables.
+#[derive(Clone, Copy)]
+struct Coding {
+    component: usize,
+    dc: usize,
+    ac: usize,
+}
+
+/// A baseline JPEG's scan, ready for libjpeg to ask for its MCUs in order.
+pub(super) struct Scan {
+    bits: Bits,
+    /// Each restart interval's data (one if the file has no restart markers).
+    intervals: Vec<Interval>,
+    next_interval: usize,
+    /// The blocks of each MCU, in order.
+    mcu: Vec<Coding>,
+    dc: [Option<Box<Huffman>>; 4],
+    ac: [Option<AcTable>; 4],
+    /// MCUs per restart interval, 0 without restarts.
+    restart_interval: usize,
+    to_restart: usize,
+    predictions: [i32; 4],
+    /// libjpeg's `insufficient_data`: the interval's data ran out.
+    out_of_data: bool,
+    /// Where the scan's data ends in the file: the marker after it.
+    end: usize,
+    /// Where blocks libjpeg does not want go (it discards rows it skips).
+    discarded: Block,
+}
+
+impl Scan {
+    /// The scan of `bytes`, a JPEG whose header libjpeg read as `frame` with one scan whose
+    /// data starts at `data_start`; `None` where libjpeg is left to decode it.
+    pub fn new(bytes: &[u8], frame: &Frame, data_start: usize) -> Option<Scan> {
+        if !bytes.starts_with(&[0xFF, 0xD8]) {
+            return None;
+        }
+        let mut tables = Tables::default();
+        let mut restart_interval = 0;
+        let mut frames = 0;
+        let mut pos = 2;
+        let header = loop {
+            let (marker, at) = next_marker(bytes, pos).ok()?;
+            let contents = segment(bytes, at).ok()?;
+            pos = at + 2 + contents.len();
+            match marker {
+                0xDA if frames == 1 => break contents,
+                0xC0 | 0xC1 => frames += 1,
+                0xC4 => tables.define(contents).ok()?,
+                0xDD => match contents {
+                    &[high, low] => restart_interval = u16::from_be_bytes([high, low]) as usize,
+                    _ => return None,
+                },
+                0xDB | 0xE0..=0xEF | 0xFE => {}
+                _ => return None,
+            }
+        };
+        if pos != data_start {
+            return None;
+        }
+        // All components, each once, with defined tables, coded sequentially.
+        let [count, rest @ ..] = header else {
+            return None;
+        };
+        let count = *count as usize;
+        if count != frame.components.len()
+            || rest.len() != 2 * count + 3
+            || rest[2 * count..] != [0, 63, 0]
+        {
+            return None;
+        }
+        let mut dc: [Option<Box<Huffman>>; 4] = Default::default();
+        let mut ac: [Option<AcTable>; 4] = Default::default();
+        let mut mcu = Vec::new();
+        let mut seen = Vec::with_capacity(count);
+        for (i, pair) in rest[..2 * count].chunks_exact(2).enumerate() {
+            let c = (frame.components.iter()).position(|c| c.id == pair[0])?;
+            let (d, a) = ((pair[1] >> 4) as usize, (pair[1] & 15) as usize);
+            if seen.contains(&c) || d > 3 || a > 3 {
+                return None;
+            }
+            seen.push(c);
+            if dc[d].is_none() {
+                // DC symbols are bit counts: libjpeg refuses tables with more than 15.
+                let table = tables.dc[d].take()?;
+                dc[d] = Some(table).filter(|t| t.max_symbol <= 15);
+            }
+            if ac[a].is_none() {
+                ac[a] = Some(AcTable::new(tables.ac[a].take()?));
+            }
+            dc[d].as_ref()?;
+            let component = &frame.components[c];
+            let blocks = if count == 1 {
+                1
+            } else {
+                component.h * component.v
+            };
+            let coding = Coding {
+                component: i,
+                dc: d,
+                ac: a,
+            };
+            mcu.extend(std::iter::repeat_n(coding, blocks));
+        }
+        // libjpeg's limit (it refuses larger MCUs).
+        if mcu.len() > 10 {
+            return None;
+        }
+        let mcus = if count == 1 {
+            let c = &frame.components[seen[0]];
+            c.width_in_blocks * c.height_in_blocks
+        } else {
+            let max_h = frame.components.iter().map(|c| c.h).max()?;
+            let max_v = frame.components.iter().map(|c| c.v).max()?;
+            frame.width.div_ceil(8 * max_h) * frame.height.div_ceil(8 * max_v)
+        };
+        let interval_count = match restart_interval {
+            0 => 1,
+            n => mcus.div_ceil(n),
+        };
+        // Every interval's data, each but the last ending in the restart marker due next.
+        let mut bits = Bits::default();
+        let mut intervals = Vec::with_capacity(interval_count);
+        let mut pos = data_start;
+        for i in 0..interval_count {
+            intervals.push(bits.append(bytes, pos).ok()?);
+            let marker = bits.marker();
+            if i + 1 < interval_count {
+                if bytes.get(marker..marker + 2) != Some(&[0xFF, 0xD0 + (i % 8) as u8]) {
+                    return None;
+                }
+                pos = marker + 2;
+            }
+        }
+        bits.select(intervals[0]);
+        Some(Scan {
+            end: bits.marker(),
+            bits,
+            intervals,
+            next_interval: 1,
+            mcu,
+            dc,
+            ac,
+            restart_interval,
+            to_restart: restart_interval,
+            predictions: [0; 4],
+            out_of_data: false,
+            discarded: [0; 64],
+        })
+    }
+
+    /// Where the scan's data ends in the file: the marker after it.
+    pub fn end(&self) -> usize {
+        self.end
+    }
+
+    /// Blocks per MCU.
+    pub fn blocks_per_mcu(&self) -> usize {
+        self.mcu.len()
+    }
+
+    /// Whether the current interval's data has run out (libjpeg's `insufficient_data`).
+    pub fn out_of_data(&self) -> bool {
+        self.out_of_data
+    }
+
+    /// Decodes the next MCU into `blocks` (zeroed, one per block of the MCU), or discards it.
+    pub fn decode_mcu(&mut self, mut blocks: Option<&mut [&mut Block]>) {
+        if self.restart_interval > 0 {
+            if self.to_restart == 0 {
+                let interval = self.intervals.get(self.next_interval).copied();
+                // Past the last interval (libjpeg asks for no more MCUs than the scan has)
+                // there is no data.
+                self.bits.select(interval.unwrap_or_default());
+                self.next_interval += 1;
+                self.predictions = [0; 4];
+                self.out_of_data = false;
+                self.to_restart = self.restart_interval;
+            }
+            self.to_restart -= 1;
+        }
+        if self.out_of_data {
+            return;
+        }
+        for (i, coding) in self.mcu.iter().enumerate() {
+            let block = match blocks.as_deref_mut() {
+                Some(blocks) => &mut *blocks[i],
+                None => &mut self.discarded,
+            };
+            let dc = self.dc[coding.dc].as_deref().expect("checked in new");
+            let ac = self.ac[coding.ac].as_ref().expect("checked in new");
+            let prediction = &mut self.predictions[coding.component];
+            decode_block(&mut self.bits, dc, ac, prediction, block);
+        }
+        self.out_of_data = self.bits.overran();
+    }
+}
+
+/// One block: its DC difference and its AC coefficients, as libjpeg's `decode_mcu_slow`.
+#[inline(always)]
+fn decode_block(
+    bits: &mut Bits,
+    dc: &Huffman,
+    ac: &AcTable,
+    prediction: &mut i32,
+    block: &mut Block,
+) {
+    // A code (17 bits at most) and its value bits (15): refilled below 32.
+    bits.ensure(32);
+    let size = bits.symbol_as_libjpeg(dc) as u32;
+    *prediction = prediction.wrapping_add(extend(bits.take(size), size));
+    block[0] = *prediction as i16;
+    let mut k = 1;
+    while k < 64 {
+        bits.ensure(32);
+        let fast = ac.fast[bits.peek(FAST_BITS)];
+        if fast != 0 {
+            bits.consume(fast & 0xFF);
+            k += (fast >> 8 & 15) as usize;
+            block[NATURAL[k]] = (fast >> 16) as i16;
+            k += 1;
+            continue;
+        }
+        let symbol = bits.symbol_as_libjpeg(&ac.table);
+        let (run, size) = ((symbol >> 4) as usize, (symbol & 15) as u32);
+        if size != 0 {
+            k += run;
+            block[NATURAL[k]] = extend(bits.take(size), size) as i16;
+            k += 1;
+        } else if run == 15 {
+            k += 16;
+        } else {
+            break;
+        }
+    }
+}

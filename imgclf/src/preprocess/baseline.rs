@@ -19,7 +19,7 @@ use super::huffman::{LOOKUP_BITS, NATURAL};
 use super::progressive::Frame;
 
 /// Bits of the lookup that decodes a short AC code and its value bits together.
-const FAST_BITS: u32 = 10;
+const FAST_BITS: u32 = 11;
 
 /// An AC table with its combined lookup.
 struct AcTable {
@@ -167,8 +167,14 @@ impl Scan {
             0 => 1,
             n => mcus.div_ceil(n),
         };
+        // Each interval ends in a marker: a file with fewer bytes is damaged, and libjpeg's.
+        if interval_count > bytes.len() / 2 {
+            return None;
+        }
         // Every interval's data, each but the last ending in the restart marker due next.
-        let mut bits = Bits::default();
+        // Room for all the data and each interval's zero bytes, from the thread's buffers.
+        let mut bits =
+            Bits::with_capacity(bytes.len().saturating_sub(data_start) + 8 * interval_count);
         let mut intervals = Vec::with_capacity(interval_count);
         let mut pos = data_start;
         for i in 0..interval_count {
@@ -214,7 +220,7 @@ impl Scan {
     }
 
     /// Decodes the next MCU into `blocks` (zeroed, one per block of the MCU), or discards it.
-    pub fn decode_mcu(&mut self, mut blocks: Option<&mut [&mut Block]>) {
+    pub fn decode_mcu(&mut self, blocks: Option<&mut [&mut Block]>) {
         if self.restart_interval > 0 {
             if self.to_restart == 0 {
                 let interval = self.intervals.get(self.next_interval).copied();
@@ -231,6 +237,18 @@ impl Scan {
         if self.out_of_data {
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if bmi2::available() {
+            return bmi2::decode_blocks(self, blocks);
+        }
+        self.decode_blocks(blocks);
+    }
+
+    /// The MCU's blocks, from the current interval's data.
+    #[inline(always)]
+    fn decode_blocks(&mut self, mut blocks: Option<&mut [&mut Block]>) {
+        // A local reader, whose state the compiler keeps in registers.
+        let mut bits = std::mem::take(&mut self.bits);
         for (i, coding) in self.mcu.iter().enumerate() {
             let block = match blocks.as_deref_mut() {
                 Some(blocks) => &mut *blocks[i],
@@ -239,9 +257,42 @@ impl Scan {
             let dc = self.dc[coding.dc].as_deref().expect("checked in new");
             let ac = self.ac[coding.ac].as_ref().expect("checked in new");
             let prediction = &mut self.predictions[coding.component];
-            decode_block(&mut self.bits, dc, ac, prediction, block);
+            decode_block(&mut bits, dc, ac, prediction, block);
         }
-        self.out_of_data = self.bits.overran();
+        self.out_of_data = bits.overran();
+        self.bits = bits;
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Set by tests to decode without BMI2 on any CPU.
+    pub(super) static PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// [`Scan::decode_blocks`] compiled with BMI2, whose shifts by a register's count (`shlx`,
+/// `shrx`) take one cycle and no flags: the bit reader shifts by each code's length.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)] // a target-feature function; the unsafe block says why it holds
+mod bmi2 {
+    use super::{Block, Scan};
+
+    pub(super) fn available() -> bool {
+        #[cfg(test)]
+        if super::PORTABLE.get() {
+            return false;
+        }
+        std::is_x86_feature_detected!("bmi2")
+    }
+
+    pub(super) fn decode_blocks(scan: &mut Scan, blocks: Option<&mut [&mut Block]>) {
+        // SAFETY: called only where `available`, so the CPU has BMI2.
+        unsafe { with_bmi2(scan, blocks) }
+    }
+
+    #[target_feature(enable = "bmi2")]
+    fn with_bmi2(scan: &mut Scan, blocks: Option<&mut [&mut Block]>) {
+        scan.decode_blocks(blocks);
     }
 }
 
@@ -257,7 +308,7 @@ fn decode_block(
     // A code (17 bits at most) and its value bits (15): refilled below 32.
     bits.ensure(32);
     let size = bits.symbol_as_libjpeg(dc) as u32;
-    *prediction = prediction.wrapping_add(extend(bits.take(size), size));
+    *prediction = prediction.wrapping_add(extend(bits.take_buffered(size), size));
     block[0] = *prediction as i16;
     let mut k = 1;
     while k < 64 {
@@ -274,7 +325,7 @@ fn decode_block(
         let (run, size) = ((symbol >> 4) as usize, (symbol & 15) as u32);
         if size != 0 {
             k += run;
-            block[NATURAL[k]] = extend(bits.take(size), size) as i16;
+            block[NATURAL[k]] = extend(bits.take_buffered(size), size) as i16;
             k += 1;
         } else if run == 15 {
             k += 16;

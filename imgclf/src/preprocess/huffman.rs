@@ -2,6 +2,8 @@
 //! entropy-coded bits of a restart interval. Shared by the [`super::progressive`] and
 //! [`super::baseline`] decoders.
 
+use super::scratch::Scratch;
+
 /// The position in a block (row-major) of each zigzag index: libjpeg's `jpeg_natural_order`,
 /// with its 16 extra entries of 63, where damaged data's runs of zeros past a block's end
 /// land.
@@ -60,13 +62,9 @@ pub(super) fn segment(bytes: &[u8], pos: usize) -> Result<&[u8]> {
 
 /// The JPEG value of `size` bits `raw` (sizes up to 16).
 pub(super) fn extend(raw: u32, size: u32) -> i32 {
-    if size == 0 {
-        0
-    } else if raw < 1 << (size - 1) {
-        raw as i32 - (1 << size) + 1
-    } else {
-        raw as i32
-    }
+    // Without a branch (the sign is as good as random): -1 where `raw` codes a negative value.
+    let negative = (raw as i32 - (1 << size >> 1)) >> 31;
+    raw as i32 + (negative & ((-1 << size) + 1))
 }
 
 /// Appends the entropy-coded bytes from `pos` to the next marker to `out` without their
@@ -203,9 +201,10 @@ pub(super) struct Interval {
 #[derive(Default)]
 pub(super) struct Bits {
     /// The intervals' data, each followed by eight zero bytes.
-    data: Vec<u8>,
-    /// The interval being read.
-    interval: Interval,
+    data: Scratch,
+    /// The interval being read: where its data starts and ends in `data`.
+    start: usize,
+    end: usize,
     /// Where the marker after the last interval appended is, in the file.
     marker: usize,
     pos: usize,
@@ -217,9 +216,17 @@ pub(super) struct Bits {
 }
 
 impl Bits {
+    /// Bits with room for `capacity` bytes of data before they grow.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Bits {
+            data: Scratch::with_capacity(capacity),
+            ..Bits::default()
+        }
+    }
+
     /// Reads the data at `pos` in `bytes`, up to the next marker, in place of any before.
     pub fn start(&mut self, bytes: &[u8], pos: usize) -> Result<()> {
-        self.data.clear();
+        self.data.as_vec_mut().clear();
         let interval = self.append(bytes, pos)?;
         self.select(interval);
         Ok(())
@@ -229,7 +236,7 @@ impl Bits {
     /// [`Self::select`] later; [`Self::marker`] is then where that marker is.
     pub fn append(&mut self, bytes: &[u8], pos: usize) -> Result<Interval> {
         let start = self.data.len();
-        self.marker = unstuff(bytes, pos, &mut self.data)?;
+        self.marker = unstuff(bytes, pos, self.data.as_vec_mut())?;
         let len = self.data.len() - 8 - start;
         Ok(Interval { start, len })
     }
@@ -241,7 +248,7 @@ impl Bits {
 
     /// Reads `interval` from its start.
     pub fn select(&mut self, interval: Interval) {
-        self.interval = interval;
+        (self.start, self.end) = (interval.start, interval.start + interval.len);
         (self.pos, self.buffer, self.count, self.past_end) = (interval.start, 0, 0, 0);
     }
 
@@ -249,8 +256,8 @@ impl Bits {
     /// there, and leaves the rest of the interval undecoded).
     #[inline(always)]
     pub fn overran(&self) -> bool {
-        let read = (self.pos - self.interval.start) as u64 * 8 + self.past_end - self.count as u64;
-        read > self.interval.len as u64 * 8
+        let read = (self.pos - self.start) as u64 * 8 + self.past_end - self.count as u64;
+        read > (self.end - self.start) as u64 * 8
     }
 
     /// Where the marker after the data is, unless more bits were read than the data holds
@@ -265,9 +272,9 @@ impl Bits {
     /// Tops the buffer up to at least 56 bits.
     #[inline(always)]
     pub fn refill(&mut self) {
-        let end = self.interval.start + self.interval.len;
         // The eight zero bytes after the data make every word up to its end readable.
-        if let Some(next) = self.data[..end + 8].get(self.pos..self.pos + 8) {
+        if self.pos <= self.end {
+            let next = &self.data[self.pos..self.pos + 8];
             let word = u64::from_be_bytes(next.try_into().expect("eight bytes"));
             self.buffer |= word >> self.count;
             self.pos += (63 - self.count as usize) >> 3;
@@ -361,27 +368,40 @@ impl Bits {
     #[inline(always)]
     pub fn symbol_as_libjpeg(&mut self, table: &Huffman) -> u8 {
         let entry = table.lookup[self.peek(LOOKUP_BITS)];
-        if entry != 0 {
-            self.consume((entry >> 8) as u32);
-            return entry as u8;
-        }
-        self.long_symbol(table)
+        let (length, symbol) = if entry != 0 {
+            ((entry >> 8) as u32, entry as u8)
+        } else {
+            long_code(self.buffer, table)
+        };
+        self.consume(length);
+        symbol
     }
 
-    /// [`Self::symbol_as_libjpeg`] for codes longer than the lookup.
-    #[inline(never)]
-    fn long_symbol(&mut self, table: &Huffman) -> u8 {
-        for length in LOOKUP_BITS + 1..=16 {
-            let code = self.peek(length) as i32;
-            if code <= table.max_code[length as usize] {
-                self.consume(length);
-                let index = code + table.value_offset[length as usize];
-                return table.values.get(index as usize).copied().unwrap_or(0);
-            }
-        }
-        self.consume(17);
-        0
+    /// The next `n` bits (at most 32) as a number, with at least `n` in the buffer.
+    #[inline(always)]
+    pub fn take_buffered(&mut self, n: u32) -> u32 {
+        // Two shifts, so that `n` = 0 gives 0.
+        let value = (self.buffer >> (63 - n) >> 1) as u32;
+        self.consume(n);
+        value
     }
+}
+
+/// The length and symbol of the code longer than the lookup at the top of `buffer` (see
+/// [`Bits::symbol_as_libjpeg`]). Apart from the reader, so that its state stays in registers.
+#[inline(never)]
+fn long_code(buffer: u64, table: &Huffman) -> (u32, u8) {
+    for length in LOOKUP_BITS + 1..=16 {
+        let code = (buffer >> (64 - length)) as i32;
+        if code <= table.max_code[length as usize] {
+            let index = code + table.value_offset[length as usize];
+            return (
+                length,
+                table.values.get(index as usize).copied().unwrap_or(0),
+            );
+        }
+    }
+    (17, 0)
 }
 
 #[cfg(test)]

@@ -640,7 +640,6 @@ extern "C-unwind" fn unwind_error_exit(cinfo: &mut jpeg_common_struct) {
     std::panic::resume_unwind(Box::new(format!("libjpeg: {message}")));
 }
 
-#[cold]
 #[cfg(test)]
 thread_local! {
     /// Set by tests to have libjpeg entropy-decode baseline JPEGs itself.
@@ -692,6 +691,7 @@ extern "C-unwind" fn no_second_scan(_cinfo: &mut jpeg_decompress_struct) {
     ))
 }
 
+#[cold]
 extern "C-unwind" fn silence_message(_cinfo: &mut jpeg_common_struct, _level: std::ffi::c_int) {}
 
 /// Start-of-scan markers (FF DA) in a JPEG. Entropy-coded data never holds one (an FF byte
@@ -1004,9 +1004,16 @@ mod progressive_tests {
                         let channels = if luma.is_some() { 3 } else { 1 };
                         let jpeg = encode(&test_pixels(size, channels), size, how);
                         let what = format!("{size:?} {how:?}");
-                        let (pixels, taken) = decoded(&jpeg);
-                        assert!(taken, "{what}: the baseline decoder took it");
-                        assert!(pixels == libjpeg_alone(&jpeg), "{what}: pixels differ");
+                        let libjpeg = libjpeg_alone(&jpeg);
+                        // With BMI2 where the CPU has it, and without.
+                        for portable in [false, true] {
+                            baseline::PORTABLE.set(portable);
+                            let (pixels, taken) = decoded(&jpeg);
+                            let what = format!("{what}, portable {portable}");
+                            assert!(taken, "{what}: the baseline decoder took it");
+                            assert!(pixels == libjpeg, "{what}: pixels differ");
+                        }
+                        baseline::PORTABLE.set(false);
                         // A rectangle below the top and right of the left edge: libjpeg
                         // skips rows (MCUs discarded) and crops columns.
                         let (width, height) = size;

@@ -73,7 +73,7 @@ pub(super) fn decode(
         progress: vec![[-1; 64]; frame.components.len()],
         tables: Tables::default(),
         restart_interval: 0,
-        data: Bits::default(),
+        data: Bits::with_capacity(bytes.len()),
         budget,
     };
     let mut pos = 2;

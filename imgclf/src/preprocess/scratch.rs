@@ -27,6 +27,26 @@ pub(super) struct Scratch(Vec<u8>);
 
 impl Scratch {
     pub(super) fn zeroed(len: usize) -> Self {
+        let mut buffer = Self::taken(len);
+        buffer.0.resize(len, 0);
+        buffer
+    }
+
+    /// An empty buffer that holds at least `capacity` bytes, to fill through
+    /// [`Self::as_vec_mut`].
+    pub(super) fn with_capacity(capacity: usize) -> Self {
+        let mut buffer = Self::taken(capacity);
+        buffer.0.reserve(capacity);
+        buffer
+    }
+
+    /// The buffer, to fill or grow.
+    pub(super) fn as_vec_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
+
+    /// An empty buffer from the thread's, best for `len` bytes.
+    fn taken(len: usize) -> Self {
         let mut buffer = FREE
             .with_borrow_mut(|free| {
                 // The smallest free buffer that holds `len` bytes, else the largest (to grow).
@@ -38,8 +58,14 @@ impl Scratch {
             })
             .unwrap_or_default();
         buffer.clear();
-        buffer.resize(len, 0);
         Self(buffer)
+    }
+}
+
+impl Default for Scratch {
+    /// An empty buffer, allocated when it grows.
+    fn default() -> Self {
+        Self(Vec::new())
     }
 }
 

@@ -262,9 +262,25 @@ fn the_png_check_accepts_exactly_what_decoding_accepts() {
 /// that libjpeg alone (the `mozjpeg` crate) gives.
 #[test]
 fn a_damaged_progressive_jpeg_decodes_as_libjpeg_alone_decodes_it() {
+    damaged_jpegs_decode_as_libjpeg_alone_decodes_them(true);
+}
+
+/// Damaged baseline JPEGs, whose MCUs imgclf entropy-decodes itself as libjpeg decodes them,
+/// damage included: the same pixels as libjpeg alone.
+#[test]
+fn a_damaged_baseline_jpeg_decodes_as_libjpeg_alone_decodes_it() {
+    damaged_jpegs_decode_as_libjpeg_alone_decodes_them(false);
+}
+
+fn damaged_jpegs_decode_as_libjpeg_alone_decodes_them(progressive: bool) {
+    let kind = if progressive {
+        "progressive"
+    } else {
+        "baseline"
+    };
     let photo = image::load_from_memory(&image("opencv_butterfly.jpg")).unwrap();
     let photo = image::imageops::thumbnail(&photo.to_rgb8(), 160, 120);
-    let original = imgclf_suite::encode_jpeg(photo.as_raw(), (160, 120), 90.0, (2, 2), true);
+    let original = imgclf_suite::encode_jpeg(photo.as_raw(), (160, 120), 90.0, (2, 2), progressive);
     let libjpeg_alone = |bytes: &[u8]| {
         std::panic::catch_unwind(|| {
             let mut decoder = mozjpeg::Decompress::new_mem(bytes).ok()?.rgb().ok()?;
@@ -286,7 +302,7 @@ fn a_damaged_progressive_jpeg_decodes_as_libjpeg_alone_decodes_it() {
         let damaged = mutate(&mut rng, &original);
         let ours = preprocess::decode_rgb8(&damaged, 50_000_000);
         let saved = || {
-            let path = std::env::temp_dir().join("imgclf-progressive-variant.jpg");
+            let path = std::env::temp_dir().join(format!("imgclf-{kind}-variant.jpg"));
             std::fs::write(&path, &damaged).unwrap();
             path.display().to_string()
         };
@@ -307,7 +323,7 @@ fn a_damaged_progressive_jpeg_decodes_as_libjpeg_alone_decodes_it() {
         }
     }
     eprintln!(
-        "{same} damaged progressive JPEGs decoded as libjpeg does, {refused} refused, \
+        "{same} damaged {kind} JPEGs decoded as libjpeg does, {refused} refused, \
          {unread} beyond the crate's reader"
     );
     assert!(same > 0 && refused > 0, "the mutations exercise both paths");

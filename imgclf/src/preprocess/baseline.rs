@@ -18,30 +18,99 @@ use super::huffman::{extend, next_marker, segment, Bits, Block, Huffman, Interva
 use super::huffman::{LOOKUP_BITS, NATURAL};
 use super::progressive::Frame;
 
-/// Bits of the lookup that decodes a short AC code and its value bits together.
-const FAST_BITS: u32 = 11;
+/// Bits of the lookup that decodes up to two short AC codes with their value bits (8 KiB a
+/// table, so that a luma and a chroma table stay in the L1 cache beside the blocks).
+const FAST_BITS: u32 = 10;
 
-/// An AC table with its combined lookup.
+/// What [`AcTable::fast`] holds for each [`FAST_BITS`] bits, in fields of a `u64`: the bits
+/// all of it takes (0..5), the bits its first coefficient takes (5..10), the zeros before
+/// that coefficient (10..14), how far past it a second one is (14..19; 0 for none), whether
+/// the block ends after them (bit 19), and the two values (32..48, 48..64; the first again
+/// where there is no second). 0 where the bits do not hold a whole coefficient or end of
+/// block.
+struct Entry;
+
+impl Entry {
+    const END_OF_BLOCK: u64 = 1 << 19;
+
+    fn new(taken: u32, first: (u32, u32, i16), second: (u32, i16), ends: bool) -> u64 {
+        let (first_taken, run, value) = first;
+        let (past, second_value) = second;
+        taken as u64
+            | (first_taken as u64) << 5
+            | (run as u64) << 10
+            | (past as u64) << 14
+            | if ends { Self::END_OF_BLOCK } else { 0 }
+            | (value as u16 as u64) << 32
+            | (second_value as u16 as u64) << 48
+    }
+}
+
+/// A short code and its value bits, at the top of some bits.
+enum Short {
+    /// Bits taken, zeros before it, value.
+    Coefficient(u32, u32, i16),
+    /// Bits taken: a symbol that ends the block (libjpeg ends it at any symbol of size 0 but
+    /// a run of 16 zeros).
+    EndOfBlock(u32),
+}
+
+/// The code and value bits at the top of `bits`, a number of `width` bits (at most
+/// [`FAST_BITS`]), where they fit in them.
+fn short(table: &Huffman, bits: u32, width: u32) -> Option<Short> {
+    let index = if width >= LOOKUP_BITS {
+        bits >> (width - LOOKUP_BITS)
+    } else {
+        bits << (LOOKUP_BITS - width)
+    };
+    let code = table.lookup[index as usize];
+    let (length, symbol) = ((code >> 8) as u32, code as u8);
+    let (run, size) = ((symbol >> 4) as u32, (symbol & 15) as u32);
+    match () {
+        _ if code == 0 || length + size > width => None,
+        _ if size == 0 && run == 15 => None,
+        _ if size == 0 => Some(Short::EndOfBlock(length)),
+        _ => {
+            let raw = (bits >> (width - length - size)) & ((1 << size) - 1);
+            Some(Short::Coefficient(
+                length + size,
+                run,
+                extend(raw, size) as i16,
+            ))
+        }
+    }
+}
+
+/// An AC table with its lookup of short codes.
 struct AcTable {
     table: Box<Huffman>,
-    /// Per [`FAST_BITS`] bits: the value (high half, as `i16`), the run of zeros before it
-    /// (bits 8..12) and the bits the code and value take (low byte); 0 where they take more.
-    fast: Box<[u32; 1 << FAST_BITS]>,
+    fast: Box<[u64; 1 << FAST_BITS]>,
 }
 
 impl AcTable {
     fn new(table: Box<Huffman>) -> Self {
         let mut fast = Box::new([0; 1 << FAST_BITS]);
         for (bits, entry) in fast.iter_mut().enumerate() {
-            let code = table.lookup[bits >> (FAST_BITS - LOOKUP_BITS)];
-            let (length, symbol) = ((code >> 8) as u32, code as u8);
-            let (run, size) = ((symbol >> 4) as u32, (symbol & 15) as u32);
-            if code == 0 || size == 0 || length + size > FAST_BITS {
-                continue;
-            }
-            let raw = (bits as u32 >> (FAST_BITS - length - size)) & ((1 << size) - 1);
-            let value = extend(raw, size) as i16 as u16 as u32;
-            *entry = value << 16 | run << 8 | (length + size);
+            let bits = bits as u32;
+            *entry = match short(&table, bits, FAST_BITS) {
+                None => 0,
+                // Writes a zero where the block is still zero.
+                Some(Short::EndOfBlock(taken)) => Entry::new(taken, (taken, 0, 0), (0, 0), true),
+                Some(Short::Coefficient(taken, run, value)) => {
+                    let left = FAST_BITS - taken;
+                    let rest = bits & ((1 << left) - 1);
+                    let first = (taken, run, value);
+                    match (left > 0).then(|| short(&table, rest, left)).flatten() {
+                        Some(Short::Coefficient(more, run, second)) => {
+                            Entry::new(taken + more, first, (1 + run, second), false)
+                        }
+                        Some(Short::EndOfBlock(more)) => {
+                            Entry::new(taken + more, first, (0, value), true)
+                        }
+                        None => Entry::new(taken, first, (0, value), false),
+                    }
+                }
+            };
         }
         AcTable { table, fast }
     }
@@ -313,12 +382,25 @@ fn decode_block(
     let mut k = 1;
     while k < 64 {
         bits.ensure(32);
-        let fast = ac.fast[bits.peek(FAST_BITS)];
-        if fast != 0 {
-            bits.consume(fast & 0xFF);
-            k += (fast >> 8 & 15) as usize;
-            block[NATURAL[k]] = (fast >> 16) as i16;
-            k += 1;
+        let entry = ac.fast[bits.peek(FAST_BITS)];
+        if entry != 0 {
+            let first = k + (entry >> 10 & 15) as usize;
+            if first + 1 < 64 {
+                bits.consume((entry & 31) as u32);
+                block[NATURAL[first]] = (entry >> 32) as i16;
+                // Where there is no second coefficient, the first again.
+                let second = first + (entry >> 14 & 31) as usize;
+                block[NATURAL[second]] = (entry >> 48) as i16;
+                k = second + 1;
+                if entry & Entry::END_OF_BLOCK != 0 {
+                    break;
+                }
+            } else {
+                // The block's last coefficient: libjpeg reads nothing after it.
+                bits.consume((entry >> 5 & 31) as u32);
+                block[NATURAL[first]] = (entry >> 32) as i16;
+                k = first + 1;
+            }
             continue;
         }
         let symbol = bits.symbol_as_libjpeg(&ac.table);

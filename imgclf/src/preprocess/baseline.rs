@@ -28,23 +28,20 @@ const FAST_BITS: u32 = 10;
 /// the block ends after them (bit 19), and the two values (32..48, 48..64; the first again
 /// where there is no second). 0 where the bits do not hold a whole coefficient or end of
 /// block.
-struct Entry;
-
-impl Entry {
-    const END_OF_BLOCK: u64 = 1 << 19;
-
-    fn new(taken: u32, first: (u32, u32, i16), second: (u32, i16), ends: bool) -> u64 {
-        let (first_taken, run, value) = first;
-        let (past, second_value) = second;
-        taken as u64
-            | (first_taken as u64) << 5
-            | (run as u64) << 10
-            | (past as u64) << 14
-            | if ends { Self::END_OF_BLOCK } else { 0 }
-            | (value as u16 as u64) << 32
-            | (second_value as u16 as u64) << 48
-    }
+fn entry(taken: u32, first: (u32, u32, i16), second: (u32, i16), ends: bool) -> u64 {
+    let (first_taken, run, value) = first;
+    let (past, second_value) = second;
+    taken as u64
+        | (first_taken as u64) << 5
+        | (run as u64) << 10
+        | (past as u64) << 14
+        | if ends { END_OF_BLOCK } else { 0 }
+        | (value as u16 as u64) << 32
+        | (second_value as u16 as u64) << 48
 }
+
+/// The bit of an [`entry`] saying the block ends after it.
+const END_OF_BLOCK: u64 = 1 << 19;
 
 /// A short code and its value bits, at the top of some bits.
 enum Short {
@@ -90,24 +87,24 @@ struct AcTable {
 impl AcTable {
     fn new(table: Box<Huffman>) -> Self {
         let mut fast = Box::new([0; 1 << FAST_BITS]);
-        for (bits, entry) in fast.iter_mut().enumerate() {
+        for (bits, slot) in fast.iter_mut().enumerate() {
             let bits = bits as u32;
-            *entry = match short(&table, bits, FAST_BITS) {
+            *slot = match short(&table, bits, FAST_BITS) {
                 None => 0,
                 // Writes a zero where the block is still zero.
-                Some(Short::EndOfBlock(taken)) => Entry::new(taken, (taken, 0, 0), (0, 0), true),
+                Some(Short::EndOfBlock(taken)) => entry(taken, (taken, 0, 0), (0, 0), true),
                 Some(Short::Coefficient(taken, run, value)) => {
                     let left = FAST_BITS - taken;
                     let rest = bits & ((1 << left) - 1);
                     let first = (taken, run, value);
                     match (left > 0).then(|| short(&table, rest, left)).flatten() {
                         Some(Short::Coefficient(more, run, second)) => {
-                            Entry::new(taken + more, first, (1 + run, second), false)
+                            entry(taken + more, first, (1 + run, second), false)
                         }
                         Some(Short::EndOfBlock(more)) => {
-                            Entry::new(taken + more, first, (0, value), true)
+                            entry(taken + more, first, (0, value), true)
                         }
-                        None => Entry::new(taken, first, (0, value), false),
+                        None => entry(taken, first, (0, value), false),
                     }
                 }
             };
@@ -392,7 +389,7 @@ fn decode_block(
                 let second = first + (entry >> 14 & 31) as usize;
                 block[NATURAL[second]] = (entry >> 48) as i16;
                 k = second + 1;
-                if entry & Entry::END_OF_BLOCK != 0 {
+                if entry & END_OF_BLOCK != 0 {
                     break;
                 }
             } else {

@@ -744,10 +744,10 @@ mod tests {
     }
 }
 
-/// The progressive decoder's coefficients against libjpeg's own: every pixel the same, on
-/// files made by libjpeg's and mozjpeg's encoders across the layouts they write.
+/// imgclf's entropy decoders (progressive and baseline) against libjpeg's own: every pixel
+/// the same, on files made by libjpeg's and mozjpeg's encoders across the layouts they write.
 #[cfg(test)]
-mod progressive_tests {
+mod entropy_tests {
     use std::ffi::c_ulong;
 
     use mozjpeg_sys::{

@@ -10,7 +10,9 @@
 //!
 //! A progressive JPEG's scans are entropy-decoded by [`super::progressive`] where it takes the
 //! file, into the coefficient arrays libjpeg's output pass then reads (see
-//! [`Decoder::decode_scans_first`]); libjpeg decodes the rest, and all pixels.
+//! [`Decoder::decode_scans_first`]); a baseline JPEG's MCUs by [`super::baseline`], one by one
+//! as libjpeg's single-pass decoder asks for them (see [`Decoder::start`]). libjpeg decodes the
+//! rest, and all pixels.
 //!
 //! A progress monitor bounds the cost: at most [`MAX_JPEG_SCANS`] progressive scans, and the
 //! decode's CPU-time [`Budget`] (both checked by the progressive decoder too).

@@ -1,10 +1,10 @@
 //! Entropy decoding of baseline JPEGs (one sequential Huffman scan), MCU by MCU, in place of
-//! libjpeg's `decode_mcu` in its single-pass decoder (see `jpeg::Decoder::start`): this is
-//! most of a large photo's decoding time beside the IDCT. libjpeg refills its bit buffer a
-//! byte at a time, checking each byte for a marker, decodes a coefficient's code and then its
-//! value bits apart, and takes its slow path for every MCU of a file with restart markers.
-//! Here each restart interval's data is unstuffed once beforehand and read 64 bits at a time,
-//! and a short code with its value bits is one table lookup.
+//! libjpeg's `decode_mcu` in its single-pass decoder (see `jpeg::Decoder::start`): the
+//! largest part of a large photo's decoding time. libjpeg refills its bit buffer a byte at a
+//! time, checking each byte for a marker, decodes a coefficient's code and then its value bits
+//! apart, and takes its slow path for every MCU of a file with restart markers. Here each
+//! restart interval's data is unstuffed once beforehand and read 64 bits at a time, and one
+//! table lookup decodes up to two short codes with their value bits.
 //!
 //! Damaged data decodes as libjpeg decodes it: a code no table holds reads as 17 bits and
 //! symbol 0; an interval whose data runs out reads zero bits to the end of that MCU and leaves

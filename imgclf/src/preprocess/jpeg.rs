@@ -958,13 +958,19 @@ mod entropy_tests {
         }
     }
 
-    #[test]
-    fn every_layout_and_scan_script_decodes_as_libjpeg_alone_does() {
+    /// Calls `check` with a description and the bytes of the test image at each size and
+    /// layout, encoded at each of `settings` (quality, restart interval) with each of
+    /// `scripts`; returns how many it made.
+    fn each_encoding(
+        settings: &[(i32, u32)],
+        scripts: &[Script],
+        mut check: impl FnMut(&str, (usize, usize), &[u8]),
+    ) -> usize {
         let mut cases = 0;
         for size in [(1, 1), (9, 7), (64, 48), (203, 117)] {
             for luma in [None, Some((1, 1)), Some((2, 1)), Some((1, 2)), Some((2, 2))] {
-                for (quality, restart_interval) in [(90, 0), (100, 1), (50, 3)] {
-                    for script in [Script::Libjpeg, Script::Mozjpeg, Script::Own] {
+                for &(quality, restart_interval) in settings {
+                    for &script in scripts {
                         let how = Encoding {
                             luma,
                             quality,
@@ -973,68 +979,61 @@ mod entropy_tests {
                         };
                         let channels = if luma.is_some() { 3 } else { 1 };
                         let jpeg = encode(&test_pixels(size, channels), size, how);
-                        let libjpeg = libjpeg_alone(&jpeg);
-                        // With this CPU's refinement, and with the portable one.
-                        for portable in [false, true] {
-                            PORTABLE_REFINEMENT.set(portable);
-                            let (pixels, taken) = decoded(&jpeg);
-                            let what = format!("{size:?} {how:?}, portable {portable}");
-                            assert!(taken, "{what}: the progressive decoder took it");
-                            assert!(pixels == libjpeg, "{what}: pixels differ from libjpeg's");
-                        }
+                        check(&format!("{size:?} {how:?}"), size, &jpeg);
                         cases += 1;
                     }
                 }
             }
         }
+        cases
+    }
+
+    #[test]
+    fn every_layout_and_scan_script_decodes_as_libjpeg_alone_does() {
+        let settings = [(90, 0), (100, 1), (50, 3)];
+        let scripts = [Script::Libjpeg, Script::Mozjpeg, Script::Own];
+        let cases = each_encoding(&settings, &scripts, |what, _, jpeg| {
+            let libjpeg = libjpeg_alone(jpeg);
+            // With this CPU's refinement, and with the portable one.
+            for portable in [false, true] {
+                PORTABLE_REFINEMENT.set(portable);
+                let (pixels, taken) = decoded(jpeg);
+                let what = format!("{what}, portable {portable}");
+                assert!(taken, "{what}: the progressive decoder took it");
+                assert!(pixels == libjpeg, "{what}: pixels differ from libjpeg's");
+            }
+        });
         assert_eq!(cases, 180);
     }
 
     #[test]
     fn every_layout_of_a_baseline_jpeg_decodes_as_libjpeg_alone_does() {
-        let mut cases = 0;
-        for size in [(1, 1), (9, 7), (64, 48), (203, 117)] {
-            for luma in [None, Some((1, 1)), Some((2, 1)), Some((1, 2)), Some((2, 2))] {
-                for (quality, restart_interval) in [(90, 0), (100, 1), (50, 3), (75, 7)] {
-                    for script in [Script::Baseline, Script::BaselineOptimized] {
-                        let how = Encoding {
-                            luma,
-                            quality,
-                            restart_interval,
-                            script,
-                        };
-                        let channels = if luma.is_some() { 3 } else { 1 };
-                        let jpeg = encode(&test_pixels(size, channels), size, how);
-                        let what = format!("{size:?} {how:?}");
-                        let libjpeg = libjpeg_alone(&jpeg);
-                        // With BMI2 where the CPU has it, and without.
-                        for portable in [false, true] {
-                            baseline::PORTABLE.set(portable);
-                            let (pixels, taken) = decoded(&jpeg);
-                            let what = format!("{what}, portable {portable}");
-                            assert!(taken, "{what}: the baseline decoder took it");
-                            assert!(pixels == libjpeg, "{what}: pixels differ");
-                        }
-                        baseline::PORTABLE.set(false);
-                        // A rectangle below the top and right of the left edge: libjpeg
-                        // skips rows (MCUs discarded) and crops columns.
-                        let (width, height) = size;
-                        let rect = Rect {
-                            left: width / 3,
-                            top: height / 2,
-                            width: (width / 3).max(1),
-                            height: (height / 3).max(1),
-                        };
-                        assert!(
-                            decoded_rect(&jpeg, rect, false).unwrap()
-                                == decoded_rect(&jpeg, rect, true).unwrap(),
-                            "{what}: a rectangle's pixels differ"
-                        );
-                        cases += 1;
-                    }
-                }
+        let settings = [(90, 0), (100, 1), (50, 3), (75, 7)];
+        let scripts = [Script::Baseline, Script::BaselineOptimized];
+        let cases = each_encoding(&settings, &scripts, |what, (width, height), jpeg| {
+            let libjpeg = libjpeg_alone(jpeg);
+            // With BMI2 where the CPU has it, and without.
+            for portable in [false, true] {
+                baseline::PORTABLE.set(portable);
+                let (pixels, taken) = decoded(jpeg);
+                let what = format!("{what}, portable {portable}");
+                assert!(taken, "{what}: the baseline decoder took it");
+                assert!(pixels == libjpeg, "{what}: pixels differ");
             }
-        }
+            baseline::PORTABLE.set(false);
+            // A rectangle below the top and right of the left edge: libjpeg skips rows (MCUs
+            // discarded) and crops columns.
+            let rect = Rect {
+                left: width / 3,
+                top: height / 2,
+                width: (width / 3).max(1),
+                height: (height / 3).max(1),
+            };
+            assert!(
+                decoded_rect(jpeg, rect, false).unwrap() == decoded_rect(jpeg, rect, true).unwrap(),
+                "{what}: a rectangle's pixels differ"
+            );
+        });
         assert_eq!(cases, 160);
     }
 

@@ -525,15 +525,16 @@ impl<'a> Decoder<'a> {
         if LIBJPEG_ENTROPY.get() {
             return;
         }
-        // SAFETY: `jpeg_mem_src`'s source over `bytes`, which libjpeg has read up to the
+        // SAFETY: `jpeg_mem_src` set the source manager; libjpeg has read `bytes` up to the
         // scan's data.
-        let data_start = unsafe {
-            (*self.cinfo.src)
-                .next_input_byte
-                .offset_from(self.bytes.as_ptr())
+        let next = unsafe { (*self.cinfo.src).next_input_byte } as usize;
+        // Compared as addresses: past the file's end, libjpeg reads from a buffer of its own.
+        let data_start = next.checked_sub(self.bytes.as_ptr() as usize);
+        let Some(data_start) = data_start.filter(|&at| at <= self.bytes.len()) else {
+            return;
         };
         let frame = self.frame();
-        let scan = baseline::Scan::new(self.bytes, &frame, data_start as usize);
+        let scan = baseline::Scan::new(self.bytes, &frame, data_start);
         self.baseline = scan.map(|scan| {
             Box::new(BaselineEntropy {
                 start_pass: no_second_scan,

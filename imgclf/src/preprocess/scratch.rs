@@ -1,10 +1,10 @@
 //! Byte buffers reused across images on the same thread.
 //!
 //! Each image needs a few buffers of up to a few MiB (decoded rows, the resize's intermediate,
-//! the crop; a turned photo's rows, a progressive JPEG's coefficients). Allocated afresh, memory that size comes from `mmap` or a
-//! trimmed heap, and every page faults in again on first touch: reused, it stays mapped and
-//! warm in cache. Preprocessing runs on a fixed pool of threads, so each keeps its own few
-//! buffers.
+//! the crop, a JPEG's unstuffed entropy-coded data; a turned photo's rows, a progressive JPEG's
+//! coefficients). Allocated afresh, memory that size comes from `mmap` or a trimmed heap, and
+//! every page faults in again on first touch: reused, it stays mapped and warm in cache.
+//! Preprocessing runs on a fixed pool of threads, so each keeps its own few buffers.
 
 use std::cell::RefCell;
 use std::ops::{Deref, DerefMut};

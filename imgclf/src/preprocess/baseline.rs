@@ -137,8 +137,9 @@ pub(super) struct Scan {
     predictions: [i32; 4],
     /// libjpeg's `insufficient_data`: the interval's data ran out.
     out_of_data: bool,
-    /// Where the scan's data ends in the file: the marker after it.
-    end: usize,
+    /// Whether to decode with BMI2's shifts (chosen once, for the whole scan).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    bmi2: bool,
     /// Where blocks libjpeg does not want go (it discards rows it skips).
     discarded: Block,
 }
@@ -254,8 +255,11 @@ impl Scan {
             }
         }
         bits.select(intervals[0]);
+        #[cfg(target_arch = "x86_64")]
+        let bmi2 = bmi2::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let bmi2 = false;
         Some(Scan {
-            end: bits.marker(),
             bits,
             intervals,
             next_interval: 1,
@@ -266,13 +270,14 @@ impl Scan {
             to_restart: restart_interval,
             predictions: [0; 4],
             out_of_data: false,
+            bmi2,
             discarded: [0; 64],
         })
     }
 
     /// Where the scan's data ends in the file: the marker after it.
     pub fn end(&self) -> usize {
-        self.end
+        self.bits.marker()
     }
 
     /// Blocks per MCU.
@@ -289,13 +294,15 @@ impl Scan {
     pub fn decode_mcu(&mut self, blocks: Option<&mut [&mut Block]>) {
         if self.restart_interval > 0 {
             if self.to_restart == 0 {
-                let interval = self.intervals.get(self.next_interval).copied();
                 // Past the last interval (libjpeg asks for no more MCUs than the scan has)
-                // there is no data.
-                self.bits.select(interval.unwrap_or_default());
+                // there is no data: the MCUs stay zero.
+                let interval = self.intervals.get(self.next_interval).copied();
+                if let Some(interval) = interval {
+                    self.bits.select(interval);
+                }
                 self.next_interval += 1;
                 self.predictions = [0; 4];
-                self.out_of_data = false;
+                self.out_of_data = interval.is_none();
                 self.to_restart = self.restart_interval;
             }
             self.to_restart -= 1;
@@ -304,7 +311,7 @@ impl Scan {
             return;
         }
         #[cfg(target_arch = "x86_64")]
-        if bmi2::available() {
+        if self.bmi2 {
             return bmi2::decode_blocks(self, blocks);
         }
         self.decode_blocks(blocks);
@@ -352,7 +359,7 @@ mod bmi2 {
     }
 
     pub(super) fn decode_blocks(scan: &mut Scan, blocks: Option<&mut [&mut Block]>) {
-        // SAFETY: called only where `available`, so the CPU has BMI2.
+        // SAFETY: called only where the scan found BMI2 `available`.
         unsafe { with_bmi2(scan, blocks) }
     }
 

@@ -190,7 +190,7 @@ impl Tables {
 }
 
 /// Where one restart interval's unstuffed data lies in [`Bits`]' buffer.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 pub(super) struct Interval {
     start: usize,
     len: usize,
@@ -271,7 +271,7 @@ impl Bits {
 
     /// Tops the buffer up to at least 56 bits.
     #[inline(always)]
-    pub fn refill(&mut self) {
+    fn refill(&mut self) {
         // The eight zero bytes after the data make every word up to its end readable.
         if self.pos <= self.end {
             let next = &self.data[self.pos..self.pos + 8];

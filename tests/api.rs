@@ -216,6 +216,73 @@ async fn the_webhook_receives_the_final_status_signed_and_retried() {
     assert!(counted, "webhook_success_total counts the delivery");
 }
 
+/// A dispatcher whose attempt outlives its lease (a stalled process, a receiver that answers
+/// late) is taken over; what it learns afterwards must not overwrite the newer attempt's
+/// record: here a late "gone for good" over a delivery.
+#[tokio::test]
+async fn an_attempt_that_outlives_its_lease_records_nothing() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hook = Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let (tx, calls) = (tx.clone(), calls.clone());
+            async move {
+                tx.send(()).unwrap();
+                if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                    // Past the lease, then an answer that would end the callback as failed.
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    StatusCode::GONE
+                } else {
+                    StatusCode::NO_CONTENT
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, hook).await.unwrap() });
+
+    let config = PipelineConfig {
+        callback_lease: Duration::from_millis(300),
+        ..PipelineConfig::default()
+    };
+    let s = service_custom(signed_webhooks("secret", "127.0.0.0/8"), config, true);
+    let bytes = image("opencv_apple.jpg");
+    let request = multipart(
+        "/api/upload-image",
+        &[
+            Part::File("apple.jpg", &bytes),
+            Part::Text("callback_url", &url),
+        ],
+    );
+    let (status, body) = call(&s.app, request).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    for attempt in ["the first attempt", "the attempt after its lease"] {
+        tokio::time::timeout(Duration::from_secs(60), rx.recv())
+            .await
+            .expect(attempt)
+            .unwrap();
+    }
+    let task_id = body["task_id"].as_str().unwrap();
+    let mut webhook = Value::Null;
+    for _ in 0..100 {
+        let (_, status) = get(&s.app, &format!("/api/task-status/{task_id}")).await;
+        webhook = status["webhook"].clone();
+        if webhook["state"] == "delivered" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(webhook["state"], "delivered", "{webhook}");
+    // The first attempt's late answer comes and goes: the delivery stands.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (_, status) = get(&s.app, &format!("/api/task-status/{task_id}")).await;
+    assert_eq!(status["webhook"]["state"], "delivered", "{status}");
+    assert_eq!(status["webhook"]["attempts"], 1, "{status}");
+    assert!(rx.try_recv().is_err(), "delivered: no attempt after it");
+}
+
 #[tokio::test]
 async fn callbacks_to_internal_addresses_are_refused_at_upload() {
     let s = service_with(signed_webhooks("secret", ""));

@@ -1223,6 +1223,8 @@ impl Worker {
         } = &self.shared;
         let task_id = record.task_id;
         let attempts = webhook.attempts + 1;
+        // The claim's lease: what is recorded below holds only if it has not run out.
+        let claimed_until_ms = webhook.next_attempt_at_ms;
         // One id for every attempt of this notification, across restarts: receivers
         // deduplicate on it.
         let delivery_id = task_id.to_string();
@@ -1279,9 +1281,20 @@ impl Worker {
             updated_at_ms: now,
             next_attempt_at_ms,
         };
-        if let Err(error) = ports.results.record_webhook(task_id, &recorded).await {
+        match ports
+            .results
+            .record_webhook(task_id, claimed_until_ms, &recorded)
+            .await
+        {
+            Ok(true) => {}
+            // Another dispatcher claimed it after the lease ran out: its attempt is the
+            // one recorded, and receivers deduplicate on the delivery id.
+            Ok(false) => tracing::warn!(
+                %task_id,
+                "the callback's lease ran out during this attempt; its outcome is not recorded"
+            ),
             // Still pending in the store: due again after its lease.
-            tracing::warn!(%task_id, %error, "cannot record the callback's state");
+            Err(error) => tracing::warn!(%task_id, %error, "cannot record the callback's state"),
         }
     }
 }

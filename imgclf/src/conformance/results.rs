@@ -397,28 +397,33 @@ async fn webhook_state_is_kept_apart(store: &dyn ResultStore) {
         .complete(r.task_id, &result(r.task_id, "tabby"))
         .await
         .expect("complete");
+    let now = now_ms() + 1;
+    let lease = claim(store, r.task_id, now).await;
+    // The first attempt failed: due again a second later.
     let pending = WebhookDelivery {
         state: WebhookState::Pending,
-        attempts: 0,
-        last_status: None,
-        updated_at_ms: now_ms(),
-        next_attempt_at_ms: now_ms(),
+        attempts: 1,
+        last_status: Some("HTTP 503 Service Unavailable".into()),
+        updated_at_ms: now,
+        next_attempt_at_ms: now + 1_000,
     };
-    store
-        .record_webhook(r.task_id, &pending)
-        .await
-        .expect("record webhook");
+    let recorded = store.record_webhook(r.task_id, lease, &pending).await;
+    assert!(recorded.expect("record webhook"), "the claim holds");
+    let retry = claim(store, r.task_id, now + 1_000).await;
     let failed = WebhookDelivery {
         state: WebhookState::Failed,
-        attempts: 5,
+        attempts: 2,
         last_status: Some("HTTP 503 Service Unavailable".into()),
-        updated_at_ms: now_ms(),
+        updated_at_ms: now + 1_000,
         next_attempt_at_ms: 0,
     };
-    store
-        .record_webhook(r.task_id, &failed)
-        .await
-        .expect("record webhook");
+    let stale = store.record_webhook(r.task_id, lease, &failed).await;
+    assert!(
+        !stale.expect("record webhook"),
+        "a claim whose lease was taken over records nothing"
+    );
+    let recorded = store.record_webhook(r.task_id, retry, &failed).await;
+    assert!(recorded.expect("record webhook"), "the latest claim holds");
     let got = store.get(r.task_id).await.expect("get").expect("exists");
     assert_eq!(
         got.webhook,
@@ -430,10 +435,25 @@ async fn webhook_state_is_kept_apart(store: &dyn ResultStore) {
         TaskState::Success,
         "a failed callback does not change the task"
     );
-    store
-        .record_webhook(TaskId::new(), &pending)
-        .await
-        .expect("unknown ids are ignored");
+    let after = store.record_webhook(r.task_id, retry, &pending).await;
+    assert!(
+        !after.expect("record webhook"),
+        "a callback given up on stays so"
+    );
+    let unknown = store.record_webhook(TaskId::new(), retry, &pending).await;
+    assert!(!unknown.expect("unknown ids are ignored"));
+}
+
+/// Claims the callbacks due at `now` as a dispatcher does, and returns the lease of `id`'s
+/// (the `next_attempt_at_ms` its claim set).
+async fn claim(store: &dyn ResultStore, id: TaskId, now: i64) -> i64 {
+    let claimed = store.claim_callbacks(now, 60_000, usize::MAX).await;
+    let record = (claimed.expect("claim").into_iter())
+        .find(|r| r.task_id == id)
+        .expect("due, and claimed");
+    let lease = record.webhook.expect("a callback").next_attempt_at_ms;
+    assert_eq!(lease, now + 60_000, "claimed until its lease runs out");
+    lease
 }
 
 async fn callbacks_are_due_with_the_final_state_and_claimed_once(store: &dyn ResultStore) {
@@ -444,7 +464,21 @@ async fn callbacks_are_due_with_the_final_state_and_claimed_once(store: &dyn Res
     });
     for r in [&succeeds, &fails, &silent] {
         store.create(r).await.expect("create");
+        store.start(r.task_id).await.expect("start");
     }
+    // A callback carries the final state: a started task has none due.
+    let started = store
+        .claim_callbacks(now_ms() + 1, 60_000, usize::MAX)
+        .await
+        .expect("claim");
+    assert!(
+        !started
+            .iter()
+            .any(|r| [succeeds.task_id, fails.task_id].contains(&r.task_id)),
+        "no callback is due before the task is final"
+    );
+    let got = store.get(succeeds.task_id).await.unwrap().unwrap();
+    assert_eq!(got.webhook, None, "a started task has no callback yet");
     store
         .complete(succeeds.task_id, &result(succeeds.task_id, "tabby"))
         .await
@@ -483,13 +517,9 @@ async fn callbacks_are_due_with_the_final_state_and_claimed_once(store: &dyn Res
         !again.iter().any(|r| r.task_id == succeeds.task_id),
         "within the lease it is not claimed again"
     );
-    // After the lease (a dispatcher died mid-delivery) it is due again.
-    let later = store
-        .claim_callbacks(now + 60_001, 60_000, usize::MAX)
-        .await
-        .unwrap();
-    assert!(later.iter().any(|r| r.task_id == succeeds.task_id));
-    // Delivered: never claimed again.
+    // After the lease (a dispatcher died or stalled mid-delivery) it is due again.
+    let later = claim(store, succeeds.task_id, now + 60_001).await;
+    // The first dispatcher, back after its lease, records nothing; the second does.
     let delivered = WebhookDelivery {
         state: WebhookState::Delivered,
         attempts: 1,
@@ -497,10 +527,18 @@ async fn callbacks_are_due_with_the_final_state_and_claimed_once(store: &dyn Res
         updated_at_ms: now_ms(),
         next_attempt_at_ms: 0,
     };
-    store
-        .record_webhook(succeeds.task_id, &delivered)
-        .await
-        .unwrap();
+    let stale = store
+        .record_webhook(succeeds.task_id, now + 60_000, &delivered)
+        .await;
+    assert!(
+        !stale.unwrap(),
+        "a claim whose lease ran out records nothing"
+    );
+    let recorded = store
+        .record_webhook(succeeds.task_id, later, &delivered)
+        .await;
+    assert!(recorded.unwrap(), "the latest claim holds");
+    // Delivered: never claimed again.
     let after = store
         .claim_callbacks(now + 1_000_000, 60_000, usize::MAX)
         .await
@@ -704,10 +742,11 @@ async fn expired_tasks_are_deleted_once(store: &dyn ResultStore) {
         updated_at_ms: now_ms(),
         next_attempt_at_ms: 0,
     };
-    store
-        .record_webhook(calling_back.task_id, &failed)
-        .await
-        .expect("record webhook");
+    let lease = claim(store, calling_back.task_id, LONG_AGO).await;
+    let recorded = store
+        .record_webhook(calling_back.task_id, lease, &failed)
+        .await;
+    assert!(recorded.expect("record webhook"));
     let last = store
         .delete_expired(cutoff, 100)
         .await

@@ -22,14 +22,16 @@ impl MemoryResults {
         Self::default()
     }
 
-    /// Applies `change` to a task that is not final; true if it did.
-    fn finish(&self, id: TaskId, change: impl FnOnce(&mut TaskRecord)) -> bool {
+    /// Applies `change` to a task that is not final; true if it did. A change that makes
+    /// the task final brings its callback due, if it has one (a callback carries the final
+    /// state, never `STARTED`).
+    fn update(&self, id: TaskId, change: impl FnOnce(&mut TaskRecord)) -> bool {
         let mut tasks = self.tasks.lock().unwrap();
         match tasks.get_mut(&id) {
             Some(record) if !record.state.is_final() => {
                 change(record);
                 record.updated_at_ms = now_ms();
-                if record.callback_url.is_some() {
+                if record.state.is_final() && record.callback_url.is_some() {
                     record.webhook = Some(WebhookDelivery::due(record.updated_at_ms));
                 }
                 true
@@ -55,7 +57,7 @@ impl ResultStore for MemoryResults {
     }
 
     async fn start(&self, id: TaskId) -> Result<Option<TaskRecord>, ResultsError> {
-        self.finish(id, |record| {
+        self.update(id, |record| {
             record.state = TaskState::Started;
             record.attempts += 1;
         });
@@ -63,7 +65,7 @@ impl ResultStore for MemoryResults {
     }
 
     async fn complete(&self, id: TaskId, result: &TaskResult) -> Result<bool, ResultsError> {
-        Ok(self.finish(id, |record| {
+        Ok(self.update(id, |record| {
             record.state = TaskState::Success;
             record.result = Some(result.clone());
             record.error = None;
@@ -71,7 +73,7 @@ impl ResultStore for MemoryResults {
     }
 
     async fn fail(&self, id: TaskId, error: &str) -> Result<bool, ResultsError> {
-        Ok(self.finish(id, |record| {
+        Ok(self.update(id, |record| {
             record.state = TaskState::Failure;
             record.error = Some(error.to_string());
         }))
@@ -80,12 +82,20 @@ impl ResultStore for MemoryResults {
     async fn record_webhook(
         &self,
         id: TaskId,
+        claimed_until_ms: i64,
         delivery: &WebhookDelivery,
-    ) -> Result<(), ResultsError> {
-        if let Some(record) = self.tasks.lock().unwrap().get_mut(&id) {
-            record.webhook = Some(delivery.clone());
+    ) -> Result<bool, ResultsError> {
+        let mut tasks = self.tasks.lock().unwrap();
+        match tasks.get_mut(&id).and_then(|r| r.webhook.as_mut()) {
+            Some(webhook)
+                if webhook.state == WebhookState::Pending
+                    && webhook.next_attempt_at_ms == claimed_until_ms =>
+            {
+                *webhook = delivery.clone();
+                Ok(true)
+            }
+            _ => Ok(false),
         }
-        Ok(())
     }
 
     async fn unfinished(&self, limit: usize) -> Result<Vec<TaskRecord>, ResultsError> {

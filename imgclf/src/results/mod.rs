@@ -142,12 +142,17 @@ pub trait ResultStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<TaskRecord>, ResultsError>;
 
-    /// Records where the task's callback stands; the task's own state does not change.
+    /// Records where a claimed callback stands after an attempt, if the claim still holds: the
+    /// stored callback is pending with the `next_attempt_at_ms` the claim set
+    /// (`claimed_until_ms`). A dispatcher that outlived its lease (another may have claimed
+    /// the callback since, and recorded its own attempt) changes nothing. True if recorded;
+    /// the task's own state never changes.
     async fn record_webhook(
         &self,
         id: TaskId,
+        claimed_until_ms: i64,
         delivery: &WebhookDelivery,
-    ) -> Result<(), ResultsError>;
+    ) -> Result<bool, ResultsError>;
 
     /// Tasks not yet final, oldest first, at most `limit`.
     async fn unfinished(&self, limit: usize) -> Result<Vec<TaskRecord>, ResultsError>;

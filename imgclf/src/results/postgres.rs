@@ -687,16 +687,21 @@ impl ResultStore for PostgresResults {
     async fn record_webhook(
         &self,
         id: TaskId,
+        claimed_until_ms: i64,
         delivery: &WebhookDelivery,
-    ) -> Result<(), ResultsError> {
+    ) -> Result<bool, ResultsError> {
         let webhook = json(delivery)?;
-        sqlx::query("UPDATE tasks SET webhook = $1 WHERE task_id = $2")
-            .bind(webhook)
-            .bind(id.as_uuid())
-            .execute(&self.pool)
-            .await
-            .map_err(backend)?;
-        Ok(())
+        let done = sqlx::query(
+            "UPDATE tasks SET webhook = $1 WHERE task_id = $2 AND webhook->>'state' = 'pending' \
+             AND (webhook->>'next_attempt_at_ms')::bigint = $3",
+        )
+        .bind(webhook)
+        .bind(id.as_uuid())
+        .bind(claimed_until_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn unfinished(&self, limit: usize) -> Result<Vec<TaskRecord>, ResultsError> {

@@ -480,13 +480,22 @@ impl ResultStore for SqliteResults {
     async fn record_webhook(
         &self,
         id: TaskId,
+        claimed_until_ms: i64,
         delivery: &WebhookDelivery,
-    ) -> Result<(), ResultsError> {
+    ) -> Result<bool, ResultsError> {
         let webhook = serde_json::to_string(delivery).map_err(codec)?;
-        self.write_texts(
-            "UPDATE tasks SET webhook = ? WHERE task_id = ?",
-            vec![webhook, id.to_string()],
-        )
+        let sql = "UPDATE tasks SET webhook = ? WHERE task_id = ? \
+                   AND json_extract(webhook, '$.state') = 'pending' \
+                   AND json_extract(webhook, '$.next_attempt_at_ms') = ?";
+        self.write(true, move |conn| {
+            let changed = conn
+                .prepare_cached(sql)
+                .and_then(|mut statement| {
+                    statement.execute(params![webhook, id.to_string(), claimed_until_ms])
+                })
+                .map_err(backend)?;
+            Ok(changed == 1)
+        })
         .await
     }
 

@@ -21,6 +21,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As both binaries do first thing: preprocessing is timed with the service's allocator.
+    imgclf::tune_malloc();
     let args: Vec<String> = std::env::args().skip(1).collect();
     anyhow::ensure!(
         args.len() >= 4,

@@ -29,12 +29,12 @@
 #![allow(unsafe_code)]
 
 use std::mem;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
 use mozjpeg_sys::{
     boolean, jpeg_common_struct, jpeg_component_info, jpeg_decompress_struct, jpeg_error_mgr,
     jpeg_progress_mgr, jvirt_barray_control, JBLOCK, JBLOCKARRAY, JBLOCKROW, JDIMENSION,
-    J_COLOR_SPACE,
+    JSAMPARRAY_MUT, J_COLOR_SPACE, J_DCT_METHOD,
 };
 
 use image::metadata::Orientation;
@@ -522,7 +522,7 @@ impl<'a> Decoder<'a> {
             return;
         }
         #[cfg(test)]
-        if LIBJPEG_ENTROPY.get() {
+        if LIBJPEG_ALONE.get() {
             return;
         }
         // SAFETY: `jpeg_mem_src` set the source manager; libjpeg has read `bytes` up to the
@@ -581,6 +581,7 @@ impl<'a> Decoder<'a> {
             // SAFETY: as above; libjpeg holds no reference to the block between its calls.
             unsafe { *block = kept };
         }
+        fill_flat_blocks(&mut self.cinfo);
     }
 
     /// Decodes `rect` (inside the image, of a JPEG that [`Header::rgb`] says libjpeg turns
@@ -645,8 +646,11 @@ extern "C-unwind" fn unwind_error_exit(cinfo: &mut jpeg_common_struct) {
 
 #[cfg(test)]
 thread_local! {
-    /// Set by tests to have libjpeg entropy-decode baseline JPEGs itself.
-    static LIBJPEG_ENTROPY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Set by tests to have libjpeg entropy-decode baseline JPEGs itself, and run its IDCT on
+    /// every block.
+    static LIBJPEG_ALONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Blocks [`idct_or_fill`] has filled on this thread.
+    static FILLED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// libjpeg's `struct jpeg_entropy_decoder` (jpegint.h), through which it has a baseline scan
@@ -659,14 +663,119 @@ struct BaselineEntropy {
     scan: baseline::Scan,
 }
 
-/// The address of `cinfo.entropy`, which mozjpeg-sys keeps private: the fifth pointer from
-/// the end of the struct, as jpeglib.h declares it (`entropy`, `idct`, `upsample`,
-/// `cconvert`, `cquantize`).
+/// The address of `cinfo.entropy`, which mozjpeg-sys keeps private.
 fn entropy_field(cinfo: &mut jpeg_decompress_struct) -> *mut *mut std::ffi::c_void {
-    let offset = mem::size_of::<jpeg_decompress_struct>() - 5 * mem::size_of::<usize>();
+    private_field(cinfo, 5)
+}
+
+/// The address of one of the pointers that end the struct, which mozjpeg-sys keeps private,
+/// counted from its end as jpeglib.h declares them: `entropy` (5), `idct` (4), `upsample`,
+/// `cconvert`, `cquantize` (1).
+fn private_field(
+    cinfo: &mut jpeg_decompress_struct,
+    from_end: usize,
+) -> *mut *mut std::ffi::c_void {
+    let offset = mem::size_of::<jpeg_decompress_struct>() - from_end * mem::size_of::<usize>();
     // SAFETY: within the struct, at a pointer-aligned offset (its size is a multiple of its
     // pointer alignment).
     unsafe { (cinfo as *mut jpeg_decompress_struct as *mut u8).add(offset) as *mut _ }
+}
+
+/// An IDCT of libjpeg's: one block's coefficients into 8x8 samples at a column of 8 rows.
+type InverseDctFn = unsafe extern "C-unwind" fn(
+    *mut jpeg_decompress_struct,
+    *mut jpeg_component_info,
+    *const i16,
+    JSAMPARRAY_MUT,
+    JDIMENSION,
+);
+
+/// libjpeg's `struct jpeg_inverse_dct` (jpegint.h): the IDCT of each component's blocks.
+#[repr(C)]
+struct InverseDct {
+    start_pass: Option<unsafe extern "C-unwind" fn(&mut jpeg_decompress_struct)>,
+    inverse_dct: [Option<InverseDctFn>; 10],
+}
+
+/// libjpeg's integer IDCT (its SIMD one where the CPU has it), which [`idct_or_fill`] runs on
+/// every block it does not fill: the same function in every decoder of the process.
+static LIBJPEG_IDCT: AtomicPtr<()> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Has libjpeg run [`idct_or_fill`] in place of its integer IDCT on every component, where it
+/// runs that IDCT (the default, at full scale), the same function for all: once the decode
+/// has started, when libjpeg has chosen its IDCT for the one output pass.
+fn fill_flat_blocks(cinfo: &mut jpeg_decompress_struct) {
+    #[cfg(test)]
+    if LIBJPEG_ALONE.get() {
+        return;
+    }
+    if cinfo.dct_method != J_DCT_METHOD::JDCT_ISLOW || cinfo.scale_num != cinfo.scale_denom {
+        return;
+    }
+    let components = (cinfo.num_components as usize).min(10);
+    // SAFETY: `jpeg_start_decompress` set up the IDCT controller (a `jpeg_inverse_dct` first
+    // in libjpeg's own struct) and chose each component's method; libjpeg reads them from it
+    // at each block.
+    let Some(idct) = (unsafe { (*private_field(cinfo, 4) as *mut InverseDct).as_mut() }) else {
+        return;
+    };
+    let Some(chosen) = idct.inverse_dct[0] else {
+        return;
+    };
+    let methods = &mut idct.inverse_dct[..components];
+    if methods
+        .iter()
+        .any(|m| m.map(|m| m as usize) != Some(chosen as usize))
+    {
+        return;
+    }
+    let chosen = chosen as *mut ();
+    let known = LIBJPEG_IDCT
+        .compare_exchange(
+            std::ptr::null_mut(),
+            chosen,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        )
+        .unwrap_or_else(|known| known);
+    if known.is_null() || known == chosen {
+        methods.fill(Some(idct_or_fill));
+    }
+}
+
+/// libjpeg's integer IDCT of one block, except that a flat block (no AC coefficient, common
+/// in chroma and smooth areas) is filled with its level without a transform: the level
+/// `jidctint.c` computes for it (its shortcut for a lone DC term, which its SIMD versions
+/// match), `(dc * q + 4) >> 3` centred on 128 and clamped. A dequantised DC term outside
+/// ±2048 (only damaged data has one: a flat block's is 8 times its level's distance from
+/// 128), where libjpeg's versions wrap or saturate differently, goes to its IDCT.
+unsafe extern "C-unwind" fn idct_or_fill(
+    cinfo: *mut jpeg_decompress_struct,
+    component: *mut jpeg_component_info,
+    coefficients: *const i16,
+    output: JSAMPARRAY_MUT,
+    column: JDIMENSION,
+) {
+    // SAFETY: libjpeg passes one block of 64 coefficients, its component (whose quantisation
+    // table it has latched for the scan) and 8 output rows, each with 8 samples at `column`.
+    unsafe {
+        let block = &*(coefficients as *const [i16; 64]);
+        // The two lowest frequencies first: most blocks that are not flat have one of them.
+        let flat = block[1] | block[8] == 0 && block[1..].iter().fold(0, |any, &c| any | c) == 0;
+        // In range, also the 16-bit product the SIMD IDCT takes.
+        let dc = block[0] as i32 * (*(*component).quant_table).quantval[0] as i32;
+        if flat && (-2048..2048).contains(&dc) {
+            let level = (((dc + 4) >> 3) + 128).clamp(0, 255) as u8;
+            for row in 0..8 {
+                std::ptr::write_bytes((*output.add(row)).add(column as usize), level, 8);
+            }
+            #[cfg(test)]
+            FILLED.set(FILLED.get() + 1);
+            return;
+        }
+        let idct: InverseDctFn = mem::transmute(LIBJPEG_IDCT.load(Ordering::Relaxed));
+        idct(cinfo, component, coefficients, output, column)
+    }
 }
 
 /// libjpeg's `decode_mcu` for a baseline scan: the next MCU into `mcu`'s blocks (zeroed by
@@ -917,19 +1026,15 @@ mod entropy_tests {
     }
 
     /// `rect`'s pixels as `decode_rect` gives them, by imgclf's entropy decoders where they
-    /// take the file or by libjpeg's alone (`libjpeg_entropy`).
-    fn decoded_rect(
-        bytes: &[u8],
-        rect: Rect,
-        libjpeg_entropy: bool,
-    ) -> Result<Vec<u8>, ImageError> {
-        LIBJPEG_ENTROPY.set(libjpeg_entropy);
+    /// take the file or by libjpeg's alone (`libjpeg_alone`: its entropy decoding and IDCT).
+    fn decoded_rect(bytes: &[u8], rect: Rect, libjpeg_alone: bool) -> Result<Vec<u8>, ImageError> {
+        LIBJPEG_ALONE.set(libjpeg_alone);
         let pixels = with_decoder(bytes, &Budget::start(), |decoder| {
             let mut pixels = Vec::new();
             decoder.read_rect(rect, |row| pixels.extend_from_slice(row));
             pixels
         });
-        LIBJPEG_ENTROPY.set(false);
+        LIBJPEG_ALONE.set(false);
         pixels
     }
 
@@ -1113,6 +1218,79 @@ mod entropy_tests {
             taken > 1000 && same > 1000,
             "the damage exercises the decoder"
         );
+    }
+
+    /// Flat blocks at levels from 0 to 255, beside noisy ones, in every layout and at qualities
+    /// whose DC quantisers round differently: filled with the levels libjpeg's IDCT gives.
+    #[test]
+    fn flat_blocks_are_filled_as_libjpeg_transforms_them() {
+        let (width, height) = (160, 96);
+        let mut filled = 0;
+        for luma in [None, Some((1, 1)), Some((2, 1)), Some((1, 2)), Some((2, 2))] {
+            let channels = if luma.is_some() { 3 } else { 1 };
+            let mut noise = 0x2545_F491_4F6C_DD1Du64;
+            let mut pixels = Vec::with_capacity(width * height * channels);
+            for y in 0..height {
+                for x in 0..width {
+                    // 16x16 tiles, so that subsampled chroma is flat too; every seventh noisy.
+                    let tile = x / 16 + y / 16 * (width / 16);
+                    for c in 0..channels {
+                        noise ^= noise << 13;
+                        noise ^= noise >> 7;
+                        noise ^= noise << 17;
+                        // Black, white, red and blue first: luma's and chroma's extremes.
+                        let level = match tile {
+                            0..4 => [[0; 3], [255; 3], [255, 0, 0], [0, 0, 255]][tile][c],
+                            _ => (tile * 37 + c * 101) % 256,
+                        };
+                        let level = match tile % 7 {
+                            6 => (level as u64 + noise % 64) % 256,
+                            _ => level as u64,
+                        };
+                        pixels.push(level as u8);
+                    }
+                }
+            }
+            for quality in [1, 10, 50, 90, 100] {
+                let how = Encoding {
+                    luma,
+                    quality,
+                    restart_interval: 0,
+                    script: Script::Baseline,
+                };
+                let jpeg = encode(&pixels, (width, height), how);
+                FILLED.set(0);
+                let (ours, _) = decoded(&jpeg);
+                filled += FILLED.get();
+                assert!(ours == libjpeg_alone(&jpeg), "{how:?}: pixels differ");
+                // Quantisers raised under the coefficients: DC terms far out of range, where
+                // libjpeg's IDCTs wrap or saturate.
+                let raised = with_dc_quantisers(&jpeg, 255);
+                assert!(
+                    decoded(&raised).0 == libjpeg_alone(&raised),
+                    "{how:?}, DC quantisers raised: pixels differ"
+                );
+            }
+        }
+        assert!(filled > 1000, "flat blocks were filled: {filled}");
+    }
+
+    /// `jpeg` with the DC quantiser of each of its 8-bit quantisation tables set to `value`.
+    fn with_dc_quantisers(jpeg: &[u8], value: u8) -> Vec<u8> {
+        let mut jpeg = jpeg.to_vec();
+        let mut at = 2;
+        while jpeg[at] == 0xFF && jpeg[at + 1] != 0xDA {
+            let length = u16::from_be_bytes([jpeg[at + 2], jpeg[at + 3]]) as usize;
+            if jpeg[at + 1] == 0xDB {
+                // Tables of a precision byte and 64 values, the DC one first.
+                for table in (at + 4..at + 2 + length).step_by(65) {
+                    assert_eq!(jpeg[table] >> 4, 0, "8-bit tables");
+                    jpeg[table + 1] = value;
+                }
+            }
+            at += 2 + length;
+        }
+        jpeg
     }
 
     /// A 64x48 4:2:0 JPEG with libjpeg's standard scans, restarts every `restart_interval` MCUs.

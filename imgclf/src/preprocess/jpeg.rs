@@ -12,7 +12,8 @@
 //! file, into the coefficient arrays libjpeg's output pass then reads (see
 //! [`Decoder::decode_scans_first`]); a baseline JPEG's MCUs by [`super::baseline`], one by one
 //! as libjpeg's single-pass decoder asks for them (see [`Decoder::start`]). libjpeg decodes the
-//! rest, and all pixels.
+//! rest, and all pixels, but for flat blocks (no AC coefficient), which are filled with the
+//! level its IDCT would give them ([`idct_or_fill`]).
 //!
 //! A progress monitor bounds the cost: at most [`MAX_JPEG_SCANS`] progressive scans, and the
 //! decode's CPU-time [`Budget`] (both checked by the progressive decoder too).

@@ -222,16 +222,20 @@ async fn the_webhook_receives_the_final_status_signed_and_retried() {
 #[tokio::test]
 async fn an_attempt_that_outlives_its_lease_records_nothing() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (late_tx, late_rx) = tokio::sync::oneshot::channel::<()>();
+    let late_tx = Arc::new(std::sync::Mutex::new(Some(late_tx)));
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let hook = Router::new().route(
         "/hook",
         axum::routing::post(move || {
-            let (tx, calls) = (tx.clone(), calls.clone());
+            let (tx, calls, late_tx) = (tx.clone(), calls.clone(), late_tx.clone());
             async move {
                 tx.send(()).unwrap();
                 if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
-                    // Past the lease, then an answer that would end the callback as failed.
-                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    // Well past the lease, then an answer that would end the callback as
+                    // failed.
+                    tokio::time::sleep(Duration::from_secs(4)).await;
+                    let _ = late_tx.lock().unwrap().take().unwrap().send(());
                     StatusCode::GONE
                 } else {
                     StatusCode::NO_CONTENT
@@ -244,7 +248,7 @@ async fn an_attempt_that_outlives_its_lease_records_nothing() {
     tokio::spawn(async move { axum::serve(listener, hook).await.unwrap() });
 
     let config = PipelineConfig {
-        callback_lease: Duration::from_millis(300),
+        callback_lease: Duration::from_secs(1),
         ..PipelineConfig::default()
     };
     let s = service_custom(signed_webhooks("secret", "127.0.0.0/8"), config, true);
@@ -276,7 +280,11 @@ async fn an_attempt_that_outlives_its_lease_records_nothing() {
     }
     assert_eq!(webhook["state"], "delivered", "{webhook}");
     // The first attempt's late answer comes and goes: the delivery stands.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::timeout(Duration::from_secs(30), late_rx)
+        .await
+        .expect("the late answer")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let (_, status) = get(&s.app, &format!("/api/task-status/{task_id}")).await;
     assert_eq!(status["webhook"]["state"], "delivered", "{status}");
     assert_eq!(status["webhook"]["attempts"], 1, "{status}");

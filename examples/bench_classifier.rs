@@ -20,6 +20,45 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Each photo's tensor and preprocessing time: the median of seven runs after one untimed
+/// (as for Pillow in scripts/bench.py), in milliseconds, by photo.
+struct Preprocessed {
+    tensors: Vec<Vec<f32>>,
+    ms: Vec<f64>,
+    by_photo: serde_json::Map<String, serde_json::Value>,
+}
+
+fn time_preprocessing(
+    transform: &imgclf::Transform,
+    images: &[Vec<u8>],
+    files: &[std::path::PathBuf],
+) -> anyhow::Result<Preprocessed> {
+    let mut timed = Preprocessed {
+        tensors: Vec::new(),
+        ms: Vec::new(),
+        by_photo: serde_json::Map::new(),
+    };
+    for (bytes, file) in images.iter().zip(files) {
+        transform.tensor_from_bytes(bytes, u64::MAX)?;
+        let mut runs = Vec::new();
+        for run in 0..7 {
+            let started = Instant::now();
+            let tensor = transform.tensor_from_bytes(bytes, u64::MAX)?;
+            runs.push(started.elapsed().as_secs_f64() * 1e3);
+            if run == 0 {
+                timed.tensors.push(tensor);
+            }
+        }
+        runs.sort_by(f64::total_cmp);
+        timed.ms.push(runs[runs.len() / 2]);
+        let name = file.file_name().unwrap_or_default().to_string_lossy();
+        timed
+            .by_photo
+            .insert(name.into_owned(), runs[runs.len() / 2].into());
+    }
+    Ok(timed)
+}
+
 fn main() -> anyhow::Result<()> {
     // As both binaries do first thing: preprocessing is timed with the service's allocator.
     imgclf::tune_malloc();
@@ -58,27 +97,16 @@ fn main() -> anyhow::Result<()> {
         .collect();
     files.sort();
     let images: Vec<Vec<u8>> = files.iter().map(std::fs::read).collect::<Result<_, _>>()?;
-    // Per photo, the median of seven runs after one untimed (as for Pillow in scripts/bench.py);
-    // then the mean over the photos.
-    let mut tensors = Vec::new();
-    let mut preprocess_ms = Vec::new();
-    let mut by_photo = serde_json::Map::new();
-    for (bytes, file) in images.iter().zip(&files) {
-        spec.transform.tensor_from_bytes(bytes, u64::MAX)?;
-        let mut runs = Vec::new();
-        for run in 0..7 {
-            let started = Instant::now();
-            let tensor = spec.transform.tensor_from_bytes(bytes, u64::MAX)?;
-            runs.push(started.elapsed().as_secs_f64() * 1e3);
-            if run == 0 {
-                tensors.push(tensor);
-            }
-        }
-        runs.sort_by(f64::total_cmp);
-        preprocess_ms.push(runs[runs.len() / 2]);
-        let name = file.file_name().unwrap_or_default().to_string_lossy();
-        by_photo.insert(name.into_owned(), runs[runs.len() / 2].into());
-    }
+    // On a thread of its own, with the service's allocator settings, as the service's
+    // instances preprocess.
+    let Preprocessed {
+        tensors,
+        ms: mut preprocess_ms,
+        by_photo,
+    } = std::thread::scope(|scope| {
+        let timed = scope.spawn(|| time_preprocessing(&spec.transform, &images, &files));
+        timed.join().expect("preprocessing does not panic")
+    })?;
     preprocess_ms.sort_by(f64::total_cmp);
 
     let options = ClassifierOptions {

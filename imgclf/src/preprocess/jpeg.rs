@@ -50,6 +50,11 @@ use super::{ImageError, Rect};
 /// Pixels decoded beside a crop so that upsampling at its edges sees real neighbours.
 const CROP_MARGIN: usize = 4;
 
+/// Where a decoded row starts: `ROW_START` bytes past a multiple of `ROW_ALIGNMENT`, on no
+/// 16-byte boundary (see [`Decoder::read_rect`]).
+const ROW_ALIGNMENT: usize = 64;
+const ROW_START: usize = 8;
+
 /// Checks a JPEG as far as libjpeg can without decoding pixels: markers, tables, frame and
 /// scan headers, and that the data is not cut short. `Ok(false)` for colour spaces libjpeg does
 /// not turn into RGB, which the caller checks another way.
@@ -600,7 +605,15 @@ impl<'a> Decoder<'a> {
         // `x` left to an iMCU boundary and widens `crop_width` to match.
         unsafe { mozjpeg_sys::jpeg_crop_scanline(&mut self.cinfo, &mut x, &mut crop_width) };
         let skip = rect.left - x as usize;
-        let mut row = Scratch::zeroed(crop_width as usize * 3);
+        let row_len = crop_width as usize * 3;
+        let mut buffer = Scratch::zeroed(row_len + ROW_ALIGNMENT);
+        // libjpeg's SIMD colour conversion writes a row that starts on a 16- or 32-byte
+        // boundary with non-temporal stores, past the cache, and the resize reads it straight
+        // back: from memory, at twice the time of the horizontal pass. Off those boundaries
+        // it stays in cache.
+        let misalignment = buffer.as_ptr() as usize % ROW_ALIGNMENT;
+        let start = (ROW_ALIGNMENT + ROW_START - misalignment) % ROW_ALIGNMENT;
+        let row = &mut buffer[start..][..row_len];
         // SAFETY: `rect.top` rows exist; skipping keeps the upsampler's context rows.
         unsafe { mozjpeg_sys::jpeg_skip_scanlines(&mut self.cinfo, rect.top as u32) };
         for _ in 0..rect.height {

@@ -184,17 +184,7 @@ async fn the_webhook_receives_the_final_status_signed_and_retried() {
         top1("skimage_chelsea.png")
     );
     // The delivery's state is stored with the task once the receiver has answered.
-    let task_id = body["task_id"].as_str().unwrap();
-    let mut webhook = Value::Null;
-    for _ in 0..100 {
-        let (_, status) = get(&s.app, &format!("/api/task-status/{task_id}")).await;
-        webhook = status["webhook"].clone();
-        if webhook["state"] == "delivered" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(webhook["state"], "delivered", "{webhook}");
+    let webhook = delivered_webhook(&s.app, body["task_id"].as_str().unwrap()).await;
     assert_eq!(
         webhook["attempts"], 2,
         "one failed attempt, one delivered: {webhook}"
@@ -214,6 +204,21 @@ async fn the_webhook_receives_the_final_status_signed_and_retried() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(counted, "webhook_success_total counts the delivery");
+}
+
+/// The task's `webhook` once it says delivered (within two seconds).
+async fn delivered_webhook(app: &Router, task_id: &str) -> Value {
+    let mut webhook = Value::Null;
+    for _ in 0..100 {
+        let (_, status) = get(app, &format!("/api/task-status/{task_id}")).await;
+        webhook = status["webhook"].clone();
+        if webhook["state"] == "delivered" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(webhook["state"], "delivered", "{webhook}");
+    webhook
 }
 
 /// A dispatcher whose attempt outlives its lease (a stalled process, a receiver that answers
@@ -269,16 +274,7 @@ async fn an_attempt_that_outlives_its_lease_records_nothing() {
             .unwrap();
     }
     let task_id = body["task_id"].as_str().unwrap();
-    let mut webhook = Value::Null;
-    for _ in 0..100 {
-        let (_, status) = get(&s.app, &format!("/api/task-status/{task_id}")).await;
-        webhook = status["webhook"].clone();
-        if webhook["state"] == "delivered" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(webhook["state"], "delivered", "{webhook}");
+    delivered_webhook(&s.app, task_id).await;
     // The first attempt's late answer comes and goes: the delivery stands.
     tokio::time::timeout(Duration::from_secs(30), late_rx)
         .await

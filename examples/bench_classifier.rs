@@ -50,11 +50,10 @@ fn time_preprocessing(
             }
         }
         runs.sort_by(f64::total_cmp);
-        timed.ms.push(runs[runs.len() / 2]);
+        let median = runs[runs.len() / 2];
+        timed.ms.push(median);
         let name = file.file_name().unwrap_or_default().to_string_lossy();
-        timed
-            .by_photo
-            .insert(name.into_owned(), runs[runs.len() / 2].into());
+        timed.by_photo.insert(name.into_owned(), median.into());
     }
     Ok(timed)
 }

@@ -775,7 +775,7 @@ unsafe extern "C-unwind" fn idct_or_fill(
     unsafe {
         let block = &*(coefficients as *const [i16; 64]);
         // The two lowest frequencies first: most blocks that are not flat have one of them.
-        let flat = block[1] | block[8] == 0 && block[1..].iter().fold(0, |any, &c| any | c) == 0;
+        let flat = (block[1] | block[8]) == 0 && block[1..].iter().fold(0, |any, &c| any | c) == 0;
         // In range, also the 16-bit product the SIMD IDCT takes.
         let dc = block[0] as i32 * (*(*component).quant_table).quantval[0] as i32;
         if flat && (-2048..2048).contains(&dc) {

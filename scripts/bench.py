@@ -108,6 +108,16 @@ def raw_onnxruntime(model_dir, photos, batch, seconds, threads):
             "p50_ms": pct(times, 0.5), "p95_ms": pct(times, 0.95)}
 
 
+def raw_onnxruntime_on_every_core(model_dir, photos, batch, seconds, cores):
+    """Raw onnxruntime, single-threaded, in one process per core at once: how inference scales
+    across this machine's cores (shared caches, memory bandwidth, the host's other guests), which
+    the bound's `cores x` assumes is perfect."""
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(cores) as pool:
+        runs = pool.starmap(raw_onnxruntime, [(model_dir, photos, batch, seconds, 1)] * cores)
+    return sum(r["images_per_s"] for r in runs)
+
+
 def imgclf_classifier(binary, backend, model_dir, photo_dir, batch, seconds, threads):
     out = subprocess.run([binary, backend, model_dir, str(batch), str(seconds), str(threads)],
                          env=dict(os.environ, IMGCLF_BENCH_PHOTOS=photo_dir, RUST_LOG="warn"),
@@ -364,6 +374,10 @@ def main():
         m.update(t_inf_ms=t_inf, t_inf_batch=best, t_pre_ms=t_pre, bound_images_per_s=bound)
         print(f"  t_inf {t_inf:.2f} ms (raw onnxruntime, 1 thread, batch {best}), t_pre {t_pre:.2f} ms "
               f"(imgclf, mean over the photos): bound {cores} / {t_pre + t_inf:.2f} ms = {bound:.1f} img/s", flush=True)
+        at_once = raw_onnxruntime_on_every_core(model_dir, photos, best, a.seconds, cores)
+        m["raw_on_every_core"] = {"images_per_s": at_once, "scaling": at_once / (cores * raw[best]["images_per_s"])}
+        print(f"  raw onnxruntime on all {cores} cores at once (a process each, batch {best}): {at_once:.1f} img/s = "
+              f"{m['raw_on_every_core']['scaling']:.2f} of {cores} x one alone (the bound assumes 1.00)", flush=True)
         for row in m["classifier"]:
             verdict(f"{model}: ort classifier / raw onnxruntime, batch {row['batch']}",
                     row["ort"]["images_per_s"] / row["raw"]["images_per_s"], TARGETS["ort_vs_raw"])

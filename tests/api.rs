@@ -1301,6 +1301,78 @@ async fn a_publish_that_never_returns_is_a_clean_503_with_nothing_kept() {
     );
 }
 
+/// Distributed, a task ends in a worker's process: the result store's word that it ended
+/// wakes the waits of the process that took the upload (they read the store only each second
+/// besides).
+#[tokio::test]
+async fn a_wait_ends_when_another_process_finishes_the_task() {
+    let Some(base) = imgclf_suite::service_url("IMGCLF_TEST_POSTGRES") else {
+        return;
+    };
+    let url = imgclf_suite::fresh_postgres_database(&base).await;
+    let connect = async || {
+        imgclf::results::PostgresResults::connect(&url)
+            .await
+            .unwrap()
+    };
+    let (here, worker) = (Arc::new(connect().await), connect().await);
+    let ports = Ports {
+        storage: Arc::new(MemoryStorage::new()),
+        queue: Arc::new(StuckQueue(MemoryQueue::default())),
+        results: here,
+        notifier: Arc::new(NoopNotifier),
+    };
+    let submitter = Arc::new(imgclf::Submitter::new(ports, PipelineConfig::default()));
+    let app = router(
+        AppState::new(submitter, None, MAX_UPLOAD),
+        Duration::from_secs(30),
+    );
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let listening = async || {
+        let listeners: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN \"imgclf_task_final\"'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        listeners == 1
+    };
+    let started = std::time::Instant::now();
+    while !listening().await {
+        assert!(started.elapsed() < Duration::from_secs(10), "no listener");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let record = imgclf::TaskRecord::pending(
+        imgclf::TaskId::new(),
+        "images/a.jpg".into(),
+        Default::default(),
+        None,
+    );
+    worker.create(&record).await.unwrap();
+    worker.start(record.task_id).await.unwrap();
+    let uri = format!("/api/task-status/{}?wait=10", record.task_id);
+    let waiting = tokio::spawn(async move { get(&app, &uri).await });
+    // Past the wait's second read, which finds it still running; the third is a second later.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let result = imgclf::TaskResult {
+        task_id: record.task_id,
+        metadata: Default::default(),
+        classification: vec![],
+        model: "test".into(),
+        timings: Default::default(),
+    };
+    assert!(worker.complete(record.task_id, &result).await.unwrap());
+    let ended = std::time::Instant::now();
+    let (status, body) = waiting.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["state"], "SUCCESS", "{body}");
+    assert!(
+        ended.elapsed() < Duration::from_millis(400),
+        "answered {:?} after the task ended",
+        ended.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn file_names_and_metadata_hold_only_what_every_database_stores() {
     let s = service_custom(Arc::new(NoopNotifier), PipelineConfig::default(), false);

@@ -70,7 +70,7 @@ pub use pipeline::{
 };
 pub use preprocess::{ImageError, Transform};
 pub use queue::{Delivery, Queue, QueueError};
-pub use results::{ResultStore, ResultsError, StateCounts, TaskQuery};
+pub use results::{FinalTasks, ResultStore, ResultsError, StateCounts, TaskQuery};
 pub use storage::{Storage, StorageError};
 pub use task::{
     Job, Prediction, StageTimings, TaskId, TaskRecord, TaskResult, TaskState, TaskStatus,

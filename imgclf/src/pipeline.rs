@@ -4,12 +4,13 @@
 //! it loads no model; an `imgclf-worker` holds a `Worker`; the embedded default ([`Pipeline`])
 //! holds both over the same ports, metrics and CPU slots.
 
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::{Map, Value};
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -18,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::notify::{Notifier, NotifyError};
 use crate::preprocess::{self, ImageError};
 use crate::queue::{Delivery, Queue};
-use crate::results::{ResultStore, ResultsError};
+use crate::results::{FinalTasks, ResultStore, ResultsError};
 use crate::storage::{Storage, StorageError};
 use crate::task::{
     now_ms, Prediction, StageTimings, TaskId, TaskRecord, TaskResult, TaskState, WebhookDelivery,
@@ -131,6 +132,9 @@ struct Waiters {
     /// that wakes its waiters: then they read the store again only now and then, in case a
     /// wake was missed. (Without a worker here, nothing finishes the tasks to wait for.)
     all_finish_here: bool,
+    /// Whether the result store tells of every task that becomes final, wherever it ends
+    /// ([`ResultStore::final_tasks`]): then, too, waiters read it again only now and then.
+    told_of_final_tasks: std::sync::atomic::AtomicBool,
 }
 
 /// One waiter's registration; dropping it forgets the task once no one else waits for it.
@@ -160,6 +164,37 @@ impl Waiters {
     fn wake(&self, id: TaskId) {
         if let Some(notify) = self.map().get(&id) {
             notify.notify_waiters();
+        }
+    }
+
+    fn wake_all(&self) {
+        self.map()
+            .values()
+            .for_each(|notify| notify.notify_waiters());
+    }
+
+    /// Whether each waiter is woken when its task ends.
+    fn woken_at_the_end(&self) -> bool {
+        self.all_finish_here || self.told_of_final_tasks.load(Ordering::Relaxed)
+    }
+
+    /// Wakes the waiters of each task the result store tells of, while `waiters` lives.
+    async fn wake_on_final_tasks(waiters: Weak<Self>, mut told: mpsc::Receiver<FinalTasks>) {
+        while let Some(told) = told.recv().await {
+            let Some(waiters) = waiters.upgrade() else {
+                return;
+            };
+            match told {
+                FinalTasks::Final(id) => waiters.wake(id),
+                FinalTasks::Listening | FinalTasks::NotListening => {
+                    let listening = told == FinalTasks::Listening;
+                    waiters
+                        .told_of_final_tasks
+                        .store(listening, Ordering::Relaxed);
+                    // What ended untold is read now.
+                    waiters.wake_all();
+                }
+            }
         }
     }
 }
@@ -194,6 +229,7 @@ impl Shared {
         let waiters = Arc::new(Waiters {
             map: Default::default(),
             all_finish_here: ports.queue.is_local(),
+            told_of_final_tasks: Default::default(),
         });
         Self {
             cpu_slots: Arc::new(Semaphore::new(config.preprocess_threads.max(1))),
@@ -336,6 +372,13 @@ impl Submitter {
     }
 
     fn with(shared: Shared) -> Self {
+        let waiters = &shared.waiters;
+        if !waiters.all_finish_here {
+            if let Some(told) = shared.ports.results.final_tasks() {
+                let waiters = Arc::downgrade(waiters);
+                tokio::spawn(Waiters::wake_on_final_tasks(waiters, told));
+            }
+        }
         Self {
             shared,
             depth: std::sync::Mutex::new(None),
@@ -499,20 +542,18 @@ impl Submitter {
     }
 
     /// The task's record as soon as it is final, or as it stands when `timeout` ends; `None`
-    /// for an unknown id. A worker in this process wakes the wait at once; unless every task
-    /// ends in this process (the embedded service), the result store is also read at short
-    /// intervals (growing to 50 ms, so an answer comes within 50 ms of the task's end).
+    /// for an unknown id. A worker in this process, or the result store's word that the task
+    /// ended ([`ResultStore::final_tasks`]), wakes the wait at once, and the store is read
+    /// again each second in case a wake was missed. Without either (a store that cannot tell,
+    /// tasks finished elsewhere), the store is read at short intervals (growing to 50 ms, so an
+    /// answer comes within 50 ms of the task's end).
     pub async fn wait(
         &self,
         id: TaskId,
         timeout: Duration,
     ) -> Result<Option<TaskRecord>, ResultsError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let (mut interval, longest) = if self.shared.waiters.all_finish_here {
-            (Duration::from_secs(1), Duration::from_secs(1))
-        } else {
-            (Duration::from_millis(20), Duration::from_millis(50))
-        };
+        let mut interval = Duration::from_millis(20);
         loop {
             // Registered before the read, so a completion between the two is not missed.
             let watch = self.shared.waiters.watch(id);
@@ -524,12 +565,16 @@ impl Submitter {
                 Some(r) if !r.state.is_final() && tokio::time::Instant::now() < deadline => {}
                 _ => return Ok(record),
             }
+            let next_read = match self.shared.waiters.woken_at_the_end() {
+                true => Duration::from_secs(1),
+                false => interval,
+            };
             tokio::select! {
                 _ = finished => {}
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep(next_read) => {}
                 _ = tokio::time::sleep_until(deadline) => {}
             }
-            interval = (interval * 2).min(longest);
+            interval = (interval * 2).min(Duration::from_millis(50));
         }
     }
 

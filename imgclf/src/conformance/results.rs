@@ -1,6 +1,6 @@
 use serde_json::Map;
 
-use crate::results::{ResultStore, ResultsError, TaskQuery};
+use crate::results::{FinalTasks, ResultStore, ResultsError, TaskQuery};
 use crate::task::{
     now_ms, Prediction, TaskId, TaskRecord, TaskResult, TaskState, WebhookDelivery, WebhookState,
 };
@@ -21,6 +21,7 @@ pub async fn run(store: &dyn ResultStore) {
     listing_pages_newest_first(store).await;
     expired_tasks_are_deleted_once(store).await;
     expired_images_are_claimed_once(store).await;
+    final_tasks_are_told(store).await;
     store
         .check()
         .await
@@ -810,5 +811,38 @@ async fn expired_images_are_claimed_once(store: &dyn ResultStore) {
             "the record stays as it was"
         );
         store.delete(r.task_id).await.expect("delete");
+    }
+}
+
+/// A store that tells of final tasks tells of each as it ends, completed or failed, and not of
+/// one that has only started.
+async fn final_tasks_are_told(store: &dyn ResultStore) {
+    let Some(mut told) = store.final_tasks() else {
+        return;
+    };
+    let mut next = async || {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(10), told.recv()).await;
+        next.expect("told within 10 s").expect("still telling")
+    };
+    assert_eq!(next().await, FinalTasks::Listening, "listening, first");
+    let (done, failed, open) = (record(), record(), record());
+    for r in [&done, &failed, &open] {
+        store.create(r).await.expect("create");
+        store.start(r.task_id).await.expect("start");
+    }
+    assert!(store
+        .complete(done.task_id, &result(done.task_id, "tabby"))
+        .await
+        .unwrap());
+    assert!(store.fail(failed.task_id, "broken").await.unwrap());
+    let mut ended = std::collections::HashSet::new();
+    while !(ended.contains(&done.task_id) && ended.contains(&failed.task_id)) {
+        match next().await {
+            FinalTasks::Final(id) => {
+                assert_ne!(id, open.task_id, "a started task is not final");
+                ended.insert(id);
+            }
+            other => panic!("told {other:?} while listening"),
+        }
     }
 }

@@ -199,6 +199,25 @@ pub trait ResultStore: Send + Sync + 'static {
 
     /// Whether the backend is reachable (for readiness).
     async fn check(&self) -> Result<(), ResultsError>;
+
+    /// Tells of tasks as they become final, whichever process finished them, where the store
+    /// can (PostgreSQL's `LISTEN`/`NOTIFY`), so that waiters need not read the store at short
+    /// intervals; `None` where it cannot.
+    fn final_tasks(&self) -> Option<tokio::sync::mpsc::Receiver<FinalTasks>> {
+        None
+    }
+}
+
+/// What [`ResultStore::final_tasks`] tells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinalTasks {
+    /// Every task that becomes final from now on will be told; any may have ended untold
+    /// before.
+    Listening,
+    /// This task became final.
+    Final(TaskId),
+    /// Nothing is told until the next [`FinalTasks::Listening`] (the connection was lost).
+    NotListening,
 }
 
 /// A page of [`ResultStore::list`].

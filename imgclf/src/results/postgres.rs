@@ -5,13 +5,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::future::BoxFuture;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::Connection;
 use sqlx::Row;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::{ResultStore, ResultsError, StateCounts, TaskQuery};
+use super::{FinalTasks, ResultStore, ResultsError, StateCounts, TaskQuery};
 use crate::task::{now_ms, TaskId, TaskRecord, TaskResult, TaskState, WebhookDelivery};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -29,6 +29,8 @@ const COLUMNS: &str = "task_id, state, object_key, metadata, callback_url, resul
 /// statement and per transaction, which is most of its work per task.
 pub struct PostgresResults {
     pool: PgPool,
+    /// For the connections that listen for final tasks.
+    options: PgConnectOptions,
     creates: Grouped<TaskRecord, ()>,
     /// On connections of their own with `synchronous_commit = off` (a commit returns before
     /// the server flushes its log, which it does within a fraction of a second): a start needs
@@ -48,7 +50,7 @@ impl PostgresResults {
             .map_err(backend)?;
         MIGRATOR.run(&pool).await.map_err(ResultsError::permanent)?;
         let relaxed = pool_options(4)
-            .connect_with(options.options([("synchronous_commit", "off")]))
+            .connect_with(options.clone().options([("synchronous_commit", "off")]))
             .await
             .map_err(backend)?;
         let creates = {
@@ -65,10 +67,63 @@ impl PostgresResults {
         };
         Ok(Self {
             pool,
+            options,
             creates,
             starts,
             completes,
         })
+    }
+}
+
+/// The channel that the `tasks_final` trigger notifies with the id of each task that becomes
+/// final (migration 0006).
+const FINAL_CHANNEL: &str = "imgclf_task_final";
+
+/// Listens for final tasks on a connection of its own, telling `told` of each, until `told`'s
+/// receiver goes; after a failure, connects again a second later.
+async fn tell_final_tasks(options: PgConnectOptions, told: mpsc::Sender<FinalTasks>) {
+    loop {
+        let listened = tokio::select! {
+            listened = listen_for_final_tasks(&options, &told) => listened,
+            _ = told.closed() => return,
+        };
+        if let Err(error) = listened {
+            tracing::warn!(%error, "not listening for final tasks; waits read the store at short intervals");
+        }
+        if told.send(FinalTasks::NotListening).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Returns only with the connection's error, or when `told`'s receiver has gone.
+async fn listen_for_final_tasks(
+    options: &PgConnectOptions,
+    told: &mpsc::Sender<FinalTasks>,
+) -> Result<(), sqlx::Error> {
+    // The listener reconnects through a pool: this one holds its connection and nothing else.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .connect_with(options.clone())
+        .await?;
+    let mut listener = PgListener::connect_with(&pool).await?;
+    listener.listen(FINAL_CHANNEL).await?;
+    loop {
+        // Now, and after each reconnection: what ended before may have gone untold.
+        if told.send(FinalTasks::Listening).await.is_err() {
+            return Ok(());
+        }
+        // `None`: the connection was lost and is back, listening again.
+        while let Some(notification) = listener.try_recv().await? {
+            if let Ok(id) = notification.payload().parse() {
+                if told.send(FinalTasks::Final(id)).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
     }
 }
 
@@ -849,5 +904,13 @@ impl ResultStore for PostgresResults {
             .await
             .map_err(backend)?;
         Ok(())
+    }
+
+    /// Each call listens on a connection of its own, which closes when the receiver goes.
+    fn final_tasks(&self) -> Option<mpsc::Receiver<FinalTasks>> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let (told, receiver) = mpsc::channel(1024);
+        runtime.spawn(tell_final_tasks(self.options.clone(), told));
+        Some(receiver)
     }
 }

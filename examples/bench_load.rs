@@ -7,7 +7,8 @@
 //! cargo run --release --example bench_load -- URL TASKS CLIENTS PHOTO...
 //!
 //! With one client each upload waits for its result before the next (`?wait=`): the latency
-//! of a photo alone. With more, clients upload back to back and results are awaited at the end.
+//! of a photo alone, also as the client sees it (`seen_p50_ms`: from sending the upload to
+//! having the result). With more, clients upload back to back and results are awaited at the end.
 //! `records_images_per_s` is the throughput that the records' own timestamps give, from the
 //! first acceptance to the last result: the service's, without this program's polling.
 //! `IMGCLF_BENCH_LOAD_THREADS` (2) sets this program's threads, for machines of many cores.
@@ -63,8 +64,11 @@ async fn run(
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut uploaders = tokio::task::JoinSet::new();
+    // One client's latency as it sees it: from sending the upload to having the result.
+    let seen_ms = Arc::new(std::sync::Mutex::new(Vec::new()));
     for _ in 0..clients {
         let (http, url, next, photos) = (http.clone(), url.clone(), next.clone(), photos.clone());
+        let seen_ms = seen_ms.clone();
         uploaders.spawn(async move {
             let mut mine = Vec::new();
             loop {
@@ -73,9 +77,14 @@ async fn run(
                     return anyhow::Ok(mine);
                 }
                 let (name, bytes) = &photos[i % photos.len()];
+                let sent = Instant::now();
                 let id = upload(&http, &url, name, bytes.clone()).await?;
                 if clients == 1 {
                     wait_final(&http, &url, &id).await?;
+                    seen_ms
+                        .lock()
+                        .unwrap()
+                        .push(sent.elapsed().as_secs_f64() * 1e3);
                 }
                 mine.push((name.clone(), id));
             }
@@ -97,9 +106,15 @@ async fn run(
         last_final = last_final.max(ms("updated_at_ms"));
     }
     let total = started.elapsed().as_secs_f64();
-    let mut sorted: Vec<f64> = latencies.iter().map(|(_, ms)| *ms).collect();
-    sorted.sort_by(f64::total_cmp);
-    let pct = |p: f64| sorted[((sorted.len() - 1) as f64 * p).round() as usize];
+    let pct = |values: &[f64], p: f64| {
+        let mut sorted = values.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        sorted
+            .get(((sorted.len().max(1) - 1) as f64 * p).round() as usize)
+            .copied()
+    };
+    let recorded: Vec<f64> = latencies.iter().map(|(_, ms)| *ms).collect();
+    let seen_ms = seen_ms.lock().unwrap().clone();
     let mut per_photo = serde_json::Map::new();
     for (name, ms) in latencies {
         per_photo
@@ -117,8 +132,10 @@ async fn run(
             "images_per_s": tasks as f64 / total,
             "records_images_per_s": tasks as f64 * 1e3 / (last_final - first_accepted),
             "upload_s": uploaded.as_secs_f64(),
-            "p50_ms": pct(0.5),
-            "p95_ms": pct(0.95),
+            "p50_ms": pct(&recorded, 0.5),
+            "p95_ms": pct(&recorded, 0.95),
+            "seen_p50_ms": pct(&seen_ms, 0.5),
+            "seen_p95_ms": pct(&seen_ms, 0.95),
             "latency_ms_by_photo": per_photo,
         })
     );

@@ -417,6 +417,9 @@ def main():
                             IMGCLF_S3_SECRET_KEY="testtest")
             r = run("distributed (ort, AMQP, PG, s3s-fs)", distributed_env(), 1, a.tasks, a.clients)
             verdict(f"{model}: distributed / bound", r["ratio_to_bound"], TARGETS["distributed"])
+            r = run("distributed, one client", distributed_env(), 1, 3 * len(photos), 1)
+            print(f"  distributed, one client: p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms (the records); "
+                  f"as the client sees it, upload to result: p50 {r['seen_p50_ms']:.1f} ms, p95 {r['seen_p95_ms']:.1f} ms", flush=True)
         if not a.skip_tract:
             run("embedded (tract)", {"IMGCLF_CLASSIFIER": "tract"}, 0, a.tasks, a.clients)
 
@@ -425,7 +428,8 @@ def main():
         t_inf1 = raw[1]["ms_per_image"] if 1 in raw else t_inf
         excess = {name: statistics.median(ms) - (pre_by_photo[name] + t_inf1) for name, ms in r["latency_ms_by_photo"].items()}
         r["excess_ms_by_photo"] = excess
-        print(f"  one client: p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms; above t_pre + t_inf (batch 1: "
+        print(f"  one client: p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms (the records; as the client sees it, "
+              f"upload to result: p50 {r['seen_p50_ms']:.1f} ms, p95 {r['seen_p95_ms']:.1f} ms); above t_pre + t_inf (batch 1: "
               f"{t_inf1:.2f} ms): median {statistics.median(excess.values()):+.2f} ms, worst {max(excess.values()):+.2f} ms "
               f"({max(excess, key=excess.get)})", flush=True)
         verdict(f"{model}: latency above t_pre + t_inf, worst photo", max(excess.values()), TARGETS["latency_excess_ms"], False, " ms")

@@ -1603,6 +1603,51 @@ mod tests {
         }
     }
 
+    /// The store's word wakes the waiters it names, and whether it listens sets how often
+    /// waits read the store: each second while it does, at short intervals while it does not.
+    #[tokio::test]
+    async fn waiters_follow_the_word_of_final_tasks() {
+        let waiters = Arc::new(Waiters {
+            map: Default::default(),
+            all_finish_here: false,
+            told_of_final_tasks: Default::default(),
+        });
+        let (tell, told) = mpsc::channel(8);
+        tokio::spawn(Waiters::wake_on_final_tasks(Arc::downgrade(&waiters), told));
+        let (ended, running) = (TaskId::new(), TaskId::new());
+        let (ended_watch, running_watch) = (waiters.watch(ended), waiters.watch(running));
+        let woken = |watch: &Watch<'_>| {
+            let notify = watch.notify.clone();
+            tokio::spawn(async move { notify.notified().await })
+        };
+        let within = |task| tokio::time::timeout(Duration::from_secs(5), task);
+        assert!(
+            !waiters.woken_at_the_end(),
+            "short reads until the store listens"
+        );
+
+        // Listening: every waiter reads again (what ended untold), then waits long.
+        let (a, b) = (woken(&ended_watch), woken(&running_watch));
+        tokio::task::yield_now().await;
+        tell.send(FinalTasks::Listening).await.unwrap();
+        within(a).await.expect("woken").unwrap();
+        within(b).await.expect("woken").unwrap();
+        assert!(waiters.woken_at_the_end());
+
+        // A final task wakes its own waiters only.
+        let (a, b) = (woken(&ended_watch), woken(&running_watch));
+        tokio::task::yield_now().await;
+        tell.send(FinalTasks::Final(ended)).await.unwrap();
+        within(a).await.expect("woken").unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!b.is_finished(), "a task still running wakes no one");
+
+        // Not listening: every waiter reads again, then at short intervals.
+        tell.send(FinalTasks::NotListening).await.unwrap();
+        within(b).await.expect("woken").unwrap();
+        assert!(!waiters.woken_at_the_end());
+    }
+
     /// A worker whose stop sender is dropped stops (and does not spin on the closed channel).
     #[cfg(feature = "tract")]
     #[tokio::test]

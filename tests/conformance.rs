@@ -54,10 +54,24 @@ async fn results_sqlite() {
         .expect("creates the database and migrates");
     conformance::results::run(&store).await;
     drop(store);
-    // Migrations are idempotent: reopening the same file works.
+    // Migrations are idempotent: reopening the same file works, and so it does after a newer
+    // version has added a migration of its own (a rollback).
     let store = SqliteResults::connect(&url).await.expect("reopens");
     imgclf::ResultStore::check(&store).await.unwrap();
+    drop(store);
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::query(NEWER_MIGRATION).execute(&pool).await.unwrap();
+    pool.close().await;
+    let store = SqliteResults::connect(&url)
+        .await
+        .expect("opens after a newer version's migration");
+    imgclf::ResultStore::check(&store).await.unwrap();
 }
+
+/// What a newer version's migration leaves in sqlx's table.
+const NEWER_MIGRATION: &str = "INSERT INTO _sqlx_migrations \
+     (version, description, success, checksum, execution_time) \
+     VALUES (99999999999999, 'a newer version', true, x'00', 0)";
 
 // The real services: PostgreSQL, Redis, RabbitMQ and an S3 server, each from an environment
 // variable that `.ci/run` sets.
@@ -134,6 +148,14 @@ async fn results_postgres() {
     let store = imgclf::results::PostgresResults::connect(&url)
         .await
         .expect("migrations are idempotent");
+    imgclf::ResultStore::check(&store).await.unwrap();
+    // A newer version's migration (in a rolling update, or before a rollback) does not stop
+    // this version from starting.
+    let newer = NEWER_MIGRATION.replace("x'00'", "'\\x00'::bytea");
+    sqlx::query(&newer).execute(&pool).await.unwrap();
+    let store = imgclf::results::PostgresResults::connect(&url)
+        .await
+        .expect("starts after a newer version's migration");
     imgclf::ResultStore::check(&store).await.unwrap();
 }
 

@@ -14,8 +14,6 @@ use uuid::Uuid;
 use super::{FinalTasks, ResultStore, ResultsError, StateCounts, TaskQuery};
 use crate::task::{now_ms, TaskId, TaskRecord, TaskResult, TaskState, WebhookDelivery};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
-
 const COLUMNS: &str = "task_id, state, object_key, metadata, callback_url, result, error, \
                        attempts, created_at_ms, updated_at_ms, webhook";
 
@@ -48,7 +46,11 @@ impl PostgresResults {
             .connect_with(options.clone())
             .await
             .map_err(backend)?;
-        MIGRATOR.run(&pool).await.map_err(ResultsError::permanent)?;
+        let mut migrator = sqlx::migrate!("./migrations/postgres");
+        // A newer version's migrations (every one adds only) do not stop this one: a rolling
+        // update's old processes still start, and so does a rollback.
+        migrator.set_ignore_missing(true);
+        migrator.run(&pool).await.map_err(ResultsError::permanent)?;
         let relaxed = pool_options(4)
             .connect_with(options.clone().options([("synchronous_commit", "off")]))
             .await

@@ -11,8 +11,6 @@ use tokio::sync::{mpsc, oneshot};
 use super::{ResultStore, ResultsError, StateCounts, TaskQuery};
 use crate::task::{now_ms, TaskId, TaskRecord, TaskResult, TaskState, WebhookDelivery};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
-
 const COLUMNS: &str = "task_id, state, object_key, metadata, callback_url, result, error, \
                        attempts, created_at_ms, updated_at_ms, webhook";
 
@@ -99,7 +97,11 @@ impl SqliteResults {
             .connect_with(options)
             .await
             .map_err(sqlx_backend)?;
-        MIGRATOR
+        let mut migrator = sqlx::migrate!("./migrations/sqlite");
+        // A newer version's migrations (every one adds only) do not stop this one: a rollback
+        // still starts.
+        migrator.set_ignore_missing(true);
+        migrator
             .run(&reads)
             .await
             .map_err(ResultsError::permanent)?;

@@ -178,16 +178,25 @@ impl Waiters {
         self.all_finish_here || self.told_of_final_tasks.load(Ordering::Relaxed)
     }
 
-    /// Wakes the waiters of each task the result store tells of, while `waiters` lives.
+    /// Wakes the waiters of each task the result store tells of, while `waiters` lives (its
+    /// end, seen within a second, drops `told` and so the store's listening connection).
     async fn wake_on_final_tasks(waiters: Weak<Self>, mut told: mpsc::Receiver<FinalTasks>) {
-        while let Some(told) = told.recv().await {
-            let Some(waiters) = waiters.upgrade() else {
+        let mut check = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let word = tokio::select! {
+                word = told.recv() => word,
+                _ = check.tick() => match waiters.strong_count() {
+                    0 => return,
+                    _ => continue,
+                },
+            };
+            let (Some(word), Some(waiters)) = (word, waiters.upgrade()) else {
                 return;
             };
-            match told {
+            match word {
                 FinalTasks::Final(id) => waiters.wake(id),
                 FinalTasks::Listening | FinalTasks::NotListening => {
-                    let listening = told == FinalTasks::Listening;
+                    let listening = word == FinalTasks::Listening;
                     waiters
                         .told_of_final_tasks
                         .store(listening, Ordering::Relaxed);
@@ -1646,6 +1655,13 @@ mod tests {
         tell.send(FinalTasks::NotListening).await.unwrap();
         within(b).await.expect("woken").unwrap();
         assert!(!waiters.woken_at_the_end());
+
+        // Gone (the submitter dropped): the store is let go, though it tells nothing more.
+        drop(ended_watch);
+        drop(running_watch);
+        drop(waiters);
+        let let_go = tokio::time::timeout(Duration::from_secs(5), tell.closed()).await;
+        let_go.expect("let go within a second");
     }
 
     /// A worker whose stop sender is dropped stops (and does not spin on the closed channel).

@@ -131,9 +131,7 @@ async fn the_webhook_receives_the_final_status_signed_and_retried() {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, hook).await.unwrap() });
+    let url = format!("{}/hook", serve_locally(hook).await);
 
     let secret = "test-signing-secret";
     let s = service_with(signed_webhooks(secret, "127.0.0.0/8"));
@@ -248,9 +246,7 @@ async fn an_attempt_that_outlives_its_lease_records_nothing() {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, hook).await.unwrap() });
+    let url = format!("{}/hook", serve_locally(hook).await);
 
     let config = PipelineConfig {
         callback_lease: Duration::from_secs(1),

@@ -80,10 +80,7 @@ async fn image_server() -> String {
             "/redirect.jpg",
             get(|| async { Redirect::temporary("http://169.254.169.254/latest/meta-data/") }),
         );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    base
+    serve_locally(app).await
 }
 
 fn url_upload(url: &str) -> Request<Body> {

@@ -169,3 +169,11 @@ pub async fn wait_final(app: &Router, task_id: &str) -> Value {
 pub fn top1(name: &str) -> String {
     reference("efficientnet-lite0")[name][0].label.clone()
 }
+
+/// Serves `app` on a free port of 127.0.0.1 for the rest of the test; returns its base URL.
+pub async fn serve_locally(app: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    base
+}

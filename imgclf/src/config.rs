@@ -209,7 +209,7 @@ pub struct Settings {
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_MODEL"))]
     pub model: Option<PathBuf>,
     /// Most images per inference batch [default: measured at start: the smallest of 1, 2, 4
-    /// and 8 whose time per image is within 3% of the best].
+    /// and 8 whose time per image is within 1% of the best].
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_MAX_BATCH"))]
     pub max_batch: Option<usize>,
     /// Most decoded pixels per image (stops decompression bombs).

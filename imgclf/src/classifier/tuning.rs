@@ -2,12 +2,14 @@
 //! size (`IMGCLF_MAX_BATCH`) and the number of model instances (`IMGCLF_INFERENCE_THREADS`).
 //! One log line gives the choice and the figures behind it.
 //!
-//! The batch is the smallest of [`BATCHES`] whose time per image is within 3% of the best: a
+//! The batch is the smallest of [`BATCHES`] whose time per image is within 1% of the best: a
 //! larger batch costs memory (the runtime's buffers grow with it) and latency for nothing. The
 //! sizes are timed in turns, round after round, and each keeps its fastest round, so a drift
 //! of the machine's speed while timing (other processes, frequency) touches every size alike
-//! and the choice does not follow noise; a wider margin threw away real gains (5.5% on
-//! ResNet18 at batch 8 on an AMD EPYC of the Zen 5 class).
+//! and the choice does not follow noise. Wider margins threw away real gains: 5.5% on
+//! ResNet18 at batch 8 on an AMD EPYC of the Zen 5 class, and, with 3%, 2.8% of throughput
+//! under load on Lite0 at batch 2 on one of the Zen 4 class (timed 2.3% faster at start; the
+//! service's own work per batch is shared by its images too).
 //!
 //! On the CPU there is one instance per core, and each decodes, preprocesses and classifies
 //! its own images (see [`super::ClassifierHandle::spawn_preprocessing`]): every core does both
@@ -34,7 +36,7 @@ use crate::model::ModelSpec;
 const ROUNDS: usize = 3;
 
 /// How much slower per image than the best a smaller batch may be and still be chosen.
-const MARGIN: f64 = 0.03;
+const MARGIN: f64 = 0.01;
 
 /// Batch sizes tried at start when none is set.
 pub const BATCHES: [usize; 4] = [1, 2, 4, 8];
@@ -123,7 +125,7 @@ pub fn choose(
     })
 }
 
-/// The smallest batch whose time per image is within 3% of the best of `timed`.
+/// The smallest batch whose time per image is within 1% of the best of `timed`.
 pub fn best_batch(timed: &[(usize, Duration)]) -> usize {
     let best = timed.iter().map(|(_, t)| *t).min().unwrap_or_default();
     timed
@@ -295,20 +297,26 @@ mod tests {
 
     #[test]
     fn the_batch_is_the_smallest_near_the_best() {
-        // Batching barely helps (ort, EfficientNet-Lite0, AMD EPYC): batch 1.
-        let flat = [(1, ms(9.8)), (2, ms(9.7)), (4, ms(9.9)), (8, ms(10.2))];
+        // Batching barely helps: batch 1.
+        let flat = [(1, ms(7.59)), (2, ms(7.61)), (4, ms(7.55)), (8, ms(7.8))];
         assert_eq!(best_batch(&flat), 1);
+        // Batch 2 saves 2.3% (ort, EfficientNet-Lite0, AMD EPYC of the Zen 4 class): 2.
+        let zen4 = [(1, ms(8.8)), (2, ms(8.6)), (4, ms(9.0)), (8, ms(9.0))];
+        assert_eq!(best_batch(&zen4), 2);
         // It helps up to 4.
-        let helps = [(1, ms(12.0)), (2, ms(10.5)), (4, ms(8.9)), (8, ms(8.7))];
+        let helps = [(1, ms(12.0)), (2, ms(10.5)), (4, ms(8.9)), (8, ms(8.85))];
         assert_eq!(best_batch(&helps), 4);
-        // ResNet18 on an AMD EPYC (Zen 5): batch 4 within 3% of batch 8, batch 1 not.
+        // ResNet18 on an AMD EPYC (Zen 5): batch 8 by 2.5%.
         let zen5 = [
             (1, ms(16.35)),
             (2, ms(16.1)),
             (4, ms(15.84)),
             (8, ms(15.45)),
         ];
-        assert_eq!(best_batch(&zen5), 4);
+        assert_eq!(best_batch(&zen5), 8);
+        // Within the margin of the best: the smaller.
+        let near = [(4, ms(15.55)), (8, ms(15.45))];
+        assert_eq!(best_batch(&near), 4);
         // Still helping past 4 by more than the margin: 8.
         let more = [(1, ms(12.0)), (2, ms(10.5)), (4, ms(9.0)), (8, ms(8.7))];
         assert_eq!(best_batch(&more), 8);

@@ -1326,7 +1326,8 @@ async fn a_wait_ends_when_another_process_finishes_the_task() {
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     let listening = async || {
         let listeners: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN \"imgclf_task_final\"'",
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND query = 'LISTEN \"imgclf_task_final\"'",
         )
         .fetch_one(&pool)
         .await

@@ -3,7 +3,7 @@
 //! the whole image, for every shared photo and for re-encodings that cover the chroma
 //! subsamplings, progressive scans, odd sizes and every EXIF orientation.
 
-use imgclf::preprocess::{decode_rgb8, Transform};
+use imgclf::preprocess::{decode_rgb8, validate_keeping, Transform};
 use imgclf_suite::{encode_jpeg, image, reference, with_exif_orientation};
 
 /// Every shared JPEG the reference results cover.
@@ -112,6 +112,7 @@ fn a_progressive_jpeg_decodes_as_libjpeg_alone_decodes_it_image_after_image() {
 /// Every other format and pixel layout goes from bytes to tensor through the thread's reused
 /// buffers (8-bit grey, grey + alpha, RGB, RGBA) or through the whole decode (16-bit): either
 /// way the tensor is the one the `image` crate's own decoding to RGB gives, image after image.
+/// So is the tensor of the crop that an upload's check keeps for the model.
 #[test]
 fn every_format_and_layout_gives_the_tensor_of_its_decoded_image() {
     use image::{DynamicImage, ImageFormat};
@@ -150,6 +151,14 @@ fn every_format_and_layout_gives_the_tensor_of_its_decoded_image() {
             let whole = transform.tensor_from_rgb(&rgb);
             let direct = transform.tensor_from_bytes(bytes, u64::MAX).expect(what);
             assert!(whole == direct, "round {round}, {what}: tensors differ");
+            let (_, crop) = validate_keeping(bytes, u64::MAX, &transform).expect(what);
+            let crop = crop.unwrap_or_else(|| panic!("{what}: its check decodes it"));
+            assert_eq!(crop.byte_len(), 224 * 224 * 3, "{what}");
+            let kept = transform.tensor_from_crop(&crop);
+            assert!(
+                whole == kept,
+                "round {round}, {what}: the kept crop's tensor differs"
+            );
         }
     }
 }

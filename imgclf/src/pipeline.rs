@@ -17,7 +17,7 @@ use tracing::Instrument;
 use crate::classifier::{ClassifierHandle, ClassifyError, ClassifyImageError, Queued};
 use crate::metrics::Metrics;
 use crate::notify::{Notifier, NotifyError};
-use crate::preprocess::{self, ImageError};
+use crate::preprocess::{self, Crop, ImageError, Transform};
 use crate::queue::{Delivery, Queue};
 use crate::results::{FinalTasks, ResultStore, ResultsError};
 use crate::storage::{Storage, StorageError};
@@ -443,7 +443,7 @@ impl Submitter {
             }
         }
         self.admit().await?;
-        let (info, decoded) = self.validate(upload.bytes.clone()).await?;
+        let (info, crop) = self.validate(upload.bytes.clone()).await?;
         if let Some(url) = &upload.callback_url {
             notifier.check_url(url).await?;
             if !notifier.enabled() {
@@ -461,8 +461,8 @@ impl Submitter {
         // With the model idle here, classifying starts now, beside the writes below; the
         // worker takes the answer (or else the bytes) with the job. Any return before the job
         // is queued cancels it.
-        let head_start = (self.shared.head_starts.as_ref())
-            .and_then(|s| s.start(task_id, &upload.bytes, decoded));
+        let head_start =
+            (self.shared.head_starts.as_ref()).and_then(|s| s.start(task_id, &upload.bytes, crop));
 
         // Both writes at once: each waits on its own disk flush. Nothing is queued until both
         // hold, so no worker sees a record without its image.
@@ -591,11 +591,11 @@ impl Submitter {
     /// stored: the headers first, here (cheap, stops decompression bombs, and all that an RGB
     /// JPEG needs), then a full decode on the bounded pool, so a truncated or corrupt file is
     /// a 4xx now rather than a FAILURE later. Where this process's model takes the upload
-    /// (embedded), an image that had to be decoded to be checked is kept for it.
+    /// (embedded), an image that had to be decoded to be checked is kept for it, cropped.
     async fn validate(
         &self,
         bytes: Bytes,
-    ) -> Result<(preprocess::ImageInfo, Option<image::RgbImage>), ImageError> {
+    ) -> Result<(preprocess::ImageInfo, Option<Crop>), ImageError> {
         let max_pixels = self.shared.config.max_pixels;
         // A progressive JPEG's scans are counted in its bytes: past this size, on the pool.
         const INLINE_BYTES: usize = 4 << 20;
@@ -606,14 +606,11 @@ impl Submitter {
         } else {
             preprocess::inspect(&bytes, max_pixels)?; // the cheap refusals before a pool slot
         }
-        let keep = (self.shared.head_starts.as_ref()).is_some_and(|s| s.takes_decoded());
+        let keep_for = (self.shared.head_starts.as_ref()).and_then(|s| s.takes_crops());
         self.shared
-            .on_cpu(move || {
-                if keep {
-                    preprocess::validate_keeping(&bytes, max_pixels)
-                } else {
-                    preprocess::validate(&bytes, max_pixels).map(|info| (info, None))
-                }
+            .on_cpu(move || match keep_for {
+                Some(transform) => preprocess::validate_keeping(&bytes, max_pixels, &transform),
+                None => preprocess::validate(&bytes, max_pixels).map(|info| (info, None)),
             })
             .await
     }
@@ -1089,8 +1086,8 @@ impl Worker {
                     return Image::Queued(queued, started)
                 }
                 Some(HeadStarted::Held(bytes)) => return Image::Fetched(Ok(bytes), 0.0),
-                Some(HeadStarted::Decoded(rgb)) => {
-                    return Image::Queued(self.classifier.queue_decoded(rgb), Instant::now())
+                Some(HeadStarted::Cropped(crop)) => {
+                    return Image::Queued(self.classifier.queue_cropped(crop), Instant::now())
                 }
                 None => {}
             }
@@ -1449,9 +1446,9 @@ const MAX_HELD_BYTES: usize = 32 << 20;
 /// an instance of the model idle queues its image at once, beside the disk flushes that make it
 /// durable, and the worker takes the answer with the job: under light load, an image's latency
 /// loses those flushes. Under load no instance is idle, and the upload holds its bytes instead,
-/// sparing the worker a file read and the buffer it fills, or the image decoded by its check
-/// (a PNG, say), sparing the model a second decode. Only the worker writes the result,
-/// after it has recorded the start, so every guarantee holds as without it.
+/// sparing the worker a file read and the buffer it fills, or the crop of the image decoded by
+/// its check (a PNG, say), sparing the model a second decode. Only the worker writes the
+/// result, after it has recorded the start, so every guarantee holds as without it.
 struct HeadStarts {
     classifier: ClassifierHandle,
     max_pixels: u64,
@@ -1473,8 +1470,8 @@ enum HeadStarted {
     Classifying(Queued, Instant),
     /// Its image's bytes.
     Held(Bytes),
-    /// Its image, decoded by the upload's check.
-    Decoded(image::RgbImage),
+    /// Its image, decoded by the upload's check, resized and cropped for the model.
+    Cropped(Crop),
 }
 
 /// A head start for an upload not yet accepted: cancelled when dropped before [`Self::keep`].
@@ -1499,38 +1496,42 @@ impl HeadStarts {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Whether the model takes images decoded by the uploads' checks.
-    fn takes_decoded(&self) -> bool {
-        self.classifier.preprocesses()
+    /// The transform of the model, if it takes images cropped by the uploads' checks.
+    fn takes_crops(&self) -> Option<Transform> {
+        (self.classifier.preprocesses()).then(|| self.classifier.spec().transform.clone())
     }
 
-    /// Queues the image for the model if an instance is idle (`decoded` by the upload's check,
+    /// Queues the image for the model if an instance is idle (its `crop` by the upload's check,
     /// else its `bytes`), else holds it if there is room (and the task has no head start yet).
+    /// Held bytes spare a file read, a crop a decode: bytes take at most half the room.
     fn start(
         self: &Arc<Self>,
         task_id: TaskId,
         bytes: &Bytes,
-        decoded: Option<image::RgbImage>,
+        crop: Option<Crop>,
     ) -> Option<HeadStart> {
         let mut early = self.early();
         if early.tasks.contains_key(&task_id) {
             return None;
         }
-        let held = decoded.as_ref().map_or(bytes.len(), |rgb| rgb.len());
+        let (held, room) = match &crop {
+            Some(crop) => (crop.byte_len(), MAX_HELD_BYTES),
+            None => (bytes.len(), MAX_HELD_BYTES / 2),
+        };
         let head_start = if self.classifier.preprocesses()
             && early.started < self.classifier.instances()
             && self.classifier.is_idle()
         {
             early.started += 1;
-            let queued = match decoded {
-                Some(rgb) => self.classifier.queue_decoded(rgb),
+            let queued = match crop {
+                Some(crop) => self.classifier.queue_cropped(crop),
                 None => self.classifier.queue_image(bytes.clone(), self.max_pixels),
             };
             HeadStarted::Classifying(queued, Instant::now())
-        } else if early.held_bytes + held <= MAX_HELD_BYTES {
+        } else if early.held_bytes + held <= room {
             early.held_bytes += held;
-            match decoded {
-                Some(rgb) => HeadStarted::Decoded(rgb),
+            match crop {
+                Some(crop) => HeadStarted::Cropped(crop),
                 None => HeadStarted::Held(bytes.clone()),
             }
         } else {
@@ -1551,7 +1552,7 @@ impl HeadStarts {
         match &taken {
             HeadStarted::Classifying(..) => early.started -= 1,
             HeadStarted::Held(bytes) => early.held_bytes -= bytes.len(),
-            HeadStarted::Decoded(rgb) => early.held_bytes -= rgb.len(),
+            HeadStarted::Cropped(crop) => early.held_bytes -= crop.byte_len(),
         }
         Some(taken)
     }
@@ -1812,7 +1813,8 @@ mod tests {
 
     /// A worker classifies an image its upload held without reading it back: here storage
     /// cannot give it back, and the tasks succeed all the same. A PNG, decoded by the upload's
-    /// check, is held decoded and classified as from its bytes; a JPEG is held as it came.
+    /// check, is held as the model's crop and classified as from its bytes; a JPEG is held as
+    /// it came, while bytes fill less than half the room.
     #[cfg(feature = "tract")]
     #[tokio::test]
     async fn a_held_image_is_not_read_back() {
@@ -1856,10 +1858,23 @@ mod tests {
         assert!(
             matches!(
                 head_starts(&pipeline).tasks.get(&png_id),
-                Some(HeadStarted::Decoded(..))
+                Some(HeadStarted::Cropped(..))
             ),
-            "a PNG is held decoded"
+            "a PNG is held cropped"
         );
+        let crop_len = 224 * 224 * 3;
+        assert_eq!(head_starts(&pipeline).held_bytes, jpeg.len() + crop_len);
+        // Past half the room, a crop is still held (it spares a decode), bytes are not.
+        let starts = pipeline.worker.shared.head_starts.clone().unwrap();
+        head_starts(&pipeline).held_bytes += MAX_HELD_BYTES / 2;
+        let crop =
+            (classifier.spec().transform).crop(&preprocess::decode_rgb8(&png, u64::MAX).unwrap());
+        assert!(starts.start(TaskId::new(), &jpeg, None).is_none());
+        let cropped = starts.start(TaskId::new(), &png, Some(crop));
+        assert!(cropped.is_some());
+        drop(cropped); // not accepted: it lets go of its crop
+        head_starts(&pipeline).held_bytes -= MAX_HELD_BYTES / 2;
+        assert_eq!(head_starts(&pipeline).held_bytes, jpeg.len() + crop_len);
         drop(busy);
 
         let (_stop, stopped) = watch::channel(false);

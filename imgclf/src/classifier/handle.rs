@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 
 use super::{Classifier, ClassifyError};
 use crate::model::ModelSpec;
-use crate::preprocess::{HelperThread, ImageError};
+use crate::preprocess::{Crop, HelperThread, ImageError};
 
 type Reply = oneshot::Sender<Result<Classified, ClassifyImageError>>;
 
@@ -30,8 +30,8 @@ enum Input {
         bytes: Bytes,
         max_pixels: u64,
     },
-    /// An image already decoded (by the upload's check), to resize and normalise.
-    Decoded(image::RgbImage),
+    /// An image already decoded, resized and cropped (by the upload's check), to normalise.
+    Cropped(Crop),
 }
 
 /// An image's logits, and how long its instance took to preprocess it.
@@ -327,10 +327,10 @@ impl ClassifierHandle {
         self.queue(Input::Image { bytes, max_pixels })
     }
 
-    /// Like [`Self::queue_image`], for an image already decoded: its instance only resizes and
-    /// normalises it.
-    pub fn queue_decoded(&self, rgb: image::RgbImage) -> Queued {
-        self.queue(Input::Decoded(rgb))
+    /// Like [`Self::queue_image`], for an image already cropped for this model (by
+    /// [`crate::preprocess::validate_keeping`]): its instance only normalises it.
+    pub fn queue_cropped(&self, crop: Crop) -> Queued {
+        self.queue(Input::Cropped(crop))
     }
 
     /// Whether an image sent now would start at once: an instance waits, and no image does.
@@ -450,7 +450,7 @@ impl Pool {
                 let started = Instant::now();
                 let tensor = match request.input {
                     Input::Tensor(tensor) => Ok(tensor),
-                    Input::Decoded(rgb) => Ok(transform.tensor_from_rgb(&rgb)),
+                    Input::Cropped(crop) => Ok(transform.tensor_from_crop(&crop)),
                     Input::Image { bytes, max_pixels } => {
                         let helper_thread = match &self.helper_thread {
                             Some(thread) if alone => thread.try_lock().ok(),

@@ -201,14 +201,33 @@ pub fn validate(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, ImageError> 
     check(bytes, max_pixels, false).map(|(info, _)| info)
 }
 
-/// [`validate`], keeping the decoded image where checking one means decoding it (every format
-/// but an RGB JPEG, whose check reads only its headers): a caller that classifies it next in
-/// the same process need not decode it again.
+/// [`validate`], keeping the image resized and cropped for `transform` where checking it means
+/// decoding it (every format but an RGB JPEG, whose check reads only its headers): a caller
+/// that classifies it next in the same process need not decode it again.
 pub fn validate_keeping(
     bytes: &[u8],
     max_pixels: u64,
-) -> Result<(ImageInfo, Option<RgbImage>), ImageError> {
-    check(bytes, max_pixels, true)
+    transform: &Transform,
+) -> Result<(ImageInfo, Option<Crop>), ImageError> {
+    let (info, rgb) = check(bytes, max_pixels, true)?;
+    Ok((info, rgb.map(|rgb| transform.crop(&rgb))))
+}
+
+/// An image resized and cropped for a model's input, only its normalisation left to do: a
+/// fraction of the decoded image's memory (150 KB for a 224-pixel crop), so more of them can
+/// wait for the model.
+#[derive(Debug, Clone)]
+pub struct Crop {
+    /// Packed RGB8 rows.
+    pixels: Vec<u8>,
+    width: usize,
+}
+
+impl Crop {
+    /// The memory its pixels take.
+    pub fn byte_len(&self) -> usize {
+        self.pixels.len()
+    }
 }
 
 /// The part of [`validate`] that decodes nothing, cheap enough to run where the upload
@@ -564,7 +583,7 @@ impl Transform {
                         }
                     }
                 };
-                Ok(Some(self.normalise(&plan, &window)))
+                Ok(Some(self.normalise(plan.window().width, &window)))
             })??;
             if let Some(tensor) = tensor {
                 return Ok(tensor);
@@ -621,13 +640,35 @@ impl Transform {
         self.tensor_from_packed(rgb.as_raw(), width, height)
     }
 
+    /// The first half of [`Self::tensor_from_rgb`]: the image resized and cropped.
+    pub fn crop(&self, rgb: &RgbImage) -> Crop {
+        let (width, height) = rgb.dimensions();
+        let (plan, pixels) = self.resized(rgb.as_raw(), width, height);
+        Crop {
+            pixels: pixels.to_vec(),
+            width: plan.window().width,
+        }
+    }
+
+    /// The second half of [`Self::tensor_from_rgb`]: the same tensor, bit for bit.
+    pub fn tensor_from_crop(&self, crop: &Crop) -> Vec<f32> {
+        self.normalise(crop.width, &crop.pixels)
+    }
+
     /// [`Self::tensor_from_rgb`] of packed RGB8 rows.
     fn tensor_from_packed(&self, rgb: &[u8], width: u32, height: u32) -> Vec<f32> {
+        let (plan, pixels) = self.resized(rgb, width, height);
+        self.normalise(plan.window().width, &pixels)
+    }
+
+    /// Packed RGB8 rows resized and cropped, and the plan that did it.
+    fn resized(&self, rgb: &[u8], width: u32, height: u32) -> (Plan, Scratch) {
         let plan = self.plan(width, height);
         let source = plan.source();
         let pitch = width as usize * 3;
         let first = &rgb[source.top * pitch + source.left * 3..];
-        self.normalise(&plan, &plan.run(first, pitch))
+        let pixels = plan.run(first, pitch);
+        (plan, pixels)
     }
 
     /// torchvision's resize of the shorter side, then its centre crop.
@@ -644,8 +685,8 @@ impl Transform {
         Plan::new(width, height, new_w, new_h, window)
     }
 
-    /// Packed RGB8 rows of the crop to a normalised CHW tensor.
-    fn normalise(&self, plan: &Plan, pixels: &[u8]) -> Vec<f32> {
+    /// Packed RGB8 rows of the crop, `width` pixels each, to a normalised CHW tensor.
+    fn normalise(&self, width: usize, pixels: &[u8]) -> Vec<f32> {
         let luts: [[f32; 256]; 3] = std::array::from_fn(|c| {
             std::array::from_fn(|v| (v as f32 / 255.0 - self.mean[c]) / self.std[c])
         });
@@ -654,7 +695,7 @@ impl Transform {
         let mut out = vec![0.0f32; 3 * plane];
         let (r, rest) = out.split_at_mut(plane);
         let (g, b) = rest.split_at_mut(plane);
-        for (y, row) in pixels.chunks_exact(plan.window().width * 3).enumerate() {
+        for (y, row) in pixels.chunks_exact(width * 3).enumerate() {
             let at = y * side;
             for (x, px) in row.chunks_exact(3).enumerate() {
                 r[at + x] = luts[0][px[0] as usize];

@@ -127,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
         "backends connected"
     );
 
+    let classifier = worker.as_ref().map(|worker| worker.classifier().clone());
     let mut state = AppState::new(submitter, worker, args.max_upload_bytes)
         .with_api_keys(&args.api_keys)
         .with_url_policy(
@@ -159,6 +160,9 @@ async fn main() -> anyhow::Result<()> {
     let _ = stop.send(true);
     if let Some(task) = worker_task {
         task.await?;
+    }
+    if let Some(classifier) = classifier {
+        classifier.stop(Duration::from_secs(30)).await;
     }
     tracing::info!("stopped");
     Ok(())

@@ -99,10 +99,11 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(async move { axum::serve(listener, metrics).await });
     }
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let running = tokio::spawn(worker.run(stopped));
+    let running = tokio::spawn(worker.clone().run(stopped));
     shutdown.await;
     let _ = stop.send(true);
     running.await?;
+    worker.classifier().stop(Duration::from_secs(30)).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -82,12 +82,7 @@ struct Open(Arc<Pool>);
 
 impl Drop for Open {
     fn drop(&mut self) {
-        let idle = {
-            let mut queue = self.0.queue();
-            queue.closed = true;
-            std::mem::take(&mut queue.idle)
-        };
-        idle.iter().for_each(Idle::wake);
+        self.0.close();
     }
 }
 
@@ -156,6 +151,8 @@ struct Pool {
     wide: Option<Mutex<Box<dyn Classifier>>>,
     /// A thread that decodes part of such an image while its instance decodes the rest.
     helper_thread: Option<Mutex<HelperThread>>,
+    /// The instances' threads, and those adding an instance, for [`ClassifierHandle::stop`].
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 /// How a pool adds instances: a factory, a limit, and how long images have kept waiting.
@@ -245,6 +242,7 @@ impl ClassifierHandle {
             busy: AtomicUsize::new(0),
             helper_thread: helper_thread(preprocessing.is_some()),
             wide: preprocessing.flatten().map(Mutex::new),
+            threads: Mutex::default(),
         });
         for (i, classifier) in classifiers.into_iter().enumerate() {
             pool.clone().run_instance(i, classifier);
@@ -333,6 +331,25 @@ impl ClassifierHandle {
         self.queue(Input::Cropped(crop))
     }
 
+    /// Stops the model: every clone's images sent before are answered, later ones are refused
+    /// ([`ClassifyError::Stopped`]), and this waits up to `within` for the instances' threads to
+    /// end; whether they did (a warning says when not). For a process about to exit: one that
+    /// exits while a model still runs (a warm-up, an instance being added) tears ONNX Runtime's
+    /// library down under the running kernel, which fails and writes its error to stderr.
+    pub async fn stop(&self, within: Duration) -> bool {
+        let pool = self.pool.clone();
+        let ended = tokio::task::spawn_blocking(move || pool.stop(within))
+            .await
+            .unwrap_or(false);
+        if !ended {
+            tracing::warn!(
+                ?within,
+                "classifier: still running after the stop; exiting anyway"
+            );
+        }
+        ended
+    }
+
     /// Whether an image sent now would start at once: an instance waits, and no image does.
     pub fn is_idle(&self) -> bool {
         let queue = self.pool.queue();
@@ -383,6 +400,39 @@ impl Pool {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    fn threads(&self) -> MutexGuard<'_, Vec<std::thread::JoinHandle<()>>> {
+        self.threads
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// [`ClassifierHandle::stop`], blocking.
+    fn stop(&self, within: Duration) -> bool {
+        self.close();
+        let deadline = Instant::now() + within;
+        // Popped one at a time: a thread adding an instance pushes that instance's thread.
+        while let Some(thread) = self.threads().pop() {
+            while !thread.is_finished() {
+                if Instant::now() >= deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let _ = thread.join();
+        }
+        true
+    }
+
+    /// No more images: each instance answers those it was given, then its thread ends.
+    fn close(&self) {
+        let idle = {
+            let mut queue = self.queue();
+            queue.closed = true;
+            std::mem::take(&mut queue.idle)
+        };
+        idle.iter().for_each(Idle::wake);
+    }
+
     /// The first `max_batch` images waiting, with the number left waiting; else `me` joins the
     /// idle instances (last, so first in line).
     fn next(&self, me: &Idle) -> Next {
@@ -404,19 +454,24 @@ impl Pool {
     /// Starts instance `i` on a thread of its own: it warms up on the largest batch (so the
     /// first real one does not pay for compiling), then serves.
     fn run_instance(self: Arc<Self>, i: usize, mut classifier: Box<dyn Classifier>) {
-        std::thread::Builder::new()
+        if self.queue().closed {
+            return; // stopped while this instance was built
+        }
+        let pool = self.clone();
+        let thread = std::thread::Builder::new()
             .name(format!("imgclf-infer-{i}"))
             .spawn(move || {
-                let (len, n) = (classifier.spec().transform.tensor_len(), self.max_batch);
+                let (len, n) = (classifier.spec().transform.tensor_len(), pool.max_batch);
                 match classifier.classify(&vec![0.0; len * n], n) {
                     Ok(_) => {
-                        self.warmed.fetch_add(1, Ordering::Release);
+                        pool.warmed.fetch_add(1, Ordering::Release);
                     }
                     Err(error) => tracing::error!(%error, "classifier warm-up failed"),
                 }
-                self.serve(classifier);
+                pool.serve(classifier);
             })
             .expect("spawning an inference thread");
+        self.threads().push(thread);
     }
 
     /// One inference thread: takes what is waiting, up to `max_batch` images, runs the batch,
@@ -537,7 +592,7 @@ impl Pool {
             return;
         }
         let pool = self.clone();
-        std::thread::spawn(move || {
+        let thread = std::thread::spawn(move || {
             let growth = pool.growth.as_ref().expect("a growing pool");
             match (growth.build)() {
                 Ok(classifier) => {
@@ -557,6 +612,7 @@ impl Pool {
             growth.backlog_streak.store(0, Ordering::Relaxed);
             growth.growing.store(false, Ordering::Release);
         });
+        self.threads().push(thread);
     }
 }
 
@@ -650,6 +706,58 @@ mod tests {
         load(&handle, 200).await;
         assert_eq!(handle.instances(), 3, "grown to its limit, and no further");
         assert!(handle.is_ready());
+    }
+
+    /// [`Slow`], counting its drops.
+    struct Dropped(ModelSpec, Arc<AtomicUsize>);
+
+    impl Classifier for Dropped {
+        fn spec(&self) -> &ModelSpec {
+            &self.0
+        }
+
+        fn classify(&mut self, _: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ClassifyError> {
+            std::thread::sleep(Duration::from_millis(2));
+            Ok(vec![vec![0.0; 2]; n])
+        }
+    }
+
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.1.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A stopped model answers the images sent before, refuses later ones, and its threads end
+    /// with their models (so a process can exit with none running).
+    #[tokio::test]
+    async fn stopping_answers_what_was_sent_and_ends_the_threads() {
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let instances = (0..2)
+            .map(|_| Box::new(Dropped(spec(), dropped.clone())) as Box<dyn Classifier>)
+            .collect();
+        let handle = ClassifierHandle::spawn_pool(instances, 1);
+        let len = handle.spec().transform.tensor_len();
+        let sent: Vec<Queued> = (0..6)
+            .map(|_| handle.queue(Input::Tensor(vec![0.0; len])))
+            .collect();
+        assert!(
+            handle.stop(Duration::from_secs(30)).await,
+            "every thread ended"
+        );
+        assert_eq!(
+            dropped.load(Ordering::SeqCst),
+            2,
+            "each model went with its thread"
+        );
+        for queued in sent {
+            queued
+                .answer()
+                .await
+                .expect("sent before the stop: answered");
+        }
+        let late = handle.logits(vec![0.0; len]).await;
+        assert!(late.is_err_and(|e| e.is_temporary()), "refused as stopped");
     }
 
     /// Counts the images it classifies, taking 1 ms per batch.

@@ -410,8 +410,12 @@ impl Pool {
     fn stop(&self, within: Duration) -> bool {
         self.close();
         let deadline = Instant::now() + within;
-        // Popped one at a time: a thread adding an instance pushes that instance's thread.
-        while let Some(thread) = self.threads().pop() {
+        // Popped one at a time, the lock let go before the wait: a thread adding an instance
+        // pushes that instance's thread.
+        loop {
+            let Some(thread) = self.threads().pop() else {
+                return true;
+            };
             while !thread.is_finished() {
                 if Instant::now() >= deadline {
                     return false;
@@ -420,7 +424,6 @@ impl Pool {
             }
             let _ = thread.join();
         }
-        true
     }
 
     /// No more images: each instance answers those it was given, then its thread ends.

@@ -81,6 +81,9 @@ pub(super) struct Plan {
     #[cfg(target_arch = "x86_64")]
     simd: Option<Kernel>,
     vertical: Option<Coefficients>,
+    /// The window's vertical taps laid out for an AVX-512 kernel, where the CPU has one.
+    #[cfg(target_arch = "x86_64")]
+    vertical_simd: Option<avx512::Vertical>,
     window: Rect,
     source: Rect,
 }
@@ -105,6 +108,10 @@ impl Plan {
             simd: horizontal
                 .as_ref()
                 .and_then(|c| Kernel::new(c, window.left, window.width, left)),
+            #[cfg(target_arch = "x86_64")]
+            vertical_simd: vertical
+                .as_ref()
+                .and_then(|c| avx512::Vertical::new(c, window.top, window.height, top)),
             horizontal,
             vertical,
             window,
@@ -225,6 +232,11 @@ impl Plan {
         let stride = self.window.width * 3;
         let Some(c) = &self.vertical else { return temp };
         let mut out = Scratch::zeroed(self.window.height * stride);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(kernel) = &self.vertical_simd {
+            kernel.pass(&temp, stride, &mut out);
+            return out;
+        }
         let mut sums = vec![0i32; stride];
         for (y, out_row) in out.chunks_exact_mut(stride).enumerate() {
             let at = self.window.top + y;
@@ -639,6 +651,135 @@ mod avx512 {
             unsafe { _mm512_mask_cvtusepi32_storeu_epi8(out.as_mut_ptr().cast(), mask, clamped) };
         }
     }
+
+    /// The vertical pass's taps for [`vertical_pass`]: per output row of the window, its first
+    /// source row (from the source rectangle's top), its number of taps and its first group
+    /// of four; per group, each of the weights' three signed bytes for its four taps, packed
+    /// in a dword (tap `t` in byte `t`; zero for a missing tap).
+    pub(super) struct Vertical {
+        rows: Vec<(usize, usize, usize)>,
+        digits: Vec<[i32; 3]>,
+    }
+
+    impl Vertical {
+        /// `None` where the CPU lacks AVX-512 BW or VNNI (holding `Vertical` proves it has
+        /// them) or where a weight is negative or over 1.0.
+        pub(super) fn new(
+            c: &Coefficients,
+            top: usize,
+            height: usize,
+            source_top: usize,
+        ) -> Option<Self> {
+            let cpu_has_them = std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vnni");
+            if !cpu_has_them {
+                return None;
+            }
+            let mut vertical = Vertical {
+                rows: Vec::with_capacity(height),
+                digits: Vec::new(),
+            };
+            for at in top..top + height {
+                let (ymin, len) = c.bounds[at];
+                let weights = &c.weights[at * c.ksize..][..len];
+                if len == 0
+                    || weights
+                        .iter()
+                        .any(|&w| !(0..=1 << super::PRECISION_BITS).contains(&w))
+                {
+                    return None;
+                }
+                vertical
+                    .rows
+                    .push((ymin - source_top, len, vertical.digits.len()));
+                for group in weights.chunks(4) {
+                    let mut dwords = [0i32; 3];
+                    for (t, &w) in group.iter().enumerate() {
+                        for (dword, d) in dwords.iter_mut().zip(split(w)) {
+                            *dword |= i32::from(d as u8) << (8 * t);
+                        }
+                    }
+                    vertical.digits.push(dwords);
+                }
+            }
+            Some(vertical)
+        }
+
+        /// The vertical pass over `temp`, rows of `stride` bytes from the source rectangle's
+        /// top, into `out`, the window's rows.
+        pub(super) fn pass(&self, temp: &[u8], stride: usize, out: &mut [u8]) {
+            let last = self.rows.iter().map(|&(first, len, _)| first + len).max();
+            assert!(
+                temp.len() >= last.unwrap_or(0) * stride,
+                "the rows the taps read"
+            );
+            assert_eq!(out.len(), self.rows.len() * stride, "the window's rows");
+            // SAFETY: `self` exists only where the CPU has AVX-512 BW and VNNI.
+            unsafe { vertical_pass(temp, stride, self, out) };
+        }
+    }
+
+    /// Each output row, 64 bytes across at a time: four source rows' bytes are interleaved
+    /// into dwords (`vpunpck*`, within each 128-bit block), `vpdpbusd` multiplies and sums
+    /// the four taps per lane for each of the weights' three signed bytes, and the packs
+    /// (also within each block) put the bytes back in order: the scalar pass's sums.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 BW and VNNI; `temp` must hold every row the taps read.
+    #[target_feature(enable = "avx512bw,avx512vnni")]
+    unsafe fn vertical_pass(temp: &[u8], stride: usize, taps: &Vertical, out: &mut [u8]) {
+        let rounding = _mm512_set1_epi32(ROUNDING);
+        for (out_row, &(first, len, group)) in out.chunks_exact_mut(stride).zip(&taps.rows) {
+            for x in (0..stride).step_by(64) {
+                let valid = stride - x;
+                let mask = if valid >= 64 { !0 } else { (1u64 << valid) - 1 };
+                // Digit by digit, the sums of the bytes 0..4, 4..8, 8..12 and 12..16 of each
+                // 128-bit block.
+                let mut acc = [[_mm512_setzero_si512(); 4]; 3];
+                for (g, digits) in taps.digits[group..][..len.div_ceil(4)].iter().enumerate() {
+                    // A missing fourth tap reads the last row again, with a zero weight.
+                    let row = |t: usize| {
+                        let at = (first + (4 * g + t).min(len - 1)) * stride + x;
+                        // SAFETY: the row is inside `temp` (checked by `pass`) and the mask
+                        // reads only its bytes from `x` on.
+                        unsafe { _mm512_maskz_loadu_epi8(mask, temp.as_ptr().add(at).cast()) }
+                    };
+                    let (a, b, c, d) = (row(0), row(1), row(2), row(3));
+                    let (ab_lo, ab_hi) = (_mm512_unpacklo_epi8(a, b), _mm512_unpackhi_epi8(a, b));
+                    let (cd_lo, cd_hi) = (_mm512_unpacklo_epi8(c, d), _mm512_unpackhi_epi8(c, d));
+                    let quads = [
+                        _mm512_unpacklo_epi16(ab_lo, cd_lo),
+                        _mm512_unpackhi_epi16(ab_lo, cd_lo),
+                        _mm512_unpacklo_epi16(ab_hi, cd_hi),
+                        _mm512_unpackhi_epi16(ab_hi, cd_hi),
+                    ];
+                    for (acc, &digit) in acc.iter_mut().zip(digits) {
+                        let weights = _mm512_set1_epi32(digit);
+                        for (acc, &quad) in acc.iter_mut().zip(&quads) {
+                            *acc = _mm512_dpbusd_epi32(*acc, quad, weights);
+                        }
+                    }
+                }
+                let [d0, d1, d2] = acc;
+                let sum = |q: usize| {
+                    let high = _mm512_add_epi32(
+                        _mm512_slli_epi32::<16>(d2[q]),
+                        _mm512_slli_epi32::<8>(d1[q]),
+                    );
+                    let sum = _mm512_add_epi32(_mm512_add_epi32(high, d0[q]), rounding);
+                    _mm512_srai_epi32::<22>(sum)
+                };
+                // Clamped to 0..=255 by the two saturating packs, as `clip8` does.
+                let words = [
+                    _mm512_packs_epi32(sum(0), sum(1)),
+                    _mm512_packs_epi32(sum(2), sum(3)),
+                ];
+                let bytes = _mm512_packus_epi16(words[0], words[1]);
+                // SAFETY: the mask writes only the bytes of `out_row` from `x` on.
+                unsafe { _mm512_mask_storeu_epi8(out_row.as_mut_ptr().add(x).cast(), mask, bytes) };
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -662,23 +803,30 @@ mod tests {
         }
     }
 
-    /// `Plan::new`, with `kernel`'s choice of SIMD kernel (`None`: the scalar pass).
+    /// `Plan::new`, with `kernel`'s choice of SIMD horizontal kernel (`None`: the scalar pass),
+    /// and the SIMD vertical kernel where `vertical` and the CPU has it.
     #[cfg(target_arch = "x86_64")]
     fn with_kernel(
         (width, height, new_w, new_h): (u32, u32, u32, u32),
         window: Rect,
         kernel: fn(&Coefficients, usize, usize, usize) -> Option<Kernel>,
+        vertical: bool,
     ) -> Plan {
         let plan = Plan::new(width, height, new_w, new_h, window);
         let simd = plan
             .horizontal
             .as_ref()
             .and_then(|c| kernel(c, window.left, window.width, plan.source.left));
-        Plan { simd, ..plan }
+        let vertical_simd = plan.vertical_simd.filter(|_| vertical);
+        Plan {
+            simd,
+            vertical_simd,
+            ..plan
+        }
     }
 
-    /// Every resize of a noisy image through each SIMD horizontal kernel this CPU runs gives
-    /// the bytes of the scalar pass (which follows Pillow's code line by line).
+    /// Every resize of a noisy image through each SIMD kernel this CPU runs gives the bytes
+    /// of the scalar passes (which follow Pillow's code line by line).
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn each_simd_pass_gives_the_scalar_bytes() {
@@ -704,6 +852,8 @@ mod tests {
             // Downscaling by more than 13: no AVX-512 kernel (neighbours too far apart).
             ((4000, 300, 256, 19), 255),
             ((3300, 300, 256, 19), 256),
+            // A steep vertical downscale: hundreds of vertical taps.
+            ((300, 4000, 256, 19), 224),
         ] {
             let (.., new_w, new_h) = size;
             let window = Rect {
@@ -712,19 +862,26 @@ mod tests {
                 width: window_w,
                 height: (new_h as usize).min(224),
             };
-            let scalar = with_kernel(size, window, |_, _, _, _| None);
+            let scalar = with_kernel(size, window, |_, _, _, _| None, false);
             let source = scalar.source();
             let src: Vec<u8> = (0..source.width * source.height * 3)
                 .map(|_| noise())
                 .collect();
             let pitch = source.width * 3;
             let expected = scalar.run(&src, pitch);
-            let avx2 = with_kernel(size, window, |c, l, w, s| {
-                avx2::Taps::new(c, l, w, s).map(Kernel::Avx2)
-            });
-            let avx512 = with_kernel(size, window, |c, l, w, s| {
-                avx512::Taps::new(c, l, w, s).map(Kernel::Avx512)
-            });
+            let avx2 = with_kernel(
+                size,
+                window,
+                |c, l, w, s| avx2::Taps::new(c, l, w, s).map(Kernel::Avx2),
+                false,
+            );
+            let avx512 = with_kernel(
+                size,
+                window,
+                |c, l, w, s| avx512::Taps::new(c, l, w, s).map(Kernel::Avx512),
+                false,
+            );
+            let vertical = with_kernel(size, window, |_, _, _, _| None, true);
             assert!(avx2.simd.is_some(), "the CPU has AVX2");
             assert!(
                 Plan::new(size.0, size.1, new_w, new_h, window)
@@ -744,6 +901,14 @@ mod tests {
                     "{name}: {size:?}, window {window_w} wide"
                 );
             }
+            if vertical.vertical_simd.is_none() {
+                eprintln!("this CPU has no AVX-512 VNNI: the vertical kernel is not tested here");
+                continue;
+            }
+            assert!(
+                *vertical.run(&src, pitch) == *expected,
+                "AVX-512 vertical: {size:?}, window {window_w} wide"
+            );
         }
     }
 

@@ -343,8 +343,12 @@ def main():
     photos = benchmark_photos(photo_dir)
     large = [p for p in photos if 1.0 <= megapixels(p) <= 4.2]
     cpu = cpu_info()
-    results = {"cpu": cpu, "photos": {os.path.basename(p): round(megapixels(p), 2) for p in photos}, "models": {}}
+    # The references' versions: Pillow's speed on the same photos has moved between releases.
+    versions = {"pillow": Image.__version__, "onnxruntime": ort.__version__, "numpy": np.__version__}
+    results = {"cpu": cpu, "versions": versions,
+               "photos": {os.path.basename(p): round(megapixels(p), 2) for p in photos}, "models": {}}
     print(f"CPU: {cpu['model']}, {cpu['cores']} cores, {' '.join(cpu['flags'])}")
+    print("references: " + ", ".join(f"{name} {version}" for name, version in versions.items()))
     print(f"photos: {len(photos)} ({len(large)} of 1-4 MP), {min(results['photos'].values())}-"
           f"{max(results['photos'].values())} MP, mean {statistics.mean(results['photos'].values()):.2f} MP\n", flush=True)
     verdicts = []

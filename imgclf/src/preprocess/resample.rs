@@ -469,11 +469,13 @@ mod avx2 {
     }
 }
 
-/// The horizontal pass with AVX-512 (VBMI and VNNI): two output pixels per step, eight taps
-/// each. One `vpermb` gathers both pixels' taps from the row's bytes, channel by channel
-/// (R0..R7 G0..G7 B0..B7 per pixel), and `vpdpbusd` multiplies and sums them in fours against
-/// the weights split into three signed bytes, `w = d2 << 16 + d1 << 8 + d0`: the same integer
-/// sums as the scalar pass, so the same bytes, in a quarter of the AVX2 kernel's shuffles.
+/// The horizontal pass with AVX-512 (VBMI and VNNI), sixteen output bytes (channels of five or
+/// six pixels) at a time. Each lane is one output byte, and sums its taps four at a time: for
+/// each group of four taps, one `vpermt2b` gathers every lane's four source bytes from 128
+/// bytes of the row, and `vpdpbusd` multiplies and sums them against the weights split into
+/// three signed bytes, `w = d2 << 16 + d1 << 8 + d0`. A lane's sum then needs no reduction
+/// across lanes: it lands in the output's byte order. The same integer sums as the scalar
+/// pass, so the same bytes.
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)] // SIMD intrinsics; each unsafe block says why it holds
 mod avx512 {
@@ -481,25 +483,37 @@ mod avx512 {
 
     use super::{Coefficients, ROUNDING};
 
-    /// The source bytes one step reads: both pixels' eight taps, the second pixel's starting at
-    /// most this many bytes after the first's.
-    const REACH: usize = 64 - 24;
+    /// Output bytes a block computes at most: one per dword lane.
+    const LANES: usize = 16;
 
-    /// Per pair of output pixels (an odd last pixel is paired with itself): the first pixel's
-    /// first source byte, where its steps start and how many there are, and where each of the
-    /// 64 lanes takes its byte from among the 64 bytes a step reads.
+    /// How far after a block's first pixel's first source byte its last pixel's may start:
+    /// each lane reads 12 bytes from its pixel's start per group of four taps, all within the
+    /// 128 bytes one gather selects from.
+    const REACH: usize = 128 - 12;
+
+    /// The window's output bytes in blocks of up to [`LANES`] consecutive ones: per block, its
+    /// first source byte, its first output byte and how many it makes, where its groups start
+    /// in `digits` and how many there are, and where each of its 64 byte lanes takes its byte
+    /// from among the 128 a gather reads.
     pub(super) struct Taps {
-        pairs: Vec<(usize, usize, usize)>,
+        blocks: Vec<Block>,
         lanes: Vec<[u8; 64]>,
-        /// Per step, the weights' three signed bytes, lane by lane; zero where a pixel has no
-        /// tap (and in each pixel's last eight lanes, which only pad).
+        /// Per block and group of four taps, the weights' three signed bytes, lane by lane;
+        /// zero where a lane's pixel has no such tap (and in a block's unused lanes).
         digits: Vec<[[i8; 64]; 3]>,
+    }
+
+    struct Block {
+        source: usize,
+        out: usize,
+        len: usize,
+        first_group: usize,
+        groups: usize,
     }
 
     impl Taps {
         /// `None` where the CPU lacks AVX-512 BW, VBMI or VNNI (holding `Taps` proves it has
-        /// them), where a weight is negative or over 1.0, or where two neighbouring pixels' taps
-        /// start too far apart for one step's bytes (downscaling by more than 13).
+        /// them), or where a weight is negative or over 1.0.
         pub(super) fn new(
             c: &Coefficients,
             left: usize,
@@ -513,59 +527,69 @@ mod avx512 {
                 return None;
             }
             let pixel = |x: usize| {
-                let at = left + x.min(width - 1);
+                let at = left + x;
                 let (xmin, len) = c.bounds[at];
                 ((xmin - source_left) * 3, &c.weights[at * c.ksize..][..len])
             };
+            if (0..width).any(|x| {
+                (pixel(x).1.iter()).any(|&w| !(0..=1 << super::PRECISION_BITS).contains(&w))
+            }) {
+                return None;
+            }
             let mut taps = Taps {
-                pairs: Vec::with_capacity(width.div_ceil(2)),
-                lanes: Vec::with_capacity(width.div_ceil(2)),
+                blocks: Vec::new(),
+                lanes: Vec::new(),
                 digits: Vec::new(),
             };
-            for x in (0..width).step_by(2) {
-                let pair = [pixel(x), pixel(x + 1)];
-                let start = pair[0].0;
-                let steps = pair[0].1.len().max(pair[1].1.len()).div_ceil(8);
+            let bytes = width * 3;
+            let mut out = 0;
+            while out < bytes {
+                // As many output bytes as fit: sixteen, or fewer where pixels lie far apart.
+                let source = pixel(out / 3).0;
+                let len = (out..bytes.min(out + LANES))
+                    .take_while(|&b| pixel(b / 3).0 - source <= REACH)
+                    .count();
+                let groups = (out..out + len)
+                    .map(|b| pixel(b / 3).1.len().div_ceil(4))
+                    .max()
+                    .unwrap_or(0);
                 let mut lanes = [0u8; 64];
-                for (half, &(first, weights)) in pair.iter().enumerate() {
-                    let offset = u8::try_from(first - start)
-                        .ok()
-                        .filter(|&o| usize::from(o) <= REACH)?;
-                    if weights
-                        .iter()
-                        .any(|&w| !(0..=1 << super::PRECISION_BITS).contains(&w))
-                    {
-                        return None;
+                let first_group = taps.digits.len();
+                taps.digits.resize(first_group + groups, [[0i8; 64]; 3]);
+                for (lane, b) in (out..out + len).enumerate() {
+                    let (start, weights) = pixel(b / 3);
+                    let channel = b % 3;
+                    for t in 0..4 {
+                        lanes[lane * 4 + t] = (start - source + 3 * t + channel) as u8;
                     }
-                    for channel in 0..3 {
-                        for tap in 0..8 {
-                            lanes[half * 32 + channel * 8 + tap] =
-                                offset + 3 * tap as u8 + channel as u8;
+                    for (tap, &w) in weights.iter().enumerate() {
+                        let group = &mut taps.digits[first_group + tap / 4];
+                        for (digits, d) in group.iter_mut().zip(split(w)) {
+                            digits[lane * 4 + tap % 4] = d;
                         }
                     }
                 }
-                taps.pairs.push((start, taps.digits.len(), steps));
+                taps.blocks.push(Block {
+                    source,
+                    out,
+                    len,
+                    first_group,
+                    groups,
+                });
                 taps.lanes.push(lanes);
-                for step in 0..steps {
-                    let mut digits = [[0i8; 64]; 3];
-                    for (half, &(_, weights)) in pair.iter().enumerate() {
-                        let step_weights = weights.iter().skip(step * 8).take(8);
-                        for (tap, &w) in step_weights.enumerate() {
-                            for (digits, d) in digits.iter_mut().zip(split(w)) {
-                                for channel in 0..3 {
-                                    digits[half * 32 + channel * 8 + tap] = d;
-                                }
-                            }
-                        }
-                    }
-                    taps.digits.push(digits);
-                }
+                out += len;
             }
             Some(taps)
         }
 
         /// The horizontal pass over one packed RGB row into one row of the intermediate.
         pub(super) fn horizontal(&self, in_row: &[u8], out_row: &mut [u8]) {
+            assert!(
+                self.blocks
+                    .last()
+                    .is_none_or(|b| b.out + b.len <= out_row.len()),
+                "the window's row"
+            );
             // SAFETY: `self` exists only where the CPU has AVX-512 BW, VBMI and VNNI.
             unsafe { horizontal_row(in_row, out_row, self) };
         }
@@ -580,8 +604,7 @@ mod avx512 {
         [d0, d1, d2].map(|d| i8::try_from(d).expect("a weight of at most 1.0"))
     }
 
-    /// Sixty-four bytes from `at`, zero past the end of `bytes`, straight into a register
-    /// (a copy through the stack would stall the load that follows it).
+    /// Sixty-four bytes from `at`, zero past the end of `bytes`, straight into a register.
     ///
     /// # Safety
     /// The CPU must have AVX-512 BW.
@@ -601,54 +624,35 @@ mod avx512 {
     /// which only zero weights touch); `out_row` receives packed RGB.
     ///
     /// # Safety
-    /// The CPU must have AVX-512 BW, VBMI and VNNI.
+    /// The CPU must have AVX-512 BW, VBMI and VNNI; every block's output bytes must lie in
+    /// `out_row`.
     #[target_feature(enable = "avx512bw,avx512vbmi,avx512vnni")]
     unsafe fn horizontal_row(row: &[u8], out_row: &mut [u8], taps: &Taps) {
         // SAFETY (for the loads below): each reads exactly 64 bytes of one array.
         let load = |bytes: *const [u8; 64]| unsafe { _mm512_loadu_si512(bytes.cast()) };
-        // Both pixels' taps times their weights, in each pixel's eight dwords: four taps'
-        // R, the other four's R, then G, then B, then two empty.
-        let pair = |p: usize| {
-            let (start, first, steps) = taps.pairs[p];
-            let lanes = load(&taps.lanes[p]);
+        let rounding = _mm512_set1_epi32(ROUNDING);
+        for (block, lanes) in taps.blocks.iter().zip(&taps.lanes) {
+            let lanes = load(lanes);
             let mut acc = [_mm512_setzero_si512(); 3];
-            for (step, digits) in taps.digits[first..first + steps].iter().enumerate() {
+            let digits = &taps.digits[block.first_group..][..block.groups];
+            for (group, digits) in digits.iter().enumerate() {
+                let at = block.source + 12 * group;
                 // SAFETY: the CPU has AVX-512 BW.
-                let bytes = unsafe { sixty_four(row, start + 24 * step) };
-                let bytes = _mm512_permutexvar_epi8(lanes, bytes);
+                let (low, high) = unsafe { (sixty_four(row, at), sixty_four(row, at + 64)) };
+                let bytes = _mm512_permutex2var_epi8(low, lanes, high);
                 for (acc, digits) in acc.iter_mut().zip(digits) {
                     *acc = _mm512_dpbusd_epi32(*acc, bytes, load(digits.as_ptr().cast()));
                 }
             }
             let [d0, d1, d2] = acc;
             let high = _mm512_add_epi32(_mm512_slli_epi32::<16>(d2), _mm512_slli_epi32::<8>(d1));
-            _mm512_add_epi32(high, d0)
-        };
-        // Of two pairs' sums, `even` picks each pixel's R, G and B dwords of its first four
-        // taps, `odd` of the other four: added, the four pixels' RGB.
-        let halves = |first: i32| {
-            let pixel = |base: i32| [base, base + 2, base + 4].map(|d| d + first);
-            let [a, b, c, d] = [0, 8, 16, 24].map(pixel);
-            _mm512_setr_epi32(
-                a[0], a[1], a[2], b[0], b[1], b[2], c[0], c[1], c[2], d[0], d[1], d[2], 0, 0, 0, 0,
-            )
-        };
-        let (even, odd) = (halves(0), halves(1));
-        let rounding = _mm512_set1_epi32(ROUNDING);
-        let pairs = taps.pairs.len();
-        for (out, p) in out_row.chunks_mut(12).zip((0..pairs).step_by(2)) {
-            let (sum, next) = (pair(p), if p + 1 < pairs { pair(p + 1) } else { pair(p) });
-            let rgb = _mm512_add_epi32(
-                _mm512_permutex2var_epi32(sum, even, next),
-                _mm512_permutex2var_epi32(sum, odd, next),
-            );
+            let sum = _mm512_add_epi32(_mm512_add_epi32(high, d0), rounding);
             // Round, shift and clamp to 0..=255, as `clip8` does.
-            let shifted = _mm512_srai_epi32::<22>(_mm512_add_epi32(rgb, rounding));
-            let clamped = _mm512_max_epi32(shifted, _mm512_setzero_si512());
-            // Straight from the register into `out`: twelve bytes, fewer at the row's end.
-            let mask = (1u16 << out.len()) - 1;
-            // SAFETY: the mask writes only the bytes of `out`.
-            unsafe { _mm512_mask_cvtusepi32_storeu_epi8(out.as_mut_ptr().cast(), mask, clamped) };
+            let clamped = _mm512_max_epi32(_mm512_srai_epi32::<22>(sum), _mm512_setzero_si512());
+            let mask = ((1u32 << block.len) - 1) as u16;
+            let out = out_row[block.out..].as_mut_ptr();
+            // SAFETY: the mask writes only the block's bytes, inside `out_row`.
+            unsafe { _mm512_mask_cvtusepi32_storeu_epi8(out.cast(), mask, clamped) };
         }
     }
 
@@ -849,7 +853,7 @@ mod tests {
             ((300, 451, 256, 384), 224),
             ((97, 61, 33, 21), 33),
             ((4000, 300, 256, 19), 1),
-            // Downscaling by more than 13: no AVX-512 kernel (neighbours too far apart).
+            // Downscaling by more than 13: blocks of fewer pixels (neighbours far apart).
             ((4000, 300, 256, 19), 255),
             ((3300, 300, 256, 19), 256),
             // A steep vertical downscale: hundreds of vertical taps.

@@ -604,7 +604,8 @@ mod avx512 {
         [d0, d1, d2].map(|d| i8::try_from(d).expect("a weight of at most 1.0"))
     }
 
-    /// Sixty-four bytes from `at`, zero past the end of `bytes`, straight into a register.
+    /// Sixty-four bytes from `at`, zero past the end of `bytes`, straight into a register
+    /// (a copy through the stack would stall the load that follows it).
     ///
     /// # Safety
     /// The CPU must have AVX-512 BW.

@@ -531,9 +531,7 @@ mod avx512 {
                 let (xmin, len) = c.bounds[at];
                 ((xmin - source_left) * 3, &c.weights[at * c.ksize..][..len])
             };
-            if (0..width).any(|x| {
-                (pixel(x).1.iter()).any(|&w| !(0..=1 << super::PRECISION_BITS).contains(&w))
-            }) {
+            if !(0..width).all(|x| splittable(pixel(x).1)) {
                 return None;
             }
             let mut taps = Taps {
@@ -593,6 +591,11 @@ mod avx512 {
             // SAFETY: `self` exists only where the CPU has AVX-512 BW, VBMI and VNNI.
             unsafe { horizontal_row(in_row, out_row, self) };
         }
+    }
+
+    /// Whether every weight is one [`split`] takes: from 0 to 1.0.
+    fn splittable(weights: &[i32]) -> bool {
+        (weights.iter()).all(|&w| (0..=1 << super::PRECISION_BITS).contains(&w))
     }
 
     /// `w` as three signed bytes, lowest first: `w = d2 << 16 + d1 << 8 + d0`.
@@ -687,11 +690,7 @@ mod avx512 {
             for at in top..top + height {
                 let (ymin, len) = c.bounds[at];
                 let weights = &c.weights[at * c.ksize..][..len];
-                if len == 0
-                    || weights
-                        .iter()
-                        .any(|&w| !(0..=1 << super::PRECISION_BITS).contains(&w))
-                {
+                if len == 0 || !splittable(weights) {
                     return None;
                 }
                 vertical

@@ -142,6 +142,39 @@ fn ort(spec: ModelSpec) -> Option<Box<dyn Classifier>> {
     Some(imgclf::classifier::build("ort", spec, &options).expect("ONNX Runtime loads the model"))
 }
 
+/// Instances of a model on the CPU share one ONNX Runtime session. Three of them, each on its
+/// own thread with its own batch size, running at once, give every batch the logits it gets
+/// when run alone.
+#[test]
+fn instances_sharing_a_session_run_at_once_and_agree_with_one_alone() {
+    let spec = ModelSpec::load(default_model_dir()).expect("loads");
+    let Some(mut alone) = ort(spec.clone()) else {
+        return;
+    };
+    let expected = reference("efficientnet-lite0");
+    let names: Vec<&String> = expected.keys().collect();
+    let batches = [1, 2, 3];
+    let serial: Vec<Vec<Vec<f32>>> = batches
+        .iter()
+        .map(|&batch| classify_all(alone.as_mut(), &names, batch))
+        .collect();
+    std::thread::scope(|threads| {
+        for (batch, serial) in batches.iter().zip(&serial) {
+            let (spec, names) = (spec.clone(), &names);
+            threads.spawn(move || {
+                let mut instance = ort(spec).expect("loads");
+                for round in 0..3 {
+                    let logits = classify_all(instance.as_mut(), names, *batch);
+                    for ((name, at_once), alone) in names.iter().zip(&logits).zip(serial) {
+                        let diff = max_diff(at_once, alone);
+                        assert!(diff < 1e-5, "{name}, batch {batch}, round {round}: {diff}");
+                    }
+                }
+            });
+        }
+    });
+}
+
 #[test]
 fn ort_agrees_with_the_reference_on_every_image() {
     let spec = ModelSpec::load(default_model_dir()).expect("loads");

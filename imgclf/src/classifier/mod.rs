@@ -224,10 +224,12 @@ pub fn spawn(
     let choice = tuning::choose(classifiers[0].as_mut(), instances, max_batch, preprocess)?;
     // ONNX Runtime keeps the buffers of the largest batch a session ran: the instance timed on
     // every batch size is built again, so that it holds only what the chosen size needs
-    // (ResNet18 at batch 8 against 1: tens of MiB).
+    // (ResNet18 at batch 8 against 1: tens of MiB). Dropped first: instances of a model share
+    // a session on the CPU, and this one must be new.
     let largest_timed = tuning::BATCHES[tuning::BATCHES.len() - 1];
     if name == "ort" && max_batch.is_none() && choice.max_batch < largest_timed {
-        classifiers[0] = build(name, spec.clone(), options)?;
+        classifiers.clear();
+        classifiers.push(build(name, spec.clone(), options)?);
     }
     for _ in 1..choice.instances {
         classifiers.push(build(name, spec.clone(), options)?);

@@ -1,14 +1,17 @@
 //! ONNX Runtime through the `ort` crate, loaded at run time from a `libonnxruntime.so` (no
 //! download at build time; `scripts/setup-ort.sh` extracts one from the `onnxruntime` wheel).
 
-use std::path::Path;
-use std::sync::{Mutex, OnceLock};
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use ort::environment::Environment;
 use ort::ep::ExecutionProvider;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::Session;
-use ort::value::TensorRef;
+use ort::value::{DynValue, TensorRef};
+use ort::AsPointer;
 
 use super::{split_rows, Classifier, ClassifyError, Provider, Providers};
 use crate::model::ModelSpec;
@@ -33,7 +36,9 @@ fn environment(library: &Path) -> Result<&'static Environment, String> {
 /// A model on ONNX Runtime: the whole batch runs as one tensor.
 pub struct OrtClassifier {
     spec: ModelSpec,
-    session: Session,
+    /// On the CPU, shared by the model's instances with the same threads per run (see
+    /// [`SHARED`]).
+    session: Arc<NamedSession>,
     /// On an accelerator, every batch is padded to one size (see [`Padding`]).
     padding: Option<Padding>,
 }
@@ -50,61 +55,160 @@ impl OrtClassifier {
         providers: &Providers,
     ) -> Result<Self, ClassifyError> {
         let environment = environment(library).map_err(|e| spec.invalid(e))?;
-        let invalid = |e: String| {
-            spec.invalid(format!(
-                "ONNX Runtime cannot load {}: {e}",
-                spec.onnx_path.display()
-            ))
+        let (session, runs_on) = if providers.accelerators().next().is_none() {
+            let session = shared_session(&spec, environment, intra_threads)?;
+            (session, Provider::Cpu)
+        } else {
+            let (session, runs_on) = session(&spec, environment, intra_threads, providers)?;
+            (Arc::new(NamedSession::new(session, &spec)?), runs_on)
         };
-        let mut builder = session_builder(environment, intra_threads).map_err(invalid)?;
-        let requested: Vec<Provider> = providers.accelerators().collect();
-        let mut registered = Vec::new();
-        for (i, &provider) in requested.iter().enumerate() {
-            let next = requested.get(i + 1).copied().unwrap_or(Provider::Cpu);
-            match register(provider, &mut builder) {
-                Ok(()) => registered.push(provider),
-                Err(why) => warn_once(provider, &why, next),
-            }
-        }
-        let session = match builder.commit_from_file(&spec.onnx_path) {
-            Ok(session) => session,
-            // A GPU library on a machine whose driver or CUDA libraries do not work may accept
-            // the provider and fail only here: run on CPU rather than not at all.
-            Err(error) if !registered.is_empty() => {
-                for provider in registered.drain(..) {
-                    warn_once(
-                        provider,
-                        &format!("the session could not start on it: {error}"),
-                        Provider::Cpu,
-                    );
-                }
-                session_builder(environment, intra_threads)
-                    .and_then(|mut b| {
-                        b.commit_from_file(&spec.onnx_path)
-                            .map_err(|e| e.to_string())
-                    })
-                    .map_err(invalid)?
-            }
-            Err(error) => return Err(invalid(error.to_string()).into()),
-        };
-        let runs_on = registered.first().copied().unwrap_or(Provider::Cpu);
-        let chain: Vec<&str> = registered
-            .iter()
-            .chain([&Provider::Cpu])
-            .map(|p| p.name())
-            .collect();
-        tracing::info!(
-            provider = %runs_on,
-            fallbacks = %chain.join(","),
-            model = %spec.name,
-            "ort: the session runs on {runs_on}"
-        );
         Ok(Self {
             spec,
             session,
             padding: (runs_on != Provider::Cpu).then(Padding::default),
         })
     }
+}
+
+/// A session, and the names of the input and output its runs use.
+struct NamedSession {
+    session: Session,
+    input: CString,
+    output: CString,
+}
+
+impl NamedSession {
+    fn new(session: Session, spec: &ModelSpec) -> Result<Self, ClassifyError> {
+        let name = |outlets: &[ort::value::Outlet], what: &str| {
+            outlets
+                .first()
+                .and_then(|o| CString::new(o.name()).ok())
+                .ok_or_else(|| spec.invalid(format!("the model has no usable {what}")))
+        };
+        Ok(Self {
+            input: name(session.inputs(), "input")?,
+            output: name(session.outputs(), "output")?,
+            session,
+        })
+    }
+
+    /// Runs one input through the session. Several threads may run one session at once: each
+    /// run has its own buffers, and ONNX Runtime documents `Run` as safe to call concurrently.
+    /// (The `ort` crate asks for `&mut` because some accelerators' providers are not, so only
+    /// CPU sessions are shared; see [`SHARED`].)
+    #[allow(unsafe_code)] // ONNX Runtime's C API, as the `ort` crate calls it
+    fn run(&self, input: &TensorRef<'_, f32>) -> Result<DynValue, ort::Error> {
+        let (input_names, inputs) = ([self.input.as_ptr()], [input.ptr()]);
+        let output_names = [self.output.as_ptr()];
+        let mut output: *mut ort::sys::OrtValue = std::ptr::null_mut();
+        // SAFETY: every pointer lives until `Run` returns, the arrays hold one entry each as
+        // their lengths say, and the output it allocates is owned by the value made from it.
+        unsafe {
+            ort::Error::result_from_status((ort::api().Run)(
+                self.session.ptr().cast_mut(),
+                std::ptr::null(),
+                input_names.as_ptr(),
+                inputs.as_ptr(),
+                1,
+                output_names.as_ptr(),
+                1,
+                &mut output,
+            ))?;
+            let output = NonNull::new(output).ok_or_else(|| ort::Error::new("no output"))?;
+            Ok(DynValue::from_ptr(output, Some(self.session.allocator())))
+        }
+    }
+}
+
+/// CPU sessions by model file and threads per run, while an instance holds them. The instances
+/// of a model share one session, and so its weights and optimised graph (ResNet18: 70 MiB a
+/// session), rather than each loading its own.
+static SHARED: Mutex<Vec<(PathBuf, usize, Weak<NamedSession>)>> = Mutex::new(Vec::new());
+
+/// The CPU session for `spec` at `intra_threads`: the one its other instances run, else a new
+/// one. Held locked while building, so that instances built at once share one too.
+fn shared_session(
+    spec: &ModelSpec,
+    environment: &'static Environment,
+    intra_threads: usize,
+) -> Result<Arc<NamedSession>, ClassifyError> {
+    let mut shared = SHARED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    shared.retain(|(_, _, held)| held.strong_count() > 0);
+    let found = shared.iter().find_map(|(path, threads, held)| {
+        (*path == spec.onnx_path && *threads == intra_threads)
+            .then(|| held.upgrade())
+            .flatten()
+    });
+    if let Some(session) = found {
+        return Ok(session);
+    }
+    let (session, _) = session(spec, environment, intra_threads, &Providers::default())?;
+    let session = Arc::new(NamedSession::new(session, spec)?);
+    let held = Arc::downgrade(&session);
+    shared.push((spec.onnx_path.clone(), intra_threads, held));
+    Ok(session)
+}
+
+/// Builds a session of `spec` on the first of `providers` that starts, else on the CPU; and
+/// says which.
+fn session(
+    spec: &ModelSpec,
+    environment: &'static Environment,
+    intra_threads: usize,
+    providers: &Providers,
+) -> Result<(Session, Provider), ClassifyError> {
+    let invalid = |e: String| {
+        spec.invalid(format!(
+            "ONNX Runtime cannot load {}: {e}",
+            spec.onnx_path.display()
+        ))
+    };
+    let mut builder = session_builder(environment, intra_threads).map_err(invalid)?;
+    let requested: Vec<Provider> = providers.accelerators().collect();
+    let mut registered = Vec::new();
+    for (i, &provider) in requested.iter().enumerate() {
+        let next = requested.get(i + 1).copied().unwrap_or(Provider::Cpu);
+        match register(provider, &mut builder) {
+            Ok(()) => registered.push(provider),
+            Err(why) => warn_once(provider, &why, next),
+        }
+    }
+    let session = match builder.commit_from_file(&spec.onnx_path) {
+        Ok(session) => session,
+        // A GPU library on a machine whose driver or CUDA libraries do not work may accept
+        // the provider and fail only here: run on CPU rather than not at all.
+        Err(error) if !registered.is_empty() => {
+            for provider in registered.drain(..) {
+                warn_once(
+                    provider,
+                    &format!("the session could not start on it: {error}"),
+                    Provider::Cpu,
+                );
+            }
+            session_builder(environment, intra_threads)
+                .and_then(|mut b| {
+                    b.commit_from_file(&spec.onnx_path)
+                        .map_err(|e| e.to_string())
+                })
+                .map_err(invalid)?
+        }
+        Err(error) => return Err(invalid(error.to_string()).into()),
+    };
+    let runs_on = registered.first().copied().unwrap_or(Provider::Cpu);
+    let chain: Vec<&str> = registered
+        .iter()
+        .chain([&Provider::Cpu])
+        .map(|p| p.name())
+        .collect();
+    tracing::info!(
+        provider = %runs_on,
+        fallbacks = %chain.join(","),
+        model = %spec.name,
+        "ort: the session runs on {runs_on}"
+    );
+    Ok((session, runs_on))
 }
 
 /// A session builder with the options every session shares.
@@ -191,8 +295,8 @@ impl Classifier for OrtClassifier {
         };
         let input =
             TensorRef::from_array_view(([rows, 3, side, side], input)).map_err(inference)?;
-        let outputs = self.session.run(ort::inputs![input]).map_err(inference)?;
-        let (_, logits) = outputs[0].try_extract_tensor::<f32>().map_err(inference)?;
+        let output = self.session.run(&input).map_err(inference)?;
+        let (_, logits) = output.try_extract_tensor::<f32>().map_err(inference)?;
         let mut rows = split_rows(logits, rows)?;
         rows.truncate(n);
         Ok(rows)
@@ -227,7 +331,38 @@ impl Padding {
 
 #[cfg(test)]
 mod tests {
-    use super::Padding;
+    use std::sync::Arc;
+
+    use super::{OrtClassifier, Padding};
+    use crate::classifier::Providers;
+    use crate::model::ModelSpec;
+
+    /// Instances of a model with the same threads per run share one session while any of them
+    /// holds it; another thread count gets its own, and so does an instance built after all
+    /// the others were dropped.
+    #[test]
+    fn instances_of_a_model_share_one_cpu_session() {
+        let Some(library) = std::env::var_os("IMGCLF_TEST_ORT_LIB") else {
+            return;
+        };
+        let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/efficientnet-lite0");
+        let spec = ModelSpec::load(model).expect("loads");
+        let new = |threads| {
+            OrtClassifier::new(
+                spec.clone(),
+                library.as_ref(),
+                threads,
+                &Providers::default(),
+            )
+            .expect("ONNX Runtime loads the model")
+        };
+        let (a, b, wide) = (new(1), new(1), new(2));
+        assert!(Arc::ptr_eq(&a.session, &b.session), "one session");
+        assert!(!Arc::ptr_eq(&a.session, &wide.session), "by threads");
+        let held = Arc::downgrade(&a.session);
+        drop((a, b));
+        assert!(held.upgrade().is_none(), "nothing else holds it");
+    }
 
     #[test]
     fn batches_are_padded_with_zero_images_to_the_largest_so_far() {

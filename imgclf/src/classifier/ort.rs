@@ -102,7 +102,8 @@ impl NamedSession {
         let output_names = [self.output.as_ptr()];
         let mut output: *mut ort::sys::OrtValue = std::ptr::null_mut();
         // SAFETY: every pointer lives until `Run` returns, the arrays hold one entry each as
-        // their lengths say, and the output it allocates is owned by the value made from it.
+        // their lengths say, and the output it allocates is owned by the value made from it,
+        // which keeps the session's allocator alive.
         unsafe {
             ort::Error::result_from_status((ort::api().Run)(
                 self.session.ptr().cast_mut(),

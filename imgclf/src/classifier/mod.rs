@@ -209,7 +209,6 @@ pub fn spawn(
     if name == AUTO {
         return spawn_auto(spec, options, max_batch);
     }
-    let mut classifiers = vec![build(name, spec.clone(), options)?];
     let instances = match options.instances {
         Some(instances) => Some(instances),
         // Several threads per run asked for: one instance uses them.
@@ -221,17 +220,27 @@ pub fn spawn(
     // cores, preprocessing runs on the worker's threads beside them.
     let preprocess = options.providers.accelerators().next().is_none()
         && instances.is_none_or(|n| n >= crate::cores());
-    let choice = tuning::choose(classifiers[0].as_mut(), instances, max_batch, preprocess)?;
-    // ONNX Runtime keeps the buffers of the largest batch a session ran: the instance timed on
-    // every batch size is built again, so that it holds only what the chosen size needs
+    // The instances known now are built before the tuning, which times them all at once.
+    let instances = tuning::known_instances(instances, preprocess);
+    let built = || build(name, spec.clone(), options);
+    let mut classifiers = std::iter::repeat_with(built)
+        .take(instances.unwrap_or(1))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut timed: Vec<&mut dyn Classifier> = classifiers.iter_mut().map(|c| &mut **c).collect();
+    let choice = tuning::choose(&mut timed, instances, max_batch, preprocess)?;
+    // ONNX Runtime keeps the buffers of the largest batch a session ran: the instances timed
+    // on every batch size are built again, so that they hold only what the chosen size needs
     // (ResNet18 at batch 8 against 1: tens of MiB). Dropped first: instances of a model share
-    // a session on the CPU, and this one must be new.
+    // a session on the CPU, and theirs must be new.
     let largest_timed = tuning::BATCHES[tuning::BATCHES.len() - 1];
     if name == "ort" && max_batch.is_none() && choice.max_batch < largest_timed {
+        let count = classifiers.len();
         classifiers.clear();
-        classifiers.push(build(name, spec.clone(), options)?);
+        for _ in 0..count {
+            classifiers.push(built()?);
+        }
     }
-    for _ in 1..choice.instances {
+    for _ in classifiers.len()..choice.instances {
         classifiers.push(build(name, spec.clone(), options)?);
     }
     if preprocess {

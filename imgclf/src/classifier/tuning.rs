@@ -6,7 +6,11 @@
 //! larger batch costs memory (the runtime's buffers grow with it) and latency for nothing. The
 //! sizes are timed in turns, round after round, and each keeps its fastest round, so a drift
 //! of the machine's speed while timing (other processes, frequency) touches every size alike
-//! and the choice does not follow noise. Wider margins threw away real gains: 5.5% on
+//! and the choice does not follow noise. Every instance known at start is timed at once, each
+//! on its own thread, as they run under load: they then share the caches and the memory bus,
+//! and a larger batch's buffers weigh more (EfficientNet-Lite0 on two cores of an Intel Xeon:
+//! timed alone, batch 4 or 8 was chosen; timed at once, 2 or 4, at the same throughput and with
+//! less memory). Wider margins threw away real gains: 5.5% on
 //! ResNet18 at batch 8 on an AMD EPYC of the Zen 5 class, and, with 3%, 2.8% of throughput
 //! under load on Lite0 at batch 2 on one of the Zen 4 class (timed 2.3% faster at start; the
 //! service's own work per batch is shared by its images too).
@@ -50,21 +54,27 @@ pub struct Choice {
     pub max_batch: usize,
 }
 
-/// Settles what `instances` and `max_batch` leave open (`None`), measuring `classifier` and a
-/// photo's preprocessing on this machine; logs the choice in one line when it measured.
-/// Instances that `preprocess` their own images are one per core, whatever the costs.
+/// The instances to build before [`choose`] times them: the count set, else one per core for
+/// instances that `preprocess` their own images (whatever the costs), else `None`, for
+/// [`choose`] to measure.
+pub fn known_instances(instances: Option<usize>, preprocess: bool) -> Option<usize> {
+    match instances.map(|n| n.max(1)) {
+        None if preprocess => Some(crate::cores()),
+        other => other,
+    }
+}
+
+/// Settles what `instances` and `max_batch` leave open (`None`), measuring `classifiers` (all
+/// at once) and a photo's preprocessing on this machine; logs the choice in one line when it
+/// measured. `instances` is [`known_instances`]' count, and `classifiers` are that many when
+/// it is known.
 pub fn choose(
-    classifier: &mut dyn Classifier,
+    classifiers: &mut [&mut dyn Classifier],
     instances: Option<usize>,
     max_batch: Option<usize>,
     preprocess: bool,
 ) -> Result<Choice, ClassifyError> {
     let cores = crate::cores();
-    let instances = instances.map(|n| n.max(1));
-    let instances = match instances {
-        None if preprocess => Some(cores),
-        other => other,
-    };
     if let Some(batch) = max_batch {
         if instances.is_some() || cores == 1 {
             return Ok(Choice {
@@ -74,8 +84,8 @@ pub fn choose(
         }
     }
     let timed = match max_batch {
-        Some(batch) => time_batches(classifier, &[batch.max(1)])?,
-        None => time_batches(classifier, &BATCHES)?,
+        Some(batch) => time_batches(classifiers, &[batch.max(1)])?,
+        None => time_batches(classifiers, &BATCHES)?,
     };
     let max_batch = best_batch(&timed);
     let inference = timed
@@ -86,7 +96,7 @@ pub fn choose(
     let (instances, preprocess_time) = match instances {
         Some(n) => (n, None),
         None if cores == 1 => (1, None),
-        None => match time_preprocessing(classifier.spec()) {
+        None => match time_preprocessing(classifiers[0].spec()) {
             Some(preprocess) => (
                 balanced_instances(cores, preprocess, inference),
                 Some(preprocess),
@@ -107,15 +117,17 @@ pub fn choose(
         .iter()
         .map(|(batch, t)| format!("{batch}: {}", ms(*t)))
         .collect();
+    let timed_at_once = classifiers.len();
     tracing::info!(
         instances,
         max_batch,
         cores,
         inference_ms = inference.as_secs_f64() * 1e3,
         preprocess_ms = preprocess_time.map(|t| t.as_secs_f64() * 1e3),
+        timed_at_once,
         "classifier: {instances} instance(s), batches of up to {max_batch}, on {cores} cores, \
-         {split}: inference {} ms per image (by batch size: {}) \
-         (IMGCLF_INFERENCE_THREADS and IMGCLF_MAX_BATCH set them)",
+         {split}: inference {} ms per image (by batch size, {timed_at_once} instance(s) at \
+         once: {}) (IMGCLF_INFERENCE_THREADS and IMGCLF_MAX_BATCH set them)",
         ms(inference),
         per_batch.join(", "),
     );
@@ -156,32 +168,65 @@ pub fn time_inference(
     classifier: &mut dyn Classifier,
     max_batch: usize,
 ) -> Result<Duration, ClassifyError> {
-    Ok(time_batches(classifier, &[max_batch.max(1)])?[0].1)
+    Ok(time_batches(&mut [classifier], &[max_batch.max(1)])?[0].1)
 }
 
-/// Inference time per image of one instance at each of `batches`, on zero tensors: one
-/// untimed run of each (which may compile its plan), then three rounds that run every
-/// size in turn; each size keeps its fastest round.
+/// Inference time per image at each of `batches`, on zero tensors, every one of `classifiers`
+/// running at once on its own thread: one untimed run of each size (which may compile its
+/// plan), then [`ROUNDS`] rounds that run every size in turn, all instances starting each size
+/// together. A size's time in a round is the instances' mean; each size keeps its fastest round.
 pub fn time_batches(
-    classifier: &mut dyn Classifier,
+    classifiers: &mut [&mut dyn Classifier],
     batches: &[usize],
 ) -> Result<Vec<(usize, Duration)>, ClassifyError> {
-    let image_len = classifier.spec().transform.tensor_len();
-    let largest = batches.iter().copied().max().unwrap_or(1).max(1);
-    let zeros = vec![0.0; image_len * largest];
-    let mut run = |batch: usize| {
-        let started = Instant::now();
-        classifier.classify(&zeros[..image_len * batch], batch)?;
-        Ok::<_, ClassifyError>(started.elapsed() / batch as u32)
+    let batches: Vec<usize> = batches.iter().map(|&b| b.max(1)).collect();
+    // Every size untimed, then the timed rounds.
+    let schedule: Vec<usize> = batches.repeat(ROUNDS + 1);
+    let start = std::sync::Barrier::new(classifiers.len());
+    let run_all = |classifier: &mut dyn Classifier| {
+        let image_len = classifier.spec().transform.tensor_len();
+        let largest = batches.iter().copied().max().unwrap_or(1);
+        let zeros = vec![0.0; image_len * largest];
+        let mut failed = None;
+        let mut times = Vec::with_capacity(schedule.len());
+        for &batch in &schedule {
+            // A failed instance still meets the others at each start, so none waits forever.
+            start.wait();
+            if failed.is_none() {
+                let started = Instant::now();
+                match classifier.classify(&zeros[..image_len * batch], batch) {
+                    Ok(_) => times.push(started.elapsed() / batch as u32),
+                    Err(error) => failed = Some(error),
+                }
+            }
+        }
+        failed.map_or(Ok(times), Err)
     };
-    let mut fastest: Vec<(usize, Duration)> = Vec::with_capacity(batches.len());
-    for &batch in batches {
-        run(batch.max(1))?;
-        fastest.push((batch.max(1), Duration::MAX));
-    }
-    for _ in 0..ROUNDS {
-        for (batch, best) in &mut fastest {
-            *best = (*best).min(run(*batch)?);
+    let run_all = &run_all;
+    let per_instance: Vec<Result<Vec<Duration>, ClassifyError>> = match classifiers {
+        [one] => vec![run_all(&mut **one)],
+        many => std::thread::scope(|scope| {
+            let threads: Vec<_> = many
+                .iter_mut()
+                .map(|classifier| scope.spawn(move || run_all(&mut **classifier)))
+                .collect();
+            threads
+                .into_iter()
+                .map(|thread| {
+                    thread
+                        .join()
+                        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+                })
+                .collect()
+        }),
+    };
+    let per_instance = per_instance.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let mut fastest: Vec<(usize, Duration)> = batches.iter().map(|&b| (b, Duration::MAX)).collect();
+    for round in 1..=ROUNDS {
+        for (slot, (_, best)) in fastest.iter_mut().enumerate() {
+            let step = round * batches.len() + slot;
+            let total: Duration = per_instance.iter().map(|times| times[step]).sum();
+            *best = (*best).min(total / per_instance.len() as u32);
         }
     }
     Ok(fastest)
@@ -233,6 +278,8 @@ mod tests {
     use super::{balanced_instances, best_batch, time_batches, ROUNDS};
     use crate::classifier::{Classifier, ClassifyError};
     use crate::model::ModelSpec;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
     use std::time::Duration;
 
     /// Sleeps 1 ms per image, except for one slow run of each batch size (the machine busy
@@ -262,7 +309,7 @@ mod tests {
         let mut spec = ModelSpec::load(crate::config::default_model_dir()).expect("the model");
         spec.transform.crop = 2;
         let mut classifier = Disturbed { spec, runs: vec![] };
-        let timed = time_batches(&mut classifier, &[1, 4]).expect("runs");
+        let timed = time_batches(&mut [&mut classifier], &[1, 4]).expect("runs");
         // One untimed run of each, then rounds that take every size in turn.
         let expected: Vec<usize> = std::iter::repeat_n([1, 4], ROUNDS + 1).flatten().collect();
         assert_eq!(classifier.runs, expected);
@@ -274,6 +321,85 @@ mod tests {
                 "batch {batch}: {per_image:?}"
             );
         }
+    }
+
+    /// Sleeps 2 ms per run and counts the instances inside `classify` at once; fails on its
+    /// `fail_on`-th run.
+    struct Counted {
+        spec: ModelSpec,
+        inside: Arc<AtomicUsize>,
+        most_at_once: Arc<AtomicUsize>,
+        runs: usize,
+        fail_on: Option<usize>,
+    }
+
+    impl Classifier for Counted {
+        fn spec(&self) -> &ModelSpec {
+            &self.spec
+        }
+
+        fn classify(&mut self, _: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ClassifyError> {
+            self.runs += 1;
+            if self.fail_on == Some(self.runs) {
+                return Err(ClassifyError::Inference("out of memory".into()));
+            }
+            let now = self.inside.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_at_once.fetch_max(now, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(2));
+            self.inside.fetch_sub(1, Ordering::SeqCst);
+            Ok(vec![vec![0.0; 2]; n])
+        }
+    }
+
+    fn counted(fail_on: &[Option<usize>]) -> (Vec<Counted>, Arc<AtomicUsize>) {
+        let mut spec = ModelSpec::load(crate::config::default_model_dir()).expect("the model");
+        spec.transform.crop = 2;
+        let inside = Arc::new(AtomicUsize::new(0));
+        let most_at_once = Arc::new(AtomicUsize::new(0));
+        let instances = fail_on
+            .iter()
+            .map(|&fail_on| Counted {
+                spec: spec.clone(),
+                inside: inside.clone(),
+                most_at_once: most_at_once.clone(),
+                runs: 0,
+                fail_on,
+            })
+            .collect();
+        (instances, most_at_once)
+    }
+
+    #[test]
+    fn instances_are_timed_at_once() {
+        let (mut instances, most_at_once) = counted(&[None, None, None]);
+        let mut timed: Vec<&mut dyn Classifier> = instances
+            .iter_mut()
+            .map(|c| c as &mut dyn Classifier)
+            .collect();
+        let timed = time_batches(&mut timed, &[1, 2]).expect("runs");
+        assert_eq!(timed.iter().map(|(b, _)| *b).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(
+            most_at_once.load(Ordering::SeqCst),
+            3,
+            "all three ran together"
+        );
+        for instance in &instances {
+            assert_eq!(instance.runs, 2 * (ROUNDS + 1), "every size, every round");
+        }
+    }
+
+    #[test]
+    fn an_instance_that_fails_fails_the_timing_without_stalling_the_others() {
+        let (mut instances, _) = counted(&[None, Some(3), None]);
+        let mut timed: Vec<&mut dyn Classifier> = instances
+            .iter_mut()
+            .map(|c| c as &mut dyn Classifier)
+            .collect();
+        let error = time_batches(&mut timed, &[1, 2]).unwrap_err();
+        assert!(error.to_string().contains("out of memory"), "{error}");
+        // The others ran the whole schedule: the failure did not leave them waiting.
+        assert_eq!(instances[0].runs, 2 * (ROUNDS + 1));
+        assert_eq!(instances[1].runs, 3, "no run after its failure");
     }
 
     fn ms(ms: f64) -> Duration {

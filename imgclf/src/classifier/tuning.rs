@@ -173,7 +173,7 @@ pub fn time_inference(
 
 /// Inference time per image at each of `batches`, on zero tensors, every one of `classifiers`
 /// running at once on its own thread: one untimed run of each size (which may compile its
-/// plan), then [`ROUNDS`] rounds that run every size in turn, all instances starting each size
+/// plan), then three rounds that run every size in turn, all instances starting each size
 /// together. A size's time in a round is the instances' mean; each size keeps its fastest round.
 pub fn time_batches(
     classifiers: &mut [&mut dyn Classifier],
@@ -190,13 +190,16 @@ pub fn time_batches(
         let mut failed = None;
         let mut times = Vec::with_capacity(schedule.len());
         for &batch in &schedule {
-            // A failed instance still meets the others at each start, so none waits forever.
+            // A failed (or panicked) instance still meets the others at each start, so none
+            // waits forever.
             start.wait();
             if failed.is_none() {
                 let started = Instant::now();
-                match classifier.classify(&zeros[..image_len * batch], batch) {
-                    Ok(_) => times.push(started.elapsed() / batch as u32),
-                    Err(error) => failed = Some(error),
+                let run = || classifier.classify(&zeros[..image_len * batch], batch);
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+                    Ok(Ok(_)) => times.push(started.elapsed() / batch as u32),
+                    Ok(Err(error)) => failed = Some(error),
+                    Err(_) => failed = Some(ClassifyError::Inference("the model panicked".into())),
                 }
             }
         }
@@ -226,7 +229,7 @@ pub fn time_batches(
         for (slot, (_, best)) in fastest.iter_mut().enumerate() {
             let step = round * batches.len() + slot;
             let total: Duration = per_instance.iter().map(|times| times[step]).sum();
-            *best = (*best).min(total / per_instance.len() as u32);
+            *best = (*best).min(total / per_instance.len().max(1) as u32);
         }
     }
     Ok(fastest)
@@ -324,13 +327,14 @@ mod tests {
     }
 
     /// Sleeps 2 ms per run and counts the instances inside `classify` at once; fails on its
-    /// `fail_on`-th run.
+    /// `fail_on`-th run and panics on its `panic_on`-th.
     struct Counted {
         spec: ModelSpec,
         inside: Arc<AtomicUsize>,
         most_at_once: Arc<AtomicUsize>,
         runs: usize,
         fail_on: Option<usize>,
+        panic_on: Option<usize>,
     }
 
     impl Classifier for Counted {
@@ -343,6 +347,9 @@ mod tests {
             if self.fail_on == Some(self.runs) {
                 return Err(ClassifyError::Inference("out of memory".into()));
             }
+            if self.panic_on == Some(self.runs) {
+                panic!("a bug in the backend");
+            }
             let now = self.inside.fetch_add(1, Ordering::SeqCst) + 1;
             self.most_at_once.fetch_max(now, Ordering::SeqCst);
             std::thread::sleep(Duration::from_millis(2));
@@ -351,19 +358,19 @@ mod tests {
         }
     }
 
-    fn counted(fail_on: &[Option<usize>]) -> (Vec<Counted>, Arc<AtomicUsize>) {
+    fn counted(n: usize) -> (Vec<Counted>, Arc<AtomicUsize>) {
         let mut spec = ModelSpec::load(crate::config::default_model_dir()).expect("the model");
         spec.transform.crop = 2;
         let inside = Arc::new(AtomicUsize::new(0));
         let most_at_once = Arc::new(AtomicUsize::new(0));
-        let instances = fail_on
-            .iter()
-            .map(|&fail_on| Counted {
+        let instances = (0..n)
+            .map(|_| Counted {
                 spec: spec.clone(),
                 inside: inside.clone(),
                 most_at_once: most_at_once.clone(),
                 runs: 0,
-                fail_on,
+                fail_on: None,
+                panic_on: None,
             })
             .collect();
         (instances, most_at_once)
@@ -371,7 +378,7 @@ mod tests {
 
     #[test]
     fn instances_are_timed_at_once() {
-        let (mut instances, most_at_once) = counted(&[None, None, None]);
+        let (mut instances, most_at_once) = counted(3);
         let mut timed: Vec<&mut dyn Classifier> = instances
             .iter_mut()
             .map(|c| c as &mut dyn Classifier)
@@ -389,17 +396,24 @@ mod tests {
     }
 
     #[test]
-    fn an_instance_that_fails_fails_the_timing_without_stalling_the_others() {
-        let (mut instances, _) = counted(&[None, Some(3), None]);
-        let mut timed: Vec<&mut dyn Classifier> = instances
-            .iter_mut()
-            .map(|c| c as &mut dyn Classifier)
-            .collect();
-        let error = time_batches(&mut timed, &[1, 2]).unwrap_err();
-        assert!(error.to_string().contains("out of memory"), "{error}");
-        // The others ran the whole schedule: the failure did not leave them waiting.
-        assert_eq!(instances[0].runs, 2 * (ROUNDS + 1));
-        assert_eq!(instances[1].runs, 3, "no run after its failure");
+    fn an_instance_that_fails_or_panics_fails_the_timing_without_stalling_the_others() {
+        for panics in [false, true] {
+            let (mut instances, _) = counted(3);
+            match panics {
+                false => instances[1].fail_on = Some(3),
+                true => instances[1].panic_on = Some(3),
+            }
+            let mut timed: Vec<&mut dyn Classifier> = instances
+                .iter_mut()
+                .map(|c| c as &mut dyn Classifier)
+                .collect();
+            let error = time_batches(&mut timed, &[1, 2]).unwrap_err();
+            let expected = if panics { "panicked" } else { "out of memory" };
+            assert!(error.to_string().contains(expected), "{error}");
+            // The others ran the whole schedule: the failure did not leave them waiting.
+            assert_eq!(instances[0].runs, 2 * (ROUNDS + 1));
+            assert_eq!(instances[1].runs, 3, "no run after its failure");
+        }
     }
 
     fn ms(ms: f64) -> Duration {

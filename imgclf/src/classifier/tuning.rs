@@ -9,11 +9,12 @@
 //! and the choice does not follow noise. Every instance known at start is timed at once, each
 //! on its own thread, as they run under load: they then share the caches and the memory bus,
 //! and a larger batch's buffers weigh more (EfficientNet-Lite0 on two cores of an Intel Xeon:
-//! timed alone, batch 4 or 8 was chosen; timed at once, 2 or 4, at the same throughput and with
-//! less memory). Wider margins threw away real gains: 5.5% on
-//! ResNet18 at batch 8 on an AMD EPYC of the Zen 5 class, and, with 3%, 2.8% of throughput
-//! under load on Lite0 at batch 2 on one of the Zen 4 class (timed 2.3% faster at start; the
-//! service's own work per batch is shared by its images too).
+//! timed alone, the batch ranged from 1 to 8 from one start to the next; timed at once, it was
+//! 4 or 2, at the same throughput, with a peak under load of 259–287 MiB against up to 367).
+//! Wider margins threw away real gains: 5.5% on ResNet18 at batch 8 on an AMD EPYC of the Zen 5
+//! class, and, with 3%, 2.8% of throughput under load on Lite0 at batch 2 on one of the Zen 4
+//! class (timed 2.3% faster at start; the service's own work per batch is shared by its images
+//! too).
 //!
 //! On the CPU there is one instance per core, and each decodes, preprocesses and classifies
 //! its own images (see [`super::ClassifierHandle::spawn_preprocessing`]): every core does both
@@ -326,7 +327,7 @@ mod tests {
         }
     }
 
-    /// Sleeps 2 ms per run and counts the instances inside `classify` at once; fails on its
+    /// Sleeps 10 ms per run (long enough to overlap on a busy machine) and counts the instances inside `classify` at once; fails on its
     /// `fail_on`-th run and panics on its `panic_on`-th.
     struct Counted {
         spec: ModelSpec,
@@ -352,7 +353,7 @@ mod tests {
             }
             let now = self.inside.fetch_add(1, Ordering::SeqCst) + 1;
             self.most_at_once.fetch_max(now, Ordering::SeqCst);
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_millis(10));
             self.inside.fetch_sub(1, Ordering::SeqCst);
             Ok(vec![vec![0.0; 2]; n])
         }

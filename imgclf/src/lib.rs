@@ -42,6 +42,7 @@
 
 #![warn(missing_docs)]
 
+mod affinity;
 pub mod classifier;
 pub mod config;
 #[cfg(feature = "conformance")]

@@ -13,6 +13,7 @@ use prometheus::Histogram;
 use tokio::sync::oneshot;
 
 use super::{Classifier, ClassifyError};
+use crate::affinity::OnFirstCore;
 use crate::model::ModelSpec;
 use crate::preprocess::{Crop, HelperThread, ImageError};
 
@@ -504,6 +505,11 @@ impl Pool {
             };
             // The only image in hand, and no other instance working: every core is free for it.
             let alone = requests.len() == 1 && self.busy.load(Ordering::Acquire) == 1;
+            // Its helpers have cores of their own: this thread keeps off them meanwhile.
+            let mut on_first_core = None;
+            if alone && self.helper_thread.is_some() {
+                on_first_core = OnFirstCore::pin();
+            }
             for request in requests {
                 let started = Instant::now();
                 let tensor = match request.input {
@@ -556,9 +562,15 @@ impl Pool {
                 _ => None,
             };
             let classified = match wide {
-                Some(mut wide) => wide.classify(&batch, n),
+                Some(mut wide) => {
+                    if on_first_core.is_none() {
+                        on_first_core = OnFirstCore::pin();
+                    }
+                    wide.classify(&batch, n)
+                }
                 None => classifier.classify(&batch, n),
             };
+            drop(on_first_core);
             self.busy.fetch_sub(1, Ordering::AcqRel);
             match classified {
                 Ok(rows) => {

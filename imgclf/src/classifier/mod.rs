@@ -241,7 +241,7 @@ pub fn spawn(
         }
     }
     for _ in classifiers.len()..choice.instances {
-        classifiers.push(build(name, spec.clone(), options)?);
+        classifiers.push(built()?);
     }
     if preprocess {
         let wide = match options.instances {
@@ -272,8 +272,9 @@ pub fn spawn(
 /// One more ort instance whose runs spread over every core, for an image that finds the
 /// single-threaded instances idle: under light load each image is classified in the time the
 /// cores take together (EfficientNet-Lite0 on two Zen 4 cores: 8.5 ms instead of 11.6;
-/// ResNet18: 22 instead of 38), and under load it stays idle. None for tract (one core per
-/// run), on one core, or when the threads per run are set; the instance count
+/// ResNet18: 22 instead of 38), and under load it stays idle. Where the process has cores of
+/// its own, its threads are pinned one per core (see [`crate::affinity`]). None for tract (one
+/// core per run), on one core, or when the threads per run are set; the instance count
 /// (`IMGCLF_INFERENCE_THREADS`) set turns it off too.
 fn wide_instance(
     name: &str,
@@ -284,19 +285,24 @@ fn wide_instance(
     if name != "ort" || cores < 2 || options.intra_threads != DEFAULT_INTRA_THREADS {
         return Ok(None);
     }
-    let wide_options = ClassifierOptions {
-        intra_threads: cores,
-        ..options.clone()
-    };
-    let mut wide = build(name, spec.clone(), &wide_options)?;
-    // Its first run allocates: not on a client's image.
-    wide.classify(&vec![0.0; spec.transform.tensor_len()], 1)?;
-    tracing::info!(
-        threads = cores,
-        "classifier: one more instance, on all {cores} cores, takes an image that finds the \
-         others idle"
-    );
-    Ok(Some(wide))
+    #[cfg(feature = "ort")]
+    {
+        let library = ort_library(spec, options)?;
+        let mut wide = OrtClassifier::over_every_core(spec.clone(), &library, cores)?;
+        // Its first run allocates: not on a client's image.
+        wide.classify(&vec![0.0; spec.transform.tensor_len()], 1)?;
+        tracing::info!(
+            threads = cores,
+            "classifier: one more instance, on all {cores} cores, takes an image that finds the \
+             others idle"
+        );
+        Ok(Some(Box::new(wide)))
+    }
+    #[cfg(not(feature = "ort"))]
+    {
+        let _ = spec; // `ort` is not compiled in: it did not start
+        Ok(None)
+    }
 }
 
 /// `auto`: ONNX Runtime when its library is found and loads, tract otherwise; one log line says
@@ -417,17 +423,7 @@ pub fn build(
         "tract" => Ok(Box::new(TractClassifier::new(spec)?)),
         #[cfg(feature = "ort")]
         "ort" => {
-            let library = options
-                .ort_library
-                .clone()
-                .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(Into::into))
-                .ok_or_else(|| {
-                    spec.invalid(
-                        "the ort classifier needs ONNX Runtime: set IMGCLF_ORT_LIB (or \
-                         ORT_DYLIB_PATH) to a libonnxruntime.so; scripts/setup-ort.sh extracts one \
-                         from the onnxruntime wheel on PyPI",
-                    )
-                })?;
+            let library = ort_library(&spec, options)?;
             Ok(Box::new(OrtClassifier::new(
                 spec,
                 &library,
@@ -440,6 +436,26 @@ pub fn build(
             Err(ClassifyError::Unknown(other.to_string()))
         }
     }
+}
+
+/// The `libonnxruntime.so` the ort backend loads: `IMGCLF_ORT_LIB`, else `ORT_DYLIB_PATH`.
+#[cfg(feature = "ort")]
+fn ort_library(
+    spec: &ModelSpec,
+    options: &ClassifierOptions,
+) -> Result<std::path::PathBuf, ClassifyError> {
+    options
+        .ort_library
+        .clone()
+        .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(Into::into))
+        .ok_or_else(|| {
+            spec.invalid(
+                "the ort classifier needs ONNX Runtime: set IMGCLF_ORT_LIB (or ORT_DYLIB_PATH) \
+                 to a libonnxruntime.so; scripts/setup-ort.sh extracts one from the onnxruntime \
+                 wheel on PyPI",
+            )
+            .into()
+        })
 }
 
 #[cfg(test)]

@@ -59,13 +59,33 @@ impl OrtClassifier {
             let session = shared_session(&spec, environment, intra_threads)?;
             (session, Provider::Cpu)
         } else {
-            let (session, runs_on) = session(&spec, environment, intra_threads, providers)?;
+            let (session, runs_on) = session(&spec, environment, intra_threads, providers, &[])?;
             (Arc::new(NamedSession::new(session, &spec)?), runs_on)
         };
         Ok(Self {
             spec,
             session,
             padding: (runs_on != Provider::Cpu).then(Padding::default),
+        })
+    }
+
+    /// On the CPU, each run spread over `cores` threads, for an image that has the machine to
+    /// itself. Where the process has cores of its own, the session's threads are pinned one
+    /// to each core after the first, which the calling thread is to keep to (see
+    /// `crate::affinity`). Its session is its own.
+    pub(crate) fn over_every_core(
+        spec: ModelSpec,
+        library: &Path,
+        cores: usize,
+    ) -> Result<Self, ClassifyError> {
+        let environment = environment(library).map_err(|e| spec.invalid(e))?;
+        let helpers = crate::affinity::other_cores();
+        let pinned = helpers.get(..cores.saturating_sub(1)).unwrap_or_default();
+        let (session, _) = session(&spec, environment, cores, &Providers::default(), pinned)?;
+        Ok(Self {
+            session: Arc::new(NamedSession::new(session, &spec)?),
+            spec,
+            padding: None,
         })
     }
 }
@@ -145,7 +165,7 @@ fn shared_session(
     if let Some(session) = found {
         return Ok(session);
     }
-    let (session, _) = session(spec, environment, intra_threads, &Providers::default())?;
+    let (session, _) = session(spec, environment, intra_threads, &Providers::default(), &[])?;
     let session = Arc::new(NamedSession::new(session, spec)?);
     let held = Arc::downgrade(&session);
     shared.push((spec.onnx_path.clone(), intra_threads, held));
@@ -153,12 +173,13 @@ fn shared_session(
 }
 
 /// Builds a session of `spec` on the first of `providers` that starts, else on the CPU; and
-/// says which.
+/// says which. `pinned`: the cores of the session's own threads, one each (none: unpinned).
 fn session(
     spec: &ModelSpec,
     environment: &'static Environment,
     intra_threads: usize,
     providers: &Providers,
+    pinned: &[usize],
 ) -> Result<(Session, Provider), ClassifyError> {
     let invalid = |e: String| {
         spec.invalid(format!(
@@ -166,7 +187,7 @@ fn session(
             spec.onnx_path.display()
         ))
     };
-    let mut builder = session_builder(environment, intra_threads).map_err(invalid)?;
+    let mut builder = session_builder(environment, intra_threads, pinned).map_err(invalid)?;
     let requested: Vec<Provider> = providers.accelerators().collect();
     let mut registered = Vec::new();
     for (i, &provider) in requested.iter().enumerate() {
@@ -188,7 +209,7 @@ fn session(
                     Provider::Cpu,
                 );
             }
-            session_builder(environment, intra_threads)
+            session_builder(environment, intra_threads, pinned)
                 .and_then(|mut b| {
                     b.commit_from_file(&spec.onnx_path)
                         .map_err(|e| e.to_string())
@@ -212,12 +233,13 @@ fn session(
     Ok((session, runs_on))
 }
 
-/// A session builder with the options every session shares.
+/// A session builder with the options every session shares; `pinned` as for [`session`].
 fn session_builder(
     environment: &'static Environment,
     intra_threads: usize,
+    pinned: &[usize],
 ) -> Result<SessionBuilder, String> {
-    Session::builder(environment)
+    let builder = Session::builder(environment)
         .map_err(|e| e.to_string())
         .and_then(|b| {
             b.with_optimization_level(GraphOptimizationLevel::Level3)
@@ -229,7 +251,15 @@ fn session_builder(
         })
         // Other instances and preprocessing share the cores: a thread that waits for work
         // sleeps rather than spin on a core another thread needs.
-        .and_then(|b| b.with_intra_op_spinning(false).map_err(|e| e.to_string()))
+        .and_then(|b| b.with_intra_op_spinning(false).map_err(|e| e.to_string()))?;
+    if pinned.is_empty() {
+        return Ok(builder);
+    }
+    // One entry per thread of its own; ONNX Runtime numbers the processors from 1.
+    let cores: Vec<String> = pinned.iter().map(|core| (core + 1).to_string()).collect();
+    builder
+        .with_config_entry("session.intra_op_thread_affinities", cores.join(";"))
+        .map_err(|e| e.to_string())
 }
 
 /// Adds `provider` to the session's providers; the error says why it cannot be used.
@@ -335,7 +365,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::{OrtClassifier, Padding};
-    use crate::classifier::Providers;
+    use crate::classifier::{Classifier, Providers};
     use crate::model::ModelSpec;
 
     /// Instances of a model with the same threads per run share one session while any of them
@@ -363,6 +393,66 @@ mod tests {
         let held = Arc::downgrade(&a.session);
         drop((a, b));
         assert!(held.upgrade().is_none(), "nothing else holds it");
+    }
+
+    /// Where the process has cores of its own, a session over every core pins its own
+    /// threads, one to each core after the first, and runs like the others.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_session_over_every_core_pins_its_threads_to_the_cores_after_the_first() {
+        let (Some(library), Some(own)) = (
+            std::env::var_os("IMGCLF_TEST_ORT_LIB"),
+            crate::affinity::own_cores(),
+        ) else {
+            return;
+        };
+        /// Each thread of this process, and the cores it may run on.
+        fn threads() -> Vec<(String, String)> {
+            let tasks = std::fs::read_dir("/proc/self/task").expect("a task list");
+            tasks
+                .filter_map(|task| {
+                    let task = task.ok()?;
+                    let status = std::fs::read_to_string(task.path().join("status")).ok()?;
+                    let cores = status
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
+                    Some((
+                        task.file_name().to_string_lossy().into(),
+                        cores.trim().into(),
+                    ))
+                })
+                .collect()
+        }
+        let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/efficientnet-lite0");
+        let spec = ModelSpec::load(model).expect("loads");
+        let before = threads();
+        let mut wide = OrtClassifier::over_every_core(spec.clone(), library.as_ref(), own.len())
+            .expect("ONNX Runtime loads the model");
+        let new: Vec<String> = (threads().into_iter())
+            .filter(|thread| !before.iter().any(|(id, _)| *id == thread.0))
+            .map(|(_, cores)| cores)
+            .collect();
+        for core in &own[1..] {
+            assert!(
+                new.contains(&core.to_string()),
+                "a thread on core {core}: {new:?}"
+            );
+        }
+        // Unpinned, at as many threads (a thread count the other tests do not count sessions of).
+        let threads = own.len();
+        let mut unpinned = OrtClassifier::new(
+            spec.clone(),
+            library.as_ref(),
+            threads,
+            &Providers::default(),
+        )
+        .expect("ONNX Runtime loads the model");
+        let image = vec![0.5; spec.transform.tensor_len()];
+        let logits = wide.classify(&image, 1).unwrap();
+        let expected = unpinned.classify(&image, 1).unwrap();
+        for (a, b) in logits[0].iter().zip(&expected[0]) {
+            assert!((a - b).abs() < 1e-3, "{a} against {b}");
+        }
     }
 
     #[test]

@@ -39,11 +39,17 @@ const POLL_BEFORE_SLEEP: Duration = Duration::from_millis(1);
 pub struct HelperThread(rayon::ThreadPool);
 
 impl HelperThread {
-    /// Starts the thread.
+    /// Starts the thread, on a core of its own where the process has cores of its own (see
+    /// `crate::affinity`): the thread it helps is then held on another.
     pub fn spawn() -> Result<Self, rayon::ThreadPoolBuildError> {
         rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .thread_name(|_| "imgclf-helper".into())
+            .start_handler(|_| {
+                if let Some(&core) = crate::affinity::other_cores().first() {
+                    crate::affinity::pin_current_thread(core);
+                }
+            })
             .build()
             .map(Self)
     }
@@ -145,4 +151,44 @@ fn fill<E>(
     rows(&mut |row| each_row(row, out_rows.next().expect("no more rows than `out` has")))?;
     assert!(out_rows.next().is_none(), "every row of `out`");
     Ok(())
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use crate::affinity::{own_cores, OnFirstCore};
+
+    #[allow(unsafe_code)]
+    fn running_on() -> u8 {
+        // SAFETY: sched_getcpu has no preconditions.
+        unsafe { libc::sched_getcpu() as u8 }
+    }
+
+    /// Where the process has cores of its own, the two parts of an image run on two cores:
+    /// the helper on the second, the thread it helps held on the first.
+    #[test]
+    fn the_helper_works_on_a_core_of_its_own_beside_the_thread_it_helps() {
+        let Some(own) = own_cores() else {
+            return; // one core, or a CPU quota: nothing is pinned
+        };
+        let helper = HelperThread::spawn().expect("a thread");
+        std::thread::spawn(move || {
+            let _held = OnFirstCore::pin().expect("pinned");
+            for _ in 0..20 {
+                let mut cores = [0; 2];
+                let each_row = |row: &[u8], out: &mut [u8]| out.copy_from_slice(row);
+                let part = |push: &mut dyn FnMut(&[u8])| {
+                    push(&[running_on()]);
+                    Ok::<_, ()>(())
+                };
+                helper
+                    .fill_in_two(&mut cores, 1, 1, &each_row, part, part)
+                    .unwrap();
+                assert_eq!(cores, [own[0] as u8, own[1] as u8]);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+        .join()
+        .unwrap();
+    }
 }

@@ -41,7 +41,7 @@ pub(crate) fn pin_current_thread(core: usize) {
 }
 
 /// The calling thread held on the first of [`own_cores`] until dropped, when it may run on
-/// every core it could before.
+/// every core it could before. A thread it starts meanwhile would inherit the pin: start none.
 pub(crate) struct OnFirstCore(Vec<usize>);
 
 impl OnFirstCore {

@@ -503,6 +503,8 @@ impl Pool {
                 }
                 Next::Closed => return,
             };
+            // Before any pin below: a thread started from a pinned one would inherit the pin.
+            self.watch_backlog(waiting);
             // The only image in hand, and no other instance working: every core is free for it.
             let alone = requests.len() == 1 && self.busy.load(Ordering::Acquire) == 1;
             // Its helpers have cores of their own: this thread keeps off them meanwhile.
@@ -544,7 +546,6 @@ impl Pool {
                     Err(error) => answers.push((request.reply, Err(error))),
                 }
             }
-            self.watch_backlog(waiting);
             let n = replies.len();
             if n == 0 {
                 self.busy.fetch_sub(1, Ordering::AcqRel);

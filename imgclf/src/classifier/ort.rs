@@ -438,12 +438,11 @@ mod tests {
                 "a thread on core {core}: {new:?}"
             );
         }
-        // Unpinned, at as many threads (a thread count the other tests do not count sessions of).
-        let threads = own.len();
+        // Unpinned, at as many threads (no other test counts the holders of such a session).
         let mut unpinned = OrtClassifier::new(
             spec.clone(),
             library.as_ref(),
-            threads,
+            own.len(),
             &Providers::default(),
         )
         .expect("ONNX Runtime loads the model");

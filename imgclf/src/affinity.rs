@@ -105,6 +105,14 @@ fn set_current_thread(_: &[usize]) -> std::io::Result<()> {
     Err(std::io::ErrorKind::Unsupported.into())
 }
 
+/// The core the calling thread runs on now, for the tests.
+#[cfg(all(test, target_os = "linux"))]
+#[allow(unsafe_code)]
+pub(crate) fn running_on() -> usize {
+    // SAFETY: sched_getcpu has no preconditions.
+    unsafe { libc::sched_getcpu() as usize }
+}
+
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
@@ -119,10 +127,7 @@ mod tests {
             {
                 let _held = OnFirstCore::pin().expect("pinned");
                 assert_eq!(allowed_cores().unwrap(), [own[0]]);
-                // SAFETY: sched_getcpu has no preconditions.
-                #[allow(unsafe_code)]
-                let running_on = unsafe { libc::sched_getcpu() };
-                assert_eq!(running_on as usize, own[0]);
+                assert_eq!(running_on(), own[0]);
             }
             assert_eq!(allowed_cores().unwrap(), before);
         })

@@ -327,8 +327,8 @@ mod tests {
         }
     }
 
-    /// Sleeps 10 ms per run (long enough to overlap on a busy machine) and counts the instances inside `classify` at once; fails on its
-    /// `fail_on`-th run and panics on its `panic_on`-th.
+    /// Sleeps 10 ms per run (long enough to overlap on a busy machine) and counts the instances
+    /// inside `classify` at once; fails on its `fail_on`-th run and panics on its `panic_on`-th.
     struct Counted {
         spec: ModelSpec,
         inside: Arc<AtomicUsize>,

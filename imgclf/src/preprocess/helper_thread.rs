@@ -156,13 +156,7 @@ fn fill<E>(
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
-    use crate::affinity::{own_cores, OnFirstCore};
-
-    #[allow(unsafe_code)]
-    fn running_on() -> u8 {
-        // SAFETY: sched_getcpu has no preconditions.
-        unsafe { libc::sched_getcpu() as u8 }
-    }
+    use crate::affinity::{own_cores, running_on, OnFirstCore};
 
     /// Where the process has cores of its own, the two parts of an image run on two cores:
     /// the helper on the second, the thread it helps held on the first.
@@ -178,7 +172,7 @@ mod tests {
                 let mut cores = [0; 2];
                 let each_row = |row: &[u8], out: &mut [u8]| out.copy_from_slice(row);
                 let part = |push: &mut dyn FnMut(&[u8])| {
-                    push(&[running_on()]);
+                    push(&[running_on() as u8]);
                     Ok::<_, ()>(())
                 };
                 helper

@@ -1047,6 +1047,11 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
+        // A reply written in pieces (a streamed image, a long list) must not wait for the
+        // client's delayed acknowledgement of the piece before it, as Nagle's algorithm would.
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "TCP_NODELAY could not be set");
+        }
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {

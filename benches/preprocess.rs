@@ -1,10 +1,11 @@
 //! Decode + preprocess per image size (small, 640x480 and 2560x1600) and per kind of large
 //! JPEG (progressive; a phone's portrait, stored turned with an EXIF orientation), with the
 //! allocator set up as the binaries set it; and each JPEG's lower rows decoded on a second
-//! thread, as an image alone on the machine is.
+//! thread, as an image alone on the machine is. Also the check each upload gets where it
+//! arrives, on the JPEGs (headers only).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use imgclf::preprocess::{decode_rgb8, HelperThread, Transform};
+use imgclf::preprocess::{decode_rgb8, validate_headers, HelperThread, Transform};
 use imgclf_suite::{encode_jpeg, image, with_exif_orientation};
 
 /// The 2560x1600 photo re-encoded as progressive JPEG, at quality 90.
@@ -43,6 +44,11 @@ fn preprocess(c: &mut Criterion) {
             |b, bytes| b.iter(|| transform.tensor_from_bytes(bytes, u64::MAX).unwrap()),
         );
         if name.ends_with(".jpg") {
+            group.bench_with_input(
+                BenchmarkId::new("upload check", &name),
+                &bytes,
+                |b, bytes| b.iter(|| validate_headers(bytes, u64::MAX).unwrap().unwrap()),
+            );
             group.bench_with_input(
                 BenchmarkId::new("decode+transform, two threads", &name),
                 &bytes,

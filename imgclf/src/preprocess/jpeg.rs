@@ -55,13 +55,25 @@ const CROP_MARGIN: usize = 4;
 const ROW_ALIGNMENT: usize = 64;
 const ROW_START: usize = 8;
 
+/// A JPEG's stored width and height, from libjpeg's read of its header.
+pub(super) fn size(bytes: &[u8], budget: &Budget) -> Result<(u32, u32), ImageError> {
+    with_decoder(bytes, budget, |decoder| decoder.size32())
+}
+
 /// Checks a JPEG as far as libjpeg can without decoding pixels: markers, tables, frame and
-/// scan headers, and that the data is not cut short. `Ok(false)` for colour spaces libjpeg does
-/// not turn into RGB, which the caller checks another way.
-pub(super) fn check(bytes: &[u8], budget: &Budget) -> Result<bool, ImageError> {
+/// scan headers, the size against `max_pixels`, and that the data is not cut short. Returns
+/// the stored size, and whether that settles it: `false` for colour spaces libjpeg does not
+/// turn into RGB, which the caller checks another way.
+pub(super) fn check(
+    bytes: &[u8],
+    max_pixels: u64,
+    budget: &Budget,
+) -> Result<((u32, u32), bool), ImageError> {
     let checked = with_decoder(bytes, budget, |decoder| {
+        let size = decoder.size32();
+        super::check_pixels(size.0, size.1, max_pixels)?;
         if !decoder.converts_to_rgb() {
-            return Ok(false);
+            return Ok((size, false));
         }
         // libjpeg would entropy-decode every scan of a progressive file before its first row,
         // the costliest part of decoding it, only to do it again in the worker: count the
@@ -76,7 +88,7 @@ pub(super) fn check(bytes: &[u8], budget: &Budget) -> Result<bool, ImageError> {
             decoder.cinfo.buffered_image = true as boolean;
         }
         decoder.start(); // frame and first scan headers must make sense together
-        Ok(true)
+        Ok((size, true))
     });
     checked?
 }
@@ -355,10 +367,10 @@ impl<'a> Decoder<'a> {
 
     /// Its size, EXIF orientation and whether libjpeg decodes it to RGB.
     pub(super) fn header(&self) -> Header {
-        let (width, height) = self.size();
+        let (width, height) = self.size32();
         Header {
-            width: width as u32,
-            height: height as u32,
+            width,
+            height,
             orientation: self.exif_orientation(),
             rgb: self.converts_to_rgb(),
             // SAFETY: the header has been read.
@@ -378,10 +390,12 @@ impl<'a> Decoder<'a> {
     }
 
     fn size(&self) -> (usize, usize) {
-        (
-            self.cinfo.image_width as usize,
-            self.cinfo.image_height as usize,
-        )
+        let (width, height) = self.size32();
+        (width as usize, height as usize)
+    }
+
+    fn size32(&self) -> (u32, u32) {
+        (self.cinfo.image_width, self.cinfo.image_height)
     }
 
     /// The orientation in the first EXIF block, as `image` reads it.

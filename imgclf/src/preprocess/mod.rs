@@ -181,14 +181,38 @@ pub fn inspect(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, ImageError> {
 }
 
 fn inspect_within(bytes: &[u8], max_pixels: u64, budget: &Budget) -> Result<ImageInfo, ImageError> {
-    let (format, decoder) = open(bytes, max_pixels, budget)?;
-    let (width, height) = decoder.dimensions();
+    let format = format_of(bytes)?;
+    let (width, height) = match format {
+        // libjpeg reads the header where it lies; `image`'s decoder would copy the whole file.
+        ImageFormat::Jpeg => jpeg::size(bytes, budget)?,
+        _ => open_as(format, bytes, max_pixels, budget)?.dimensions(),
+    };
     check_pixels(width, height, max_pixels)?;
     Ok(ImageInfo {
         format,
         width,
         height,
     })
+}
+
+/// [`inspect_within`], and whether the headers settle that the upload is whole: an RGB JPEG,
+/// checked by libjpeg in one read of its header.
+fn inspect_settling(
+    bytes: &[u8],
+    max_pixels: u64,
+    budget: &Budget,
+) -> Result<(ImageInfo, bool), ImageError> {
+    let format = format_of(bytes)?;
+    if format != ImageFormat::Jpeg {
+        return Ok((inspect_within(bytes, max_pixels, budget)?, false));
+    }
+    let ((width, height), settled) = jpeg::check(bytes, max_pixels, budget)?;
+    let info = ImageInfo {
+        format,
+        width,
+        height,
+    };
+    Ok((info, settled))
 }
 
 /// Whether an upload is a whole image worth storing. JPEGs get libjpeg's header and
@@ -234,16 +258,8 @@ impl Crop {
 /// arrived: `Some` when it settles that the upload is whole (an RGB JPEG, whose headers are all
 /// its check reads), `None` when only [`validate`] can tell.
 pub fn validate_headers(bytes: &[u8], max_pixels: u64) -> Result<Option<ImageInfo>, ImageError> {
-    let budget = Budget::start();
-    let info = inspect_within(bytes, max_pixels, &budget)?;
-    Ok(settled_by_headers(bytes, &info, &budget)?.then_some(info))
-}
-
-fn settled_by_headers(bytes: &[u8], info: &ImageInfo, budget: &Budget) -> Result<bool, ImageError> {
-    match info.format {
-        ImageFormat::Jpeg => jpeg::check(bytes, budget),
-        _ => Ok(false),
-    }
+    let (info, settled) = inspect_settling(bytes, max_pixels, &Budget::start())?;
+    Ok(settled.then_some(info))
 }
 
 /// A PNG not to be kept is checked without building its RGB image.
@@ -253,8 +269,8 @@ fn check(
     keep: bool,
 ) -> Result<(ImageInfo, Option<RgbImage>), ImageError> {
     let budget = Budget::start();
-    let info = inspect_within(bytes, max_pixels, &budget)?;
-    if settled_by_headers(bytes, &info, &budget)? {
+    let (info, settled) = inspect_settling(bytes, max_pixels, &budget)?;
+    if settled {
         return Ok((info, None));
     }
     match info.format {
@@ -364,6 +380,12 @@ fn open<'a>(
     max_pixels: u64,
     budget: &'a Budget,
 ) -> Result<(ImageFormat, Box<dyn ImageDecoder + 'a>), ImageError> {
+    let format = format_of(bytes)?;
+    Ok((format, open_as(format, bytes, max_pixels, budget)?))
+}
+
+/// The format its magic bytes name, if it is one accepted.
+fn format_of(bytes: &[u8]) -> Result<ImageFormat, ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
@@ -371,12 +393,22 @@ fn open<'a>(
     if !ACCEPTED_FORMATS.contains(&format) {
         return Err(ImageError::UnsupportedFormat);
     }
+    Ok(format)
+}
+
+/// [`open`] of bytes known to be in `format`.
+fn open_as<'a>(
+    format: ImageFormat,
+    bytes: &'a [u8],
+    max_pixels: u64,
+    budget: &'a Budget,
+) -> Result<Box<dyn ImageDecoder + 'a>, ImageError> {
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(max_alloc(format, max_pixels));
     let mut reader = ImageReader::with_format(BudgetReader::new(bytes, budget), format);
     reader.limits(limits);
     let decoder = reader.into_decoder().map_err(|e| decode_error(e, budget))?;
-    Ok((format, Box::new(decoder)))
+    Ok(Box::new(decoder))
 }
 
 /// Bytes a decoder of `format` may allocate under a cap of `max_pixels`. GIF decodes to RGBA8

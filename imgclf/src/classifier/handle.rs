@@ -514,36 +514,45 @@ impl Pool {
             }
             for request in requests {
                 let started = Instant::now();
-                let tensor = match request.input {
-                    Input::Tensor(tensor) => Ok(tensor),
-                    Input::Cropped(crop) => Ok(transform.tensor_from_crop(&crop)),
+                // Each tensor is written straight into the batch, not made apart and copied.
+                let start = batch.len();
+                let written = match request.input {
+                    Input::Tensor(tensor) => {
+                        batch.extend_from_slice(&tensor);
+                        Ok(())
+                    }
+                    Input::Cropped(crop) => {
+                        transform.append_tensor_from_crop(&crop, &mut batch);
+                        Ok(())
+                    }
                     Input::Image { bytes, max_pixels } => {
                         let helper_thread = match &self.helper_thread {
                             Some(thread) if alone => thread.try_lock().ok(),
                             _ => None,
                         };
-                        preprocess(&transform, &bytes, max_pixels, helper_thread.as_deref())
+                        let helper_thread = helper_thread.as_deref();
+                        preprocess(&transform, &bytes, max_pixels, helper_thread, &mut batch)
                             .map_err(ClassifyImageError::Image)
                     }
                 };
-                let tensor = tensor.and_then(|tensor| {
-                    if tensor.len() == len {
-                        Ok(tensor)
-                    } else {
+                let written = written.and_then(|()| match batch.len() - start {
+                    values if values == len => Ok(()),
+                    values => {
                         let error = ClassifyError::Inference(format!(
-                            "tensor of {} values, expected {len}",
-                            tensor.len()
+                            "tensor of {values} values, expected {len}"
                         ));
                         Err(ClassifyImageError::Classify(Arc::new(error)))
                     }
                 });
-                match tensor {
-                    Ok(tensor) => {
-                        batch.extend_from_slice(&tensor);
+                match written {
+                    Ok(()) => {
                         replies.push(request.reply);
                         preprocessed.push(started.elapsed());
                     }
-                    Err(error) => answers.push((request.reply, Err(error))),
+                    Err(error) => {
+                        batch.truncate(start);
+                        answers.push((request.reply, Err(error)));
+                    }
                 }
             }
             let n = replies.len();
@@ -643,17 +652,18 @@ fn helper_thread(preprocesses: bool) -> Option<Mutex<HelperThread>> {
         .map(Mutex::new)
 }
 
-/// An image's tensor, made on an inference thread (helped by `helper_thread` if given): a
-/// decoder's panic (a bug, in a crate or in libjpeg) fails the image, not the thread.
+/// An image's tensor, made on an inference thread (helped by `helper_thread` if given) at the
+/// end of `batch`: a decoder's panic (a bug, in a crate or in libjpeg) fails the image, not
+/// the thread.
 fn preprocess(
     transform: &crate::preprocess::Transform,
     bytes: &[u8],
     max_pixels: u64,
     helper_thread: Option<&HelperThread>,
-) -> Result<Vec<f32>, ImageError> {
-    std::panic::catch_unwind(AssertUnwindSafe(|| match helper_thread {
-        Some(thread) => transform.tensor_from_bytes_on_two_threads(bytes, max_pixels, thread),
-        None => transform.tensor_from_bytes(bytes, max_pixels),
+    batch: &mut Vec<f32>,
+) -> Result<(), ImageError> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| {
+        transform.append_tensor_from_bytes(bytes, max_pixels, helper_thread, batch)
     }))
     .unwrap_or_else(|_| {
         Err(ImageError::Undecodable(

@@ -482,7 +482,9 @@ impl Transform {
     /// Decodes and transforms one image into a CHW tensor. A JPEG is decoded only where the
     /// resize reads it; the tensor is the same as from the whole image.
     pub fn tensor_from_bytes(&self, bytes: &[u8], max_pixels: u64) -> Result<Vec<f32>, ImageError> {
-        self.tensor_from_bytes_helped(bytes, max_pixels, None)
+        let mut tensor = Vec::new();
+        self.append_tensor_from_bytes(bytes, max_pixels, None, &mut tensor)?;
+        Ok(tensor)
     }
 
     /// [`Self::tensor_from_bytes`], the same tensor, with a JPEG of at least a quarter of a
@@ -494,25 +496,46 @@ impl Transform {
         max_pixels: u64,
         helper: &HelperThread,
     ) -> Result<Vec<f32>, ImageError> {
-        self.tensor_from_bytes_helped(bytes, max_pixels, Some(helper))
+        let mut tensor = Vec::new();
+        self.append_tensor_from_bytes(bytes, max_pixels, Some(helper), &mut tensor)?;
+        Ok(tensor)
     }
 
-    fn tensor_from_bytes_helped(
+    /// [`Self::tensor_from_bytes`] (on two threads with `helper`) written at the end of `out`,
+    /// a batch being put together, so the tensor is not made apart and copied in. On an error
+    /// `out` is as it was.
+    pub(crate) fn append_tensor_from_bytes(
         &self,
         bytes: &[u8],
         max_pixels: u64,
         helper: Option<&HelperThread>,
-    ) -> Result<Vec<f32>, ImageError> {
+        out: &mut Vec<f32>,
+    ) -> Result<(), ImageError> {
+        let start = out.len();
+        let written = self.write_tensor(bytes, max_pixels, helper, out);
+        if written.is_err() {
+            out.truncate(start); // whichever step failed
+        }
+        written
+    }
+
+    fn write_tensor(
+        &self,
+        bytes: &[u8],
+        max_pixels: u64,
+        helper: Option<&HelperThread>,
+        out: &mut Vec<f32>,
+    ) -> Result<(), ImageError> {
         let budget = Budget::start();
         if image::guess_format(bytes).ok() == Some(ImageFormat::Jpeg) {
             // One libjpeg decoder reads the header and then only the rows the resize needs.
-            let tensor = jpeg::with_decoder(bytes, &budget, |decoder| {
+            let done = jpeg::with_decoder(bytes, &budget, |decoder| {
                 let header = decoder.header();
                 let (width, height, orientation) =
                     (header.width, header.height, header.orientation);
                 check_pixels(width, height, max_pixels)?;
                 if !header.rgb {
-                    return Ok(None);
+                    return Ok(false);
                 }
                 let (shown_w, shown_h) = if turns(orientation) {
                     (height, width)
@@ -615,13 +638,14 @@ impl Transform {
                         }
                     }
                 };
-                Ok(Some(self.normalise(plan.window().width, &window)))
+                self.normalise(plan.window().width, &window, out);
+                Ok(true)
             })??;
-            if let Some(tensor) = tensor {
-                return Ok(tensor);
+            if done {
+                return Ok(());
             }
         }
-        self.tensor_from_decoded(bytes, max_pixels, &budget)
+        self.tensor_from_decoded(bytes, max_pixels, &budget, out)
     }
 
     /// Any format but an RGB JPEG: 8-bit grey, grey + alpha, RGB or RGBA shown as stored (the
@@ -632,7 +656,8 @@ impl Transform {
         bytes: &[u8],
         max_pixels: u64,
         budget: &Budget,
-    ) -> Result<Vec<f32>, ImageError> {
+        out: &mut Vec<f32>,
+    ) -> Result<(), ImageError> {
         let (_, mut decoder) = open(bytes, max_pixels, budget)?;
         let (width, height) = decoder.dimensions();
         check_pixels(width, height, max_pixels)?;
@@ -649,7 +674,9 @@ impl Transform {
         );
         if channels == 0 || !upright {
             let rgb = decode_rgb8_within(bytes, max_pixels, budget)?;
-            return Ok(self.tensor_from_rgb(&rgb));
+            let (width, height) = rgb.dimensions();
+            self.tensor_from_packed(rgb.as_raw(), width, height, out);
+            return Ok(());
         }
         let len = usize::try_from(decoder.total_bytes()).map_err(|_| {
             ImageError::TooCostly("the image is larger than this machine can address".into())
@@ -659,17 +686,21 @@ impl Transform {
             .read_image(&mut raw)
             .map_err(|e| decode_error(e, budget))?;
         if channels == 3 {
-            return Ok(self.tensor_from_packed(&raw, width, height));
+            self.tensor_from_packed(&raw, width, height, out);
+            return Ok(());
         }
         let mut rgb = Scratch::zeroed(width as usize * height as usize * 3);
         rgb_into(&raw, channels, &mut rgb);
-        Ok(self.tensor_from_packed(&rgb, width, height))
+        self.tensor_from_packed(&rgb, width, height, out);
+        Ok(())
     }
 
     /// Resizes, crops and normalises an RGB image into a CHW tensor.
     pub fn tensor_from_rgb(&self, rgb: &RgbImage) -> Vec<f32> {
         let (width, height) = rgb.dimensions();
-        self.tensor_from_packed(rgb.as_raw(), width, height)
+        let mut tensor = Vec::new();
+        self.tensor_from_packed(rgb.as_raw(), width, height, &mut tensor);
+        tensor
     }
 
     /// The first half of [`Self::tensor_from_rgb`]: the image resized and cropped.
@@ -684,13 +715,20 @@ impl Transform {
 
     /// The second half of [`Self::tensor_from_rgb`]: the same tensor, bit for bit.
     pub fn tensor_from_crop(&self, crop: &Crop) -> Vec<f32> {
-        self.normalise(crop.width, &crop.pixels)
+        let mut tensor = Vec::new();
+        self.append_tensor_from_crop(crop, &mut tensor);
+        tensor
     }
 
-    /// [`Self::tensor_from_rgb`] of packed RGB8 rows.
-    fn tensor_from_packed(&self, rgb: &[u8], width: u32, height: u32) -> Vec<f32> {
+    /// [`Self::tensor_from_crop`] written at the end of `out`, a batch being put together.
+    pub(crate) fn append_tensor_from_crop(&self, crop: &Crop, out: &mut Vec<f32>) {
+        self.normalise(crop.width, &crop.pixels, out);
+    }
+
+    /// [`Self::tensor_from_rgb`] of packed RGB8 rows, written at the end of `out`.
+    fn tensor_from_packed(&self, rgb: &[u8], width: u32, height: u32, out: &mut Vec<f32>) {
         let (plan, pixels) = self.resized(rgb, width, height);
-        self.normalise(plan.window().width, &pixels)
+        self.normalise(plan.window().width, &pixels, out);
     }
 
     /// Packed RGB8 rows resized and cropped, and the plan that did it.
@@ -717,15 +755,25 @@ impl Transform {
         Plan::new(width, height, new_w, new_h, window)
     }
 
-    /// Packed RGB8 rows of the crop, `width` pixels each, to a normalised CHW tensor.
-    fn normalise(&self, width: usize, pixels: &[u8]) -> Vec<f32> {
+    /// Packed RGB8 rows of the crop, `width` pixels each, to a normalised CHW tensor written at
+    /// the end of `out`.
+    fn normalise(&self, width: usize, pixels: &[u8], out: &mut Vec<f32>) {
         let luts: [[f32; 256]; 3] = std::array::from_fn(|c| {
             std::array::from_fn(|v| (v as f32 / 255.0 - self.mean[c]) / self.std[c])
         });
         let side = self.crop as usize;
         let plane = side * side;
-        let mut out = vec![0.0f32; 3 * plane];
-        let (r, rest) = out.split_at_mut(plane);
+        if width == side && pixels.len() == 3 * plane {
+            // A whole crop: each plane written in order, with no pass that zeroes it first.
+            out.reserve(3 * plane);
+            for (c, lut) in luts.iter().enumerate() {
+                out.extend(pixels.chunks_exact(3).map(|px| lut[px[c] as usize]));
+            }
+            return;
+        }
+        let start = out.len();
+        out.resize(start + 3 * plane, 0.0);
+        let (r, rest) = out[start..].split_at_mut(plane);
         let (g, b) = rest.split_at_mut(plane);
         for (y, row) in pixels.chunks_exact(width * 3).enumerate() {
             let at = y * side;
@@ -735,7 +783,6 @@ impl Transform {
                 b[at + x] = luts[2][px[2] as usize];
             }
         }
-        out
     }
 }
 
@@ -827,5 +874,48 @@ mod tests {
         assert!((tensor[0] - expected_r).abs() < 1e-5);
         let expected_b = (1.0 - 0.406) / 0.225;
         assert!((tensor[3 * 224 * 224 - 1] - expected_b).abs() < 1e-5);
+    }
+
+    #[test]
+    fn a_batch_gets_each_tensor_after_the_last_and_loses_nothing_to_a_failure() {
+        let photo = |format, width, height| {
+            let rgb = image::RgbImage::from_fn(width, height, |x, y| {
+                image::Rgb([
+                    (x * 7 % 256) as u8,
+                    (y * 5 % 256) as u8,
+                    ((x + y) % 256) as u8,
+                ])
+            });
+            let mut bytes = Vec::new();
+            rgb.write_to(&mut Cursor::new(&mut bytes), format).unwrap();
+            bytes
+        };
+        let (jpeg, png) = (
+            photo(ImageFormat::Jpeg, 400, 300),
+            photo(ImageFormat::Png, 250, 330),
+        );
+        let t = Transform::default();
+        let mut batch = Vec::new();
+        t.append_tensor_from_bytes(&jpeg, u64::MAX, None, &mut batch)
+            .unwrap();
+        // Refused for each kind of reason: not an image, cut short, too many pixels.
+        let cut = &jpeg[..jpeg.len() * 2 / 3];
+        for bad in [&b"not an image"[..], &png[..png.len() / 2], cut] {
+            t.append_tensor_from_bytes(bad, u64::MAX, None, &mut batch)
+                .unwrap_err();
+        }
+        t.append_tensor_from_bytes(&png, 1_000, None, &mut batch)
+            .unwrap_err();
+        t.append_tensor_from_bytes(&png, u64::MAX, None, &mut batch)
+            .unwrap();
+        let crop = t.crop(&decode_rgb8(&png, u64::MAX).unwrap());
+        t.append_tensor_from_crop(&crop, &mut batch);
+        let png_tensor = t.tensor_from_bytes(&png, u64::MAX).unwrap();
+        let expected = [
+            t.tensor_from_bytes(&jpeg, u64::MAX).unwrap(),
+            png_tensor.clone(),
+            png_tensor,
+        ];
+        assert_eq!(batch, expected.concat());
     }
 }

@@ -502,24 +502,9 @@ impl Transform {
     }
 
     /// [`Self::tensor_from_bytes`] (on two threads with `helper`) written at the end of `out`,
-    /// a batch being put together, so the tensor is not made apart and copied in. On an error
-    /// `out` is as it was.
+    /// a batch being put together, so the tensor is not made apart and copied in. The tensor
+    /// is written last, once the image is decoded: on an error `out` is as it was.
     pub(crate) fn append_tensor_from_bytes(
-        &self,
-        bytes: &[u8],
-        max_pixels: u64,
-        helper: Option<&HelperThread>,
-        out: &mut Vec<f32>,
-    ) -> Result<(), ImageError> {
-        let start = out.len();
-        let written = self.write_tensor(bytes, max_pixels, helper, out);
-        if written.is_err() {
-            out.truncate(start); // whichever step failed
-        }
-        written
-    }
-
-    fn write_tensor(
         &self,
         bytes: &[u8],
         max_pixels: u64,

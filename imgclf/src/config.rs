@@ -212,6 +212,14 @@ pub struct Settings {
     /// and 8 whose time per image is within 1% of the best].
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_MAX_BATCH"))]
     pub max_batch: Option<usize>,
+    /// Run the service's own threads (HTTP, storage, records) under Linux's batch policy, so
+    /// that their wake-ups wait for a model thread's turn instead of interrupting it; false
+    /// for the normal policy everywhere.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "IMGCLF_BATCH_SCHEDULING", default_value_t = true, action = clap::ArgAction::Set)
+    )]
+    pub batch_scheduling: bool,
     /// Most decoded pixels per image (stops decompression bombs).
     #[cfg_attr(
         feature = "cli",
@@ -318,6 +326,7 @@ impl Default for Settings {
             inference_threads: None,
             ort_providers: classifier::Providers::default(),
             max_batch: None,
+            batch_scheduling: true,
             max_pixels: crate::preprocess::DEFAULT_MAX_PIXELS,
             top_k: pipeline::DEFAULT_TOP_K,
             max_attempts: pipeline::DEFAULT_MAX_ATTEMPTS,
@@ -359,6 +368,7 @@ impl std::fmt::Debug for Settings {
             .field("ort_providers", &self.ort_providers)
             .field("model", &self.model)
             .field("max_batch", &self.max_batch)
+            .field("batch_scheduling", &self.batch_scheduling)
             .field("max_pixels", &self.max_pixels)
             .field("top_k", &self.top_k)
             .field("max_queue_depth", &self.max_queue_depth)

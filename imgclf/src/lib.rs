@@ -57,6 +57,7 @@ pub mod pipeline;
 pub mod preprocess;
 pub mod queue;
 pub mod results;
+pub mod scheduling;
 pub mod storage;
 pub mod task;
 

@@ -465,6 +465,7 @@ impl Pool {
         let thread = std::thread::Builder::new()
             .name(format!("imgclf-infer-{i}"))
             .spawn(move || {
+                crate::scheduling::model_thread();
                 let (len, n) = (classifier.spec().transform.tensor_len(), pool.max_batch);
                 match classifier.classify(&vec![0.0; len * n], n) {
                     Ok(_) => {

@@ -46,6 +46,7 @@ impl HelperThread {
             .num_threads(1)
             .thread_name(|_| "imgclf-helper".into())
             .start_handler(|_| {
+                crate::scheduling::model_thread();
                 if let Some(&core) = crate::affinity::other_cores().first() {
                     crate::affinity::pin_current_thread(core);
                 }

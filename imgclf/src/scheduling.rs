@@ -7,13 +7,13 @@
 //! inter-processor interrupt too. [`yield_to_the_model`] marks the service's threads
 //! `SCHED_BATCH`: a woken one waits for the running thread's turn to end (a few milliseconds
 //! at most) instead, and still gets its fair share of the cores. The model's threads run
-//! under the normal policy ([`model_thread`]). A thread woken on an idle core runs at once
-//! under either policy, so a lone request waits for nothing.
+//! under the normal policy. A thread woken on an idle core runs at once under either policy,
+//! so a lone request waits for nothing.
 //!
-//! EfficientNet-Lite0 embedded, 16 clients, ten rounds each, alternating (Intel Xeon, model
-//! 167, 2 cores): 162.9 against 159.5 images/s, ahead in nine of ten rounds. In a profile of
-//! the distributed worker, the interrupts that preempt its model threads took 3% of all
-//! samples. Off Linux nothing changes.
+//! EfficientNet-Lite0 embedded, 16 clients, alternating with the normal policy (Intel Xeon,
+//! model 167, 2 cores): 176.5 against 171.5 images/s (mean of eight rounds, ahead in seven).
+//! In a profile of the distributed worker, the interrupts that preempted its model threads
+//! took 3% of all samples. Off Linux nothing changes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -41,22 +41,11 @@ fn main() -> anyhow::Result<()> {
     imgclf::tune_malloc();
     dotenvy::dotenv().ok();
     let args = Args::parse();
-    // Before the runtime starts its threads, which inherit it.
-    let yielding = args
-        .settings
-        .batch_scheduling
-        .then(imgclf::scheduling::yield_to_the_model);
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run(args, yielding))
+    imgclf::logs::init(args.log_format);
+    imgclf::scheduling::service_runtime(args.settings.batch_scheduling)?.block_on(run(args))
 }
 
-async fn run(args: Args, yielding: Option<std::io::Result<()>>) -> anyhow::Result<()> {
-    imgclf::logs::init(args.log_format);
-    if let Some(Err(error)) = yielding {
-        tracing::warn!(%error, "the worker's threads stay under the normal scheduling policy");
-    }
+async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(Command::Healthcheck) = args.command {
         let probed = match args.metrics_addr {
             Some(addr) => imgclf::health::probe(addr, "/health", Duration::from_secs(3)),

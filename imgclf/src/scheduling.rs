@@ -4,7 +4,7 @@
 //! threads that receive uploads, write images and records and answer wake up many times per
 //! image between them. Linux lets a woken thread preempt the running one at once, so each of
 //! those wake-ups interrupted a model run, and in a virtual machine each costs an
-//! inter-processor interrupt too. [`yield_to_the_model`] marks the service's threads
+//! inter-processor interrupt too. [`service_runtime`] marks the service's threads
 //! `SCHED_BATCH`: a woken one waits for the running thread's turn to end (a few milliseconds
 //! at most) instead, and still gets its fair share of the cores. The model's threads run
 //! under the normal policy. A thread woken on an idle core runs at once under either policy,
@@ -20,11 +20,25 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Whether [`yield_to_the_model`] was called: the model's threads then undo what they inherit.
 static YIELDING: AtomicBool = AtomicBool::new(false);
 
+/// The async runtime of a binary of the service. With `yield_to_model`, the calling thread is
+/// first marked as the service's own ([`yield_to_the_model`]), so that the runtime's threads,
+/// and every thread they start, inherit it; where that fails, a warning says so and the
+/// normal policy stays.
+pub fn service_runtime(yield_to_model: bool) -> std::io::Result<tokio::runtime::Runtime> {
+    if yield_to_model {
+        if let Err(error) = yield_to_the_model() {
+            tracing::warn!(%error, "the service's threads stay under the normal scheduling policy");
+        }
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
 /// Marks the calling thread, and every thread it starts from now on, as the service's own:
-/// its wake-ups wait for a model thread's turn rather than preempting it. Call it first in
-/// `main`, before the async runtime starts its threads; the model's threads return to the
-/// normal policy themselves.
-pub fn yield_to_the_model() -> std::io::Result<()> {
+/// its wake-ups wait for a model thread's turn rather than preempting it. The model's threads
+/// return to the normal policy themselves.
+fn yield_to_the_model() -> std::io::Result<()> {
     set_policy(Policy::Batch)?;
     YIELDING.store(true, Ordering::Relaxed);
     Ok(())

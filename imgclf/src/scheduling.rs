@@ -21,9 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 static YIELDING: AtomicBool = AtomicBool::new(false);
 
 /// The async runtime of a binary of the service. With `yield_to_model`, the calling thread is
-/// first marked as the service's own ([`yield_to_the_model`]), so that the runtime's threads,
-/// and every thread they start, inherit it; where that fails, a warning says so and the
-/// normal policy stays.
+/// first marked as the service's own, so that the runtime's threads, and every thread they
+/// start, inherit it; where that fails, a warning says so and the normal policy stays.
 pub fn service_runtime(yield_to_model: bool) -> std::io::Result<tokio::runtime::Runtime> {
     if yield_to_model {
         if let Err(error) = yield_to_the_model() {

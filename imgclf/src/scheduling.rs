@@ -22,12 +22,15 @@ static YIELDING: AtomicBool = AtomicBool::new(false);
 
 /// The async runtime of a binary of the service. With `yield_to_model`, the calling thread is
 /// first marked as the service's own, so that the runtime's threads, and every thread they
-/// start, inherit it; where that fails, a warning says so and the normal policy stays.
+/// start, inherit it; where that fails on Linux, a warning says so and the normal policy stays.
 pub fn service_runtime(yield_to_model: bool) -> std::io::Result<tokio::runtime::Runtime> {
-    if yield_to_model {
-        if let Err(error) = yield_to_the_model() {
+    match yield_to_model.then(yield_to_the_model) {
+        // Off Linux there is no batch policy to ask for.
+        Some(Err(error)) if error.kind() == std::io::ErrorKind::Unsupported => {}
+        Some(Err(error)) => {
             tracing::warn!(%error, "the service's threads stay under the normal scheduling policy");
         }
+        _ => {}
     }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

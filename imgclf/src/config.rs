@@ -208,8 +208,8 @@ pub struct Settings {
     /// Model directory (with model.json) or manifest [default: the shipped EfficientNet-Lite0].
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_MODEL"))]
     pub model: Option<PathBuf>,
-    /// Most images per inference batch [default: measured at start: the smallest of 1, 2, 4
-    /// and 8 whose time per image is within 1% of the best].
+    /// Most images per inference batch [default: measured at start: the smallest of 2, 4 and 8
+    /// whose time per image is within 1% of the best; a lone image still runs alone].
     #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_MAX_BATCH"))]
     pub max_batch: Option<usize>,
     /// Run the service's own threads (HTTP, storage, records) under Linux's batch policy, so

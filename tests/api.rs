@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -365,12 +366,13 @@ async fn a_job_that_keeps_killing_workers_is_given_up_after_max_attempts() {
     };
     let s = service_custom(Arc::new(NoopNotifier), config, false);
     let id = &upload_apple(&s).await;
-    // Three workers take the job and die before settling it.
+    // Three workers take the job, start it, and die before settling it.
     for attempt in 1..=3 {
         let held = imgclf::Queue::receive(s.queue.as_ref(), 1, Duration::from_secs(1))
             .await
             .unwrap();
         assert_eq!(held[0].attempt(), attempt);
+        s.results.start(held[0].job().task_id).await.unwrap();
         drop(held);
     }
     let (_stop, stopped) = tokio::sync::watch::channel(false);
@@ -390,6 +392,95 @@ async fn a_job_that_keeps_killing_workers_is_given_up_after_max_attempts() {
     let dead = s.queue.dead_letter_jobs();
     assert_eq!(dead.len(), 1);
     assert_eq!(&dead[0].0.task_id.to_string(), id);
+}
+
+/// Storage that fails its first `outage` reads with a temporary error, as S3 does while it
+/// restarts.
+struct Unreachable {
+    inner: MemoryStorage,
+    outage: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl imgclf::Storage for Unreachable {
+    async fn put(&self, key: &str, bytes: bytes::Bytes) -> Result<(), imgclf::StorageError> {
+        self.inner.put(key, bytes).await
+    }
+    async fn get(&self, key: &str) -> Result<bytes::Bytes, imgclf::StorageError> {
+        let down = (self.outage)
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if down {
+            return Err(imgclf::StorageError::temporary("connection refused"));
+        }
+        self.inner.get(key).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), imgclf::StorageError> {
+        self.inner.delete(key).await
+    }
+    async fn check(&self) -> Result<(), imgclf::StorageError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn an_outage_longer_than_every_attempt_fails_nothing() {
+    // Eight reads refused, against three attempts allowed: only an attempt that ended without
+    // an answer counts, and an outage is waited out.
+    let storage = Arc::new(Unreachable {
+        inner: MemoryStorage::new(),
+        outage: 8.into(),
+    });
+    let (results, queue) = (
+        Arc::new(MemoryResults::new()),
+        Arc::new(MemoryQueue::default()),
+    );
+    let ports = Ports {
+        storage: storage.clone(),
+        queue: queue.clone(),
+        results: results.clone(),
+        notifier: Arc::new(NoopNotifier),
+    };
+    let config = PipelineConfig {
+        max_attempts: 3,
+        retry_backoff: Duration::from_millis(1),
+        ..PipelineConfig::default()
+    };
+    let pipeline = Arc::new(imgclf::Pipeline::new(ports, classifier(), config));
+    // Accepted as an upload is, without the upload's own start on the model.
+    let id = imgclf::TaskId::new();
+    let record =
+        imgclf::TaskRecord::pending(id, format!("images/{id}.jpg"), Default::default(), None);
+    imgclf::Storage::put(
+        storage.as_ref(),
+        &record.object_key,
+        image("opencv_apple.jpg").into(),
+    )
+    .await
+    .unwrap();
+    results.create(&record).await.unwrap();
+    imgclf::Queue::enqueue(queue.as_ref(), &record.job())
+        .await
+        .unwrap();
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(pipeline.run_worker(stopped));
+    let done = loop {
+        let now = results.get(id).await.unwrap().unwrap();
+        if now.state.is_final() {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(done.state, imgclf::TaskState::Success, "{:?}", done.error);
+    assert_eq!(
+        done.attempts, 1,
+        "the attempts that met the outage are not counted"
+    );
+    assert_eq!(
+        storage.outage.load(Ordering::SeqCst),
+        0,
+        "every refused read was retried"
+    );
 }
 
 /// Encodes an image with the image crate.
@@ -717,6 +808,20 @@ async fn bad_uploads_get_a_clear_4xx_and_leave_nothing_behind() {
             "malformed multipart",
         ),
         (
+            "a body cut off by its client",
+            Request::post("/api/upload-image")
+                .header("content-type", "multipart/form-data; boundary=x")
+                .body(Body::from_stream(futures_util::stream::iter([
+                    Ok(bytes::Bytes::from_static(
+                        b"--x\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nab",
+                    )),
+                    Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+                ])))
+                .unwrap(),
+            S::BAD_REQUEST,
+            "malformed multipart",
+        ),
+        (
             "oversize Idempotency-Key",
             {
                 let mut r = upload(&[Part::File("a.jpg", &jpeg)]);
@@ -858,6 +963,19 @@ async fn unusual_but_valid_images_are_classified() {
             "panorama 4000x40 PNG",
             encode(image::RgbImage::new(4000, 40), image::ImageFormat::Png),
         ),
+        // Resized, the long side of a thin image is a billion pixels; the crop keeps 224.
+        (
+            "thin 4000000x1 PNG",
+            encode(image::GrayImage::new(4_000_000, 1), image::ImageFormat::Png),
+        ),
+        (
+            "thin 1x500000 PNG",
+            encode(image::GrayImage::new(1, 500_000), image::ImageFormat::Png),
+        ),
+        (
+            "thin 65500x1 JPEG",
+            encode(image::GrayImage::new(65_500, 1), image::ImageFormat::Jpeg),
+        ),
     ];
     let mut ids = Vec::new();
     for (what, bytes) in &cases {
@@ -873,7 +991,10 @@ async fn unusual_but_valid_images_are_classified() {
         let done = wait_final(&s.app, &id).await;
         assert_eq!(done["state"], "SUCCESS", "{what}: {done}");
         let top = &done["result"]["classification"][0];
-        if what.contains("PNG") && !what.contains("tiny") && !what.contains("panorama")
+        if what.contains("PNG")
+            && !what.contains("tiny")
+            && !what.contains("panorama")
+            && !what.contains("thin")
             || what.contains("TIFF")
             || what.contains("BMP")
             || what.contains("WebP")
@@ -1295,6 +1416,87 @@ async fn a_publish_that_never_returns_is_a_clean_503_with_nothing_kept() {
         results.unfinished(usize::MAX).await.unwrap().is_empty(),
         "the record was removed"
     );
+}
+
+/// A broker that refuses its first `refusals` publishes (a blocked connection, say).
+struct RefusingQueue {
+    inner: MemoryQueue,
+    refusals: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl imgclf::Queue for RefusingQueue {
+    async fn enqueue(&self, job: &imgclf::Job) -> Result<(), imgclf::QueueError> {
+        let refused = (self.refusals)
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if refused {
+            return Err(imgclf::QueueError::temporary("connection blocked"));
+        }
+        self.inner.enqueue(job).await
+    }
+    async fn receive(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Box<dyn imgclf::Delivery>>, imgclf::QueueError> {
+        self.inner.receive(max, wait).await
+    }
+    async fn depth(&self) -> Result<u64, imgclf::QueueError> {
+        self.inner.depth().await
+    }
+    async fn dead_letters(&self) -> Result<u64, imgclf::QueueError> {
+        self.inner.dead_letters().await
+    }
+    async fn check(&self) -> Result<(), imgclf::QueueError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_keyed_upload_refused_at_queueing_is_kept_for_its_retry() {
+    // A client that timed out may already have retried with its key and been told 202 for this
+    // very task: a refusal must not take the task away from under that answer.
+    let queue = Arc::new(RefusingQueue {
+        inner: MemoryQueue::default(),
+        refusals: 1.into(),
+    });
+    let ports = Ports {
+        storage: Arc::new(MemoryStorage::new()),
+        queue: queue.clone(),
+        results: Arc::new(MemoryResults::new()),
+        notifier: Arc::new(NoopNotifier),
+    };
+    let config = PipelineConfig {
+        max_pixels: MAX_PIXELS,
+        retry_backoff: Duration::from_millis(10),
+        ..PipelineConfig::default()
+    };
+    let pipeline = Arc::new(imgclf::Pipeline::new(ports, classifier(), config));
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(pipeline.clone().run_worker(stopped));
+    let app = router(
+        AppState::embedded(&pipeline, MAX_UPLOAD),
+        Duration::from_secs(30),
+    );
+    let jpeg = image("opencv_apple.jpg");
+    let upload = || {
+        let mut request = multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg)]);
+        request
+            .headers_mut()
+            .insert("idempotency-key", "order-99".parse().unwrap());
+        request
+    };
+    let (status, refused) = call(&app, upload()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{refused}");
+    let (status, again) = call(&app, upload()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{again}");
+    let done = wait_final(&app, again["task_id"].as_str().unwrap()).await;
+    assert_eq!(
+        done["state"], "SUCCESS",
+        "queued once the broker took it: {done}"
+    );
+    assert_eq!(done["attempts"], 1);
 }
 
 /// Distributed, a task ends in a worker's process: the result store's word that it ended

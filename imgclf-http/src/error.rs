@@ -123,11 +123,19 @@ impl From<MultipartRejection> for ApiError {
 impl From<MultipartError> for ApiError {
     fn from(error: MultipartError) -> Self {
         let status = error.status();
-        let detail = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "the request body is larger than the upload limit".to_string()
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            return Self::new(status, "the request body is larger than the upload limit");
+        }
+        // axum answers 500 for a body that could not be read (cut short, a bad chunk, the
+        // client gone): the request's fault, not the server's.
+        let status = if status.is_server_error() {
+            StatusCode::BAD_REQUEST
         } else {
-            format!("malformed multipart body: {}", error.body_text())
+            status
         };
-        Self::new(status, detail)
+        Self::new(
+            status,
+            format!("malformed multipart body: {}", error.body_text()),
+        )
     }
 }

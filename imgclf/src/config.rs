@@ -238,7 +238,8 @@ pub struct Settings {
         arg(long, env = "IMGCLF_MAX_QUEUE_DEPTH", default_value_t = pipeline::DEFAULT_MAX_QUEUE_DEPTH)
     )]
     pub max_queue_depth: u64,
-    /// Deliveries of a job before it fails for good.
+    /// Attempts at a task that ended without an answer (its worker died) before it fails for
+    /// good; retries after an outage (a store unreachable) do not count.
     #[cfg_attr(
         feature = "cli",
         arg(long, env = "IMGCLF_MAX_ATTEMPTS", default_value_t = pipeline::DEFAULT_MAX_ATTEMPTS)

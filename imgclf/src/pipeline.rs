@@ -22,8 +22,8 @@ use crate::queue::{Delivery, Queue};
 use crate::results::{FinalTasks, ResultStore, ResultsError};
 use crate::storage::{Storage, StorageError};
 use crate::task::{
-    now_ms, Prediction, StageTimings, TaskId, TaskRecord, TaskResult, TaskState, WebhookDelivery,
-    WebhookState,
+    now_ms, Job, Prediction, StageTimings, TaskId, TaskRecord, TaskResult, TaskState,
+    WebhookDelivery, WebhookState,
 };
 use crate::BoxError;
 
@@ -70,9 +70,10 @@ pub struct PipelineConfig {
     pub max_pixels: u64,
     /// Classes returned per image.
     pub top_k: usize,
-    /// Deliveries of one job before it is given up on.
+    /// Starts of one task that ended without an answer (its worker died) before it is given
+    /// up on. Attempts that met an outage are retried without limit and do not count.
     pub max_attempts: u32,
-    /// First retry delay; doubles with each attempt.
+    /// First retry delay; doubles with each retry, up to 64 times this.
     pub retry_backoff: Duration,
     /// Threads decoding and preprocessing at once.
     pub preprocess_threads: usize,
@@ -415,7 +416,8 @@ impl Submitter {
     }
 
     /// Checks, stores, records and queues an image; returns its task id. On any failure nothing
-    /// is left behind.
+    /// is left behind, but for an upload with an idempotency key that was refused at queueing:
+    /// its task is kept and queued later, for a retry with the key may have been told of it.
     ///
     /// The cheap refusals come first (a known idempotency key, a full queue), then the decode.
     /// Not cancel-safe: dropped half-way it can leave an image or a record behind, so a server
@@ -490,9 +492,15 @@ impl Submitter {
         job.top_k = upload.top_k;
         job.request_id = upload.request_id;
         if let Err(e) = self.shared.publish(&job).await {
-            // A publish that went through after its timeout finds no task and is dropped.
-            let _ = results.delete(task_id).await;
-            let _ = storage.delete(&key).await;
+            if upload.idempotency_key.is_some() {
+                // A retry with the same key may have found this record and been answered 202
+                // already: the task is kept and queued once the broker takes it.
+                self.shared.publish_later(job);
+            } else {
+                // A publish that went through after its timeout finds no task and is dropped.
+                let _ = results.delete(task_id).await;
+                let _ = storage.delete(&key).await;
+            }
             return Err(SubmitError::unavailable("queueing the task")(e));
         }
         if let Some(head_start) = head_start {
@@ -528,10 +536,15 @@ impl Submitter {
         let depth = match cached {
             Some((at, depth)) if at.elapsed() < Duration::from_secs(1) => depth,
             _ => {
-                let depth =
-                    self.shared.ports.queue.depth().await.map_err(|e| {
-                        SubmitError::unavailable("reading the queue depth")(e.into())
-                    })?;
+                // Within the publish's time limit: a broker that drops packets must not hold
+                // the upload for the system's TCP timeout.
+                let limit = self.shared.config.publish_timeout;
+                let read = tokio::time::timeout(limit, self.shared.ports.queue.depth()).await;
+                let depth = match read {
+                    Ok(read) => read.map_err(Into::into),
+                    Err(_) => Err(format!("the broker did not answer within {limit:?}").into()),
+                }
+                .map_err(SubmitError::unavailable("reading the queue depth"))?;
                 *self.depth.lock().unwrap() = Some((Instant::now(), depth));
                 depth
             }
@@ -637,6 +650,24 @@ impl Submitter {
 }
 
 impl Shared {
+    /// Queues a kept task's job in the background, backing off as retries do, until the broker
+    /// takes it; after `requeue_after` the sweeper queues the task instead.
+    fn publish_later(&self, job: Job) {
+        let (queue, config) = (self.ports.queue.clone(), self.config.clone());
+        tokio::spawn(async move {
+            let (started, mut wait) = (Instant::now(), config.retry_backoff);
+            while started.elapsed() < config.requeue_after {
+                tokio::time::sleep(wait).await;
+                let published = tokio::time::timeout(config.publish_timeout, queue.enqueue(&job));
+                if let Ok(Ok(())) = published.await {
+                    tracing::info!(task_id = %job.task_id, "a kept task queued");
+                    return;
+                }
+                wait = (wait * 2).min(config.retry_backoff * 64);
+            }
+        });
+    }
+
     /// Enqueues within `publish_timeout`.
     async fn publish(&self, job: &crate::task::Job) -> Result<(), BoxError> {
         let limit = self.config.publish_timeout;
@@ -695,6 +726,11 @@ impl JobError {
             Self::Classify(e) => e.is_temporary(),
             Self::Image(_) | Self::Exhausted(_) => false,
         }
+    }
+
+    /// Whether the task's start was counted before this error.
+    fn after_start(&self) -> bool {
+        !matches!(self, Self::Start(_))
     }
 
     /// What a client may read: no paths, hosts, URIs or SQL.
@@ -1021,13 +1057,9 @@ impl Worker {
         let task_id = delivery.job().task_id;
         let attempt = delivery.attempt();
         let config = &self.shared.config;
-        // A job that already used every attempt (its workers kept dying on it) is not run
-        // again: one poisonous image must not take down every worker in turn.
-        let outcome = if attempt > config.max_attempts {
-            Err(JobError::Exhausted(config.max_attempts))
-        } else {
-            self.try_process(delivery.as_ref()).await
-        };
+        // A job whose workers kept dying on it is given up on by the count its record keeps
+        // (see `try_process`), not by the queue's, which also counts the retries below.
+        let outcome = self.try_process(delivery.as_ref()).await;
         let settled = match outcome {
             Ok(Some(record)) => {
                 let settled = delivery.ack().await;
@@ -1036,7 +1068,15 @@ impl Worker {
                 settled
             }
             Ok(None) => delivery.ack().await,
-            Err(error) if error.is_temporary() && attempt < config.max_attempts => {
+            // An outage (a store or the model unreachable, not the image) is waited out however
+            // long it lasts, and the attempt is taken back: otherwise every job that met a
+            // database restart of half a minute would end in FAILURE.
+            Err(error) if error.is_temporary() => {
+                if error.after_start() {
+                    if let Err(e) = self.shared.ports.results.uncount_attempt(task_id).await {
+                        tracing::debug!(%task_id, error = %e, "the attempt stays counted");
+                    }
+                }
                 let after = config.retry_backoff * 2u32.saturating_pow(attempt - 1).min(64);
                 tracing::warn!(%task_id, attempt, %error, ?after, "task will be retried");
                 delivery.retry(after).await

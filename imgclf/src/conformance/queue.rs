@@ -7,8 +7,8 @@ use crate::task::{Job, TaskId};
 const WAIT: Duration = Duration::from_secs(5);
 const SHORT: Duration = Duration::from_millis(200);
 
-/// Every queue check, on an empty queue of its own. `max_attempts` is how many deliveries the
-/// pipeline allows; the suite checks the attempt counts that policy relies on.
+/// Every queue check, on an empty queue of its own, the attempt counts that the retries'
+/// backoff relies on included.
 pub async fn run(queue: &dyn Queue) {
     assert_eq!(
         queue.depth().await.expect("depth"),

@@ -9,6 +9,7 @@ use crate::task::{
 pub async fn run(store: &dyn ResultStore) {
     create_and_get(store).await;
     state_machine(store).await;
+    an_attempt_can_be_taken_back(store).await;
     idempotent_completion(store).await;
     failure_is_final(store).await;
     unfinished_lists_open_tasks(store).await;
@@ -114,6 +115,37 @@ async fn state_machine(store: &dyn ResultStore) {
         store.start(TaskId::new()).await.expect("start").is_none(),
         "unknown ids are None"
     );
+}
+
+async fn an_attempt_can_be_taken_back(store: &dyn ResultStore) {
+    let r = record();
+    store.create(&r).await.expect("create");
+    let attempts = async || store.get(r.task_id).await.expect("get").unwrap().attempts;
+    store.uncount_attempt(r.task_id).await.expect("uncount");
+    assert_eq!(
+        attempts().await,
+        0,
+        "a PENDING task has nothing to take back"
+    );
+    store.start(r.task_id).await.expect("start");
+    store.start(r.task_id).await.expect("start");
+    store.uncount_attempt(r.task_id).await.expect("uncount");
+    let now = store.get(r.task_id).await.expect("get").unwrap();
+    assert_eq!((now.state, now.attempts), (TaskState::Started, 1));
+    store.uncount_attempt(r.task_id).await.expect("uncount");
+    store.uncount_attempt(r.task_id).await.expect("uncount");
+    assert_eq!(attempts().await, 0, "never below 0");
+    store.start(r.task_id).await.expect("start");
+    assert!(store
+        .fail(r.task_id, "the image is broken")
+        .await
+        .expect("fail"));
+    store.uncount_attempt(r.task_id).await.expect("uncount");
+    assert_eq!(attempts().await, 1, "a final task keeps its count");
+    store
+        .uncount_attempt(TaskId::new())
+        .await
+        .expect("an unknown id is no error");
 }
 
 async fn idempotent_completion(store: &dyn ResultStore) {

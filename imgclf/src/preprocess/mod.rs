@@ -771,14 +771,16 @@ impl Transform {
     }
 }
 
-/// torchvision's `Resize(size)` for an int size: shorter side to `size`, longer side truncated.
+/// torchvision's `Resize(size)` for an int size: shorter side to `size`, longer side truncated
+/// (and held at `u32::MAX`, for sides more than about 16 million to one).
 pub fn resized_size(width: u32, height: u32, size: u32) -> (u32, u32) {
     let (short, long) = if width <= height {
         (width, height)
     } else {
         (height, width)
     };
-    let new_long = ((u64::from(size) * u64::from(long)) / u64::from(short)) as u32;
+    let new_long =
+        ((u64::from(size) * u64::from(long)) / u64::from(short)).min(u64::from(u32::MAX)) as u32;
     if width <= height {
         (size, new_long)
     } else {
@@ -808,6 +810,7 @@ mod tests {
         assert_eq!(resized_size(768, 576, 256), (341, 256));
         assert_eq!(resized_size(300, 451, 256), (256, 384));
         assert_eq!(resized_size(256, 256, 256), (256, 256));
+        assert_eq!(resized_size(1 << 24, 1, 256), (u32::MAX, 256));
     }
 
     #[test]

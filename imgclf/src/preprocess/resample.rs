@@ -7,17 +7,31 @@
 //! Only the pixels inside the crop window are computed; each is computed exactly as Pillow would
 //! compute it for the full image.
 
+use std::ops::Range;
+
 use super::helper_thread::HelperThread;
 use super::scratch::Scratch;
 use super::Rect;
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
-/// Per output pixel: the first input pixel, the number of inputs, and their weights.
+/// Per output pixel of a range: the first input pixel, the number of inputs, and their
+/// weights.
 struct Coefficients {
+    /// The output pixel that `bounds[0]` is for.
+    first: usize,
     bounds: Vec<(usize, usize)>,
     weights: Vec<i32>,
     ksize: usize,
+}
+
+impl Coefficients {
+    /// Output pixel `at`'s first input pixel and its weights, one per input pixel.
+    fn taps(&self, at: usize) -> (usize, &[i32]) {
+        let i = at - self.first;
+        let (min, len) = self.bounds[i];
+        (min, &self.weights[i * self.ksize..][..len])
+    }
 }
 
 fn bilinear(x: f64) -> f64 {
@@ -29,16 +43,19 @@ fn bilinear(x: f64) -> f64 {
     }
 }
 
-/// `precompute_coeffs` followed by `normalize_coeffs_8bpc`.
-fn coefficients(in_size: u32, out_size: u32) -> Coefficients {
+/// `precompute_coeffs` followed by `normalize_coeffs_8bpc`, for the output pixels in `wanted`
+/// only: each pixel's taps depend on its own position alone, and a thin image's resized long
+/// side can be a billion pixels, of which the crop keeps a few hundred.
+fn coefficients(in_size: u32, out_size: u32, wanted: Range<usize>) -> Coefficients {
     let scale = f64::from(in_size) / f64::from(out_size);
     let filterscale = scale.max(1.0);
     let support = filterscale; // the bilinear filter's support is 1
     let ksize = support.ceil() as usize * 2 + 1;
-    let mut bounds = Vec::with_capacity(out_size as usize);
-    let mut weights = vec![0i32; out_size as usize * ksize];
+    let mut bounds = Vec::with_capacity(wanted.len());
+    let mut weights = vec![0i32; wanted.len() * ksize];
     let mut k = vec![0f64; ksize];
-    for xx in 0..out_size as usize {
+    let first = wanted.start;
+    for xx in wanted {
         let center = (xx as f64 + 0.5) * scale;
         let ss = 1.0 / filterscale;
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
@@ -52,7 +69,7 @@ fn coefficients(in_size: u32, out_size: u32) -> Coefficients {
         for (x, &w) in k.iter().enumerate().take(xmax) {
             let w = if ww != 0.0 { w / ww } else { w };
             let fixed = w * f64::from(1u32 << PRECISION_BITS);
-            weights[xx * ksize + x] = if w < 0.0 {
+            weights[(xx - first) * ksize + x] = if w < 0.0 {
                 (fixed - 0.5) as i32
             } else {
                 (fixed + 0.5) as i32
@@ -61,6 +78,7 @@ fn coefficients(in_size: u32, out_size: u32) -> Coefficients {
         bounds.push((xmin, xmax));
     }
     Coefficients {
+        first,
         bounds,
         weights,
         ksize,
@@ -90,14 +108,16 @@ pub(super) struct Plan {
 
 impl Plan {
     pub(super) fn new(width: u32, height: u32, new_w: u32, new_h: u32, window: Rect) -> Self {
-        let horizontal = (new_w != width).then(|| coefficients(width, new_w));
-        let vertical = (new_h != height).then(|| coefficients(height, new_h));
+        let horizontal = (new_w != width)
+            .then(|| coefficients(width, new_w, window.left..window.left + window.width));
+        let vertical = (new_h != height)
+            .then(|| coefficients(height, new_h, window.top..window.top + window.height));
         // Bounds grow with the output position, so the first and last output pixels of the
         // window bound what it reads.
         let span = |c: &Option<Coefficients>, start: usize, len: usize| match c {
             Some(c) => {
-                let (last_min, last_len) = c.bounds[start + len - 1];
-                (c.bounds[start].0, last_min + last_len)
+                let (last_min, last) = c.taps(start + len - 1);
+                (c.taps(start).0, last_min + last.len())
             }
             None => (start, start + len),
         };
@@ -213,9 +233,8 @@ impl Plan {
         }
         for (x, out) in out_row.chunks_exact_mut(3).enumerate() {
             let at = self.window.left + x;
-            let (xmin, len) = c.bounds[at];
-            let k = &c.weights[at * c.ksize..][..len];
-            let px = &in_row[(xmin - self.source.left) * 3..][..len * 3];
+            let (xmin, k) = c.taps(at);
+            let px = &in_row[(xmin - self.source.left) * 3..][..k.len() * 3];
             let mut sums = [ROUNDING; 3];
             for (px, &weight) in px.chunks_exact(3).zip(k) {
                 sums[0] += i32::from(px[0]) * weight;
@@ -240,8 +259,7 @@ impl Plan {
         let mut sums = vec![0i32; stride];
         for (y, out_row) in out.chunks_exact_mut(stride).enumerate() {
             let at = self.window.top + y;
-            let (ymin, len) = c.bounds[at];
-            let k = &c.weights[at * c.ksize..][..len];
+            let (ymin, k) = c.taps(at);
             // Row by row, so the inner loop runs along contiguous memory and vectorises.
             sums.fill(ROUNDING);
             for (j, &weight) in k.iter().enumerate() {
@@ -375,8 +393,8 @@ mod avx2 {
                 lo: Vec::new(),
             };
             for at in left..left + width {
-                let (xmin, len) = c.bounds[at];
-                let k = &c.weights[at * c.ksize..][..len];
+                let (xmin, k) = c.taps(at);
+                let len = k.len();
                 if k.iter().any(|&w| !(0..1 << (SPLIT + 15)).contains(&w)) {
                     return None;
                 }
@@ -528,8 +546,8 @@ mod avx512 {
             }
             let pixel = |x: usize| {
                 let at = left + x;
-                let (xmin, len) = c.bounds[at];
-                ((xmin - source_left) * 3, &c.weights[at * c.ksize..][..len])
+                let (xmin, weights) = c.taps(at);
+                ((xmin - source_left) * 3, weights)
             };
             if !(0..width).all(|x| splittable(pixel(x).1)) {
                 return None;
@@ -688,8 +706,8 @@ mod avx512 {
                 digits: Vec::new(),
             };
             for at in top..top + height {
-                let (ymin, len) = c.bounds[at];
-                let weights = &c.weights[at * c.ksize..][..len];
+                let (ymin, weights) = c.taps(at);
+                let len = weights.len();
                 if len == 0 || !splittable(weights) {
                     return None;
                 }
@@ -793,18 +811,46 @@ mod tests {
     #[test]
     fn weights_sum_to_one_in_fixed_point() {
         for (from, to) in [(512, 256), (768, 341), (300, 256), (2560, 409), (256, 256)] {
-            let c = coefficients(from, to);
-            for (x, &(_, len)) in c.bounds.iter().enumerate() {
-                let sum: i64 = c.weights[x * c.ksize..][..len]
-                    .iter()
-                    .map(|&w| i64::from(w))
-                    .sum();
+            let c = coefficients(from, to, 0..to as usize);
+            for x in 0..to as usize {
+                let k = c.taps(x).1;
+                let sum: i64 = k.iter().map(|&w| i64::from(w)).sum();
                 assert!(
-                    (sum - (1 << PRECISION_BITS)).abs() <= len as i64,
+                    (sum - (1 << PRECISION_BITS)).abs() <= k.len() as i64,
                     "{from}->{to} at {x}"
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_window_s_taps_are_those_of_the_whole_resize() {
+        for (from, to, wanted) in [(512, 256, 16..240), (300, 451, 113..337), (2, 800, 0..800)] {
+            let whole = coefficients(from, to, 0..to as usize);
+            let window = coefficients(from, to, wanted.clone());
+            for at in wanted {
+                assert_eq!(window.taps(at), whole.taps(at), "{from}->{to} at {at}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_thin_image_s_plan_holds_only_its_window() {
+        // 4,000,000 x 1 resized to 1,024,000,000 x 256: taps for all of that long side would
+        // take over 28 GB; the window needs 224 of them.
+        let (width, height) = (4_000_000, 1);
+        let (new_w, new_h) = super::super::resized_size(width, height, 256);
+        assert_eq!((new_w, new_h), (1_024_000_000, 256));
+        let window = Rect {
+            left: super::super::centre_offset(new_w, 224) as usize,
+            top: 16,
+            width: 224,
+            height: 224,
+        };
+        let plan = Plan::new(width, height, new_w, new_h, window);
+        let horizontal = plan.horizontal.as_ref().unwrap();
+        assert_eq!(horizontal.bounds.len(), 224);
+        assert!(plan.source().width <= 3, "{:?}", plan.source());
     }
 
     /// `Plan::new`, with `kernel`'s choice of SIMD horizontal kernel (`None`: the scalar pass),

@@ -39,6 +39,9 @@ const ATTEMPT_HEADER: &str = "x-imgclf-attempt";
 const REASON_HEADER: &str = "x-imgclf-reason";
 /// When a message was dead-lettered, in ms since the Unix epoch.
 const DEAD_AT_HEADER: &str = "x-imgclf-dead-at";
+/// A broker that has not taken a connection by then is down: one that drops packets would
+/// otherwise hold every caller (an upload, a readiness check) for the system's TCP timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most dead letters one `expire_dead_letters` takes; the next sweep takes the rest.
 const EXPIRE_BATCH: usize = 1000;
 
@@ -170,8 +173,12 @@ impl Inner {
         let properties = ConnectionProperties::default()
             .with_executor(tokio_executor_trait::Tokio::current())
             .with_reactor(tokio_reactor_trait::Tokio);
-        let connection = Connection::connect(&self.uri, properties)
+        let connecting = Connection::connect(&self.uri, properties);
+        let connection = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
+            .map_err(|_| {
+                QueueError::temporary(format!("no connection within {CONNECT_TIMEOUT:?}"))
+            })?
             .map_err(backend)?;
         let publisher = connection.create_channel().await.map_err(backend)?;
         publisher

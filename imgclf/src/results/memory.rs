@@ -64,6 +64,16 @@ impl ResultStore for MemoryResults {
         self.get(id).await
     }
 
+    async fn uncount_attempt(&self, id: TaskId) -> Result<(), ResultsError> {
+        let mut tasks = self.tasks.lock().unwrap();
+        if let Some(record) = tasks.get_mut(&id) {
+            if record.state == TaskState::Started {
+                record.attempts = record.attempts.saturating_sub(1);
+            }
+        }
+        Ok(())
+    }
+
     async fn complete(&self, id: TaskId, result: &TaskResult) -> Result<bool, ResultsError> {
         Ok(self.update(id, |record| {
             record.state = TaskState::Success;

@@ -123,6 +123,12 @@ pub trait ResultStore: Send + Sync + 'static {
     /// disk, and the next write that does wait takes it to disk too.
     async fn start(&self, id: TaskId) -> Result<Option<TaskRecord>, ResultsError>;
 
+    /// Takes back the attempt that the last `start` of a still-`STARTED` task counted: it
+    /// ended in a temporary error (an outage, not the image), which must not bring the task
+    /// nearer to being given up on. Nothing changes for a task that is not `STARTED`, or whose
+    /// count is already 0.
+    async fn uncount_attempt(&self, id: TaskId) -> Result<(), ResultsError>;
+
     /// Stores the result and moves the task to `SUCCESS`; a task with a `callback_url` gets its
     /// callback due ([`WebhookDelivery::due`]) in the same write. True if this call did it;
     /// false if the task was already final (or unknown), in which case nothing changes.

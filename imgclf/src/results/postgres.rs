@@ -695,6 +695,18 @@ impl ResultStore for PostgresResults {
         self.starts.make(id).await
     }
 
+    async fn uncount_attempt(&self, id: TaskId) -> Result<(), ResultsError> {
+        sqlx::query(
+            "UPDATE tasks SET attempts = attempts - 1 \
+             WHERE task_id = $1 AND state = 'STARTED' AND attempts > 0",
+        )
+        .bind(id.as_uuid())
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(())
+    }
+
     async fn complete(&self, id: TaskId, result: &TaskResult) -> Result<bool, ResultsError> {
         self.completes.make((id, result.clone())).await
     }

@@ -446,6 +446,20 @@ impl ResultStore for SqliteResults {
         }
     }
 
+    async fn uncount_attempt(&self, id: TaskId) -> Result<(), ResultsError> {
+        let sql = "UPDATE tasks SET attempts = attempts - 1 \
+                   WHERE task_id = ? AND state = 'STARTED' AND attempts > 0";
+        // Like the start it takes back, it need not wait for the disk.
+        self.write(false, move |conn| {
+            let mut statement = conn.prepare_cached(sql).map_err(backend)?;
+            statement
+                .execute(params![id.to_string()])
+                .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn complete(&self, id: TaskId, result: &TaskResult) -> Result<bool, ResultsError> {
         let payload = serde_json::to_string(result).map_err(codec)?;
         let sql = "UPDATE tasks SET state = 'SUCCESS', result = ?, error = NULL, \

@@ -246,6 +246,100 @@ async fn a_postgres_restart_loses_nothing() {
     .await;
 }
 
+/// Output of `rabbitmqctl`, trimmed.
+fn rabbitmqctl(args: &[&str]) -> String {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl");
+    assert!(out.status.success(), "rabbitmqctl {args:?} failed");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Deliveries of `queue` that the broker has handed out and not yet seen settled.
+fn unacked(queue: &str) -> u64 {
+    let listing = rabbitmqctl(&[
+        "list_queues",
+        "-q",
+        "--no-table-headers",
+        "name",
+        "messages_unacknowledged",
+    ]);
+    (listing.lines())
+        .find_map(|line| line.strip_prefix(&format!("{queue}\t")))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// Waits until `queue` has `count` unacked deliveries (the broker's figures lag by seconds).
+async fn until_unacked(queue: &str, count: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while unacked(queue) != count {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// During a memory alarm RabbitMQ stops reading from every connection that publishes, so a
+/// worker whose retry is held up there must still get its other jobs' acks through: they free
+/// the memory that ends the alarm.
+#[tokio::test]
+async fn a_rabbitmq_memory_alarm_holds_no_worker_s_acks() {
+    if !restarts_enabled() {
+        return;
+    }
+    let Some(url) = service_url("IMGCLF_TEST_AMQP") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let name = unique_name("imgclf-alarm");
+    let worker = imgclf::queue::AmqpQueue::connect(&url, &name, 8)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let id = imgclf::TaskId::new();
+        let job = imgclf::Job {
+            task_id: id,
+            object_key: format!("images/{id}.jpg"),
+            top_k: None,
+            request_id: None,
+        };
+        imgclf::Queue::enqueue(&worker, &job).await.unwrap();
+    }
+    let mut held = imgclf::Queue::receive(&worker, 2, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 2);
+    until_unacked(&name, 2, "the broker sees both deliveries").await;
+
+    let watermark = rabbitmqctl(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."]);
+    let restore = || {
+        let _ = Command::new("rabbitmqctl")
+            .args(["set_vm_memory_high_watermark", watermark.as_str()])
+            .status();
+    };
+    watermark
+        .parse::<f64>()
+        .expect("a relative watermark, as the broker ships");
+    run_cmd("rabbitmqctl", &["set_vm_memory_high_watermark", "0.000001"]);
+    let restored = Restore(&restore);
+    // The retry's publish waits for the alarm to end: its connection is now blocked.
+    let retrying = tokio::spawn(held.remove(0).retry(Duration::from_millis(10)));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!retrying.is_finished(), "the alarm holds publishes");
+    tokio::time::timeout(Duration::from_secs(10), held.remove(0).ack())
+        .await
+        .expect("an ack is sent during the alarm")
+        .unwrap();
+    until_unacked(&name, 1, "the ack reached the broker during the alarm").await;
+    drop(restored);
+    tokio::time::timeout(Duration::from_secs(30), retrying)
+        .await
+        .expect("the retry goes through once the alarm ends")
+        .unwrap()
+        .unwrap();
+    worker.close().await;
+}
+
 /// Redis is killed with SIGKILL, not stopped: with its append-only file synced on every write,
 /// nothing it confirmed is lost.
 #[tokio::test]

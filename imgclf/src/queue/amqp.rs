@@ -13,8 +13,11 @@
 //!   ms), then acks. `expire_dead_letters` takes expired ones from the head of that queue (the
 //!   oldest) and acks them: no queue argument or policy, so it works on queues declared by
 //!   earlier versions, whose arguments cannot change.
-//! - The connection is re-established on the next call after it drops; the consumer channel's
-//!   prefetch (`basic_qos`) is applied on every (re)connect. Publishing processes never consume.
+//! - The connections are re-established on the next call after one drops; the consumer
+//!   channel's prefetch (`basic_qos`) is applied on every (re)connect. Publishing processes
+//!   never consume, and a consuming one consumes on a connection of its own: during a memory or
+//!   disk alarm RabbitMQ stops reading from every connection that publishes, and the acks that
+//!   would let the alarm clear must not wait behind a worker's retries.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex as SyncMutex};
@@ -69,8 +72,22 @@ struct Session {
     connection: Arc<Connection>,
     /// Confirm-mode channel for every publish.
     publisher: Channel,
-    /// Created on the first `receive`.
-    consumer: Option<Consumer>,
+    /// Created on the first `receive`, on a connection that never publishes.
+    consumer: Option<(Arc<Connection>, Consumer)>,
+}
+
+impl Session {
+    fn is_alive(&self) -> bool {
+        let consuming = (self.consumer.as_ref()).is_none_or(|(c, _)| c.status().connected());
+        self.connection.status().connected() && self.publisher.status().connected() && consuming
+    }
+
+    async fn close(self) {
+        if let Some((connection, _)) = self.consumer {
+            let _ = connection.close(200, "closing").await;
+        }
+        let _ = self.connection.close(200, "closing").await;
+    }
 }
 
 fn backend(error: lapin::Error) -> QueueError {
@@ -146,11 +163,11 @@ impl AmqpQueue {
         })
     }
 
-    /// Closes the connection. The broker returns unacked deliveries to the queue, as it does
+    /// Closes the connections. The broker returns unacked deliveries to the queue, as it does
     /// when a worker dies.
     pub async fn close(&self) {
         if let Some(session) = self.inner.session.lock().await.take() {
-            let _ = session.connection.close(200, "closing").await;
+            session.close().await;
         }
     }
 }
@@ -160,26 +177,21 @@ impl Inner {
     async fn session(&self, consume: bool) -> Result<Session, QueueError> {
         let mut guard = self.session.lock().await;
         if let Some(session) = guard.as_ref() {
-            if session.connection.status().connected() && session.publisher.status().connected() {
+            if session.is_alive() {
                 if consume && session.consumer.is_none() {
-                    let consumer = self.consume(&session.connection).await?;
+                    let consumer = self.consume().await?;
                     guard.as_mut().expect("checked above").consumer = Some(consumer);
                 }
                 return Ok(guard.clone().expect("checked above"));
             }
             tracing::warn!(uri = %redact(&self.uri), "AMQP connection lost; reconnecting");
         }
-        *guard = None;
-        let properties = ConnectionProperties::default()
-            .with_executor(tokio_executor_trait::Tokio::current())
-            .with_reactor(tokio_reactor_trait::Tokio);
-        let connecting = Connection::connect(&self.uri, properties);
-        let connection = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-            .await
-            .map_err(|_| {
-                QueueError::temporary(format!("no connection within {CONNECT_TIMEOUT:?}"))
-            })?
-            .map_err(backend)?;
+        if let Some(broken) = guard.take() {
+            // The other connection of a half-broken session goes too: its unacked deliveries
+            // return to the queue now, not when the broker notices.
+            broken.close().await;
+        }
+        let connection = self.connect().await?;
         let publisher = connection.create_channel().await.map_err(backend)?;
         publisher
             .confirm_select(ConfirmSelectOptions::default())
@@ -194,7 +206,7 @@ impl Inner {
             .await
             .map_err(backend)?;
         let consumer = if consume {
-            Some(self.consume(&connection).await?)
+            Some(self.consume().await?)
         } else {
             None
         };
@@ -207,26 +219,45 @@ impl Inner {
         Ok(session)
     }
 
-    async fn consume(&self, connection: &Connection) -> Result<Consumer, QueueError> {
-        let channel = connection.create_channel().await.map_err(backend)?;
-        channel
-            .basic_qos(self.prefetch, BasicQosOptions::default())
+    async fn connect(&self) -> Result<Connection, QueueError> {
+        let properties = ConnectionProperties::default()
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio);
+        let connecting = Connection::connect(&self.uri, properties);
+        tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
-            .map_err(backend)?;
-        channel
-            .basic_consume(
-                &self.name,
-                "",
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
+            .map_err(|_| {
+                QueueError::temporary(format!("no connection within {CONNECT_TIMEOUT:?}"))
+            })?
             .map_err(backend)
     }
 
-    /// Forgets a broken session so the next call reconnects.
-    async fn reset(&self) {
-        *self.session.lock().await = None;
+    /// A consumer of the job queue on a connection of its own.
+    async fn consume(&self) -> Result<(Arc<Connection>, Consumer), QueueError> {
+        let connection = self.connect().await?;
+        let consumer = async {
+            let channel = connection.create_channel().await?;
+            channel
+                .basic_qos(self.prefetch, BasicQosOptions::default())
+                .await?;
+            let options = BasicConsumeOptions::default();
+            (channel.basic_consume(&self.name, "", options, FieldTable::default())).await
+        };
+        match consumer.await {
+            Ok(consumer) => Ok((Arc::new(connection), consumer)),
+            Err(e) => {
+                let _ = connection.close(200, "closing").await;
+                Err(backend(e))
+            }
+        }
+    }
+
+    /// Closes `broken` so the next call reconnects, unless another call already has.
+    async fn reset(&self, broken: &Session) {
+        let mut guard = self.session.lock().await;
+        if (guard.as_ref()).is_some_and(|s| Arc::ptr_eq(&s.connection, &broken.connection)) {
+            guard.take().expect("checked above").close().await;
+        }
     }
 
     async fn publish(
@@ -269,7 +300,7 @@ impl Inner {
             }
             Ok(_) => Err(QueueError::temporary("the broker refused the message")),
             Err(e) => {
-                self.reset().await;
+                self.reset(&session).await;
                 Err(backend(e))
             }
         }
@@ -399,7 +430,7 @@ impl Queue for AmqpQueue {
     ) -> Result<Vec<Box<dyn Delivery>>, QueueError> {
         let inner = &self.inner;
         let session = inner.session(true).await?;
-        let mut consumer = session.consumer.clone().expect("a consuming session");
+        let (_, mut consumer) = session.consumer.clone().expect("a consuming session");
         let mut out: Vec<Box<dyn Delivery>> = Vec::new();
         let mut timeout = wait;
         while out.len() < max.max(1) {
@@ -412,14 +443,14 @@ impl Queue for AmqpQueue {
             let delivery = match next {
                 Some(Ok(delivery)) => delivery,
                 Some(Err(e)) => {
-                    inner.reset().await;
+                    inner.reset(&session).await;
                     if out.is_empty() {
                         return Err(backend(e));
                     }
                     break;
                 }
                 None => {
-                    inner.reset().await;
+                    inner.reset(&session).await;
                     if out.is_empty() {
                         return Err(QueueError::temporary("the consumer was cancelled"));
                     }

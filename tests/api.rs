@@ -1009,6 +1009,37 @@ async fn unusual_but_valid_images_are_classified() {
 }
 
 #[tokio::test]
+async fn every_error_is_json_with_a_detail() {
+    let s = service();
+    let requests = [
+        (
+            "an unknown route",
+            Request::get("/api/nothing-here").body(Body::empty()),
+        ),
+        (
+            "a method the route does not take",
+            Request::delete("/api/upload-image").body(Body::empty()),
+        ),
+        (
+            "a query string that names a parameter twice",
+            Request::get("/api/task-status/0b0e1c1e-5f5f-4c4c-8d8d-000000000000?wait=1&wait=2")
+                .body(Body::empty()),
+        ),
+    ];
+    for (what, request) in requests {
+        let response = s.app.clone().oneshot(request.unwrap()).await.unwrap();
+        let status = response.status();
+        assert!(status.is_client_error(), "{what}: {status}");
+        let kind = response.headers()[axum::http::header::CONTENT_TYPE].clone();
+        assert_eq!(kind, "application/json", "{what}");
+        let body = http_body_util::BodyExt::collect(response.into_body()).await;
+        let body: Value = serde_json::from_slice(&body.unwrap().to_bytes()).unwrap();
+        let detail = body["detail"].as_str().unwrap_or_default();
+        assert!(!detail.is_empty(), "{what}: {body}");
+    }
+}
+
+#[tokio::test]
 async fn unknown_tasks_are_404() {
     let s = service();
     for id in ["0b0e1c1e-5f5f-4c4c-8d8d-000000000000", "not-a-uuid", "1"] {

@@ -230,6 +230,7 @@ pub fn router(mut state: AppState, request_timeout: Duration) -> Router {
         .merge(open)
         .with_state(state.clone())
         .merge(docs::ui())
+        .layer(middleware::map_response(json_errors))
         .layer(tower::util::option_layer(cors))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -244,6 +245,31 @@ pub fn router(mut state: AppState, request_timeout: Duration) -> Router {
             .map_request(docs::one_slash)
             .service(app),
     )
+}
+
+/// Every error answers `{"detail": …}`, as the API's own errors do: axum's rejections (a query
+/// string it cannot parse, say) are plain text, and an unknown route or method has no body.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let plain = (response.headers().get(header::CONTENT_TYPE))
+        .is_none_or(|kind| kind.as_bytes().starts_with(b"text/plain"));
+    if !(status.is_client_error() || status.is_server_error()) || !plain {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_string();
+    let detail = match text.is_empty() {
+        true => status.canonical_reason().unwrap_or("error").to_lowercase(),
+        false => text,
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let json = HeaderValue::from_static("application/json");
+    parts.headers.insert(header::CONTENT_TYPE, json);
+    let body = serde_json::to_vec(&json!({ "detail": detail })).expect("a JSON object");
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 /// The header that names a request, from the client or made here, and returned with the answer.

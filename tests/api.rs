@@ -1768,9 +1768,27 @@ async fn cors_headers_only_for_the_configured_origins() {
         .await
         .unwrap();
     assert_eq!(allowed(&response), None, "another origin gets nothing");
-    assert!(AppState::embedded(&s.pipeline, MAX_UPLOAD)
-        .with_cors_origins(&["bad\norigin".into()])
-        .is_err());
+    for bad in [
+        "bad\norigin",
+        "https://app.example/",
+        "app.example",
+        "https://",
+        "ftp://a",
+    ] {
+        assert!(
+            AppState::embedded(&s.pipeline, MAX_UPLOAD)
+                .with_cors_origins(&[bad.into()])
+                .is_err(),
+            "{bad:?} can never match a browser's Origin"
+        );
+    }
+    // `*`: any origin.
+    let state = AppState::embedded(&s.pipeline, MAX_UPLOAD)
+        .with_cors_origins(&["*".into()])
+        .unwrap();
+    let app = router(state, Duration::from_secs(30));
+    let response = app.oneshot(preflight("https://any.example")).await.unwrap();
+    assert_eq!(allowed(&response).as_deref(), Some("*"));
 }
 
 /// Status requests and long polls carry no body: an exhausted budget of bytes in flight still

@@ -66,6 +66,19 @@ async fn results_sqlite() {
         .await
         .expect("opens after a newer version's migration");
     imgclf::ResultStore::check(&store).await.unwrap();
+    // A URL that names no file would give each connection a database of its own.
+    for url in ["sqlite://", "sqlite::memory:", "sqlite://?mode=memory"] {
+        let refused = SqliteResults::connect(url)
+            .await
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            refused
+                .as_deref()
+                .is_some_and(|e| e.contains("names no database file")),
+            "{url}: {refused:?}"
+        );
+    }
 }
 
 /// What a newer version's migration leaves in sqlx's table.

@@ -97,13 +97,23 @@ impl AppState {
         self
     }
 
-    /// Lets browsers on `origins` (exact `scheme://host[:port]`) call the API.
+    /// Lets browsers on `origins` (exact `scheme://host[:port]`, or `*` for any) call the API.
     pub fn with_cors_origins(mut self, origins: &[String]) -> Result<Self, String> {
         self.cors_origins = origins
             .iter()
             .map(|o| o.trim())
             .filter(|o| !o.is_empty())
-            .map(|o| header::HeaderValue::from_str(o).map_err(|_| format!("not an origin: {o:?}")))
+            .map(|o| {
+                // What a browser sends in `Origin`: a scheme and an authority, nothing after.
+                let authority = (o.strip_prefix("https://").or_else(|| o.strip_prefix("http://")))
+                    .filter(|a| !a.is_empty() && !a.contains(['/', '?', '#', '@', ' ']));
+                match (o == "*" || authority.is_some()).then(|| header::HeaderValue::from_str(o)) {
+                    Some(Ok(origin)) => Ok(origin),
+                    _ => Err(format!(
+                        "not an origin: {o:?} (expected scheme://host[:port], as browsers send it, or *)"
+                    )),
+                }
+            })
             .collect::<Result<_, _>>()?;
         Ok(self)
     }
@@ -214,8 +224,13 @@ pub fn router(mut state: AppState, request_timeout: Duration) -> Router {
         open = open.merge(metrics_routes().split_for_parts().0);
     }
     let cors = (!state.cors_origins.is_empty()).then(|| {
+        let origins = &state.cors_origins;
+        let allowed = match origins.iter().any(|o| o == "*") {
+            true => tower_http::cors::AllowOrigin::any(),
+            false => tower_http::cors::AllowOrigin::list(origins.clone()),
+        };
         tower_http::cors::CorsLayer::new()
-            .allow_origin(state.cors_origins.clone())
+            .allow_origin(allowed)
             .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
             .allow_headers([
                 header::AUTHORIZATION,

@@ -21,10 +21,10 @@ struct Args {
     #[arg(long, env = "IMGCLF_ADDR", default_value = "127.0.0.1:8000")]
     addr: SocketAddr,
     /// Most bytes of one uploaded image (413 beyond).
-    #[arg(long, env = "IMGCLF_MAX_UPLOAD_BYTES", default_value_t = 20 * 1024 * 1024)]
+    #[arg(long, env = "IMGCLF_MAX_UPLOAD_BYTES", default_value_t = 20 * 1024 * 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_upload_bytes: usize,
     /// Seconds one request may take.
-    #[arg(long, env = "IMGCLF_REQUEST_TIMEOUT", default_value_t = 60)]
+    #[arg(long, env = "IMGCLF_REQUEST_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
     request_timeout: u64,
     /// API keys, comma-separated: when set, /api/* needs `Authorization: Bearer <key>`. Also
     /// read from the file IMGCLF_API_KEYS_FILE names.
@@ -37,14 +37,14 @@ struct Args {
     api_keys: Vec<String>,
     /// Seconds a client has to send a request's head (also the idle time before a keep-alive
     /// connection is closed).
-    #[arg(long, env = "IMGCLF_HEADER_TIMEOUT", default_value_t = imgclf_http::DEFAULT_HEADER_TIMEOUT.as_secs())]
+    #[arg(long, env = "IMGCLF_HEADER_TIMEOUT", default_value_t = imgclf_http::DEFAULT_HEADER_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
     header_timeout: u64,
     /// Origins browsers may call the API from, comma-separated (`https://app.example.com`);
     /// unset sends no CORS headers.
     #[arg(long, env = "IMGCLF_CORS_ORIGINS", value_delimiter = ',')]
     cors_origins: Vec<String>,
     /// Most bytes of request bodies held at once; uploads beyond it get 503 with Retry-After.
-    #[arg(long, env = "IMGCLF_MAX_INFLIGHT_BYTES", default_value_t = imgclf_http::DEFAULT_MAX_INFLIGHT_BYTES)]
+    #[arg(long, env = "IMGCLF_MAX_INFLIGHT_BYTES", default_value_t = imgclf_http::DEFAULT_MAX_INFLIGHT_BYTES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_inflight_bytes: usize,
     /// Serve /metrics on this address only (e.g. an internal interface) instead of IMGCLF_ADDR.
     #[arg(long, env = "IMGCLF_METRICS_ADDR")]
@@ -65,12 +65,48 @@ enum Command {
     Healthcheck,
 }
 
-fn main() -> anyhow::Result<()> {
+/// Why the process stopped, on one line and without a backtrace: configuration errors are
+/// read by people, and their messages say what to change.
+fn main() -> std::process::ExitCode {
+    match start() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("imgclf-http: {}", imgclf::error_line(error.chain()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn start() -> anyhow::Result<()> {
     imgclf::tune_malloc();
     dotenvy::dotenv().ok();
     let args = Args::parse();
     imgclf::logs::init(args.log_format);
     imgclf::scheduling::service_runtime(args.settings.batch_scheduling)?.block_on(run(args))
+}
+
+/// The API keys given, else those of the file IMGCLF_API_KEYS_FILE names. Set to nothing (as
+/// compose files unset a variable), IMGCLF_API_KEYS is unset; set to blanks and commas only, it
+/// is a mistake that would leave the API open, and an error.
+fn api_keys(given: &[String]) -> anyhow::Result<Vec<String>> {
+    let keys = |all: &[String]| -> Vec<String> {
+        (all.iter().map(|k| k.trim()))
+            .filter(|k| !k.is_empty())
+            .map(String::from)
+            .collect()
+    };
+    let (from_flag, mut listed) = (keys(given), given.concat());
+    if !from_flag.is_empty() {
+        return Ok(from_flag);
+    }
+    if listed.is_empty() {
+        listed = env_or_file("IMGCLF_API_KEYS")?.unwrap_or_default();
+    }
+    let from_file = keys(&listed.split(',').map(String::from).collect::<Vec<_>>());
+    if from_file.is_empty() && !listed.is_empty() {
+        anyhow::bail!("IMGCLF_API_KEYS holds no key, only commas and blanks: unset it to leave the API open, or list keys separated by commas");
+    }
+    Ok(from_file)
 }
 
 async fn run(mut args: Args) -> anyhow::Result<()> {
@@ -82,11 +118,7 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
         std::process::exit(if probed.is_ok() { 0 } else { 1 });
     }
     args.settings.apply_env()?;
-    if args.api_keys.is_empty() {
-        if let Some(keys) = env_or_file("IMGCLF_API_KEYS")? {
-            args.api_keys = keys.split(',').map(|k| k.trim().to_string()).collect();
-        }
-    }
+    args.api_keys = api_keys(&args.api_keys)?;
     let settings = &args.settings;
 
     // With an in-process queue this process is the whole service; with a shared one it only

@@ -59,3 +59,56 @@ fn healthcheck_exits_0_for_a_live_server_and_1_for_a_dead_one() {
     assert_eq!(down.status.code(), Some(1), "{down:?}");
     assert!(String::from_utf8_lossy(&down.stderr).contains("unhealthy"));
 }
+
+/// Runs the binary with `env` and a data directory of its own; its exit status and stderr.
+fn run_with(env: &[(&str, &str)]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_imgclf-http"))
+        .env("IMGCLF_DATA_DIR", dir.path().join("data"))
+        .env("IMGCLF_ADDR", "127.0.0.1:0")
+        .env("RUST_BACKTRACE", "1")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.success(), stderr)
+}
+
+#[test]
+fn a_bad_setting_is_one_clear_line_and_a_failed_exit() {
+    for (env, says) in [
+        (
+            (
+                "IMGCLF_RESULTS",
+                "postgress://app:s3cret@db/x?password=s3cret",
+            ),
+            "unsupported URL",
+        ),
+        (("IMGCLF_API_KEYS", " , "), "IMGCLF_API_KEYS holds no key"),
+        (
+            ("IMGCLF_CORS_ORIGINS", "https://app.example/"),
+            "not an origin",
+        ),
+        (
+            ("IMGCLF_WEBHOOK_TIMEOUT", "18446744073709551615"),
+            "webhook-timeout",
+        ),
+        (("IMGCLF_MAX_BATCH", "0"), "max-batch"),
+        (
+            ("IMGCLF_MODEL", "/nonexistent/model.json"),
+            "cannot read /nonexistent/model.json",
+        ),
+    ] {
+        let (ok, stderr) = run_with(&[env]);
+        assert!(!ok, "{env:?} is refused");
+        assert!(stderr.contains(says), "{env:?}: {stderr}");
+        for never in ["panicked", "stack backtrace", "Caused by", "s3cret"] {
+            assert!(!stderr.contains(never), "{env:?}: {stderr}");
+        }
+        // Without the logs' lines, the reason is one line.
+        let reason: Vec<&str> = (stderr.lines())
+            .filter(|l| l.starts_with("imgclf-http: ") || l.starts_with("error:"))
+            .collect();
+        assert_eq!(reason.len(), 1, "{env:?}: {stderr}");
+    }
+}

@@ -37,7 +37,19 @@ enum Command {
     Healthcheck,
 }
 
-fn main() -> anyhow::Result<()> {
+/// Why the process stopped, on one line and without a backtrace: configuration errors are
+/// read by people, and their messages say what to change.
+fn main() -> std::process::ExitCode {
+    match start() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("imgclf-worker: {}", imgclf::error_line(error.chain()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn start() -> anyhow::Result<()> {
     imgclf::tune_malloc();
     dotenvy::dotenv().ok();
     let args = Args::parse();

@@ -136,7 +136,7 @@ pub struct Settings {
     /// Seconds a worker may hold a job before another gets it (Redis and memory queues).
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "IMGCLF_QUEUE_LEASE", default_value_t = queue::DEFAULT_LEASE_SECS)
+        arg(long, env = "IMGCLF_QUEUE_LEASE", default_value_t = queue::DEFAULT_LEASE_SECS, value_parser = clap::value_parser!(u64).range(1..=MOST_SECS))
     )]
     pub queue_lease: u64,
     /// S3 endpoint (`http(s)://host:port`) for `s3://bucket` storage; AWS when unset.
@@ -188,14 +188,14 @@ pub struct Settings {
     /// Threads one inference may use (ort).
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "IMGCLF_INTRA_THREADS", default_value_t = classifier::DEFAULT_INTRA_THREADS)
+        arg(long, env = "IMGCLF_INTRA_THREADS", default_value_t = classifier::DEFAULT_INTRA_THREADS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))
     )]
     pub intra_threads: usize,
     /// Instances of the model run side by side, each on its own thread, single-threaded
     /// [default: on the CPU one per core, each decoding its own images; with a GPU provider
     /// measured at start so that inference and preprocessing share the cores by what each
     /// costs per image; 1 for ort when IMGCLF_INTRA_THREADS is above 1].
-    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_INFERENCE_THREADS"))]
+    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_INFERENCE_THREADS", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024)))]
     pub inference_threads: Option<usize>,
     /// ONNX Runtime execution providers for ort, comma-separated in order of preference:
     /// `cpu`, `cuda`, `tensorrt`. One the library lacks is skipped with a warning; CPU is always
@@ -210,7 +210,7 @@ pub struct Settings {
     pub model: Option<PathBuf>,
     /// Most images per inference batch [default: measured at start: the smallest of 2, 4 and 8
     /// whose time per image is within 1% of the best; a lone image still runs alone].
-    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_MAX_BATCH"))]
+    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_MAX_BATCH", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024)))]
     pub max_batch: Option<usize>,
     /// Run the service's own threads (HTTP, storage, records) under Linux's batch policy, so
     /// that their wake-ups wait for a model thread's turn instead of interrupting it; false
@@ -223,13 +223,13 @@ pub struct Settings {
     /// Most decoded pixels per image (stops decompression bombs).
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "IMGCLF_MAX_PIXELS", default_value_t = crate::preprocess::DEFAULT_MAX_PIXELS)
+        arg(long, env = "IMGCLF_MAX_PIXELS", default_value_t = crate::preprocess::DEFAULT_MAX_PIXELS, value_parser = clap::value_parser!(u64).range(1..))
     )]
     pub max_pixels: u64,
     /// Classes returned per image.
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "IMGCLF_TOP_K", default_value_t = pipeline::DEFAULT_TOP_K)
+        arg(long, env = "IMGCLF_TOP_K", default_value_t = pipeline::DEFAULT_TOP_K, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))
     )]
     pub top_k: usize,
     /// Uploads get 429 while this many jobs wait in the queue; 0 for no limit.
@@ -242,14 +242,14 @@ pub struct Settings {
     /// good; retries after an outage (a store unreachable) do not count.
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "IMGCLF_MAX_ATTEMPTS", default_value_t = pipeline::DEFAULT_MAX_ATTEMPTS)
+        arg(long, env = "IMGCLF_MAX_ATTEMPTS", default_value_t = pipeline::DEFAULT_MAX_ATTEMPTS, value_parser = clap::value_parser!(u32).range(1..=1000))
     )]
     pub max_attempts: u32,
     /// Seconds after its last change that a task still unfinished counts as stranded (its job
     /// lost to a crash) and is queued again by the workers' sweeper.
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "IMGCLF_REQUEUE_AFTER", default_value_t = pipeline::DEFAULT_REQUEUE_AFTER_SECS)
+        arg(long, env = "IMGCLF_REQUEUE_AFTER", default_value_t = pipeline::DEFAULT_REQUEUE_AFTER_SECS, value_parser = clap::value_parser!(u64).range(1..=MOST_SECS))
     )]
     pub requeue_after: u64,
     /// Seconds a task is kept after it ended (SUCCESS or FAILURE): then the workers delete its
@@ -257,20 +257,20 @@ pub struct Settings {
     /// Unfinished tasks never expire.
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "IMGCLF_RESULT_TTL", default_value_t = pipeline::DEFAULT_RESULT_TTL_SECS)
+        arg(long, env = "IMGCLF_RESULT_TTL", default_value_t = pipeline::DEFAULT_RESULT_TTL_SECS, value_parser = clap::value_parser!(u64).range(0..=MOST_SECS))
     )]
     pub result_ttl: u64,
     /// Seconds a task's image is kept after the task ended, when sooner than IMGCLF_RESULT_TTL
     /// (the record stays) [default: as long as its task].
-    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_IMAGE_TTL"))]
+    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_IMAGE_TTL", value_parser = clap::value_parser!(u64).range(0..=MOST_SECS)))]
     pub image_ttl: Option<u64>,
     /// Threads decoding and preprocessing at once [default: one per core].
-    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_PREPROCESS_THREADS"))]
+    #[cfg_attr(feature = "cli", arg(long, env = "IMGCLF_PREPROCESS_THREADS", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024)))]
     pub preprocess_threads: Option<usize>,
     /// Seconds a callback attempt may take.
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "IMGCLF_WEBHOOK_TIMEOUT", default_value_t = notify::DEFAULT_TIMEOUT_SECS)
+        arg(long, env = "IMGCLF_WEBHOOK_TIMEOUT", default_value_t = notify::DEFAULT_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(1..=3600))
     )]
     pub webhook_timeout: u64,
     /// Secret that signs every callback (HMAC-SHA256, see the README); when unset, callbacks
@@ -298,10 +298,15 @@ pub struct Settings {
     /// Attempts per callback before giving up; 0 turns callbacks off.
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "IMGCLF_WEBHOOK_ATTEMPTS", default_value_t = notify::DEFAULT_ATTEMPTS)
+        arg(long, env = "IMGCLF_WEBHOOK_ATTEMPTS", default_value_t = notify::DEFAULT_ATTEMPTS, value_parser = clap::value_parser!(u32).range(0..=100))
     )]
     pub webhook_attempts: u32,
 }
+
+/// The longest a setting in seconds may be: ten years, beyond any use and far from where
+/// arithmetic in milliseconds overflows.
+#[cfg(feature = "cli")]
+const MOST_SECS: u64 = 10 * 365 * 24 * 3600;
 
 /// Where the embedded default keeps its files.
 pub const DEFAULT_DATA_DIR: &str = "./data";
@@ -402,16 +407,38 @@ pub fn default_model_dir() -> PathBuf {
     }
 }
 
-/// Hides the password of a URL such as `amqp://user:secret@host`, for logs and errors.
+/// Hides the credentials of a URL, for logs and errors: the password of `amqp://user:secret@host`
+/// (also when the URL is mistyped, `amqp//…` or no scheme at all), and query parameters that
+/// name a password, secret, token or key (`postgres://db/x?password=…`).
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+    let (head, query) = match url.split_once('?') {
+        Some((head, query)) => (head, Some(query)),
+        None => (url, None),
+    };
+    let mut out = match head.rfind('@') {
+        Some(at) => {
+            let start = head[..at].find("//").map_or(0, |i| i + 2);
+            let user = head[start..at].split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &head[..start], &head[at..])
         }
-        _ => url.to_string(),
+        None => head.to_string(),
+    };
+    if let Some(query) = query {
+        let secret = |name: &str| {
+            let name = name.to_ascii_lowercase();
+            ["pass", "secret", "token", "key"]
+                .iter()
+                .any(|s| name.contains(s))
+        };
+        let pairs: Vec<String> = (query.split('&'))
+            .map(|pair| match pair.split_once('=') {
+                Some((name, _)) if secret(name) => format!("{name}=***"),
+                _ => pair.to_string(),
+            })
+            .collect();
+        out = format!("{out}?{}", pairs.join("&"));
     }
+    out
 }
 
 impl Settings {
@@ -450,6 +477,11 @@ impl Settings {
             (&mut self.s3_secret_key, "IMGCLF_S3_SECRET_KEY"),
             (&mut self.webhook_secret, "IMGCLF_WEBHOOK_SECRET"),
         ] {
+            // A variable set to nothing (as compose files unset one) is unset: its `_FILE`
+            // counts, and no empty secret signs anything.
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                *value = None;
+            }
             if value.is_none() {
                 *value = env_or_file(name)?;
             }
@@ -743,5 +775,29 @@ mod tests {
             "amqp://guest:***@localhost:5672/"
         );
         assert_eq!(redact("memory://"), "memory://");
+        for (given, shown) in [
+            ("amqp://u:p/w@rabbit/", "amqp://u:***@rabbit/"),
+            ("amqps//user:s3cret@host/", "amqps//user:***@host/"),
+            ("user:s3cret@rabbit:5672", "user:***@rabbit:5672"),
+            (
+                "postgres://db/x?sslmode=require&password=s3cret",
+                "postgres://db/x?sslmode=require&password=***",
+            ),
+            ("redis://:s3cret@cache:6379/0", "redis://:***@cache:6379/0"),
+        ] {
+            assert_eq!(redact(given), shown);
+        }
+    }
+
+    #[test]
+    fn a_setting_set_to_nothing_is_unset() {
+        let mut settings = Settings {
+            webhook_secret: Some(String::new()),
+            queue: Some(" ".into()),
+            ..Settings::default()
+        };
+        settings.apply_env().unwrap();
+        assert_eq!(settings.webhook_secret, None);
+        assert_eq!(settings.queue_url(), "memory://");
     }
 }

@@ -82,6 +82,24 @@ pub use task::{
 /// The source of a backend error, kept so the log can say what really failed.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// An error and its causes on one line, as a binary reports why it stopped: a cause is left
+/// out where the message before it already quotes it (this crate's errors quote their sources).
+pub fn error_line<'a>(
+    chain: impl IntoIterator<Item = &'a (dyn std::error::Error + 'static)>,
+) -> String {
+    let mut line = String::new();
+    for error in chain {
+        let text = error.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
 /// A fresh id that ties what a client is told ("error id …") to the log line with the details.
 pub fn error_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()

@@ -103,7 +103,9 @@ impl ModelSpec {
             .parent()
             .unwrap_or(Path::new("."))
             .to_path_buf();
-        let manifest = if manifest_path.is_file() {
+        // The ImageNet defaults stand in for a manifest only in a directory: a mistyped path
+        // is an error, not the ONNX file that happens to lie beside it.
+        let manifest = if manifest_path.is_file() || !path.is_dir() {
             let text = read(&manifest_path)?;
             serde_json::from_slice(&text).map_err(|source| ModelError::Manifest {
                 path: manifest_path.clone(),
@@ -250,5 +252,20 @@ mod tests {
             ModelSpec::load(dir.path()),
             Err(ModelError::Checksum { .. })
         ));
+    }
+
+    #[test]
+    fn a_mistyped_path_is_an_error_not_the_model_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("model.onnx"), b"not a model").unwrap();
+        for wrong in [
+            dir.path().join("typo.json"),
+            dir.path().join("nothing/here"),
+        ] {
+            assert!(
+                matches!(ModelSpec::load(&wrong), Err(ModelError::Io { ref path, .. }) if *path == wrong),
+                "{wrong:?}"
+            );
+        }
     }
 }

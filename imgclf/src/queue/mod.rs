@@ -55,10 +55,15 @@ pub fn is_embedded(url: &str) -> bool {
 
 /// The queue a URL names: `amqp(s)://…`, `redis(s)://…` or `memory://`.
 pub async fn from_url(url: &str, options: &QueueOptions) -> Result<Arc<dyn Queue>, ConfigError> {
-    // A connection error may quote the URL, password and all.
+    // A connection error may quote the URL, password and all; else it is named, so that
+    // "connection refused" says where.
     let redacted = |error: QueueError| match error {
         QueueError::Backend { source, temporary } => ConfigError::Queue(QueueError::Backend {
-            source: source.to_string().replace(url, &redact(url)).into(),
+            source: match source.to_string() {
+                text if text.contains(url) => text.replace(url, &redact(url)),
+                text => format!("{}: {text}", redact(url)),
+            }
+            .into(),
             temporary,
         }),
         other => ConfigError::Queue(other),

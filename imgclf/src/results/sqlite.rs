@@ -85,6 +85,15 @@ impl SqliteResults {
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(Duration::from_secs(10));
         let path = options.get_filename().to_owned();
+        // Each connection to an in-memory SQLite has a database of its own: the records would
+        // vanish between statements.
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        if in_memory || path.as_os_str().is_empty() {
+            return Err(ResultsError::permanent(format!(
+                "{url:?} names no database file: give sqlite://PATH, or memory:// to keep the \
+                 records in this process's memory"
+            )));
+        }
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| {
                 ResultsError::permanent(format!("cannot create {}: {e}", parent.display()))

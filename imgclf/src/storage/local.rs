@@ -24,6 +24,12 @@ impl LocalStorage {
         let root = root.into();
         std::fs::create_dir_all(&root).map_err(|e| io_error(&root, e))?;
         let removed = remove_leftovers(&root).map_err(|e| io_error(&root, e))?;
+        // A directory that cannot take a file fails here, at start, not at each upload. The
+        // probe is named as `put`'s temporary files are, so a crash leaves nothing for good.
+        let probe = root.join(format!(".probe-{}.tmp", std::process::id()));
+        std::fs::write(&probe, b"")
+            .and_then(|()| std::fs::remove_file(&probe))
+            .map_err(|e| io_error(&root, e))?;
         if removed > 0 {
             tracing::info!(removed, root = %root.display(), "leftover temporary files removed");
         }
@@ -224,6 +230,16 @@ impl Storage for LocalStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_directory_that_takes_no_file_fails_at_start() {
+        // sysfs: a directory even root cannot create a file in.
+        let read_only = Path::new("/sys/kernel/mm");
+        if read_only.is_dir() {
+            let refused = LocalStorage::new(read_only).err().map(|e| e.to_string());
+            assert!(refused.is_some_and(|e| e.contains("/sys/kernel/mm")));
+        }
+    }
 
     #[test]
     fn a_crash_s_temporary_files_are_removed_at_start() {

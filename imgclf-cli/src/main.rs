@@ -121,24 +121,9 @@ async fn main() -> ExitCode {
         Command::Status(args) => status(args).await,
     };
     outcome.unwrap_or_else(|error| {
-        eprintln!("imgclf: {}", chain(&error));
+        eprintln!("imgclf: {}", imgclf::error_line(error.chain()));
         ExitCode::from(FATAL)
     })
-}
-
-/// The error and its causes, each once: many errors already print their source.
-fn chain(error: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in error.chain() {
-        let cause = cause.to_string();
-        if !text.contains(&cause) {
-            if !text.is_empty() {
-                text.push_str(": ");
-            }
-            text.push_str(&cause);
-        }
-    }
-    text
 }
 
 async fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {

@@ -283,12 +283,5 @@ async fn detail(response: reqwest::Response) -> String {
 
 /// An error with its causes: reqwest's own message alone rarely says what happened.
 fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+    imgclf::error_line(std::iter::successors(Some(error), |e| e.source()))
 }

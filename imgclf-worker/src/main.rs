@@ -71,9 +71,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut settings = args.settings;
     settings.apply_env()?;
     if settings.embedded_queue() {
-        tracing::warn!(
-            "IMGCLF_QUEUE is memory://: this worker only sees jobs queued in its own process; \
-             run imgclf-http for the embedded pipeline, or point both at a shared queue"
+        // Nothing else can queue a job in this process's memory: it would wait forever.
+        anyhow::bail!(
+            "a worker needs a shared queue: set IMGCLF_QUEUE to amqp://… or redis://…, as for \
+             imgclf-http (with no shared queue, imgclf-http runs the worker itself)"
         );
     }
     // Listening for SIGTERM from the start: a stop while the model loads (a rolling update, a

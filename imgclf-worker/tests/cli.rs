@@ -61,6 +61,19 @@ fn a_bad_backend_url_is_a_clear_error_not_a_panic() {
 }
 
 #[test]
+fn without_a_shared_queue_the_worker_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_imgclf-worker"))
+        .env("IMGCLF_DATA_DIR", dir.path().join("data"))
+        .env_remove("IMGCLF_QUEUE")
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "it would wait forever");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("a worker needs a shared queue"), "{stderr}");
+}
+
+#[test]
 fn metrics_are_served_on_the_address_given() {
     let dir = std::env::temp_dir().join(format!("imgclf-worker-metrics-{}", std::process::id()));
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -68,8 +81,16 @@ fn metrics_are_served_on_the_address_given() {
         .local_addr()
         .unwrap()
         .port();
+    let Some(queue) = imgclf_test_support::service_url("IMGCLF_TEST_REDIS") else {
+        return;
+    };
     let mut worker = Command::new(env!("CARGO_BIN_EXE_imgclf-worker"))
         .env("IMGCLF_DATA_DIR", &dir)
+        .env("IMGCLF_QUEUE", queue)
+        .env(
+            "IMGCLF_QUEUE_NAME",
+            imgclf_test_support::unique_name("imgclf-metrics"),
+        )
         .env("IMGCLF_METRICS_ADDR", format!("127.0.0.1:{port}"))
         .env("RUST_LOG", "warn")
         .spawn()

@@ -245,12 +245,13 @@ pub fn router(mut state: AppState, request_timeout: Duration) -> Router {
         .merge(open)
         .with_state(state.clone())
         .merge(docs::ui())
-        .layer(middleware::map_response(json_errors))
         .layer(tower::util::option_layer(cors))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             request_timeout,
         ))
+        // Outside the timeout, so that its 408 gets a detail too.
+        .layer(middleware::map_response(json_errors))
         .layer(access_log())
         .layer(middleware::from_fn(request_id))
         .layer(middleware::from_fn_with_state(state, observe::record));

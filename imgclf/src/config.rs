@@ -85,7 +85,7 @@ impl ConfigError {
 /// The value of environment variable `name`, or else the contents of the file that
 /// `<name>_FILE` names (one trailing newline dropped). `None` when neither is set.
 pub fn env_or_file(name: &str) -> Result<Option<String>, ConfigError> {
-    if let Some(value) = std::env::var(name).ok().filter(|v| !v.is_empty()) {
+    if let Some(value) = std::env::var(name).ok().filter(|v| !v.trim().is_empty()) {
         return Ok(Some(value));
     }
     let file_var = format!("{name}_FILE");
@@ -411,18 +411,20 @@ pub fn default_model_dir() -> PathBuf {
 /// (also when the URL is mistyped, `amqp//…` or no scheme at all), and query parameters that
 /// name a password, secret, token or key (`postgres://db/x?password=…`).
 pub fn redact(url: &str) -> String {
-    let (head, query) = match url.split_once('?') {
-        Some((head, query)) => (head, Some(query)),
-        None => (url, None),
-    };
-    let mut out = match head.rfind('@') {
+    // The credentials end at the last `@`, whatever comes before it: a password may hold a `?`.
+    let (mut out, rest) = match url.rfind('@') {
         Some(at) => {
-            let start = head[..at].find("//").map_or(0, |i| i + 2);
-            let user = head[start..at].split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &head[..start], &head[at..])
+            let start = url[..at].find("//").map_or(0, |i| i + 2);
+            let user = url[start..at].split(':').next().unwrap_or("");
+            (format!("{}{user}:***", &url[..start]), &url[at..])
         }
-        None => head.to_string(),
+        None => (String::new(), url),
     };
+    let (head, query) = match rest.split_once('?') {
+        Some((head, query)) => (head, Some(query)),
+        None => (rest, None),
+    };
+    out.push_str(head);
     if let Some(query) = query {
         let secret = |name: &str| {
             let name = name.to_ascii_lowercase();
@@ -784,6 +786,11 @@ mod tests {
                 "postgres://db/x?sslmode=require&password=***",
             ),
             ("redis://:s3cret@cache:6379/0", "redis://:***@cache:6379/0"),
+            ("amqp://user:pa?ss@rabbit/", "amqp://user:***@rabbit/"),
+            (
+                "postgres://db:5432/x?sslmode=require",
+                "postgres://db:5432/x?sslmode=require",
+            ),
         ] {
             assert_eq!(redact(given), shown);
         }
@@ -799,5 +806,9 @@ mod tests {
         settings.apply_env().unwrap();
         assert_eq!(settings.webhook_secret, None);
         assert_eq!(settings.queue_url(), "memory://");
+        // Read again from the environment, blanks are nothing too.
+        std::env::set_var("IMGCLF_TEST_BLANK", " ");
+        assert!(super::env_or_file("IMGCLF_TEST_BLANK").unwrap().is_none());
+        std::env::remove_var("IMGCLF_TEST_BLANK");
     }
 }

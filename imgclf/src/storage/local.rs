@@ -26,9 +26,14 @@ impl LocalStorage {
         let removed = remove_leftovers(&root).map_err(|e| io_error(&root, e))?;
         // A directory that cannot take a file fails here, at start, not at each upload. The
         // probe is named as `put`'s temporary files are, so a crash leaves nothing for good.
-        let probe = root.join(format!(".probe-{}.tmp", std::process::id()));
+        // Named for this start alone: processes sharing the directory may start together.
+        let probe = root.join(format!(".probe-{}.tmp", uuid::Uuid::new_v4().simple()));
         std::fs::write(&probe, b"")
-            .and_then(|()| std::fs::remove_file(&probe))
+            .and_then(|()| match std::fs::remove_file(&probe) {
+                // Another process's start took it as a crash's leftover.
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+                removed => removed,
+            })
             .map_err(|e| io_error(&root, e))?;
         if removed > 0 {
             tracing::info!(removed, root = %root.display(), "leftover temporary files removed");

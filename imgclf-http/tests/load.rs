@@ -46,7 +46,12 @@ async fn a_steady_rate_near_capacity_holds_with_flat_memory() {
     ];
     let server = spawn(&http_binary(), &env, work.path());
     let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
+    // Idle connections go back before the server closes them (IMGCLF_HEADER_TIMEOUT, 10 s):
+    // one taken from the pool as the server closes it fails its request (IncompleteMessage).
+    let client = reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
     wait_ready(&client, &base).await;
     let images = Arc::new(reference_images());
 

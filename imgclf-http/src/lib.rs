@@ -281,11 +281,11 @@ async fn json_errors(response: Response) -> Response {
         true => status.canonical_reason().unwrap_or("error").to_lowercase(),
         false => text,
     };
+    // The API's own error body, with the headers of the answer it replaces (`Allow`, say).
+    let (answer, body) = ApiError::new(status, detail).into_response().into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
-    let json = HeaderValue::from_static("application/json");
-    parts.headers.insert(header::CONTENT_TYPE, json);
-    let body = serde_json::to_vec(&json!({ "detail": detail })).expect("a JSON object");
-    Response::from_parts(parts, axum::body::Body::from(body))
+    parts.headers.extend(answer.headers);
+    Response::from_parts(parts, body)
 }
 
 /// The header that names a request, from the client or made here, and returned with the answer.

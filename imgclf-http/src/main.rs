@@ -89,24 +89,18 @@ fn start() -> anyhow::Result<()> {
 /// compose files unset a variable), IMGCLF_API_KEYS is unset; set to blanks and commas only, it
 /// is a mistake that would leave the API open, and an error.
 fn api_keys(given: &[String]) -> anyhow::Result<Vec<String>> {
-    let keys = |all: &[String]| -> Vec<String> {
-        (all.iter().map(|k| k.trim()))
-            .filter(|k| !k.is_empty())
-            .map(String::from)
-            .collect()
-    };
-    let (from_flag, mut listed) = (keys(given), given.concat());
-    if !from_flag.is_empty() {
-        return Ok(from_flag);
-    }
+    let mut listed = given.join(",");
     if listed.is_empty() {
         listed = env_or_file("IMGCLF_API_KEYS")?.unwrap_or_default();
     }
-    let from_file = keys(&listed.split(',').map(String::from).collect::<Vec<_>>());
-    if from_file.is_empty() && !listed.is_empty() {
+    let keys: Vec<String> = (listed.split(',').map(str::trim))
+        .filter(|k| !k.is_empty())
+        .map(String::from)
+        .collect();
+    if keys.is_empty() && !listed.is_empty() {
         anyhow::bail!("IMGCLF_API_KEYS holds no key, only commas and blanks: unset it to leave the API open, or list keys separated by commas");
     }
-    Ok(from_file)
+    Ok(keys)
 }
 
 async fn run(mut args: Args) -> anyhow::Result<()> {

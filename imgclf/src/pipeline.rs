@@ -536,15 +536,10 @@ impl Submitter {
         let depth = match cached {
             Some((at, depth)) if at.elapsed() < Duration::from_secs(1) => depth,
             _ => {
-                // Within the publish's time limit: a broker that drops packets must not hold
-                // the upload for the system's TCP timeout.
                 let limit = self.shared.config.publish_timeout;
-                let read = tokio::time::timeout(limit, self.shared.ports.queue.depth()).await;
-                let depth = match read {
-                    Ok(read) => read.map_err(Into::into),
-                    Err(_) => Err(format!("the broker did not answer within {limit:?}").into()),
-                }
-                .map_err(SubmitError::unavailable("reading the queue depth"))?;
+                let depth = within(limit, self.shared.ports.queue.depth())
+                    .await
+                    .map_err(SubmitError::unavailable("reading the queue depth"))?;
                 *self.depth.lock().unwrap() = Some((Instant::now(), depth));
                 depth
             }
@@ -658,8 +653,10 @@ impl Shared {
             let (started, mut wait) = (Instant::now(), config.retry_backoff);
             while started.elapsed() < config.requeue_after {
                 tokio::time::sleep(wait).await;
-                let published = tokio::time::timeout(config.publish_timeout, queue.enqueue(&job));
-                if let Ok(Ok(())) = published.await {
+                if within(config.publish_timeout, queue.enqueue(&job))
+                    .await
+                    .is_ok()
+                {
                     tracing::info!(task_id = %job.task_id, "a kept task queued");
                     return;
                 }
@@ -669,12 +666,20 @@ impl Shared {
     }
 
     /// Enqueues within `publish_timeout`.
-    async fn publish(&self, job: &crate::task::Job) -> Result<(), BoxError> {
-        let limit = self.config.publish_timeout;
-        match tokio::time::timeout(limit, self.ports.queue.enqueue(job)).await {
-            Ok(published) => published.map_err(Into::into),
-            Err(_) => Err(format!("the broker did not confirm within {limit:?}").into()),
-        }
+    async fn publish(&self, job: &Job) -> Result<(), BoxError> {
+        within(self.config.publish_timeout, self.ports.queue.enqueue(job)).await
+    }
+}
+
+/// A call to the broker that must answer within `limit`: one that drops packets would hold
+/// its caller for the system's TCP timeout.
+async fn within<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, crate::queue::QueueError>>,
+) -> Result<T, BoxError> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(answered) => answered.map_err(Into::into),
+        Err(_) => Err(format!("the broker did not answer within {limit:?}").into()),
     }
 }
 

@@ -2,7 +2,8 @@
 # imgclf: both binaries and ONNX Runtime in one small image; the command picks which runs.
 #   docker build -t imgclf .
 #   docker run -p 8000:8000 imgclf                          # embedded default (HTTP + worker)
-#   docker run -e IMGCLF_METRICS_ADDR=0.0.0.0:9101 imgclf imgclf-worker   # a worker
+#   docker run -e IMGCLF_QUEUE=amqp://… -e IMGCLF_RESULTS=postgres://… -e IMGCLF_STORAGE=s3://… \
+#     -e IMGCLF_METRICS_ADDR=0.0.0.0:9101 imgclf imgclf-worker     # a worker (a shared queue)
 # Base images are pinned by tag (a digest is better where your registry mirror can resolve it).
 
 # ONNX Runtime's shared library comes from the `onnxruntime` wheel on PyPI, the same version
@@ -48,7 +49,9 @@ ENV IMGCLF_MODEL=/opt/imgclf/models/efficientnet-lite0 \
     IMGCLF_DATA_DIR=/var/lib/imgclf/data \
     IMGCLF_ADDR=0.0.0.0:8000
 EXPOSE 8000
-# The binary probes its own /health (the slim image's shell, dash, has no /dev/tcp). Worker
-# containers override it: `imgclf-worker healthcheck`, with IMGCLF_METRICS_ADDR set.
-HEALTHCHECK --interval=10s --timeout=5s CMD ["imgclf-http", "healthcheck"]
+# The binaries probe their own /health (the slim image's shell, dash, has no /dev/tcp): the API's
+# on IMGCLF_ADDR, else a worker's on IMGCLF_METRICS_ADDR, so one image checks either command.
+# The start period covers loading the model and timing it.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=120s \
+    CMD imgclf-http healthcheck || imgclf-worker healthcheck
 CMD ["imgclf-http"]

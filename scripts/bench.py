@@ -226,6 +226,14 @@ class Service:
         self.metrics_port = self.port + 1 if workers else self.port
 
     def __enter__(self):
+        try:
+            return self._wait_ready()
+        except BaseException:
+            # Not inside the `with` yet: nothing else would stop what was started.
+            self.__exit__(None, None, None)
+            raise
+
+    def _wait_ready(self):
         deadline = time.time() + 300
         while True:
             try:
@@ -332,6 +340,12 @@ def main():
     ap.add_argument("--skip-tract", action="store_true", help="skip the tract rows (information only)")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs/bench-results.json"))
     a = ap.parse_args()
+    # The services run from a folder of their own: a relative path would be looked up there.
+    a.bin_dir = os.path.abspath(a.bin_dir)
+    missing = [v for v in ("IMGCLF_TEST_AMQP", "IMGCLF_TEST_POSTGRES", "IMGCLF_BENCH_S3S") if not os.environ.get(v)]
+    if not a.skip_distributed and missing:
+        raise SystemExit(f"the distributed runs need {', '.join(missing)} (scripts/bench.sh sets them); "
+                         "or pass --skip-distributed")
     bins = {"http": os.path.join(a.bin_dir, "imgclf-http"), "worker": os.path.join(a.bin_dir, "imgclf-worker"),
             "classifier": os.path.join(a.bin_dir, "examples", "bench_classifier"),
             "load": os.path.join(a.bin_dir, "examples", "bench_load"),

@@ -49,7 +49,9 @@ tolerance="${GPU_CHECK_TOLERANCE:-1e-3}"
 shared="${IMGCLF_SHARED_DIR:-$PWD/../shared}"
 export IMGCLF_SHARED_DIR="$shared"
 work="$(mktemp -d /var/tmp/imgclf-gpu-check.XXXXXX)"
-trap 'rm -rf "$work"' EXIT
+service=""
+# The service of step 5 goes with the script, however it ends.
+trap '[ -z "$service" ] || kill "$service" 2>/dev/null; rm -rf "$work"' EXIT
 
 python=python3
 if [ -n "${GPU_CHECK_ORT_DIR:-}" ] && [ -n "${GPU_CHECK_CUDA_SITE:-}" ]; then
@@ -79,13 +81,15 @@ else
 fi
 
 # 2. Where the libraries are: every folder of the NVIDIA wheels holding a shared library.
-lib_dirs="$(find "$cuda_site/nvidia" -name '*.so*' -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)"
+lib_dirs="$(find "$cuda_site/nvidia" -name '*.so*' -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)" ||
+  lib_dirs=""
 if [ -z "$lib_dirs" ]; then
   echo "gpu-check: no CUDA libraries found under $cuda_site/nvidia" >&2
   exit 1
 fi
 export LD_LIBRARY_PATH="$lib_dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-ort_lib="$(find "$ort_dir" -maxdepth 1 -name 'libonnxruntime.so*' | sort | tail -n 1)"
+ort_lib="$(find "$ort_dir" -maxdepth 1 -name 'libonnxruntime.so*' 2>/dev/null | sort | tail -n 1)" ||
+  ort_lib=""
 if [ -z "$ort_lib" ] || [ ! -e "$ort_dir/libonnxruntime_providers_cuda.so" ]; then
   echo "gpu-check: $ort_dir has no libonnxruntime.so with the CUDA provider" >&2
   exit 1
@@ -96,8 +100,9 @@ echo "gpu-check: IMGCLF_ORT_LIB=$IMGCLF_ORT_LIB" >&2
 # The benchmark example (release: the figures are for reading).
 bench="${IMGCLF_BENCH_BIN:-}"
 if [ -z "$bench" ]; then
-  cargo build --release --example bench_classifier --example bench_load --bin imgclf-http >&2
-  release="${CARGO_TARGET_DIR:-target}/release"
+  # --workspace: the root package alone has no imgclf-http.
+  cargo build --release --workspace --bins --example bench_classifier --example bench_load >&2
+  release="$(realpath "${CARGO_TARGET_DIR:-target}")/release"
   bench="$release/examples/bench_classifier"
   IMGCLF_LOAD_BIN="${IMGCLF_LOAD_BIN:-$release/examples/bench_load}"
   IMGCLF_HTTP_BIN="${IMGCLF_HTTP_BIN:-$release/imgclf-http}"
@@ -186,6 +191,7 @@ PY
         printf "gpu-check: %s service: %.2f of %d cores busy while loaded\n",
           name, (cpu - before) / (wall - from), cores }' >&2
     kill "$service" && wait "$service" || true
+    service=""
     grep -E "runs on|classifier:|instance" "$work/$name-http.log" | sed "s/^/gpu-check: $name service: /" >&2
     echo "gpu-check: $name embedded service on cuda: $result"
   done

@@ -79,6 +79,6 @@ export IMGCLF_TEST_S3=http://127.0.0.1:9000
 export IMGCLF_TEST_S3_SECOND=http://127.0.0.1:9002
 export IMGCLF_TEST_S3_ACCESS_KEY=test
 export IMGCLF_TEST_S3_SECRET_KEY=testtest
-export IMGCLF_TEST_ORT_LIB=$ort_lib
+export IMGCLF_TEST_ORT_LIB='$ort_lib'
 export IMGCLF_TEST_CHROMEDRIVER=/usr/bin/chromedriver
 ENV

@@ -1652,11 +1652,15 @@ async fn file_names_and_metadata_hold_only_what_every_database_stores() {
     }
 }
 
+/// Beyond the budget of bytes in flight an upload gets 503 at once; one larger than the whole
+/// budget is charged all of it, so it runs when nothing else is in flight (else it could never).
 #[tokio::test]
 async fn uploads_beyond_the_bytes_in_flight_budget_get_503() {
     let s = service_custom(Arc::new(NoopNotifier), PipelineConfig::default(), false);
     let state = AppState::new(s.pipeline.submitter().clone(), None, MAX_UPLOAD)
         .with_inflight_budget(64 * 1024);
+    // Another upload's kibibyte, in flight.
+    let held = state.inflight_kib.clone().try_acquire_owned().unwrap();
     let app = router(state, Duration::from_secs(30));
     let big = image("skimage_chelsea.png");
     assert!(big.len() > 64 * 1024);
@@ -1670,6 +1674,14 @@ async fn uploads_beyond_the_bytes_in_flight_budget_get_503() {
     let request = multipart("/api/upload-image", &[Part::File("a.jpg", &small)]);
     let (status, body) = call(&app, request).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    drop(held);
+    let request = multipart("/api/upload-image", &[Part::File("big.png", &big)]);
+    let (status, body) = call(&app, request).await;
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "alone, the larger upload runs: {body}"
+    );
 }
 
 /// Uploads a photo that is accepted; returns its task id.

@@ -44,6 +44,11 @@ async fn a_bulk_upload_accepts_the_good_files_and_says_why_the_bad_one_was_refus
         "the refusal says what was wrong: {body}"
     );
     assert!(tasks[1].get("task_id").is_none());
+    assert_eq!(
+        tasks[1]["status"], 415,
+        "what the single upload would answer: {body}"
+    );
+    assert!(tasks[1].get("retry_after").is_none(), "{body}");
     for (item, name) in [
         (&tasks[0], "opencv_apple.jpg"),
         (&tasks[2], "darknet_dog.jpg"),
@@ -65,6 +70,18 @@ async fn a_bulk_upload_accepts_the_good_files_and_says_why_the_bad_one_was_refus
     );
     let (status, _) = call(&s.app, bad_metadata).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    // A callback URL this server would not call refuses the request, not file by file.
+    let before = s.storage.len();
+    for url in ["ftp://example.com/hook", "http://169.254.169.254/hook"] {
+        let bad_callback = multipart(
+            "/api/upload-images",
+            &[Part::Text("callback_url", url), Part::File("a.jpg", &apple)],
+        );
+        let (status, body) = call(&s.app, bad_callback).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{url}: {body}");
+        assert!(body["detail"].is_string(), "{body}");
+    }
+    assert_eq!(s.storage.len(), before, "nothing stored");
 }
 
 /// A loopback server with a photo, a missing path, an oversized body and a redirect.
@@ -365,10 +382,9 @@ async fn the_openapi_document_lists_every_route_and_every_status_it_answers_with
         AppState::embedded(&s.pipeline, MAX_UPLOAD).with_api_keys(&["k".into()]),
         Duration::from_secs(30),
     );
-    let starved = router(
-        AppState::embedded(&s.pipeline, MAX_UPLOAD).with_inflight_budget(1024),
-        Duration::from_secs(30),
-    );
+    let starved = AppState::embedded(&s.pipeline, MAX_UPLOAD).with_inflight_budget(1024);
+    let _in_flight = starved.inflight_kib.clone().try_acquire_owned().unwrap();
+    let starved = router(starved, Duration::from_secs(30));
     let upload = |parts: &[Part]| multipart("/api/upload-image", parts);
     let plain = |method: &str, uri: &str| {
         Request::builder()

@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
@@ -63,7 +64,7 @@ struct ClassifyArgs {
     #[arg(required = true)]
     paths: Vec<PathBuf>,
     /// Classify in this process with the library instead of on a server.
-    #[arg(long, env = "IMGCLF_LOCAL")]
+    #[arg(long, env = "IMGCLF_LOCAL", value_parser = BoolishValueParser::new())]
     local: bool,
     #[command(flatten)]
     server: ServerArgs,
@@ -78,17 +79,22 @@ struct ClassifyArgs {
     /// that many).
     #[arg(long, env = "IMGCLF_TOP_K", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
     top_k: u32,
-    /// Seconds to wait for one image's result once it was accepted.
-    #[arg(long, env = "IMGCLF_WAIT_TIMEOUT", default_value_t = 600)]
+    /// Seconds to wait for one image's result once it was accepted (at most a year).
+    #[arg(long, env = "IMGCLF_WAIT_TIMEOUT", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=MOST_WAIT_SECS))]
     timeout: u64,
     /// In folders, send every file, not only those named like images (.jpg, .png, …).
-    #[arg(long, env = "IMGCLF_ALL_FILES")]
+    #[arg(long, env = "IMGCLF_ALL_FILES", value_parser = BoolishValueParser::new())]
     all_files: bool,
     /// Files larger than this many bytes are reported, not read.
     #[arg(long, env = "IMGCLF_MAX_FILE_BYTES", default_value_t = 64 * 1024 * 1024)]
     max_file_bytes: u64,
+    /// Images whose task ended in FAILURE (in this run or an earlier one: the same content
+    /// names the same task) are submitted once more as a new task, after the failure's cause
+    /// was mended. Rerunning stays idempotent: the new task's key follows from the failed one.
+    #[arg(long, env = "IMGCLF_RETRY_FAILED", value_parser = BoolishValueParser::new())]
+    retry_failed: bool,
     /// No progress bar (there is none anyway when stderr is not a terminal).
-    #[arg(long, env = "IMGCLF_NO_PROGRESS")]
+    #[arg(long, env = "IMGCLF_NO_PROGRESS", value_parser = BoolishValueParser::new())]
     no_progress: bool,
     #[command(flatten)]
     model: local::ModelArgs,
@@ -101,8 +107,19 @@ struct StatusArgs {
     #[command(flatten)]
     server: ServerArgs,
     /// Seconds to wait for the task to end before printing (at most 30).
-    #[arg(long, env = "IMGCLF_STATUS_WAIT")]
+    #[arg(long, env = "IMGCLF_STATUS_WAIT", value_parser = status_wait)]
     wait: Option<f64>,
+}
+
+/// Longest `--timeout`: a year, far past any wait a run means, and far from overflowing a clock.
+const MOST_WAIT_SECS: u64 = 365 * 24 * 3600;
+
+/// `--wait`: seconds from 0 to 30, as the server takes them.
+fn status_wait(value: &str) -> Result<f64, String> {
+    match value.trim().parse::<f64>() {
+        Ok(seconds) if (0.0..=30.0).contains(&seconds) => Ok(seconds),
+        _ => Err("expected seconds from 0 to 30".into()),
+    }
 }
 
 /// Exit status when the run itself could not go on (no server, a refused API key, no model),
@@ -159,12 +176,17 @@ async fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
         timeout: Duration::from_secs(args.timeout),
         max_file_bytes: args.max_file_bytes,
         progress: !args.no_progress,
+        retry_failed: args.retry_failed,
     };
     let summary = run::run(backend, walked.inputs, &options).await?;
-    let skipped = match walked.skipped {
+    let mut skipped = match walked.skipped {
         0 => String::new(),
         n => format!("; {n} non-image files skipped"),
     };
+    if walked.duplicates > 0 {
+        let n = walked.duplicates;
+        skipped += &format!("; {n} paths to files already listed (links) skipped");
+    }
     eprintln!(
         "imgclf: {} images, {} classified, {} failed in {:.1} s{skipped}",
         summary.total,

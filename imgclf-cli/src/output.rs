@@ -111,11 +111,13 @@ impl<W: Write> Writer<W> {
                         .collect::<Vec<_>>()
                         .join("; "),
                 };
+                // One line per record, whatever a file name or an error page holds.
                 writeln!(
                     self.out,
-                    "{:<w$}  {:<7}  {detail}",
-                    record.path,
+                    "{:<w$}  {:<7}  {}",
+                    one_line(&record.path),
                     record.state,
+                    one_line(&detail),
                     w = self.path_width
                 )?;
             }
@@ -138,6 +140,13 @@ impl<W: Write> Writer<W> {
         }
         self.out.flush()
     }
+}
+
+/// `text` with its line breaks, tabs and other control characters as spaces.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// RFC 4180: a field with a comma, quote or line break is quoted, its quotes doubled.
@@ -199,5 +208,19 @@ mod tests {
         assert_eq!(lines[0]["classification"][0]["class_id"], 281);
         assert_eq!(lines[1]["state"], "ERROR");
         assert_eq!(lines[1]["error"], "bad");
+    }
+
+    #[test]
+    fn a_table_row_stays_on_one_line() {
+        let mut out = Vec::new();
+        let mut writer = Writer::new(&mut out, Format::Table, 10);
+        writer.header().unwrap();
+        let page = "413 Request Entity Too Large: <html>\r\n<head>\t</head>";
+        writer
+            .record(&Record::error("a\nb.jpg".into(), page.into()))
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(text.contains("a b.jpg"), "{text}");
     }
 }

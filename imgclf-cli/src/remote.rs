@@ -74,17 +74,36 @@ impl Remote {
         url
     }
 
-    /// Fails at once, with the reason, when the server cannot be reached at all, rather than
-    /// after every file's retries.
+    /// Fails before any file, with the reason, when the server cannot be reached (after the
+    /// configured attempts: it may be starting), rather than after every file's retries.
     pub async fn check(&self) -> anyhow::Result<()> {
         let url = self.url(&["health"]);
-        self.http
-            .get(url.clone())
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the server at {}", self.base))?;
-        Ok(())
+        let mut attempt = 1;
+        loop {
+            let sent = self
+                .http
+                .get(url.clone())
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await;
+            match sent {
+                Ok(_) => return Ok(()),
+                Err(error) if attempt < self.attempts => {
+                    let delay = Duration::from_secs(1 << (attempt - 1).min(5));
+                    tracing::info!(error = %error_chain(&error), ?delay, "the server is not reachable yet; retrying");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                Err(error) => {
+                    return Err(error).with_context(|| {
+                        format!(
+                            "cannot reach the server at {} ({attempt} attempts)",
+                            self.base
+                        )
+                    })
+                }
+            }
+        }
     }
 
     /// Uploads one image; returns its task id, or why the server would not take it.
@@ -110,6 +129,15 @@ impl Remote {
             .await;
         let body = match response {
             Ok(body) => body,
+            // No upload route here: every file would fail alike (a wrong --server prefix).
+            Err(Failed::Refused {
+                status: StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED,
+                why,
+            }) => {
+                return Err(Fatal(format!(
+                    "{url} is not an imgclf upload route (is --server right?): {why}"
+                )))
+            }
             Err(Failed::Refused { why, .. }) => {
                 return Ok(Err(format!("refused by the server: {why}")))
             }

@@ -138,6 +138,8 @@ pub struct Options {
     pub max_file_bytes: u64,
     /// A progress bar on stderr, if it is a terminal.
     pub progress: bool,
+    /// Submit an image whose task failed again, as a new task.
+    pub retry_failed: bool,
 }
 
 /// How a run went.
@@ -184,6 +186,7 @@ pub async fn run(
                 input,
                 options.timeout,
                 options.max_file_bytes,
+                options.retry_failed,
             );
             let bar = bar.clone();
             in_flight.push_back(tokio::spawn(async move {
@@ -232,6 +235,7 @@ async fn one(
     input: Input,
     timeout: Duration,
     max_file_bytes: u64,
+    retry_failed: bool,
 ) -> Result<Record, Fatal> {
     let shown = input.path.display().to_string();
     let fail = |why: String| Ok(Record::error(shown.clone(), why));
@@ -249,17 +253,33 @@ async fn one(
         Ok(Err(why)) => return fail(why),
         Err(panic) => return fail(format!("reading panicked: {panic}")),
     };
-    let name = input
+    // Only informational for the server, which refuses control characters in it (a name on
+    // Linux may hold a tab or a line break).
+    let name: String = input
         .path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| shown.clone());
-    let task_id = match backend.submit(&name, bytes, &key).await? {
-        Ok(task_id) => task_id,
-        Err(why) => return fail(why),
+        .unwrap_or_else(|| shown.clone())
+        .chars()
+        .map(|c| if c.is_control() { '_' } else { c })
+        .collect();
+    let (mut key, mut permit, mut retries) = (key, Some(permit), 0);
+    let verdict = loop {
+        let task_id = match backend.submit(&name, bytes.clone(), &key).await? {
+            Ok(task_id) => task_id,
+            Err(why) => return fail(why),
+        };
+        // Waiting for the result holds no submission slot.
+        drop(permit.take());
+        let verdict = backend.wait(&task_id, timeout).await?;
+        // An earlier run's retries of this content answer at once with their own verdicts;
+        // the chain ends at the first task that did not fail.
+        if !(retry_failed && verdict.state == "FAILURE" && retries < MAX_RETRIES) {
+            break verdict;
+        }
+        retries += 1;
+        key = retry_key(&key, &task_id);
     };
-    drop(permit);
-    let verdict = backend.wait(&task_id, timeout).await?;
     Ok(Record {
         path: shown,
         task_id: verdict.task_id,
@@ -267,6 +287,16 @@ async fn one(
         classification: verdict.classification,
         error: verdict.error,
     })
+}
+
+/// Most new tasks `--retry-failed` makes for one image across runs.
+const MAX_RETRIES: u32 = 20;
+
+/// The idempotency key of the task that retries failed task `failed_task_id` (whose key was
+/// `key`): the same for every run, within the server's 255 bytes however long the chain.
+fn retry_key(key: &str, failed_task_id: &str) -> String {
+    let next = hex::encode(Sha256::digest(format!("{key}\n{failed_task_id}")));
+    format!("retry-{next}")
 }
 
 /// The file's bytes and its idempotency key: the hex SHA-256 of the content, so the same

@@ -20,6 +20,8 @@ pub struct Walked {
     pub inputs: Vec<Input>,
     /// Files in folders not named like images (and not regular files).
     pub skipped: usize,
+    /// Paths to a file already taken under another path (links, a folder named twice).
+    pub duplicates: usize,
 }
 
 /// Extensions of the formats the service reads.
@@ -66,6 +68,8 @@ impl Walk {
         let identity = fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
         if self.files.insert(identity) {
             self.walked.inputs.push(Input { path, problem });
+        } else {
+            self.walked.duplicates += 1;
         }
     }
 

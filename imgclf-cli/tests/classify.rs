@@ -470,3 +470,171 @@ async fn busy_answers_are_retried_after_the_advised_seconds() {
     assert!(error.contains("gave up after 2 attempts"), "{error}");
     assert!(error.contains("still busy"), "{error}");
 }
+
+/// Yes/no settings take the usual words in the environment, and waits beyond their range are
+/// refused by name instead of overflowing a clock.
+#[tokio::test]
+async fn settings_take_the_usual_boolean_words_and_refuse_waits_out_of_range() {
+    let empty = tempfile::tempdir().unwrap();
+    let output = run(cli()
+        .arg("classify")
+        .arg(empty.path())
+        .env("IMGCLF_NO_PROGRESS", "1")
+        .env("IMGCLF_ALL_FILES", "yes")
+        .env("IMGCLF_RETRY_FAILED", "on")
+        .env("IMGCLF_LOCAL", "0"))
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no images in the given paths"), "{stderr}");
+
+    let task = TaskId::new().to_string();
+    for (flag, value) in [
+        ("--wait", "inf"),
+        ("--wait", "31"),
+        ("--wait", "-1"),
+        ("--timeout", "18446744073709551615"),
+        ("--timeout", "0"),
+    ] {
+        let mut command = cli();
+        match flag {
+            "--wait" => command.args(["status", &task, "--server", "http://127.0.0.1:9"]),
+            _ => command.arg("classify").arg(empty.path()),
+        };
+        let output = run(command.arg(format!("{flag}={value}"))).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
+    }
+}
+
+/// A file name with control characters is sent with them replaced (the server refuses them in
+/// a name); a server address without imgclf's routes stops the run at its first upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_file_names_are_classified_and_a_wrong_prefix_stops_the_run() {
+    let server = start_server(&[], None).await;
+    let work = tempfile::tempdir().unwrap();
+    let (_, label, bytes) = reference_images().into_iter().next().unwrap();
+    let odd = work.path().join("a\tb\nc.jpg");
+    std::fs::write(&odd, &bytes).unwrap();
+    let output = run(cli()
+        .args(["classify", "--format", "jsonl", "--server", &server.url])
+        .arg(&odd))
+    .await;
+    assert!(output.status.success(), "{output:?}");
+    let record = &records(&output)[0];
+    assert_eq!(
+        record["classification"][0]["label"].as_str(),
+        Some(label.as_str()),
+        "{record}"
+    );
+    let task_id = record["task_id"]
+        .as_str()
+        .unwrap()
+        .parse::<TaskId>()
+        .unwrap();
+    let stored = server
+        .pipeline
+        .submitter()
+        .status(task_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.metadata["filename"], "a_b_c.jpg", "{stored:?}");
+
+    let output = run(cli()
+        .args(["classify", "--format", "jsonl"])
+        .args(["--server", &format!("{}/not-imgclf/", server.url)])
+        .arg(&odd))
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is --server right?"), "{stderr}");
+}
+
+/// `--retry-failed` submits an image whose task failed once more, as a new task, and a rerun
+/// follows the same chain of tasks instead of making new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_images_are_retried_on_request_and_only_once() {
+    // The first task asked about has failed, as far as the client can tell.
+    let failed: Arc<Mutex<Option<String>>> = Arc::default();
+    let first = failed.clone();
+    let intercept: Intercept = Arc::new(move |request: &Request| {
+        let id = request
+            .uri()
+            .path()
+            .strip_prefix("/api/task-status/")?
+            .to_string();
+        let mut first = first.lock().unwrap();
+        if first.get_or_insert_with(|| id.clone()) != &id {
+            return None;
+        }
+        let body = serde_json::json!({"task_id": id, "state": "FAILURE", "error": "gave up after 3 attempts"});
+        Some(axum::Json(body).into_response())
+    });
+    let server = start_server(&[], Some(intercept)).await;
+    let work = tempfile::tempdir().unwrap();
+    let expected = write_photos(work.path(), 1);
+    let classify = |retry: bool| {
+        let mut command = cli();
+        command
+            .args(["classify", "--format", "jsonl", "--server", &server.url])
+            .arg(work.path());
+        if retry {
+            command.arg("--retry-failed");
+        }
+        command
+    };
+    let output = run(&mut classify(false)).await;
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let record = &records(&output)[0];
+    assert_eq!(record["state"], "FAILURE", "{record}");
+    let failed_id = failed.lock().unwrap().clone().unwrap();
+    assert_eq!(record["task_id"].as_str(), Some(failed_id.as_str()));
+
+    for rerun in 0..2 {
+        let output = run(&mut classify(true)).await;
+        assert!(output.status.success(), "rerun {rerun}: {output:?}");
+        let records = records(&output);
+        assert_reference_labels(&records, &expected);
+        assert_ne!(records[0]["task_id"].as_str(), Some(failed_id.as_str()));
+        let stored = walk_files(&server.data.path().join("images"));
+        assert_eq!(
+            stored, 2,
+            "rerun {rerun}: the failed task's image and its retry's"
+        );
+    }
+}
+
+/// A file over the server's upload limit (but under the client's) is that file's error, the
+/// server's 413, over a real socket: not a connection error retried until the run gives up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_over_the_server_s_limit_is_reported_and_the_run_goes_on() {
+    let server = start_server(&[], None).await;
+    let work = tempfile::tempdir().unwrap();
+    let expected = write_photos(work.path(), 1);
+    // A JPEG's first bytes, then 24 MiB: over the server's 20 MiB.
+    let mut big = vec![0xFF, 0xD8, 0xFF, 0xE0];
+    big.resize(24 << 20, 0);
+    std::fs::write(work.path().join("huge.jpg"), &big).unwrap();
+    let started = Instant::now();
+    let output = run(cli()
+        .args(["classify", "--format", "jsonl", "--server", &server.url])
+        .arg(work.path()))
+    .await;
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let records = records(&output);
+    let huge = records.iter().find(|r| file_name(r) == "huge.jpg").unwrap();
+    let error = huge["error"].as_str().unwrap();
+    assert!(error.contains("413"), "{error}");
+    let good: Vec<_> = records
+        .iter()
+        .filter(|r| file_name(r) != "huge.jpg")
+        .cloned()
+        .collect();
+    assert_reference_labels(&good, &expected);
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "not retried for minutes"
+    );
+}

@@ -48,6 +48,12 @@ pub enum BulkItem {
         filename: Option<String>,
         /// Why it was refused.
         detail: String,
+        /// The status the single upload would have answered: 415 or 422 for this file, 429 or
+        /// 503 for a moment when it may be sent again.
+        status: u16,
+        /// With 429 and 503, seconds to wait before sending it again.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after: Option<u64>,
     },
 }
 
@@ -75,7 +81,7 @@ pub struct Classified {
 pub struct TaskPage {
     /// Newest first.
     pub tasks: Vec<TaskStatus>,
-    /// Pass as `cursor` for the next page; absent on the last one.
+    /// Pass as `cursor` for the next page; `null` on the last one.
     pub next_cursor: Option<String>,
 }
 
@@ -97,8 +103,8 @@ pub struct UploadForm {
     /// The image: JPEG, PNG, WebP, GIF, BMP or TIFF (recognised by its bytes).
     #[schema(value_type = String, format = Binary)]
     file: Option<Vec<u8>>,
-    /// Instead of `file` (upload only): an http(s) URL the service fetches the image from,
-    /// under the same address policy as callbacks.
+    /// Instead of `file`: an http(s) URL the service fetches the image from, under the same
+    /// address policy as callbacks.
     image_url: Option<String>,
     /// An http(s) URL to POST the task's status to when it ends (upload only).
     callback_url: Option<String>,

@@ -62,6 +62,8 @@ pub struct AppState {
     pub classify_wait: Duration,
     /// KiB of request bodies this process holds at once (503 with `Retry-After` beyond).
     pub inflight_kib: Arc<Semaphore>,
+    /// All of `inflight_kib`: the most one request is charged.
+    inflight_budget_kib: u32,
     /// Fetches `image_url` uploads, under the callbacks' address policy.
     pub fetcher: Arc<UrlFetcher>,
 }
@@ -86,6 +88,7 @@ impl AppState {
             cors_origins: Vec::new(),
             classify_wait: Duration::from_secs(30),
             inflight_kib: Arc::new(Semaphore::new(DEFAULT_MAX_INFLIGHT_BYTES / 1024)),
+            inflight_budget_kib: (DEFAULT_MAX_INFLIGHT_BYTES / 1024) as u32,
             fetcher: Arc::new(url_fetcher(&[], DEFAULT_FETCH_TIMEOUT, max_upload_bytes)),
         }
     }
@@ -129,9 +132,11 @@ impl AppState {
         BULK_BODY_UPLOADS * self.body_limit()
     }
 
-    /// Holds at most `bytes` of request bodies at once.
+    /// Holds at most `bytes` of request bodies at once. A body larger than the whole budget is
+    /// charged all of it: it is let in when nothing else is in flight.
     pub fn with_inflight_budget(mut self, bytes: usize) -> Self {
-        self.inflight_kib = Arc::new(Semaphore::new((bytes / 1024).max(1)));
+        self.inflight_budget_kib = u32::try_from((bytes / 1024).max(1)).unwrap_or(u32::MAX);
+        self.inflight_kib = Arc::new(Semaphore::new(self.inflight_budget_kib as usize));
         self
     }
 
@@ -357,7 +362,8 @@ pub fn metrics_router(state: AppState) -> Router {
 /// A global budget of request bytes in flight, taken before the body is read: beyond it a
 /// client gets 503 with `Retry-After` at once, instead of every upload slowing down together
 /// until memory runs out. A chunked body (no `Content-Length`) is charged the size cap; a request
-/// without a body (a status request, a long poll) nothing.
+/// without a body (a status request, a long poll) nothing; none more than the whole budget (a
+/// bulk upload may be larger than a small budget, and would otherwise never be let in).
 async fn limit_inflight(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let headers = request.headers();
     let cap = if request.uri().path() == "/api/upload-images" {
@@ -378,7 +384,9 @@ async fn limit_inflight(State(state): State<AppState>, request: Request, next: N
     if bytes == 0 {
         return next.run(request).await;
     }
-    let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+    let kib = u32::try_from(bytes.div_ceil(1024).max(1))
+        .unwrap_or(u32::MAX)
+        .min(state.inflight_budget_kib);
     match state.inflight_kib.clone().try_acquire_many_owned(kib) {
         Ok(held) => {
             let response = next.run(request).await;
@@ -589,6 +597,10 @@ async fn upload_images(
         parse_metadata(params.metadata)?,
         trimmed(params.callback_url),
     );
+    // Refused for the whole request, not file by file.
+    if let Some(url) = &callback_url {
+        state.submitter.check_callback(url).await?;
+    }
     let mut tasks = Vec::with_capacity(files.len());
     for (raw_name, filename, bytes) in files {
         let submitted = match (filename, bytes) {
@@ -617,6 +629,8 @@ async fn upload_images(
             Err(error) => BulkItem::Refused {
                 filename: raw_name,
                 detail: error.detail,
+                status: error.status.as_u16(),
+                retry_after: error.retry_after,
             },
         });
     }
@@ -658,7 +672,7 @@ struct StatusParams {
         (status = 404, description = "No such task", body = ErrorBody),
         (status = 408, description = "The request took longer than the request timeout", body = ErrorBody),
         (status = 422, description = "A bad `wait`", body = ErrorBody),
-        (status = 503, description = "The result store is unreachable", body = ErrorBody),
+        (status = 503, description = "The result store is unreachable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))),
     )
 )]
 async fn task_status(

@@ -48,7 +48,7 @@ fn parse_cursor(text: &str) -> Option<(i64, TaskId)> {
         (status = 401, description = "API keys are set and none was given", body = ErrorBody),
         (status = 408, description = "The request took longer than the request timeout", body = ErrorBody),
         (status = 422, description = "A bad state, limit or cursor", body = ErrorBody),
-        (status = 503, description = "The result store is unreachable", body = ErrorBody),
+        (status = 503, description = "The result store is unreachable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))),
     )
 )]
 pub(crate) async fn list_tasks(
@@ -118,7 +118,7 @@ pub(crate) async fn list_tasks(
         (status = 200, description = "Counts for the task monitor", body = TaskSummary),
         (status = 401, description = "API keys are set and none was given", body = ErrorBody),
         (status = 408, description = "The request took longer than the request timeout", body = ErrorBody),
-        (status = 503, description = "A backend is unreachable", body = ErrorBody),
+        (status = 503, description = "A backend is unreachable", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))),
     )
 )]
 pub(crate) async fn task_summary(

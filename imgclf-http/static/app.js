@@ -106,6 +106,12 @@
     return error.message || String(error);
   }
 
+  // A random idempotency key (crypto.randomUUID needs a secure context; this does not).
+  function newKey() {
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
   const sleep = (ms, signal) =>
     new Promise((resolve, reject) => {
       const timer = setTimeout(resolve, ms);
@@ -215,6 +221,9 @@
       abort: new AbortController(),
       taskId: null,
       lastError: null,
+      // One key for every try of this card's upload: a retry after a lost answer gets the
+      // task the server already made, not a second one.
+      idempotencyKey: newKey(),
     };
     const img = el.querySelector(".thumb");
     img.src = URL.createObjectURL(file);
@@ -223,6 +232,12 @@
     el.querySelector(".name").title = file.name;
     el.querySelector(".retry").addEventListener("click", () => {
       card.abort = new AbortController();
+      // A task the server no longer knows (expired, or a restart with memory:// results)
+      // is uploaded again, as a new task.
+      if (card.lastError?.status === 404) {
+        card.taskId = null;
+        card.idempotencyKey = newKey();
+      }
       enqueue(card);
     });
     setState(card, "QUEUED", "Waiting to upload…");
@@ -299,7 +314,12 @@
       const form = new FormData();
       form.append("file", card.file, card.file.name);
       try {
-        const body = await api("/api/upload-image", { method: "POST", body: form, signal });
+        const body = await api("api/upload-image", {
+          method: "POST",
+          body: form,
+          headers: { "Idempotency-Key": card.idempotencyKey },
+          signal,
+        });
         return body.task_id;
       } catch (error) {
         const busy = error.status === 429 || error.status === 503;
@@ -316,8 +336,9 @@
     let failures = 0;
     for (;;) {
       let status;
+      const asked = Date.now();
       try {
-        status = await api(`/api/task-status/${encodeURIComponent(card.taskId)}?wait=30`, {
+        status = await api(`api/task-status/${encodeURIComponent(card.taskId)}?wait=30`, {
           signal,
         });
         failures = 0;
@@ -331,6 +352,8 @@
       }
       showStatus(card, status);
       if (FINAL.has(status.state)) return;
+      // A server (or proxy) that does not hold the request is not polled flat out.
+      if (Date.now() - asked < 200) await sleep(500, signal);
     }
   }
 
@@ -444,7 +467,7 @@
     const params = new URLSearchParams({ limit: String(limit) });
     if (filter.value) params.set("state", filter.value);
     if (cursor) params.set("cursor", cursor);
-    return `/api/tasks?${params}`;
+    return `api/tasks?${params}`;
   }
 
   async function refreshMonitor() {
@@ -459,7 +482,7 @@
     try {
       const [list, summary] = await Promise.allSettled([
         api(tasksQuery(limit)),
-        api("/api/tasks/summary"),
+        api("api/tasks/summary"),
       ]);
       if (generation !== monitor.generation) return;
       if (list.status === "fulfilled") {

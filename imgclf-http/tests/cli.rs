@@ -18,6 +18,37 @@ fn help_never_shows_a_secret_value() {
     assert!(!help.contains("s3cret"), "{help}");
 }
 
+/// Every setting `--help` names is in `.env.example` (which says it lists them all) and in the
+/// README's table.
+#[test]
+fn every_setting_is_in_the_example_env_file_and_the_readme() {
+    let output = Command::new(env!("CARGO_BIN_EXE_imgclf-http"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8(output.stdout).unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let example = std::fs::read_to_string(root.join(".env.example")).unwrap();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let settings: Vec<&str> = help
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|rest| rest.split(['=', ']']).next())
+        .collect();
+    assert!(settings.len() > 30, "{help}");
+    for var in settings {
+        assert!(
+            example.contains(&format!("{var}=")),
+            "{var} is not in .env.example"
+        );
+        assert!(
+            readme.contains(&format!("`{var}`")),
+            "{var} is not in the README"
+        );
+    }
+}
+
 #[test]
 fn healthcheck_exits_0_for_a_live_server_and_1_for_a_dead_one() {
     use std::io::{Read, Write};

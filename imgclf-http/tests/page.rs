@@ -58,6 +58,10 @@ async fn start_server() -> Server {
     let state = AppState::embedded(&pipeline, 8 << 20).with_api_keys(&[API_KEY.to_string()]);
     // Longer than the page's long poll (`wait=30`), as in production.
     let app = router(state, Duration::from_secs(35));
+    // Also under a path prefix, as a reverse proxy that strips it would serve it.
+    let app = axum::Router::new()
+        .nest_service("/imgclf", app.clone())
+        .fallback_service(app);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -382,6 +386,17 @@ async fn drive(browser: Arc<Browser>, base: String) {
 
     browser.goto(&format!("{base}/")).await;
     record_csp_violations(&browser).await;
+    // Every upload's Idempotency-Key, as the page sends it.
+    browser
+        .script(
+            "window.uploadKeys = []; const send = window.fetch; \
+             window.fetch = (path, options = {}) => { \
+               if (String(path).includes('upload-image')) \
+                 window.uploadKeys.push(new Headers(options.headers).get('Idempotency-Key')); \
+               return send(path, options); };",
+            json!([]),
+        )
+        .await;
     let styled = browser
         .script(
             "return getComputedStyle(document.getElementById('drop')).borderTopStyle",
@@ -464,6 +479,23 @@ async fn drive(browser: Arc<Browser>, base: String) {
         banner_hidden, true,
         "the key banner goes once the key works"
     );
+    // A card's retry carries its first try's key (no second task for a lost answer), and
+    // each card has its own.
+    let keys = browser.script("return window.uploadKeys", json!([])).await;
+    let keys: Vec<&str> = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(
+        keys.len(),
+        4,
+        "two refused uploads and their retries: {keys:?}"
+    );
+    let distinct: std::collections::BTreeSet<&str> = keys.iter().copied().collect();
+    assert_eq!(distinct.len(), 2, "{keys:?}");
+    assert!(distinct.iter().all(|k| k.len() == 32), "{keys:?}");
 
     // What the page shows, read as text through WebDriver, against the reference.
     let mut task_ids = Vec::new();
@@ -513,6 +545,17 @@ async fn drive(browser: Arc<Browser>, base: String) {
     // The key survives a reload (localStorage).
     browser.goto(&format!("{base}/")).await;
     record_csp_violations(&browser).await;
+    // Every upload's Idempotency-Key, as the page sends it.
+    browser
+        .script(
+            "window.uploadKeys = []; const send = window.fetch; \
+             window.fetch = (path, options = {}) => { \
+               if (String(path).includes('upload-image')) \
+                 window.uploadKeys.push(new Headers(options.headers).get('Idempotency-Key')); \
+               return send(path, options); };",
+            json!([]),
+        )
+        .await;
     let kept = browser
         .script("return document.getElementById('api-key').value", json!([]))
         .await;
@@ -603,6 +646,34 @@ async fn drive(browser: Arc<Browser>, base: String) {
     browser.screenshot("page-phone.png").await;
 
     check_csp_violations(&browser).await;
+
+    // Behind a proxy's path prefix the page loads its script and styles, and its relative API
+    // paths reach the API.
+    browser.goto(&format!("{base}/imgclf/")).await;
+    let styled = browser
+        .script(
+            "return getComputedStyle(document.getElementById('drop')).borderTopStyle",
+            json!([]),
+        )
+        .await;
+    assert_eq!(styled, "dashed", "the stylesheet applies under a prefix");
+    browser
+        .script(
+            "window.prefixed = null; \
+             fetch('api/tasks/summary', { headers: { Authorization: `Bearer ${arguments[0]}` } }) \
+               .then((r) => { window.prefixed = `${r.status} ${new URL(r.url).pathname}`; });",
+            json!([API_KEY]),
+        )
+        .await;
+    let answered = browser
+        .wait_for(
+            "the API under the prefix",
+            short,
+            "return window.prefixed;",
+            json!([]),
+        )
+        .await;
+    assert_eq!(answered, "200 /imgclf/api/tasks/summary");
 }
 
 /// From now on, whatever the page's CSP blocks is recorded (the page loaded from the server's

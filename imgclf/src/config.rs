@@ -164,7 +164,7 @@ pub struct Settings {
     /// virtual-hosted style.
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "IMGCLF_S3_PATH_STYLE", default_value_t = true, action = clap::ArgAction::Set)
+        arg(long, env = "IMGCLF_S3_PATH_STYLE", default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())
     )]
     pub s3_path_style: bool,
     /// Result store: `postgres://…`, `sqlite://path` or `memory://`
@@ -217,7 +217,7 @@ pub struct Settings {
     /// for the normal policy everywhere.
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "IMGCLF_BATCH_SCHEDULING", default_value_t = true, action = clap::ArgAction::Set)
+        arg(long, env = "IMGCLF_BATCH_SCHEDULING", default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())
     )]
     pub batch_scheduling: bool,
     /// Most decoded pixels per image (stops decompression bombs).
@@ -285,7 +285,7 @@ pub struct Settings {
     /// callback are refused then.
     #[cfg_attr(
         feature = "cli",
-        arg(long, env = "IMGCLF_WEBHOOK_UNSIGNED", default_value_t = false, action = clap::ArgAction::Set)
+        arg(long, env = "IMGCLF_WEBHOOK_UNSIGNED", default_value_t = false, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())
     )]
     pub webhook_unsigned: bool,
     /// Internal networks callbacks may reach anyway, comma-separated (`10.1.0.0/16,127.0.0.1`);

@@ -28,7 +28,7 @@ pub struct Metrics {
     pub queue_depth: IntGauge,
     /// The same, under the replaced service's name.
     pub celery_queue_depth: IntGauge,
-    /// Per-stage time: fetch, preprocess, infer, persist.
+    /// Per-stage time: queue_wait, fetch, preprocess, infer, persist.
     pub stage_seconds: HistogramVec,
     /// Images per model run.
     pub batch_size: Histogram,
@@ -74,7 +74,11 @@ impl Metrics {
                 .expect("unique metric");
             h
         };
+        // 1 ms to 33 s: a request, a stage of one image.
         let seconds = || exponential_buckets(0.001, 2.0, 16).expect("valid buckets");
+        // 1 ms to 70 min: what may wait in a backlog or for a callback's retries (the last
+        // attempt starts within the hour), so a slow tail is read, not clipped at 33 s.
+        let long_seconds = || exponential_buckets(0.001, 2.0, 23).expect("valid buckets");
         let queue_depth =
             IntGauge::new("image_queue_depth", "Jobs waiting in the queue").expect("valid metric");
         registry
@@ -90,7 +94,8 @@ impl Metrics {
             .register(Box::new(celery_queue_depth.clone()))
             .expect("unique metric");
         let stage_seconds = HistogramVec::new(
-            HistogramOpts::new("image_stage_seconds", "Time per pipeline stage").buckets(seconds()),
+            HistogramOpts::new("image_stage_seconds", "Time per pipeline stage")
+                .buckets(long_seconds()),
             &["stage"],
         )
         .expect("valid metric");
@@ -142,7 +147,7 @@ impl Metrics {
             task_latency: histogram(
                 "image_task_latency_seconds",
                 "Time from upload to final state",
-                seconds(),
+                long_seconds(),
             ),
             expired_tasks: counter(
                 "imgclf_expired_tasks_total",
@@ -161,7 +166,7 @@ impl Metrics {
             webhook_latency: histogram(
                 "webhook_latency_seconds",
                 "Time to deliver a callback, retries included",
-                seconds(),
+                long_seconds(),
             ),
             batch_size: histogram(
                 "image_batch_size",
@@ -244,5 +249,31 @@ mod tests {
         assert!(value("process_threads") >= 1.0);
         assert!(value("process_open_fds") >= 3.0);
         assert!(value("process_start_time_seconds") > 1.6e9);
+    }
+
+    /// A task that waited in a backlog for minutes lands in a bucket that says so: the
+    /// dashboards' quantiles and the slow-task alert read it, not a clipped 33 s.
+    #[test]
+    fn waits_of_minutes_fall_in_finite_buckets() {
+        let metrics = Metrics::new();
+        metrics.task_latency.observe(600.0);
+        metrics.webhook_latency.observe(3000.0);
+        metrics
+            .stage_seconds
+            .with_label_values(&["queue_wait"])
+            .observe(600.0);
+        let text = metrics.render();
+        for name in [
+            "image_task_latency_seconds_bucket{",
+            "webhook_latency_seconds_bucket{",
+            "image_stage_seconds_bucket{",
+        ] {
+            let first_holding_it = text
+                .lines()
+                .filter(|l| l.starts_with(name) && l.ends_with(" 1"))
+                .find_map(|l| l.split("le=\"").nth(1)?.split('"').next())
+                .unwrap_or_else(|| panic!("{name} in {text}"));
+            assert_ne!(first_holding_it, "+Inf", "{name}");
+        }
     }
 }

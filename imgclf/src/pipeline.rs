@@ -415,6 +415,17 @@ impl Submitter {
         self.shared.render_metrics().await
     }
 
+    /// Whether this server would call `url` back: its address policy, and callbacks on.
+    pub async fn check_callback(&self, url: &str) -> Result<(), SubmitError> {
+        let notifier = &self.shared.ports.notifier;
+        notifier.check_url(url).await?;
+        if !notifier.enabled() {
+            let why = "callbacks are turned off on this server".to_string();
+            return Err(NotifyError::Refused(why).into());
+        }
+        Ok(())
+    }
+
     /// Checks, stores, records and queues an image; returns its task id. On any failure nothing
     /// is left behind, but for an upload with an idempotency key that was refused at queueing:
     /// its task is kept and queued later, for a retry with the key may have been told of it.
@@ -424,10 +435,7 @@ impl Submitter {
     /// runs it to completion on a task of its own once the bytes are in.
     pub async fn submit(&self, upload: Upload) -> Result<TaskId, SubmitError> {
         let Ports {
-            storage,
-            results,
-            notifier,
-            ..
+            storage, results, ..
         } = &self.shared.ports;
         // The same key and bytes name the same task, so a retried upload finds the first one.
         let task_id = match &upload.idempotency_key {
@@ -447,11 +455,7 @@ impl Submitter {
         self.admit().await?;
         let (info, crop) = self.validate(upload.bytes.clone()).await?;
         if let Some(url) = &upload.callback_url {
-            notifier.check_url(url).await?;
-            if !notifier.enabled() {
-                let why = "callbacks are turned off on this server".to_string();
-                return Err(NotifyError::Refused(why).into());
-            }
+            self.check_callback(url).await?;
         }
         let key = format!("images/{task_id}.{}", info.extension());
         let mut metadata = upload.metadata;

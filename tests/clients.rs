@@ -487,6 +487,11 @@ async fn the_openapi_document_lists_every_route_and_every_status_it_answers_with
             ("GET", "/api/task-status/{task_id}"),
             plain("GET", &format!("/api/task-status/{task}")),
         ),
+        (
+            &s.app,
+            ("GET", "/api/task-status/{task_id}"),
+            plain("GET", "/api/task-status/%FF"),
+        ),
         (&s.app, ("GET", "/api/tasks"), plain("GET", "/api/tasks")),
         (
             &s.app,
@@ -494,6 +499,11 @@ async fn the_openapi_document_lists_every_route_and_every_status_it_answers_with
             plain("GET", "/api/tasks?limit=0"),
         ),
         (&keyed, ("GET", "/api/tasks"), plain("GET", "/api/tasks")),
+        (
+            &s.app,
+            ("GET", "/api/tasks"),
+            plain("GET", "/api/tasks?limit=1&limit=2"),
+        ),
         (
             &s.app,
             ("GET", "/api/tasks/summary"),

@@ -668,6 +668,7 @@ struct StatusParams {
     security((), ("api_key" = [])),
     responses(
         (status = 200, description = "Where the task stands", body = imgclf::TaskStatus),
+        (status = 400, description = "A task id or query string that cannot be read (not UTF-8, a field twice)", body = ErrorBody),
         (status = 401, description = "API keys are set and none was given", body = ErrorBody),
         (status = 404, description = "No such task", body = ErrorBody),
         (status = 408, description = "The request took longer than the request timeout", body = ErrorBody),

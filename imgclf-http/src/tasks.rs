@@ -45,6 +45,7 @@ fn parse_cursor(text: &str) -> Option<(i64, TaskId)> {
     security((), ("api_key" = [])),
     responses(
         (status = 200, description = "A page of tasks, newest first", body = TaskPage),
+        (status = 400, description = "A query string that cannot be read (not UTF-8, a field twice)", body = ErrorBody),
         (status = 401, description = "API keys are set and none was given", body = ErrorBody),
         (status = 408, description = "The request took longer than the request timeout", body = ErrorBody),
         (status = 422, description = "A bad state, limit or cursor", body = ErrorBody),

@@ -397,13 +397,11 @@ async fn drive(browser: Arc<Browser>, base: String) {
             json!([]),
         )
         .await;
-    let styled = browser
-        .script(
-            "return getComputedStyle(document.getElementById('drop')).borderTopStyle",
-            json!([]),
-        )
-        .await;
-    assert_eq!(styled, "dashed", "the stylesheet applies");
+    assert_eq!(
+        drop_border(&browser).await,
+        "dashed",
+        "the stylesheet applies"
+    );
 
     // Keyboard only: Tab reaches the file input, and the drop zone shows the focus ring.
     let mut focused = Value::Null;
@@ -545,17 +543,6 @@ async fn drive(browser: Arc<Browser>, base: String) {
     // The key survives a reload (localStorage).
     browser.goto(&format!("{base}/")).await;
     record_csp_violations(&browser).await;
-    // Every upload's Idempotency-Key, as the page sends it.
-    browser
-        .script(
-            "window.uploadKeys = []; const send = window.fetch; \
-             window.fetch = (path, options = {}) => { \
-               if (String(path).includes('upload-image')) \
-                 window.uploadKeys.push(new Headers(options.headers).get('Idempotency-Key')); \
-               return send(path, options); };",
-            json!([]),
-        )
-        .await;
     let kept = browser
         .script("return document.getElementById('api-key').value", json!([]))
         .await;
@@ -650,12 +637,7 @@ async fn drive(browser: Arc<Browser>, base: String) {
     // Behind a proxy's path prefix the page loads its script and styles, and its relative API
     // paths reach the API.
     browser.goto(&format!("{base}/imgclf/")).await;
-    let styled = browser
-        .script(
-            "return getComputedStyle(document.getElementById('drop')).borderTopStyle",
-            json!([]),
-        )
-        .await;
+    let styled = drop_border(&browser).await;
     assert_eq!(styled, "dashed", "the stylesheet applies under a prefix");
     browser
         .script(
@@ -674,6 +656,12 @@ async fn drive(browser: Arc<Browser>, base: String) {
         )
         .await;
     assert_eq!(answered, "200 /imgclf/api/tasks/summary");
+}
+
+/// The drop zone's border style: `dashed` once the stylesheet applies.
+async fn drop_border(browser: &Browser) -> Value {
+    let script = "return getComputedStyle(document.getElementById('drop')).borderTopStyle";
+    browser.script(script, json!([])).await
 }
 
 /// From now on, whatever the page's CSP blocks is recorded (the page loaded from the server's

@@ -407,6 +407,17 @@ pub fn default_model_dir() -> PathBuf {
     }
 }
 
+/// A backend's connection error for `url`, safe to show: the URL quoted in it has its password
+/// hidden, and one that does not quote it is prefixed with it, so that "connection refused"
+/// says where.
+pub(crate) fn connection_error(url: &str, error: &dyn std::fmt::Display) -> String {
+    let (text, shown) = (error.to_string(), redact(url));
+    match text.contains(url) {
+        true => text.replace(url, &shown),
+        false => format!("{shown}: {text}"),
+    }
+}
+
 /// Hides the credentials of a URL, for logs and errors: the password of `amqp://user:secret@host`
 /// (also when the URL is mistyped, `amqp//…` or no scheme at all), and query parameters that
 /// name a password, secret, token or key (`postgres://db/x?password=…`).

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::config::{redact, ConfigError};
+use crate::config::ConfigError;
 use crate::task::Job;
 use crate::BoxError;
 
@@ -55,15 +55,10 @@ pub fn is_embedded(url: &str) -> bool {
 
 /// The queue a URL names: `amqp(s)://…`, `redis(s)://…` or `memory://`.
 pub async fn from_url(url: &str, options: &QueueOptions) -> Result<Arc<dyn Queue>, ConfigError> {
-    // A connection error may quote the URL, password and all; else it is named, so that
-    // "connection refused" says where.
+    // A connection error may quote the URL, password and all.
     let redacted = |error: QueueError| match error {
         QueueError::Backend { source, temporary } => ConfigError::Queue(QueueError::Backend {
-            source: match source.to_string() {
-                text if text.contains(url) => text.replace(url, &redact(url)),
-                text => format!("{}: {text}", redact(url)),
-            }
-            .into(),
+            source: crate::config::connection_error(url, &source).into(),
             temporary,
         }),
         other => ConfigError::Queue(other),

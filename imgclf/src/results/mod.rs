@@ -31,18 +31,14 @@ pub async fn from_url(url: &str) -> Result<Arc<dyn ResultStore>, ConfigError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         #[cfg(feature = "postgres")]
         return Ok(Arc::new(PostgresResults::connect(url).await.map_err(
-            // A connection error may quote the URL, password and all; else it is named, so
-            // that "connection refused" says where.
+            // A connection error may quote the URL, password and all.
             |e| {
                 let temporary = e.is_temporary();
                 let text = match e {
-                    ResultsError::Backend { source, .. } => source.to_string(),
-                    other => other.to_string(),
-                };
-                let shown = crate::config::redact(url);
-                let text = match text.contains(url) {
-                    true => text.replace(url, &shown),
-                    false => format!("{shown}: {text}"),
+                    ResultsError::Backend { source, .. } => {
+                        crate::config::connection_error(url, &source)
+                    }
+                    other => crate::config::connection_error(url, &other),
                 };
                 ConfigError::Results(ResultsError::Backend {
                     source: text.into(),

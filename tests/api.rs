@@ -1200,6 +1200,30 @@ async fn health_ready_metrics_and_openapi() {
     drop(s.pipeline);
 }
 
+/// With `/metrics` on an address of its own, the API's address neither serves it nor lists it
+/// in its OpenAPI document.
+#[tokio::test]
+async fn metrics_on_their_own_address_leave_the_api_and_its_document() {
+    let s = service();
+    let mut state = AppState::embedded(&s.pipeline, MAX_UPLOAD);
+    state.serve_metrics = false;
+    let app = router(state.clone(), Duration::from_secs(30));
+    for path in ["/metrics", "/metrics/"] {
+        let (status, _) = get(&app, path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+    }
+    let (status, doc) = get(&app, "/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(doc["paths"].get("/metrics").is_none(), "{doc}");
+    assert!(doc["paths"].get("/api/upload-image").is_some());
+    let (_, full) = get(&s.app, "/openapi.json").await;
+    assert!(full["paths"].get("/metrics").is_some());
+
+    let (status, metrics) = get(&imgclf_http::metrics_router(state), "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(metrics.as_str().unwrap().contains("image_queue_depth"));
+}
+
 #[tokio::test]
 async fn api_keys_guard_the_api_but_not_health() {
     let s = service();

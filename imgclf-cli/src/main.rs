@@ -53,7 +53,7 @@ struct ServerArgs {
     api_key: Option<String>,
     /// Most attempts per request while the server is busy (429 or 503, waiting as its
     /// Retry-After says) or unreachable; a wait for a result retries busy answers until
-    /// --timeout.
+    /// --timeout. A request timeout (408) is tried twice at most.
     #[arg(long, env = "IMGCLF_ATTEMPTS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     attempts: u32,
 }

@@ -216,14 +216,18 @@ impl Remote {
     /// Sends the request `build` makes, again while the server says to retry (429, 503, and
     /// 408, 500, 502, 504), after its `Retry-After` or else a growing delay, and while it
     /// cannot be reached, up to the configured attempts; busy answers also as long as the
-    /// retry can start before `busy_until`. Every request sent here is safe to repeat: uploads
-    /// carry their idempotency key. Returns the JSON body of a 2xx.
+    /// retry can start before `busy_until`. A 408 is retried once only: twice in a row means
+    /// the link is too slow for the server's request timeout, and every further try would
+    /// send the whole file again for nothing. Every request sent here is safe to repeat:
+    /// uploads carry their idempotency key. Returns the JSON body of a 2xx.
     async fn send(
         &self,
         busy_until: Option<Instant>,
         build: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<Value, Failed> {
         let (mut attempt, mut unanswered): (u32, u32) = (0, 0);
+        // Whether the last answer was a 408.
+        let mut timed_out = false;
         loop {
             attempt += 1;
             let backoff = Duration::from_secs(1 << (attempt - 1).min(5));
@@ -259,12 +263,21 @@ impl Remote {
                     let why = format!("the server refused the API key ({status}): {detail}");
                     return Err(Failed::Fatal(Fatal(why)));
                 }
+                StatusCode::REQUEST_TIMEOUT if timed_out => {
+                    let why = format!(
+                        "the server timed out twice in a row waiting for the request \
+                         ({status}: {detail}); the link is likely too slow for its request \
+                         timeout (IMGCLF_REQUEST_TIMEOUT on the server)"
+                    );
+                    return Err(Failed::Refused { status, why });
+                }
                 StatusCode::TOO_MANY_REQUESTS
                 | StatusCode::SERVICE_UNAVAILABLE
                 | StatusCode::REQUEST_TIMEOUT
                 | StatusCode::INTERNAL_SERVER_ERROR
                 | StatusCode::BAD_GATEWAY
                 | StatusCode::GATEWAY_TIMEOUT => {
+                    timed_out = status == StatusCode::REQUEST_TIMEOUT;
                     let delay = retry_after.unwrap_or(backoff).min(MAX_RETRY_AFTER);
                     let in_time = busy_until.is_some_and(|until| Instant::now() + delay < until);
                     if last && !in_time {

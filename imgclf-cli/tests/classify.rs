@@ -471,6 +471,36 @@ async fn busy_answers_are_retried_after_the_advised_seconds() {
     assert!(error.contains("still busy"), "{error}");
 }
 
+/// A server that times out receiving an upload is tried once more, not --attempts times: a
+/// link too slow for its request timeout would send the whole file again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_that_times_out_twice_is_not_sent_again() {
+    let uploads = Arc::new(Mutex::new(0_u32));
+    let counted = uploads.clone();
+    let timeout: Intercept = Arc::new(move |request: &Request| {
+        request.uri().path().starts_with("/api/upload").then(|| {
+            *counted.lock().unwrap() += 1;
+            let body = axum::Json(serde_json::json!({"detail": "request timed out"}));
+            (axum::http::StatusCode::REQUEST_TIMEOUT, body).into_response()
+        })
+    });
+    let server = start_server(&[], Some(timeout)).await;
+    let work = tempfile::tempdir().unwrap();
+    let expected = write_photos(work.path(), 1);
+    let (name, _) = expected.iter().next().unwrap();
+    let output = run(cli()
+        .args(["classify", "--format", "jsonl", "--attempts", "5"])
+        .args(["--server", &server.url])
+        .arg(work.path().join(name)))
+    .await;
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert_eq!(*uploads.lock().unwrap(), 2);
+    let records = records(&output);
+    let error = records[0]["error"].as_str().unwrap();
+    assert!(error.contains("timed out twice"), "{error}");
+    assert!(error.contains("IMGCLF_REQUEST_TIMEOUT"), "{error}");
+}
+
 /// Yes/no settings take the usual words in the environment, and waits beyond their range are
 /// refused by name instead of overflowing a clock.
 #[tokio::test]

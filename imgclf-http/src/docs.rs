@@ -4,6 +4,7 @@
 
 use std::sync::OnceLock;
 
+use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -12,6 +13,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
+
+use crate::AppState;
 
 /// What every error body is.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -158,9 +161,18 @@ pub(crate) struct ApiDoc;
 
 /// The document, generated once from every route's annotations.
 pub fn openapi_document() -> &'static str {
-    static DOCUMENT: OnceLock<String> = OnceLock::new();
-    DOCUMENT.get_or_init(|| {
-        let (_, document) = crate::routes().split_for_parts();
+    document(true)
+}
+
+/// The document of a router that serves `/metrics` (`with_metrics`) or leaves it to an address
+/// of its own, where this document would send a client to a 404.
+fn document(with_metrics: bool) -> &'static str {
+    static DOCUMENTS: [OnceLock<String>; 2] = [OnceLock::new(), OnceLock::new()];
+    DOCUMENTS[usize::from(with_metrics)].get_or_init(|| {
+        let (_, mut document) = crate::routes().split_for_parts();
+        if !with_metrics {
+            document.paths.paths.remove("/metrics");
+        }
         document.to_pretty_json().expect("the document serialises")
     })
 }
@@ -172,10 +184,10 @@ pub fn openapi_document() -> &'static str {
     tag = "operations",
     responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json"))
 )]
-pub(crate) async fn openapi() -> Response {
+pub(crate) async fn openapi(State(state): State<AppState>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
-        openapi_document(),
+        document(state.serve_metrics),
     )
         .into_response()
 }

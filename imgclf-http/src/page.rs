@@ -2,8 +2,11 @@
 //! tasks. Plain HTML, CSS and JS from `static/`, compiled into the binary so the service stays a
 //! single file with nothing to deploy beside it.
 
+use std::borrow::Cow;
 use std::sync::OnceLock;
 
+use axum::body::Bytes;
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -18,9 +21,9 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; img-src 'self' blob: 
      style-src 'self'; script-src 'self'; connect-src 'self'; object-src 'none'; \
      base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
-/// One embedded file.
+/// One embedded file, or the page rendered from one.
 struct Asset {
-    body: &'static [u8],
+    body: Cow<'static, [u8]>,
     content_type: &'static str,
     etag: OnceLock<HeaderValue>,
 }
@@ -28,8 +31,24 @@ struct Asset {
 impl Asset {
     const fn new(body: &'static [u8], content_type: &'static str) -> Self {
         Self {
-            body,
+            body: Cow::Borrowed(body),
             content_type,
+            etag: OnceLock::new(),
+        }
+    }
+
+    /// The page with this server's upload limit on its `<body>`, so that it can refuse a file
+    /// that is too large before sending it (a page load is rare: rendered each time).
+    fn page(max_upload_bytes: usize) -> Self {
+        let template = std::str::from_utf8(INDEX.body.as_ref()).expect("the page is UTF-8");
+        let body = template.replacen(
+            "<body>",
+            &format!("<body data-max-upload-bytes=\"{max_upload_bytes}\">"),
+            1,
+        );
+        Self {
+            body: Cow::Owned(body.into_bytes()),
+            content_type: INDEX.content_type,
             etag: OnceLock::new(),
         }
     }
@@ -37,7 +56,7 @@ impl Asset {
     /// A strong validator from the content, so a new build's files replace cached ones at once.
     fn etag(&self) -> &HeaderValue {
         self.etag.get_or_init(|| {
-            let digest = crate::digest(self.body);
+            let digest = crate::digest(&self.body);
             let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
             HeaderValue::from_str(&format!("\"{hex}\"")).expect("hex is a valid header value")
         })
@@ -67,7 +86,10 @@ impl Asset {
                     header::CONTENT_TYPE,
                     HeaderValue::from_static(self.content_type),
                 )],
-                self.body,
+                match &self.body {
+                    Cow::Borrowed(body) => Bytes::from_static(body),
+                    Cow::Owned(body) => Bytes::from(body.clone()),
+                },
             )
                 .into_response()
         } else {
@@ -118,8 +140,8 @@ static FAVICON: Asset = Asset::new(include_bytes!("../static/favicon.svg"), "ima
         (status = 304, description = "Unchanged since the copy the client names in If-None-Match"),
     )
 )]
-async fn index(headers: HeaderMap) -> Response {
-    INDEX.respond(&headers)
+async fn index(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    Asset::page(state.max_upload_bytes).respond(&headers)
 }
 
 /// The page and its files; open, like `/health`: the page holds no data, and the API calls it

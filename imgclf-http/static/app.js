@@ -307,8 +307,20 @@
     await follow(card, signal);
   }
 
-  // Uploads, waiting out 429 and 503 (backpressure) as the server's Retry-After asks.
+  // The server's limit for one image, from the page it served (0: unknown, not checked).
+  const maxUploadBytes = Number(document.body.dataset.maxUploadBytes) || 0;
+
+  function mebibytes(bytes) {
+    return `${(bytes / 1048576).toFixed(1)}\u00a0MiB`;
+  }
+
+  // Uploads, waiting out 429 and 503 (backpressure) as the server's Retry-After asks. A file
+  // over the server's limit is refused here, before its bytes are sent for a 413.
   async function upload(card, signal) {
+    if (maxUploadBytes && card.file.size > maxUploadBytes) {
+      const sizes = `${mebibytes(card.file.size)}; this server takes at most ${mebibytes(maxUploadBytes)}`;
+      throw new ApiError(413, `This file is too large to upload (${sizes}).`);
+    }
     for (let attempt = 1; ; attempt += 1) {
       setState(card, "UPLOADING", "Uploading…");
       const form = new FormData();

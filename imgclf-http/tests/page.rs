@@ -329,7 +329,20 @@ async fn check_http(http: &reqwest::Client, base: &str) {
             .to_string()
     };
     assert!(header("content-type").starts_with("text/html"));
+    let etag = header("etag");
     let csp = header("content-security-policy");
+    let html = page.text().await.unwrap();
+    assert!(
+        html.contains(r#"<body data-max-upload-bytes="8388608">"#),
+        "the page carries the upload limit"
+    );
+    let again = http
+        .get(format!("{base}/"))
+        .header("if-none-match", etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 304, "the page revalidates");
     assert!(csp.contains("default-src 'self'"), "{csp}");
     assert!(csp.contains("img-src 'self' blob: data:"), "{csp}");
     assert!(!csp.contains("unsafe-inline"), "{csp}");
@@ -631,6 +644,39 @@ async fn drive(browser: Arc<Browser>, base: String) {
     let fits = browser.script(no_sideways_scroll, json!([])).await;
     assert_eq!(fits, true, "the page at 375 px scrolls sideways: {fits}");
     browser.screenshot("page-phone.png").await;
+
+    // A file over the server's limit (8 MiB here) is refused by the page itself, unsent.
+    let large = tempfile::Builder::new().suffix(".jpg").tempfile().unwrap();
+    large.as_file().set_len(9 << 20).unwrap();
+    browser
+        .script(
+            "window.uploadsSent = 0; const send = window.fetch; \
+             window.fetch = (path, options = {}) => { \
+               if (String(path).includes('upload-image')) window.uploadsSent += 1; \
+               return send(path, options); };",
+            json!([]),
+        )
+        .await;
+    browser
+        .type_into("#file-input", &large.path().display().to_string())
+        .await;
+    let refused = browser
+        .wait_for(
+            "the large file refused",
+            short,
+            "const card = document.querySelector('#results .card'); \
+             return card && card.dataset.state === 'ERROR' \
+               ? [card.querySelector('.msg').textContent, window.uploadsSent] : null;",
+            json!([]),
+        )
+        .await;
+    let message = refused[0].as_str().unwrap();
+    assert!(message.contains("too large"), "{message}");
+    assert!(
+        message.contains("9.0") && message.contains("8.0"),
+        "{message}"
+    );
+    assert_eq!(refused[1], 0, "nothing was sent");
 
     check_csp_violations(&browser).await;
 

@@ -4,7 +4,7 @@
 //! it loads no model; an `imgclf-worker` holds a `Worker`; the embedded default ([`Pipeline`])
 //! holds both over the same ports, metrics and CPU slots.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -781,6 +781,9 @@ pub struct Worker {
     classify_slots: Semaphore,
     /// Wakes the callback dispatcher when a task of this worker made a callback due.
     callbacks_due: Notify,
+    /// When the newest task this worker has started was accepted (ms since the Unix epoch; 0
+    /// before the first): how far the queue has got through a backlog, for the sweeper.
+    queue_head_ms: AtomicI64,
 }
 
 impl Worker {
@@ -797,6 +800,7 @@ impl Worker {
             classifier,
             classify_slots,
             callbacks_due: Notify::new(),
+            queue_head_ms: AtomicI64::new(0),
         }
     }
 
@@ -950,10 +954,20 @@ impl Worker {
 
     /// Queues again the tasks left `PENDING` or `STARTED` for longer than `requeue_after`
     /// (a crash between recording and queueing, a job a broker lost); returns how many.
+    /// While the queue holds jobs, a `PENDING` task accepted after the newest one this worker
+    /// has started may only be waiting its turn (the queue delivers in order): it is left for
+    /// a later sweep, so that a backlog older than `requeue_after` is not queued twice over.
     pub async fn sweep_once(&self) -> Result<usize, BoxError> {
-        let results = &self.shared.ports.results;
-        let before = now_ms() - self.shared.config.requeue_after.as_millis() as i64;
-        let stale = results.claim_stale(before, 100).await?;
+        let Shared { ports, config, .. } = &self.shared;
+        let before = now_ms() - config.requeue_after.as_millis() as i64;
+        let pending_created_before =
+            match within(config.publish_timeout, ports.queue.depth()).await? {
+                0 => i64::MAX,
+                _ => self.queue_head_ms.load(Ordering::Relaxed),
+            };
+        let stale = (ports.results)
+            .claim_stale(before, pending_created_before, 100)
+            .await?;
         for record in &stale {
             self.shared.publish(&record.job()).await?;
         }
@@ -1147,7 +1161,10 @@ impl Worker {
         let (record, image) = tokio::join!(results.start(job.task_id), image);
         let record = match record.map_err(JobError::Start)? {
             Some(record) if record.state.is_final() => return Ok(None),
-            Some(record) => record,
+            Some(record) => {
+                (self.queue_head_ms).fetch_max(record.created_at_ms, Ordering::Relaxed);
+                record
+            }
             None => {
                 tracing::warn!(task_id = %job.task_id, "job for an unknown task dropped");
                 return Ok(None);
@@ -1822,6 +1839,58 @@ mod tests {
             "the same answer either way"
         );
         assert_eq!(classes(&early)[0].label, "monarch");
+    }
+
+    /// Behind a backlog older than `requeue_after`, the sweeper leaves the tasks still waiting
+    /// in the queue alone and queues again only the one the queue has passed (its job lost).
+    #[cfg(feature = "tract")]
+    #[tokio::test]
+    async fn the_sweeper_leaves_a_backlog_s_waiting_tasks_alone() {
+        let config = PipelineConfig {
+            requeue_after: Duration::from_millis(500),
+            ..PipelineConfig::default()
+        };
+        let ports = ports();
+        let queue = ports.queue.clone();
+        let pipeline = Arc::new(Pipeline::new(ports, ready_classifier().await, config));
+        let bytes = photo();
+        let stranded = pipeline.submit(upload(&bytes)).await.unwrap();
+        // Its job is lost, as in a crash between recording and queueing.
+        for lost in queue.receive(1, Duration::ZERO).await.unwrap() {
+            lost.ack().await.unwrap();
+        }
+        let mut waiting = Vec::new();
+        for _ in 0..3 {
+            // Accepted one after another, in distinct milliseconds.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            waiting.push(pipeline.submit(upload(&bytes)).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let worker = pipeline.worker();
+        assert_eq!(
+            worker.sweep_once().await.unwrap(),
+            0,
+            "with jobs waiting and none taken yet, every pending task may be among them"
+        );
+        // The worker takes the first waiting task: the queue is past the stranded one.
+        let first = queue.receive(1, Duration::ZERO).await.unwrap().remove(0);
+        assert_eq!(first.job().task_id, waiting[0]);
+        worker.process(first).await;
+        assert_eq!(worker.sweep_once().await.unwrap(), 1, "the stranded task");
+        assert_eq!(
+            queue.depth().await.unwrap(),
+            3,
+            "the two still waiting, and the stranded one once more"
+        );
+        assert_eq!(worker.sweep_once().await.unwrap(), 0, "claimed once");
+
+        let (_stop, stopped) = watch::channel(false);
+        tokio::spawn(pipeline.clone().run_worker(stopped));
+        for id in std::iter::once(stranded).chain(waiting) {
+            let wait = Duration::from_secs(60);
+            let record = pipeline.submitter.wait(id, wait).await.unwrap().unwrap();
+            assert_eq!(record.state, TaskState::Success, "{record:?}");
+        }
     }
 
     /// An upload refused after its head start (here, its image cannot be stored) leaves none

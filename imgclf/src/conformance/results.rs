@@ -235,8 +235,8 @@ async fn stale_tasks_are_claimed_once(store: &dyn ResultStore) {
     let cutoff = now_ms() - 600_000;
     // Two sweepers at once: each stale task goes to exactly one of them.
     let (a, b) = tokio::join!(
-        store.claim_stale(cutoff, usize::MAX),
-        store.claim_stale(cutoff, usize::MAX)
+        store.claim_stale(cutoff, i64::MAX, usize::MAX),
+        store.claim_stale(cutoff, i64::MAX, usize::MAX)
     );
     let count = times_claimed(a, b);
     assert_eq!(
@@ -246,13 +246,55 @@ async fn stale_tasks_are_claimed_once(store: &dyn ResultStore) {
     );
     assert_eq!(count(stale_done.task_id), 0, "final tasks are never stale");
     assert_eq!(count(fresh.task_id), 0, "a recent task is not stale");
-    let again = store.claim_stale(cutoff, usize::MAX).await.expect("claim");
+    let again = store
+        .claim_stale(cutoff, i64::MAX, usize::MAX)
+        .await
+        .expect("claim");
     assert!(
         !again.iter().any(|r| r.task_id == stale_pending.task_id),
         "claiming marks the task changed, so the next sweep leaves it alone"
     );
     let got = store.get(stale_pending.task_id).await.unwrap().unwrap();
     assert_eq!(got.state, TaskState::Pending, "claiming changes no state");
+
+    // Behind a backlog, a PENDING task accepted after the queue's head may still be waiting in
+    // the queue; one accepted before it was passed over. A STARTED one is stale either way.
+    let head = hour_ago + 1_000;
+    let after_head = |mut r: TaskRecord| {
+        r.created_at_ms = head;
+        r
+    };
+    let passed = aged(record());
+    let waiting = after_head(aged(record()));
+    let mut started = after_head(aged(record()));
+    started.state = TaskState::Started;
+    for r in [&passed, &waiting, &started] {
+        store.create(r).await.expect("create");
+    }
+    let claimed: Vec<TaskId> = store
+        .claim_stale(cutoff, head, usize::MAX)
+        .await
+        .expect("claim")
+        .iter()
+        .map(|r| r.task_id)
+        .collect();
+    assert!(
+        claimed.contains(&passed.task_id),
+        "passed over by the queue"
+    );
+    assert!(claimed.contains(&started.task_id), "a stale start");
+    assert!(
+        !claimed.contains(&waiting.task_id),
+        "still waiting its turn"
+    );
+    let later = store
+        .claim_stale(cutoff, i64::MAX, usize::MAX)
+        .await
+        .expect("claim");
+    assert!(
+        later.iter().any(|r| r.task_id == waiting.task_id),
+        "once the queue is past it, the waiting one is claimed too"
+    );
 }
 
 async fn concurrent_completions_write_once(store: &dyn ResultStore) {

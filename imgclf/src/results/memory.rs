@@ -151,12 +151,18 @@ impl ResultStore for MemoryResults {
     async fn claim_stale(
         &self,
         before_ms: i64,
+        pending_created_before_ms: i64,
         limit: usize,
     ) -> Result<Vec<TaskRecord>, ResultsError> {
         let mut tasks = self.tasks.lock().unwrap();
         let mut stale: Vec<&mut TaskRecord> = tasks
             .values_mut()
-            .filter(|r| !r.state.is_final() && r.updated_at_ms < before_ms)
+            .filter(|r| match r.state {
+                TaskState::Started => true,
+                TaskState::Pending => r.created_at_ms < pending_created_before_ms,
+                _ => false,
+            })
+            .filter(|r| r.updated_at_ms < before_ms)
             .collect();
         stale.sort_by_key(|r| (r.updated_at_ms, r.task_id));
         stale.truncate(limit);

@@ -169,11 +169,14 @@ pub trait ResultStore: Send + Sync + 'static {
     async fn unfinished(&self, limit: usize) -> Result<Vec<TaskRecord>, ResultsError>;
 
     /// Unfinished tasks unchanged since `before_ms` (ms since the Unix epoch), oldest change
-    /// first, at most `limit`; each is marked changed now, so that sweepers running at once
-    /// claim a task once per period.
+    /// first, at most `limit`; `PENDING` ones only if also accepted before
+    /// `pending_created_before_ms` (one accepted since may still be waiting in the queue).
+    /// Each is marked changed now, so that sweepers running at once claim a task once per
+    /// period.
     async fn claim_stale(
         &self,
         before_ms: i64,
+        pending_created_before_ms: i64,
         limit: usize,
     ) -> Result<Vec<TaskRecord>, ResultsError>;
 

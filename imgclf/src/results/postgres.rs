@@ -789,16 +789,19 @@ impl ResultStore for PostgresResults {
     async fn claim_stale(
         &self,
         before_ms: i64,
+        pending_created_before_ms: i64,
         limit: usize,
     ) -> Result<Vec<TaskRecord>, ResultsError> {
         // SKIP LOCKED: sweepers of several workers split the stale tasks between them.
         let sql = format!(
             "UPDATE tasks SET updated_at_ms = $1 WHERE task_id IN (SELECT task_id FROM tasks \
-             WHERE state IN ('PENDING', 'STARTED') AND updated_at_ms < $2 \
-             ORDER BY updated_at_ms, task_id LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING {COLUMNS}"
+             WHERE (state = 'STARTED' OR (state = 'PENDING' AND created_at_ms < $2)) \
+             AND updated_at_ms < $3 ORDER BY updated_at_ms, task_id LIMIT $4 \
+             FOR UPDATE SKIP LOCKED) RETURNING {COLUMNS}"
         );
         let rows = sqlx::query(&sql)
             .bind(now_ms())
+            .bind(pending_created_before_ms)
             .bind(before_ms)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)

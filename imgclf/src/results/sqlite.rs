@@ -540,16 +540,22 @@ impl ResultStore for SqliteResults {
     async fn claim_stale(
         &self,
         before_ms: i64,
+        pending_created_before_ms: i64,
         limit: usize,
     ) -> Result<Vec<TaskRecord>, ResultsError> {
         // One statement: SQLite runs it under its single writer lock.
         let sql = format!(
             "UPDATE tasks SET updated_at_ms = ? WHERE task_id IN (SELECT task_id FROM tasks \
-             WHERE state IN ('PENDING', 'STARTED') AND updated_at_ms < ? \
-             ORDER BY updated_at_ms, task_id LIMIT ?) RETURNING {COLUMNS}"
+             WHERE (state = 'STARTED' OR (state = 'PENDING' AND created_at_ms < ?)) \
+             AND updated_at_ms < ? ORDER BY updated_at_ms, task_id LIMIT ?) RETURNING {COLUMNS}"
         );
-        self.write_returning(sql, vec![now_ms(), before_ms, at_most(limit)])
-            .await
+        let values = vec![
+            now_ms(),
+            pending_created_before_ms,
+            before_ms,
+            at_most(limit),
+        ];
+        self.write_returning(sql, values).await
     }
 
     async fn list(&self, query: &TaskQuery) -> Result<Vec<TaskRecord>, ResultsError> {

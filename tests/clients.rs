@@ -547,56 +547,50 @@ async fn the_openapi_document_lists_every_route_and_every_status_it_answers_with
 }
 
 #[tokio::test]
-async fn the_interactive_docs_are_served_from_the_binary() {
+async fn the_interactive_docs_are_served_from_the_binary_behind_any_path_prefix() {
     let s = service();
     for page in ["/docs", "/docs/"] {
         docs_page_loads(&s.app, page).await;
     }
 }
 
-/// `page` is Swagger UI over our document, and every asset it names is served here.
+/// `page` is Swagger UI over our document, and every asset it names is served here. Each URL
+/// is resolved as a browser would, against the page as a proxy serves it under `/prefix` (it
+/// strips the prefix before passing the request on): none may leave the prefix.
 async fn docs_page_loads(app: &Router, page: &str) {
-    let response = app
-        .clone()
-        .oneshot(Request::get(page).body(Body::empty()).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let html = String::from_utf8(
-        response
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-    .unwrap();
-    assert!(
-        html.contains("openapi.json"),
-        "the UI reads our document: {html}"
-    );
+    let get = |path: String| async move {
+        let request = Request::get(path).body(Body::empty()).unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, body)
+    };
+    let (status, html) = get(page.to_string()).await;
+    assert_eq!(status, StatusCode::OK);
+    let html = String::from_utf8(html.to_vec()).unwrap();
     assert!(
         !html.contains("//cdn") && !html.contains("unpkg") && !html.contains("jsdelivr"),
         "no asset comes from outside: {html}"
     );
-    // Every script and stylesheet the page names is served here.
-    let mut assets = 0;
+    let seen_by_browser =
+        reqwest::Url::parse(&format!("https://example.com/prefix{page}")).unwrap();
+    let mut named = BTreeSet::new();
     for piece in html.split(['"', '\'']) {
-        if piece.ends_with(".js") || piece.ends_with(".css") {
-            let uri = if piece.starts_with('/') {
-                piece.to_string()
-            } else {
-                format!("/docs/{}", piece.trim_start_matches("./"))
-            };
-            let response = app
-                .clone()
-                .oneshot(Request::get(&uri).body(Body::empty()).unwrap())
-                .await
-                .unwrap();
-            assert_eq!(response.status(), StatusCode::OK, "{page} names {uri}");
-            assets += 1;
+        if piece.ends_with(".js") || piece.ends_with(".css") || piece.ends_with(".json") {
+            let url = seen_by_browser.join(piece).unwrap();
+            let path = url.path().strip_prefix("/prefix").unwrap_or_else(|| {
+                panic!("{page} names {piece}, which leaves the proxy's prefix: {url}")
+            });
+            let (status, _) = get(path.to_string()).await;
+            assert_eq!(status, StatusCode::OK, "{page} names {piece}: {path}");
+            named.insert(path.to_string());
         }
     }
-    assert!(assets >= 2, "the page loads its scripts and styles: {html}");
+    for path in [
+        "/openapi.json",
+        "/docs/swagger-ui.css",
+        "/docs/swagger-ui-bundle.js",
+    ] {
+        assert!(named.contains(path), "{page} loads {path}: {html}");
+    }
 }

@@ -6,7 +6,8 @@ use std::sync::OnceLock;
 
 use axum::extract::State;
 use axum::http::header;
-use axum::response::{IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
 use axum::Router;
 use imgclf::{Prediction, StateCounts, TaskId, TaskStatus};
 use serde::{Deserialize, Serialize};
@@ -192,30 +193,44 @@ pub(crate) async fn openapi(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-/// `/docs`: Swagger UI over `/openapi.json`, its assets inside the binary.
+/// `/docs`: Swagger UI over `/openapi.json`, its assets inside the binary. The page is ours,
+/// not the crate's (which names everything by absolute path): every URL on it is relative, so
+/// that it works behind a proxy's path prefix, as the page at `/` does.
 pub(crate) fn ui() -> Router {
-    swagger_ui_dist::generate_routes(swagger_ui_dist::ApiDefinition {
-        uri_prefix: DOCS,
-        api_definition: swagger_ui_dist::OpenApiSource::Uri("/openapi.json"),
-        title: Some("imgclf API"),
-    })
+    // The crate's routes serve the assets (its own pages at `/docs` and `/docs/` are never
+    // reached). As a service, not a router: it routes the whole path itself.
+    let assets = swagger_ui_dist::generate_routes(swagger_ui_dist::ApiDefinition {
+        uri_prefix: "/docs",
+        api_definition: swagger_ui_dist::OpenApiSource::Uri("openapi.json"),
+        title: None,
+    });
+    Router::new()
+        .route("/docs", get(|| async { Html(ui_page("docs/", "")) }))
+        .route("/docs/", get(|| async { Html(ui_page("", "../")) }))
+        .route_service("/docs/{asset}", assets.into_service())
 }
 
-const DOCS: &str = "/docs";
-
-/// The UI's page names its assets after the path it was asked for, so `/docs/` asks for
-/// `/docs//swagger-ui.css`: read that as `/docs/swagger-ui.css`.
-/// (Applied before routing: see [`crate::router`].)
-pub(crate) fn one_slash(mut request: axum::extract::Request) -> axum::extract::Request {
-    let path = request.uri().path();
-    if let Some(asset) = path.strip_prefix("/docs//") {
-        let mut fixed = format!("{DOCS}/{asset}");
-        if let Some(query) = request.uri().query() {
-            fixed = format!("{fixed}?{query}");
-        }
-        if let Ok(uri) = fixed.parse() {
-            *request.uri_mut() = uri;
-        }
-    }
-    request
+/// The UI's page, from a place whose way to the assets is `assets` and to the API is `root`.
+fn ui_page(assets: &str, root: &str) -> String {
+    format!(
+        r#"<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <meta name="viewport" content="width=device-width, initial-scale=1">
+  <title>imgclf API</title>
+  <link rel="stylesheet" href="{assets}swagger-ui.css">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="{assets}swagger-ui-bundle.js"></script>
+<script>
+  window.onload = () => {{
+    window.ui = SwaggerUIBundle({{ url: '{root}openapi.json', dom_id: '#swagger-ui' }});
+  }};
+</script>
+</body>
+</html>
+"#
+    )
 }

@@ -246,8 +246,7 @@ pub fn router(mut state: AppState, request_timeout: Duration) -> Router {
             .expose_headers([header::RETRY_AFTER, REQUEST_ID_HEADER])
             .max_age(Duration::from_secs(600))
     });
-    let app = api
-        .merge(open)
+    api.merge(open)
         .with_state(state.clone())
         .merge(docs::ui())
         .layer(tower::util::option_layer(cors))
@@ -259,13 +258,7 @@ pub fn router(mut state: AppState, request_timeout: Duration) -> Router {
         .layer(middleware::map_response(json_errors))
         .layer(access_log())
         .layer(middleware::from_fn(request_id))
-        .layer(middleware::from_fn_with_state(state, observe::record));
-    // A router's own layers run after routing; this one must run before.
-    Router::new().fallback_service(
-        tower::ServiceBuilder::new()
-            .map_request(docs::one_slash)
-            .service(app),
-    )
+        .layer(middleware::from_fn_with_state(state, observe::record))
 }
 
 /// Every error answers `{"detail": …}`, as the API's own errors do: axum's rejections (a query

@@ -694,6 +694,22 @@ async fn drive(browser: Arc<Browser>, base: String) {
         )
         .await;
     assert_eq!(answered, "200 /imgclf/api/tasks/summary");
+
+    // The page's link to the API documentation, which loads Swagger UI and our document there.
+    let docs = "document.querySelector('a.docs-link').click()";
+    browser.script(docs, json!([])).await;
+    let shown = browser
+        .wait_for(
+            "the API documentation under the prefix",
+            short,
+            "const title = document.querySelector('.swagger-ui .info .title'); \
+             return title ? [location.pathname, title.textContent] : null;",
+            json!([]),
+        )
+        .await;
+    assert_eq!(shown[0], "/imgclf/docs");
+    let title = shown[1].as_str().unwrap();
+    assert!(title.starts_with("imgclf"), "{title}");
 }
 
 /// The drop zone's border style: `dashed` once the stylesheet applies.

@@ -1384,6 +1384,33 @@ async fn a_retried_upload_requeues_its_stranded_task() {
 }
 
 #[tokio::test]
+async fn a_retried_upload_leaves_its_stale_task_to_the_sweepers_while_jobs_wait() {
+    let s = service_custom(Arc::new(NoopNotifier), quick_requeue(), false);
+    let jpeg = image("opencv_apple.jpg");
+    let upload = || {
+        let mut request = multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg)]);
+        request
+            .headers_mut()
+            .insert("idempotency-key", "backlog-1".parse().unwrap());
+        request
+    };
+    let (status, first) = call(&s.app, upload()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    assert_eq!(lose_every_job(&s.queue).await, 1);
+    // A backlog: another task's job waits, and the first task is past `requeue_after`.
+    upload_apple(&s).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (status, again) = call(&s.app, upload()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{again}");
+    assert_eq!(again["task_id"], first["task_id"], "the same task");
+    let waiting = imgclf::Queue::depth(s.queue.as_ref()).await.unwrap();
+    assert_eq!(
+        waiting, 1,
+        "only the other task's job: the sweepers decide on this one"
+    );
+}
+
+#[tokio::test]
 async fn attempts_counted_by_the_record_outlive_the_queue_s_count() {
     // An in-memory queue forgets its delivery counts when the process restarts; the record
     // keeps counting, so an image that kills every worker is still given up on.

@@ -515,18 +515,27 @@ impl Submitter {
     }
 
     /// A retried upload that finds its task still `PENDING` long after it was accepted (its
-    /// first try died between recording and queueing) queues it again. A second job for a
-    /// task that still has one is harmless: transitions are guarded, completion idempotent.
+    /// first try died between recording and queueing) queues it again, if the queue is empty.
+    /// While jobs wait, the task's may be among them (a backlog older than
+    /// `requeue_after`): the workers' sweepers, which know how far the queue has got, queue it
+    /// again once the queue has passed it. A second job for a task that still has one is
+    /// harmless all the same (transitions are guarded, completion idempotent): where the
+    /// depth cannot be read, it is queued.
     async fn requeue_if_stranded(&self, record: &TaskRecord) -> Result<(), SubmitError> {
-        let stranded_after = self.shared.config.requeue_after.as_millis() as i64;
-        if record.state == TaskState::Pending && now_ms() - record.updated_at_ms > stranded_after {
-            tracing::info!(task_id = %record.task_id, "stranded task queued again");
-            self.shared
-                .publish(&record.job())
-                .await
-                .map_err(SubmitError::unavailable("queueing the task"))?;
+        let Shared { config, ports, .. } = &self.shared;
+        let stranded_after = config.requeue_after.as_millis() as i64;
+        if record.state != TaskState::Pending || now_ms() - record.updated_at_ms <= stranded_after {
+            return Ok(());
         }
-        Ok(())
+        if let Ok(waiting @ 1..) = within(config.publish_timeout, ports.queue.depth()).await {
+            tracing::debug!(task_id = %record.task_id, waiting, "stale task left to the sweepers");
+            return Ok(());
+        }
+        tracing::info!(task_id = %record.task_id, "stranded task queued again");
+        self.shared
+            .publish(&record.job())
+            .await
+            .map_err(SubmitError::unavailable("queueing the task"))
     }
 
     /// Refuses new work while the queue is deeper than `max_queue_depth`. The depth is read at

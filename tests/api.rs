@@ -1361,49 +1361,42 @@ async fn a_task_that_lost_its_job_is_queued_again_by_the_sweeper() {
     );
 }
 
-#[tokio::test]
-async fn a_retried_upload_requeues_its_stranded_task() {
-    let s = service_custom(Arc::new(NoopNotifier), quick_requeue(), false);
+/// Uploads a photo with `key`, loses its job, lets the task go stale (with another task's job
+/// waiting behind, for a `backlog`) and uploads it again with the same key: the jobs then
+/// waiting.
+async fn retry_a_stale_upload(s: &Service, key: &str, backlog: bool) -> u64 {
     let jpeg = image("opencv_apple.jpg");
     let upload = || {
         let mut request = multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg)]);
         request
             .headers_mut()
-            .insert("idempotency-key", "stranded-1".parse().unwrap());
+            .insert("idempotency-key", key.parse().unwrap());
         request
     };
     let (status, first) = call(&s.app, upload()).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{first}");
     assert_eq!(lose_every_job(&s.queue).await, 1);
+    if backlog {
+        upload_apple(s).await;
+    }
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let (status, again) = call(&s.app, upload()).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{again}");
     assert_eq!(again["task_id"], first["task_id"], "the same task");
-    let waiting = imgclf::Queue::depth(s.queue.as_ref()).await.unwrap();
+    imgclf::Queue::depth(s.queue.as_ref()).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_retried_upload_requeues_its_stranded_task() {
+    let s = service_custom(Arc::new(NoopNotifier), quick_requeue(), false);
+    let waiting = retry_a_stale_upload(&s, "stranded-1", false).await;
     assert_eq!(waiting, 1, "the retry queued the stranded task again");
 }
 
 #[tokio::test]
 async fn a_retried_upload_leaves_its_stale_task_to_the_sweepers_while_jobs_wait() {
     let s = service_custom(Arc::new(NoopNotifier), quick_requeue(), false);
-    let jpeg = image("opencv_apple.jpg");
-    let upload = || {
-        let mut request = multipart("/api/upload-image", &[Part::File("a.jpg", &jpeg)]);
-        request
-            .headers_mut()
-            .insert("idempotency-key", "backlog-1".parse().unwrap());
-        request
-    };
-    let (status, first) = call(&s.app, upload()).await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
-    assert_eq!(lose_every_job(&s.queue).await, 1);
-    // A backlog: another task's job waits, and the first task is past `requeue_after`.
-    upload_apple(&s).await;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let (status, again) = call(&s.app, upload()).await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{again}");
-    assert_eq!(again["task_id"], first["task_id"], "the same task");
-    let waiting = imgclf::Queue::depth(s.queue.as_ref()).await.unwrap();
+    let waiting = retry_a_stale_upload(&s, "backlog-1", true).await;
     assert_eq!(
         waiting, 1,
         "only the other task's job: the sweepers decide on this one"

@@ -2,7 +2,6 @@
 //! tasks. Plain HTML, CSS and JS from `static/`, compiled into the binary so the service stays a
 //! single file with nothing to deploy beside it.
 
-use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use axum::body::Bytes;
@@ -23,7 +22,7 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; img-src 'self' blob: 
 
 /// One embedded file, or the page rendered from one.
 struct Asset {
-    body: Cow<'static, [u8]>,
+    body: Bytes,
     content_type: &'static str,
     etag: OnceLock<HeaderValue>,
 }
@@ -31,7 +30,7 @@ struct Asset {
 impl Asset {
     const fn new(body: &'static [u8], content_type: &'static str) -> Self {
         Self {
-            body: Cow::Borrowed(body),
+            body: Bytes::from_static(body),
             content_type,
             etag: OnceLock::new(),
         }
@@ -47,7 +46,7 @@ impl Asset {
             1,
         );
         Self {
-            body: Cow::Owned(body.into_bytes()),
+            body: Bytes::from(body),
             content_type: INDEX.content_type,
             etag: OnceLock::new(),
         }
@@ -86,10 +85,7 @@ impl Asset {
                     header::CONTENT_TYPE,
                     HeaderValue::from_static(self.content_type),
                 )],
-                match &self.body {
-                    Cow::Borrowed(body) => Bytes::from_static(body),
-                    Cow::Owned(body) => Bytes::from(body.clone()),
-                },
+                self.body.clone(),
             )
                 .into_response()
         } else {

@@ -522,12 +522,11 @@ impl Submitter {
     /// harmless all the same (transitions are guarded, completion idempotent): where the
     /// depth cannot be read, it is queued.
     async fn requeue_if_stranded(&self, record: &TaskRecord) -> Result<(), SubmitError> {
-        let Shared { config, ports, .. } = &self.shared;
-        let stranded_after = config.requeue_after.as_millis() as i64;
+        let stranded_after = self.shared.config.requeue_after.as_millis() as i64;
         if record.state != TaskState::Pending || now_ms() - record.updated_at_ms <= stranded_after {
             return Ok(());
         }
-        if let Ok(waiting @ 1..) = within(config.publish_timeout, ports.queue.depth()).await {
+        if let Ok(waiting @ 1..) = self.shared.queue_depth().await {
             tracing::debug!(task_id = %record.task_id, waiting, "stale task left to the sweepers");
             return Ok(());
         }
@@ -549,9 +548,7 @@ impl Submitter {
         let depth = match cached {
             Some((at, depth)) if at.elapsed() < Duration::from_secs(1) => depth,
             _ => {
-                let limit = self.shared.config.publish_timeout;
-                let depth = within(limit, self.shared.ports.queue.depth())
-                    .await
+                let depth = (self.shared.queue_depth().await)
                     .map_err(SubmitError::unavailable("reading the queue depth"))?;
                 *self.depth.lock().unwrap() = Some((Instant::now(), depth));
                 depth
@@ -681,6 +678,11 @@ impl Shared {
     /// Enqueues within `publish_timeout`.
     async fn publish(&self, job: &Job) -> Result<(), BoxError> {
         within(self.config.publish_timeout, self.ports.queue.enqueue(job)).await
+    }
+
+    /// The jobs waiting in the queue, read within `publish_timeout`.
+    async fn queue_depth(&self) -> Result<u64, BoxError> {
+        within(self.config.publish_timeout, self.ports.queue.depth()).await
     }
 }
 
@@ -969,11 +971,10 @@ impl Worker {
     pub async fn sweep_once(&self) -> Result<usize, BoxError> {
         let Shared { ports, config, .. } = &self.shared;
         let before = now_ms() - config.requeue_after.as_millis() as i64;
-        let pending_created_before =
-            match within(config.publish_timeout, ports.queue.depth()).await? {
-                0 => i64::MAX,
-                _ => self.queue_head_ms.load(Ordering::Relaxed),
-            };
+        let pending_created_before = match self.shared.queue_depth().await? {
+            0 => i64::MAX,
+            _ => self.queue_head_ms.load(Ordering::Relaxed),
+        };
         let stale = (ports.results)
             .claim_stale(before, pending_created_before, 100)
             .await?;

@@ -230,7 +230,8 @@ async fn clients_gone_leave_nothing_half_done(queue: String) {
     clients_gone_mid_upload(&format!("127.0.0.1:{port}"), &a_jpeg(), 300).await;
 
     // Acceptances still running end on their own: wait until every task is final and their
-    // number has held for two polls.
+    // number has held for two seconds (an acceptance writes its image and record at once, so
+    // one caught between the two would look half done).
     let mut db = sqlx::PgConnection::connect(&results_url).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut last = usize::MAX;
@@ -247,7 +248,7 @@ async fn clients_gone_leave_nothing_half_done(queue: String) {
         }
         assert!(Instant::now() < deadline, "tasks still open: {rows:?}");
         last = rows.len();
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
     };
     eprintln!("{} of 200 whole uploads accepted", recorded.len());
     assert!(

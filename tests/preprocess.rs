@@ -163,6 +163,50 @@ fn every_format_and_layout_gives_the_tensor_of_its_decoded_image() {
     }
 }
 
+/// An 8-bit palette TIFF, which the `image` crate alone refuses, decodes to its colours: the
+/// pixels, tensor and kept crop of the RGB PNG of the same image, uncompressed and with LZW. A
+/// cut file fails its check exactly when it fails to decode. (The files: `darknet_dog.jpg` at
+/// 64x48, quantised to 256 colours and saved by Pillow.)
+#[test]
+fn a_palette_tiff_decodes_to_its_colours() {
+    use imgclf::preprocess::validate;
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let read = |name: &str| std::fs::read(data.join(name)).unwrap();
+    let expected = decode_rgb8(&read("palette8_rgb.png"), u64::MAX).unwrap();
+    let transform = Transform::default();
+    let tensor = transform.tensor_from_rgb(&expected);
+    for name in ["palette8.tif", "palette8_lzw.tif"] {
+        let bytes = read(name);
+        assert!(
+            image::load_from_memory(&bytes).is_err(),
+            "{name}: `image` decodes it now"
+        );
+        assert!(
+            decode_rgb8(&bytes, u64::MAX).expect(name) == expected,
+            "{name}: pixels differ"
+        );
+        let direct = transform.tensor_from_bytes(&bytes, u64::MAX).expect(name);
+        assert!(direct == tensor, "{name}: tensors differ");
+        let (info, crop) = validate_keeping(&bytes, u64::MAX, &transform).expect(name);
+        assert_eq!((info.width, info.height), (64, 48), "{name}");
+        let kept = transform.tensor_from_crop(&crop.expect("its check decodes it"));
+        assert!(kept == tensor, "{name}: the kept crop's tensor differs");
+        assert!(
+            decode_rgb8(&bytes, 64 * 48 - 1).is_err(),
+            "{name}: over the pixel limit"
+        );
+        for len in (0..bytes.len()).step_by(61) {
+            let cut = &bytes[..len];
+            let decoded = decode_rgb8(cut, u64::MAX);
+            assert_eq!(
+                validate(cut, u64::MAX).is_ok(),
+                decoded.is_ok(),
+                "{name} cut at {len}"
+            );
+        }
+    }
+}
+
 /// An image alone on the machine is decoded on two threads (a progressive JPEG resized on the
 /// second while the first decodes it): the same tensor as on one thread, for large photos of
 /// every chroma subsampling, progressive or not, every EXIF orientation, and grey; a decode

@@ -19,6 +19,7 @@ mod budget;
 mod helper_thread;
 mod huffman;
 mod jpeg;
+mod palette_tiff;
 mod progressive;
 mod resample;
 mod scratch;
@@ -406,9 +407,15 @@ fn open_as<'a>(
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(max_alloc(format, max_pixels));
     let mut reader = ImageReader::with_format(BudgetReader::new(bytes, budget), format);
-    reader.limits(limits);
-    let decoder = reader.into_decoder().map_err(|e| decode_error(e, budget))?;
-    Ok(Box::new(decoder))
+    reader.limits(limits.clone());
+    match reader.into_decoder() {
+        Ok(decoder) => Ok(Box::new(decoder)),
+        Err(error) if format == ImageFormat::Tiff => match palette_tiff::open(bytes, limits) {
+            Some(decoder) => Ok(Box::new(decoder)),
+            None => Err(decode_error(error, budget)),
+        },
+        Err(error) => Err(decode_error(error, budget)),
+    }
 }
 
 /// Bytes a decoder of `format` may allocate under a cap of `max_pixels`. GIF decodes to RGBA8

@@ -410,10 +410,12 @@ fn open_as<'a>(
     reader.limits(limits.clone());
     match reader.into_decoder() {
         Ok(decoder) => Ok(Box::new(decoder)),
-        Err(error) if format == ImageFormat::Tiff => match palette_tiff::open(bytes, limits) {
-            Some(decoder) => Ok(Box::new(decoder)),
-            None => Err(decode_error(error, budget)),
-        },
+        Err(error) if format == ImageFormat::Tiff => {
+            match palette_tiff::open(bytes, limits, budget) {
+                Some(decoder) => Ok(Box::new(decoder)),
+                None => Err(decode_error(error, budget)),
+            }
+        }
         Err(error) => Err(decode_error(error, budget)),
     }
 }

@@ -1,11 +1,14 @@
-//! 8-bit palette TIFFs, which the `tiff` crate refuses to decode. Read as grey, the same file
-//! gives each pixel's palette index (strips, tiles and compression all handled by the crate);
-//! its colour map gives their colours.
+//! 8-bit palette TIFFs, which the `tiff` crate refuses to decode. Read as grey (its
+//! photometric interpretation changed as it is read), the same file gives each pixel's palette
+//! index, strips, tiles and compression all handled by the crate; its colour map gives their
+//! colours.
 
-use std::io::Cursor;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 
 use image::codecs::tiff::TiffDecoder;
 use image::{ColorType, ImageDecoder, ImageResult, Limits};
+
+use super::budget::{Budget, BudgetReader};
 
 const BITS_PER_SAMPLE: u16 = 258;
 const PHOTOMETRIC: u16 = 262;
@@ -16,14 +19,18 @@ const RGB_PALETTE: u16 = 3;
 const BLACK_IS_ZERO: u16 = 1;
 
 /// A palette TIFF's first image, decoded to RGB8.
-pub(super) struct PaletteTiff {
-    indices: TiffDecoder<Cursor<Vec<u8>>>,
+pub(super) struct PaletteTiff<'a> {
+    indices: TiffDecoder<BufReader<Patched<BudgetReader<'a>>>>,
     colours: Vec<[u8; 3]>,
 }
 
 /// The decoder of `bytes` if they are a classic (not Big) TIFF whose first image is one 8-bit
-/// sample per pixel through a colour map; `None` for anything else.
-pub(super) fn open(bytes: &[u8], limits: Limits) -> Option<PaletteTiff> {
+/// sample per pixel through a colour map; `None` for anything else. It reads within `budget`.
+pub(super) fn open<'a>(
+    bytes: &'a [u8],
+    limits: Limits,
+    budget: &'a Budget,
+) -> Option<PaletteTiff<'a>> {
     let ifd = Ifd::first(bytes)?;
     let is_palette = ifd.short(PHOTOMETRIC)? == RGB_PALETTE
         && ifd.short(BITS_PER_SAMPLE)? == 8
@@ -36,14 +43,18 @@ pub(super) fn open(bytes: &[u8], limits: Limits) -> Option<PaletteTiff> {
     let colours = (0..256)
         .map(|i| [map[i], map[256 + i], map[512 + i]].map(|v| (v >> 8) as u8))
         .collect();
-    let mut grey = bytes.to_vec();
-    grey[ifd.value_at(PHOTOMETRIC)?..][..2].copy_from_slice(&ifd.encode(BLACK_IS_ZERO));
-    let mut indices = TiffDecoder::new(Cursor::new(grey)).ok()?;
+    let as_grey = Patched {
+        inner: BudgetReader::new(bytes, budget),
+        position: 0,
+        at: ifd.value_at(PHOTOMETRIC)? as u64,
+        value: ifd.encode(BLACK_IS_ZERO),
+    };
+    let mut indices = TiffDecoder::new(BufReader::new(as_grey)).ok()?;
     indices.set_limits(limits).ok()?;
     (indices.color_type() == ColorType::L8).then_some(PaletteTiff { indices, colours })
 }
 
-impl ImageDecoder for PaletteTiff {
+impl ImageDecoder for PaletteTiff<'_> {
     fn dimensions(&self) -> (u32, u32) {
         self.indices.dimensions()
     }
@@ -64,6 +75,38 @@ impl ImageDecoder for PaletteTiff {
 
     fn read_image_boxed(self: Box<Self>, buf: &mut [u8]) -> ImageResult<()> {
         (*self).read_image(buf)
+    }
+}
+
+/// `inner`, with the two bytes at `at` read as `value`.
+struct Patched<R> {
+    inner: R,
+    position: u64,
+    at: u64,
+    value: [u8; 2],
+}
+
+impl<R: Read> Read for Patched<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let read = self.inner.read(buf)?;
+        for (i, &byte) in self.value.iter().enumerate() {
+            let slot = (self.at + i as u64)
+                .checked_sub(self.position)
+                .and_then(|at| usize::try_from(at).ok())
+                .and_then(|at| buf[..read].get_mut(at));
+            if let Some(slot) = slot {
+                *slot = byte;
+            }
+        }
+        self.position += read as u64;
+        Ok(read)
+    }
+}
+
+impl<R: Seek> Seek for Patched<R> {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        self.position = self.inner.seek(to)?;
+        Ok(self.position)
     }
 }
 

@@ -118,12 +118,23 @@ pub async fn distributed_env(
     Some((env, results))
 }
 
+/// A port free now and not yet handed to another test of this process: tests run at once, and
+/// the kernel may give two of them the port it has just released, so that one's server cannot
+/// bind and its requests reach the other's.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 pub async fn wait_ready(client: &reqwest::Client, base: &str) {

@@ -163,28 +163,61 @@ fn every_format_and_layout_gives_the_tensor_of_its_decoded_image() {
     }
 }
 
-/// An 8-bit palette TIFF, which the `image` crate alone refuses, decodes to its colours: the
-/// pixels, tensor and kept crop of the RGB PNG of the same image, uncompressed and with LZW. A
-/// cut file fails its check exactly when it fails to decode. (The files: `darknet_dog.jpg` at
-/// 64x48, quantised to 256 colours and saved by Pillow.)
+/// TIFF layouts that the `image` crate alone refuses decode from their samples to what Pillow
+/// shows for them (each a Pillow-made file of `darknet_dog.jpg` at 64x48 beside Pillow's
+/// `convert("RGB")` of it as a PNG): 8-bit palette, plain and LZW, with and without alpha; grey
+/// with alpha (Deflate); 32-bit integer and float grey, clamped and truncated as Pillow does;
+/// YCbCr and CIELab within Pillow's rounding; a palette TIFF with an orientation tag turned as
+/// the tag says; and some in planar, tiled and big-endian layouts. Each gives the same tensor
+/// through every path (whole, windowed and the upload check's kept crop), stays under the
+/// pixel limit, and a cut file fails its check exactly when it fails to decode.
 #[test]
-fn a_palette_tiff_decodes_to_its_colours() {
+fn tiffs_the_image_crate_refuses_decode_to_their_colours() {
     use imgclf::preprocess::validate;
     let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
     let read = |name: &str| std::fs::read(data.join(name)).unwrap();
-    let expected = decode_rgb8(&read("palette8_rgb.png"), u64::MAX).unwrap();
+    let png = |name: &str| decode_rgb8(&read(name), u64::MAX).unwrap();
+    let turned = image::imageops::rotate90(&png("palette8_rgb.png"));
+    // File, the RGB it shows, the largest difference allowed to any sample.
+    let cases = [
+        ("palette8.tif", png("palette8_rgb.png"), 0),
+        ("palette8_lzw.tif", png("palette8_rgb.png"), 0),
+        ("palette8_alpha.tif", png("palette8_alpha_rgb.png"), 0),
+        ("greyalpha8.tif", png("greyalpha8_rgb.png"), 0),
+        ("int32.tif", png("int32_rgb.png"), 0),
+        ("float32.tif", png("float32_rgb.png"), 0),
+        ("ycbcr8.tif", png("ycbcr8_rgb.png"), 1),
+        ("lab8.tif", png("lab8_rgb.png"), 5),
+        ("palette8_orient6.tif", turned, 0),
+        // The same images in other layouts: planar, tiled, big-endian, with a predictor.
+        (
+            "palette8_alpha_planar.tif",
+            png("palette8_alpha_rgb.png"),
+            0,
+        ),
+        ("greyalpha8_tiled_be.tif", png("greyalpha8_rgb.png"), 0),
+        ("lab8_planar_be.tif", png("lab8_rgb.png"), 5),
+    ];
     let transform = Transform::default();
-    let tensor = transform.tensor_from_rgb(&expected);
-    for name in ["palette8.tif", "palette8_lzw.tif"] {
+    for (name, expected, tolerance) in cases {
         let bytes = read(name);
         assert!(
             image::load_from_memory(&bytes).is_err(),
             "{name}: `image` decodes it now"
         );
+        let decoded = decode_rgb8(&bytes, u64::MAX).expect(name);
+        assert_eq!(decoded.dimensions(), expected.dimensions(), "{name}");
+        let largest = decoded
+            .as_raw()
+            .iter()
+            .zip(expected.as_raw())
+            .map(|(a, b)| a.abs_diff(*b))
+            .max();
         assert!(
-            decode_rgb8(&bytes, u64::MAX).expect(name) == expected,
-            "{name}: pixels differ"
+            largest <= Some(tolerance),
+            "{name}: a sample is {largest:?} off"
         );
+        let tensor = transform.tensor_from_rgb(&decoded);
         let direct = transform.tensor_from_bytes(&bytes, u64::MAX).expect(name);
         assert!(direct == tensor, "{name}: tensors differ");
         let (info, crop) = validate_keeping(&bytes, u64::MAX, &transform).expect(name);
@@ -205,6 +238,23 @@ fn a_palette_tiff_decodes_to_its_colours() {
             );
         }
     }
+}
+
+/// A YCbCr TIFF whose chroma is subsampled, which the `tiff` crate reads as if it were not, is
+/// refused, not decoded to wrong colours.
+#[test]
+fn a_subsampled_ycbcr_tiff_is_refused() {
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let mut bytes = std::fs::read(data.join("ycbcr8.tif")).unwrap();
+    // The YCbCrSubSampling entry (tag 530, two SHORTs: 1, 1) in the little-endian IFD.
+    let entry = [0x12, 0x02, 3, 0, 2, 0, 0, 0, 1, 0, 1, 0];
+    let at = bytes
+        .windows(entry.len())
+        .position(|w| w == entry)
+        .expect("the file has its subsampling entry");
+    bytes[at + 8..at + 12].copy_from_slice(&[2, 0, 2, 0]);
+    assert!(decode_rgb8(&bytes, u64::MAX).is_err());
+    assert!(imgclf::preprocess::validate(&bytes, u64::MAX).is_err());
 }
 
 /// An image alone on the machine is decoded on two threads (a progressive JPEG resized on the

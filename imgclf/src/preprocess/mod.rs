@@ -19,10 +19,10 @@ mod budget;
 mod helper_thread;
 mod huffman;
 mod jpeg;
-mod palette_tiff;
 mod progressive;
 mod resample;
 mod scratch;
+mod tiff_samples;
 
 pub use budget::{DECODE_CPU_BUDGET, MAX_ALLOC_PER_PIXEL, MAX_JPEG_SCANS};
 pub use helper_thread::HelperThread;
@@ -411,7 +411,7 @@ fn open_as<'a>(
     match reader.into_decoder() {
         Ok(decoder) => Ok(Box::new(decoder)),
         Err(error) if format == ImageFormat::Tiff => {
-            match palette_tiff::open(bytes, limits, budget) {
+            match tiff_samples::open(bytes, &limits, budget) {
                 Some(decoder) => Ok(Box::new(decoder)),
                 None => Err(decode_error(error, budget)),
             }

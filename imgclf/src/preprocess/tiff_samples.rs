@@ -33,6 +33,8 @@ pub(super) struct TiffSamples<'a> {
     /// Samples per pixel; the first ones are the colour, the rest (alpha) are dropped.
     samples: usize,
     colour: Colour,
+    /// The decode's CPU budget, which the conversion after the last read spends too.
+    budget: &'a Budget,
 }
 
 /// What a pixel's first samples mean.
@@ -48,8 +50,8 @@ enum Colour {
 }
 
 /// The decoder of `bytes` if their first image is one of the layouts above; `None` for
-/// anything else (the caller keeps the `image` crate's refusal). It reads within `budget` and
-/// allocates no more than `limits` allow.
+/// anything else (the caller keeps the `image` crate's refusal). It reads and converts within
+/// `budget` and allocates no more than `limits` allow.
 pub(super) fn open<'a>(
     bytes: &'a [u8],
     limits: &Limits,
@@ -98,6 +100,7 @@ pub(super) fn open<'a>(
         decoder,
         samples: usize::from(samples),
         colour,
+        budget,
     })
 }
 
@@ -224,6 +227,7 @@ impl TiffSamples<'_> {
         let layout = Layout {
             samples: self.samples,
             planar,
+            budget: self.budget,
         };
         match decoded {
             DecodingResult::U8(v) => layout.each_pixel(v, rgb, |px| match &self.colour {
@@ -246,14 +250,16 @@ impl TiffSamples<'_> {
 }
 
 /// Where each pixel's samples lie: side by side, or one plane per sample.
-struct Layout {
+struct Layout<'a> {
     samples: usize,
     planar: bool,
+    budget: &'a Budget,
 }
 
-impl Layout {
+impl Layout<'_> {
     /// `rgb` from each pixel's first three samples (repeated where it has fewer); an error if
-    /// there are fewer samples than its pixels need.
+    /// there are fewer samples than its pixels need, or once the budget is spent (CIELab takes
+    /// about 0.1 us a pixel: seconds at the pixel cap).
     fn each_pixel<T: Copy>(
         &self,
         samples: &[T],
@@ -265,6 +271,11 @@ impl Layout {
             return Err(short());
         }
         for (i, out) in rgb.chunks_exact_mut(3).enumerate() {
+            if i % (1 << 16) == 0 && self.budget.exceeded() {
+                return Err(image::ImageError::IoError(std::io::Error::other(
+                    self.budget.why(),
+                )));
+            }
             let sample = |s: usize| match self.planar {
                 true => samples[(s % n) * pixels + i],
                 false => samples[i * n + s % n],

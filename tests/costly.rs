@@ -113,6 +113,29 @@ fn write_seed(name: &str, bytes: &[u8]) {
     }
 }
 
+/// A flat CIELab TIFF `side` pixels square, Deflate-compressed: an RGB one with its photometric
+/// tag changed (the `tiff` crate writes no CIELab). Its colour conversion, after the last
+/// byte is read, costs more than its decompression.
+fn flat_lab_tiff(side: u32) -> Vec<u8> {
+    use tiff::encoder::{colortype::RGB8, Compression, DeflateLevel, TiffEncoder};
+    let samples = vec![120u8; side as usize * side as usize * 3];
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    TiffEncoder::new(&mut bytes)
+        .unwrap()
+        .with_compression(Compression::Deflate(DeflateLevel::Fast))
+        .write_image::<RGB8>(side, side, &samples)
+        .unwrap();
+    let mut bytes = bytes.into_inner();
+    // PhotometricInterpretation (262), one SHORT: RGB (2) becomes CIELab (8).
+    let entry = [6, 1, 3, 0, 1, 0, 0, 0, 2, 0];
+    let at = bytes
+        .windows(entry.len())
+        .position(|w| w == entry)
+        .expect("a little-endian photometric entry");
+    bytes[at + 8] = 8;
+    bytes
+}
+
 /// Flat images of many pixels in the formats that compress them to almost nothing: each is
 /// decoded, or refused as too costly, within the budget, at upload and in the worker.
 #[test]
@@ -120,12 +143,16 @@ fn flat_images_near_the_pixel_cap_cost_at_most_the_budget() {
     let limit = DECODE_CPU_BUDGET + Duration::from_millis(500);
     let side = 6000u32; // 36 megapixels, under the default cap of 50
     let grey = image::GrayImage::from_pixel(side, side, image::Luma([77]));
+    let mut images = vec![(image::ImageFormat::Tiff, flat_lab_tiff(side))];
     for format in [image::ImageFormat::Png, image::ImageFormat::WebP] {
         let mut bytes = Vec::new();
         image::DynamicImage::ImageLuma8(grey.clone())
             .to_rgb8()
             .write_to(&mut std::io::Cursor::new(&mut bytes), format)
             .unwrap();
+        images.push((format, bytes));
+    }
+    for (format, bytes) in images {
         eprintln!("{format:?} {side}x{side}: {} bytes", bytes.len());
         let (checked, took) = timed(|| preprocess::validate(&bytes, 50_000_000));
         eprintln!(

@@ -259,7 +259,7 @@ struct Layout<'a> {
 impl Layout<'_> {
     /// `rgb` from each pixel's first three samples (repeated where it has fewer); an error if
     /// there are fewer samples than its pixels need, or once the budget is spent (CIELab takes
-    /// about 0.1 us a pixel: seconds at the pixel cap).
+    /// about 50 ns a pixel: seconds at the pixel cap).
     fn each_pixel<T: Copy>(
         &self,
         samples: &[T],

@@ -240,6 +240,36 @@ fn tiffs_the_image_crate_refuses_decode_to_their_colours() {
     }
 }
 
+/// Arithmetic-coded JPEGs (sequential, progressive with restart intervals, and grey) decode
+/// to the pixels and tensor of their Huffman-coded twins: the same image and settings through
+/// libjpeg-turbo's `cjpeg -quality 90`, with and without `-arithmetic` (`-progressive
+/// -restart 2` for the second pair). Entropy coding is lossless, and the twins go through
+/// imgclf's own entropy decoders, the arithmetic files through libjpeg's.
+#[test]
+fn arithmetic_coded_jpegs_decode_as_their_huffman_twins() {
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let read = |name: &str| std::fs::read(data.join(name)).unwrap();
+    let transform = Transform::default();
+    for kind in ["", "_progressive", "_grey"] {
+        let arithmetic = read(&format!("arithmetic{kind}.jpg"));
+        let huffman = read(&format!("huffman{kind}.jpg"));
+        assert!(
+            imgclf::preprocess::validate(&arithmetic, u64::MAX).is_ok(),
+            "arithmetic{kind}: the upload check refuses it"
+        );
+        let expected = decode_rgb8(&huffman, u64::MAX).unwrap();
+        assert!(
+            decode_rgb8(&arithmetic, u64::MAX).expect(kind) == expected,
+            "arithmetic{kind}: pixels differ"
+        );
+        let tensor = transform.tensor_from_bytes(&arithmetic, u64::MAX).unwrap();
+        assert!(
+            tensor == transform.tensor_from_rgb(&expected),
+            "arithmetic{kind}: tensors differ"
+        );
+    }
+}
+
 /// A YCbCr TIFF whose chroma is subsampled, which the `tiff` crate reads as if it were not, is
 /// refused, not decoded to wrong colours.
 #[test]

@@ -93,16 +93,6 @@ pub(super) fn check(
     checked?
 }
 
-/// 8-bit RGB of the `rect` of a JPEG, packed rows; `None` for colour spaces libjpeg does not
-/// turn into RGB (CMYK, YCCK), which the caller decodes another way.
-pub(super) fn decode_rect(
-    bytes: &[u8],
-    rect: Rect,
-    budget: &Budget,
-) -> Result<Option<Vec<u8>>, ImageError> {
-    with_decoder(bytes, budget, |decoder| decoder.read_rect_pixels(rect))
-}
-
 /// What decoding a JPEG needs from its header, read by libjpeg alone (no other decoder parses
 /// or copies the file first).
 pub(super) struct Header {
@@ -1034,7 +1024,7 @@ mod entropy_tests {
         out
     }
 
-    /// The whole image's pixels as `decode_rect` gives them, and whether the progressive
+    /// The whole image's pixels as `read_rect_pixels` gives them, and whether the progressive
     /// decoder took the file.
     fn decoded(bytes: &[u8]) -> (Vec<u8>, bool) {
         with_decoder(bytes, &Budget::start(), |decoder| {
@@ -1053,7 +1043,7 @@ mod entropy_tests {
         .expect("decodes")
     }
 
-    /// `rect`'s pixels as `decode_rect` gives them, by imgclf's entropy decoders where they
+    /// `rect`'s pixels as `read_rect_pixels` gives them, by imgclf's entropy decoders where they
     /// take the file or by libjpeg's alone (`libjpeg_alone`: its entropy decoding and IDCT).
     fn decoded_rect(bytes: &[u8], rect: Rect, libjpeg_alone: bool) -> Result<Vec<u8>, ImageError> {
         LIBJPEG_ALONE.set(libjpeg_alone);

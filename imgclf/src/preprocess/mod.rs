@@ -318,23 +318,35 @@ fn decode_rgb8_within(
     max_pixels: u64,
     budget: &Budget,
 ) -> Result<image::RgbImage, ImageError> {
-    let (format, mut decoder) = open(bytes, max_pixels, budget)?;
-    let (width, height) = decoder.dimensions();
-    check_pixels(width, height, max_pixels)?;
-    let orientation = decoder.orientation().ok();
-    let whole = Rect {
-        left: 0,
-        top: 0,
-        width: width as usize,
-        height: height as usize,
-    };
+    let format = format_of(bytes)?;
+    // A JPEG's header and pixels come from libjpeg, which also reads what the `image` crate's
+    // decoder refuses (arithmetic coding); only CMYK and YCCK, which libjpeg does not turn
+    // into RGB, are left to that decoder.
     let jpeg = match format {
-        ImageFormat::Jpeg => jpeg::decode_rect(bytes, whole, budget)?,
+        ImageFormat::Jpeg => jpeg::with_decoder(bytes, budget, |decoder| {
+            let header = decoder.header();
+            check_pixels(header.width, header.height, max_pixels)?;
+            let whole = Rect {
+                left: 0,
+                top: 0,
+                width: header.width as usize,
+                height: header.height as usize,
+            };
+            let pixels = decoder.read_rect_pixels(whole);
+            Ok(pixels.map(|pixels| (rgb_image(whole, pixels), header.orientation)))
+        })??,
         _ => None,
     };
-    let mut image = match jpeg {
-        Some(pixels) => DynamicImage::ImageRgb8(rgb_image(whole, pixels)),
-        None => DynamicImage::from_decoder(decoder).map_err(|e| decode_error(e, budget))?,
+    let (mut image, orientation) = match jpeg {
+        Some((rgb, orientation)) => (DynamicImage::ImageRgb8(rgb), Some(orientation)),
+        None => {
+            let mut decoder = open_as(format, bytes, max_pixels, budget)?;
+            let (width, height) = decoder.dimensions();
+            check_pixels(width, height, max_pixels)?;
+            let orientation = decoder.orientation().ok();
+            let image = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(e, budget))?;
+            (image, orientation)
+        }
     };
     if let Some(orientation) = orientation {
         image.apply_orientation(orientation);

@@ -50,15 +50,17 @@ if ! up 9000; then
 fi
 
 # A second, independent S3 implementation (s3s-fs, Rust, from crates.io) on port 9002: the S3
-# suite runs on both, and the benchmarks use it as a compiled S3 server beside moto.
+# suite runs on both, and the benchmarks use it as a compiled S3 server beside moto. It keeps
+# its objects on disk, so the fault tests also kill and restart servers of their own from it.
+s3s="$dir/s3s/bin/s3s-fs"
+if [ ! -x "$s3s" ]; then
+  log "installing the second S3 server (s3s-fs) from crates.io"
+  env -u CARGO_TARGET_DIR cargo install s3s-fs --version 0.14.1 --features binary --locked --root "$dir/s3s" >&2
+fi
 if ! up 9002; then
-  if [ ! -x "$dir/s3s/bin/s3s-fs" ]; then
-    log "installing the second S3 server (s3s-fs) from crates.io"
-    env -u CARGO_TARGET_DIR cargo install s3s-fs --version 0.14.1 --features binary --locked --root "$dir/s3s" >&2
-  fi
   log "starting the second S3 server on 127.0.0.1:9002"
   mkdir -p "$dir/s3s/data"
-  (cd "$dir" && exec nohup "$dir/s3s/bin/s3s-fs" --host 127.0.0.1 --port 9002 --access-key test \
+  (cd "$dir" && exec nohup "$s3s" --host 127.0.0.1 --port 9002 --access-key test \
     --secret-key testtest "$dir/s3s/data") >"$dir/s3s/s3s.log" 2>&1 &
 fi
 
@@ -77,6 +79,7 @@ export IMGCLF_TEST_REDIS=redis://127.0.0.1:6379
 export IMGCLF_TEST_AMQP=amqp://guest:guest@127.0.0.1:5672/%2f
 export IMGCLF_TEST_S3=http://127.0.0.1:9000
 export IMGCLF_TEST_S3_SECOND=http://127.0.0.1:9002
+export IMGCLF_TEST_S3S_BIN='$s3s'
 export IMGCLF_TEST_S3_ACCESS_KEY=test
 export IMGCLF_TEST_S3_SECRET_KEY=testtest
 export IMGCLF_TEST_ORT_LIB='$ort_lib'

@@ -1,9 +1,10 @@
-//! The broker and the database restart under a running deployment. Workers and the HTTP
-//! service reconnect by themselves, uploads during an outage get a clear 503 (not a hang), and
-//! nothing accepted is lost.
+//! The broker, the database and the S3 server restart under a running deployment. Workers and
+//! the HTTP service reconnect by themselves, uploads during an outage get a clear 503 (not a
+//! hang), and nothing accepted is lost.
 //!
 //! Redis runs as a server of the test's own, with its append-only file on (a Redis that keeps
-//! nothing on disk loses its queue in any restart, whatever the client does).
+//! nothing on disk loses its queue in any restart, whatever the client does); so does the S3
+//! server (s3s-fs, which keeps its objects in files).
 //!
 //! These restart the machine's RabbitMQ and PostgreSQL, so they run only when
 //! `IMGCLF_TEST_RESTARTS=1` (`scripts/test.sh` sets it), one after the other, in a test binary
@@ -105,12 +106,22 @@ async fn wait_unready(client: &reqwest::Client, base: &str) {
     }
 }
 
-async fn restart_during_a_run(queue: String, outage: impl Fn(), restore: impl Fn()) {
+/// A run on `queue`, with `settings` over the test environment's, and an outage in the middle.
+async fn restart_during_a_run(
+    queue: String,
+    settings: &[(&str, String)],
+    outage: impl Fn(),
+    restore: impl Fn(),
+) {
     let work = tempfile::tempdir().unwrap();
     let port = free_port();
-    let Some((env, results)) = distributed_env(queue, port, work.path()).await else {
+    let Some((mut env, results)) = distributed_env(queue, port, work.path()).await else {
         return;
     };
+    for (key, value) in settings {
+        env.retain(|(set, _)| set != key);
+        env.push((key.to_string(), value.clone()));
+    }
     let base = format!("http://127.0.0.1:{port}");
     let mut http = spawn(&http_binary(), &env, work.path());
     let mut worker = spawn(&worker_binary(), &env, work.path());
@@ -183,7 +194,7 @@ async fn rabbitmq_outage(outage: impl Fn(), restore: impl Fn()) {
         return;
     };
     let _serial = SERIAL.lock().await;
-    restart_during_a_run(amqp, outage, restore).await;
+    restart_during_a_run(amqp, &[], outage, restore).await;
 }
 
 #[tokio::test]
@@ -223,6 +234,7 @@ async fn a_postgres_restart_loses_nothing() {
     let cluster = postgres_cluster();
     restart_during_a_run(
         amqp,
+        &[],
         || {
             run_cmd(
                 "pg_ctlcluster",
@@ -365,21 +377,84 @@ async fn a_redis_killed_under_a_run_loses_nothing_when_redis_persists() {
             "--dir".into(),
             dir.path().display().to_string(),
         ];
-        let child = Command::new("redis-server")
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Process(child)
+        let mut command = Command::new("redis-server");
+        command.args(args);
+        start_listening(command, port, "redis-server")
     };
     let server = std::cell::RefCell::new(Some(start()));
     restart_during_a_run(
         format!("redis://127.0.0.1:{port}"),
+        &[],
+        || {
+            if let Some(process) = server.borrow_mut().take() {
+                process.signal("-KILL");
+                drop(process);
+            }
+        },
+        || {
+            server.borrow_mut().get_or_insert_with(start);
+        },
+    )
+    .await;
+}
+
+/// Starts `start` and waits until it listens on `port`.
+fn start_listening(mut start: Command, port: u16, name: &str) -> Process {
+    let child = start
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{name} did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Process(child)
+}
+
+/// The S3 server is killed with SIGKILL under a run and started again on its files: uploads
+/// meanwhile get a 503, and the jobs whose image the worker cannot read wait the outage out
+/// instead of failing.
+#[tokio::test]
+async fn an_s3_server_killed_under_a_run_loses_nothing() {
+    if !restarts_enabled() {
+        return;
+    }
+    let (Some(amqp), Some(binary)) = (
+        service_url("IMGCLF_TEST_AMQP"),
+        service_url("IMGCLF_TEST_S3S_BIN"),
+    ) else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let port = free_port();
+    let (key, secret) = ("test", "testtest");
+    let start = || {
+        let mut command = Command::new(&binary);
+        command.current_dir(dir.path()).args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--access-key",
+            key,
+            "--secret-key",
+            secret,
+        ]);
+        command.arg(&data);
+        start_listening(command, port, "s3s-fs")
+    };
+    let server = std::cell::RefCell::new(Some(start()));
+    restart_during_a_run(
+        amqp,
+        &[
+            ("IMGCLF_S3_ENDPOINT", format!("http://127.0.0.1:{port}")),
+            ("IMGCLF_S3_ACCESS_KEY", key.into()),
+            ("IMGCLF_S3_SECRET_KEY", secret.into()),
+        ],
         || {
             if let Some(process) = server.borrow_mut().take() {
                 process.signal("-KILL");

@@ -270,6 +270,51 @@ fn arithmetic_coded_jpegs_decode_as_their_huffman_twins() {
     }
 }
 
+/// CMYK JPEGs (sequential, progressive and arithmetic-coded) and a YCCK one with halved
+/// chroma, as Photoshop writes them, decode to the RGB Pillow shows for them, exactly: libjpeg
+/// gives the inks, and their conversion is Pillow's (`tests/data/make_cmyk_jpegs.py` made
+/// the files). Wider than tall, so the model's crop leaves columns out.
+#[test]
+fn cmyk_jpegs_decode_to_pillows_colours() {
+    use imgclf::preprocess::validate;
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let read = |name: &str| std::fs::read(data.join(name)).unwrap();
+    let png = |name: &str| decode_rgb8(&read(name), u64::MAX).unwrap();
+    let transform = Transform::default();
+    for (name, expected) in [
+        ("cmyk.jpg", png("cmyk_rgb.png")),
+        ("cmyk_progressive.jpg", png("cmyk_rgb.png")),
+        ("cmyk_arithmetic.jpg", png("cmyk_rgb.png")),
+        ("ycck.jpg", png("ycck_rgb.png")),
+    ] {
+        let bytes = read(name);
+        assert_eq!(validate(&bytes, u64::MAX).expect(name).width, 128, "{name}");
+        let decoded = decode_rgb8(&bytes, u64::MAX).expect(name);
+        assert!(decoded == expected, "{name}: pixels differ from Pillow's");
+        let tensor = transform.tensor_from_bytes(&bytes, u64::MAX).expect(name);
+        assert!(
+            tensor == transform.tensor_from_rgb(&expected),
+            "{name}: tensors differ"
+        );
+        // Turned by its EXIF orientation, as any JPEG.
+        let turned_bytes = with_exif_orientation(&bytes, 6);
+        let turned = image::imageops::rotate90(&expected);
+        assert!(
+            decode_rgb8(&turned_bytes, u64::MAX).expect(name) == turned,
+            "{name}: turned"
+        );
+        let tensor = transform.tensor_from_bytes(&turned_bytes, u64::MAX);
+        assert!(
+            tensor.expect(name) == transform.tensor_from_rgb(&turned),
+            "{name}: turned tensors differ"
+        );
+        assert!(
+            decode_rgb8(&bytes, 128 * 48 - 1).is_err(),
+            "{name}: over the limit"
+        );
+    }
+}
+
 /// A YCbCr TIFF whose chroma is subsampled, which the `tiff` crate reads as if it were not, is
 /// refused, not decoded to wrong colours.
 #[test]

@@ -62,19 +62,15 @@ pub(super) fn size(bytes: &[u8], budget: &Budget) -> Result<(u32, u32), ImageErr
 
 /// Checks a JPEG as far as libjpeg can without decoding pixels: markers, tables, frame and
 /// scan headers, the size against `max_pixels`, and that the data is not cut short. Returns
-/// the stored size, and whether that settles it: `false` for colour spaces libjpeg does not
-/// turn into RGB, which the caller checks another way.
+/// the stored size.
 pub(super) fn check(
     bytes: &[u8],
     max_pixels: u64,
     budget: &Budget,
-) -> Result<((u32, u32), bool), ImageError> {
+) -> Result<(u32, u32), ImageError> {
     let checked = with_decoder(bytes, budget, |decoder| {
         let size = decoder.size32();
         super::check_pixels(size.0, size.1, max_pixels)?;
-        if !decoder.converts_to_rgb() {
-            return Ok((size, false));
-        }
         // libjpeg would entropy-decode every scan of a progressive file before its first row,
         // the costliest part of decoding it, only to do it again in the worker: count the
         // scans in the bytes instead, and set up the decode without reading on.
@@ -88,7 +84,7 @@ pub(super) fn check(
             decoder.cinfo.buffered_image = true as boolean;
         }
         decoder.start(); // frame and first scan headers must make sense together
-        Ok((size, true))
+        Ok(size)
     });
     checked?
 }
@@ -99,8 +95,6 @@ pub(super) struct Header {
     pub width: u32,
     pub height: u32,
     pub orientation: Orientation,
-    /// False for colour spaces libjpeg does not turn into RGB (CMYK, YCCK).
-    pub rgb: bool,
     /// Whether its pixels come in more than one scan (progressive JPEGs): then every scan is
     /// decoded before the first row.
     pub multiple_scans: bool,
@@ -355,28 +349,23 @@ impl<'a> Decoder<'a> {
         }
     }
 
-    /// Its size, EXIF orientation and whether libjpeg decodes it to RGB.
+    /// Its size and EXIF orientation, and whether it is progressive.
     pub(super) fn header(&self) -> Header {
         let (width, height) = self.size32();
         Header {
             width,
             height,
             orientation: self.exif_orientation(),
-            rgb: self.converts_to_rgb(),
             // SAFETY: the header has been read.
             multiple_scans: unsafe { mozjpeg_sys::jpeg_has_multiple_scans(&self.cinfo) } != 0,
         }
     }
 
-    /// [`Self::read_rect`] into packed rows; `None` (nothing decoded) for colour spaces libjpeg
-    /// does not turn into RGB.
-    pub(super) fn read_rect_pixels(&mut self, rect: Rect) -> Option<Vec<u8>> {
-        if !self.converts_to_rgb() {
-            return None;
-        }
+    /// [`Self::read_rect`] into packed rows.
+    pub(super) fn read_rect_pixels(&mut self, rect: Rect) -> Vec<u8> {
         let mut pixels = Vec::with_capacity(rect.width * rect.height * 3);
         self.read_rect(rect, |row| pixels.extend_from_slice(row));
-        Some(pixels)
+        pixels
     }
 
     fn size(&self) -> (usize, usize) {
@@ -409,13 +398,6 @@ impl<'a> Decoder<'a> {
             marker = next;
         }
         Orientation::NoTransforms
-    }
-
-    fn converts_to_rgb(&self) -> bool {
-        !matches!(
-            self.cinfo.jpeg_color_space,
-            J_COLOR_SPACE::JCS_CMYK | J_COLOR_SPACE::JCS_YCCK
-        )
     }
 
     /// Has libjpeg ask for [`BlockArray`]s: the memory manager exists from creation; its
@@ -569,7 +551,11 @@ impl<'a> Decoder<'a> {
                 }
             }
         }
-        self.cinfo.out_color_space = J_COLOR_SPACE::JCS_RGB;
+        // CMYK, and YCCK, which libjpeg turns into CMYK, come out as CMYK (see `cmyk_to_rgb`).
+        self.cinfo.out_color_space = match self.cinfo.jpeg_color_space {
+            J_COLOR_SPACE::JCS_CMYK | J_COLOR_SPACE::JCS_YCCK => J_COLOR_SPACE::JCS_CMYK,
+            _ => J_COLOR_SPACE::JCS_RGB,
+        };
         // SAFETY: the header has been read; errors unwind.
         unsafe { mozjpeg_sys::jpeg_start_decompress(&mut self.cinfo) };
         if let Some(entropy) = self.baseline.as_deref_mut() {
@@ -594,8 +580,8 @@ impl<'a> Decoder<'a> {
         fill_flat_blocks(&mut self.cinfo);
     }
 
-    /// Decodes `rect` (inside the image, of a JPEG that [`Header::rgb`] says libjpeg turns
-    /// into RGB), handing each packed RGB row to `each_row`, top to bottom.
+    /// Decodes `rect` (inside the image), handing each packed RGB row to `each_row`, top to
+    /// bottom.
     pub(super) fn read_rect(&mut self, rect: Rect, mut each_row: impl FnMut(&[u8])) {
         let (width, height) = self.size();
         assert!(rect.left + rect.width <= width && rect.top + rect.height <= height);
@@ -609,7 +595,8 @@ impl<'a> Decoder<'a> {
         // `x` left to an iMCU boundary and widens `crop_width` to match.
         unsafe { mozjpeg_sys::jpeg_crop_scanline(&mut self.cinfo, &mut x, &mut crop_width) };
         let skip = rect.left - x as usize;
-        let row_len = crop_width as usize * 3;
+        let channels = self.cinfo.out_color_components as usize;
+        let row_len = crop_width as usize * channels;
         let mut buffer = Scratch::zeroed(row_len + ROW_ALIGNMENT);
         // libjpeg's SIMD colour conversion writes a row that starts on a 16- or 32-byte
         // boundary with non-temporal stores, past the cache, and the resize reads it straight
@@ -618,6 +605,7 @@ impl<'a> Decoder<'a> {
         let misalignment = buffer.as_ptr() as usize % ROW_ALIGNMENT;
         let start = (ROW_ALIGNMENT + ROW_START - misalignment) % ROW_ALIGNMENT;
         let row = &mut buffer[start..][..row_len];
+        let mut rgb = vec![0; if channels == 4 { rect.width * 3 } else { 0 }];
         // SAFETY: `rect.top` rows exist; skipping keeps the upsampler's context rows.
         unsafe { mozjpeg_sys::jpeg_skip_scanlines(&mut self.cinfo, rect.top as u32) };
         for _ in 0..rect.height {
@@ -626,7 +614,26 @@ impl<'a> Decoder<'a> {
             let read =
                 unsafe { mozjpeg_sys::jpeg_read_scanlines(&mut self.cinfo, &mut row_ptr, 1) };
             assert_eq!(read, 1, "libjpeg returned no scanline");
-            each_row(&row[skip * 3..][..rect.width * 3]);
+            let kept = &row[skip * channels..][..rect.width * channels];
+            if channels == 4 {
+                cmyk_to_rgb(kept, &mut rgb);
+                each_row(&rgb);
+            } else {
+                each_row(kept);
+            }
+        }
+    }
+}
+
+/// CMYK rows as libjpeg gives them to RGB, as Pillow turns them: it reads every four-channel
+/// JPEG as Adobe's inverted CMYK, and its conversion then comes to each stored ink times the
+/// stored black, over 255, rounded.
+fn cmyk_to_rgb(cmyk: &[u8], rgb: &mut [u8]) {
+    for (px, out) in cmyk.chunks_exact(4).zip(rgb.chunks_exact_mut(3)) {
+        let black = u32::from(px[3]);
+        for (out, &ink) in out.iter_mut().zip(&px[..3]) {
+            let product = u32::from(ink) * black + 128;
+            *out = ((product + (product >> 8)) >> 8) as u8;
         }
     }
 }

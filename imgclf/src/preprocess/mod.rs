@@ -196,7 +196,7 @@ fn inspect_within(bytes: &[u8], max_pixels: u64, budget: &Budget) -> Result<Imag
     })
 }
 
-/// [`inspect_within`], and whether the headers settle that the upload is whole: an RGB JPEG,
+/// [`inspect_within`], and whether the headers settle that the upload is whole: a JPEG,
 /// checked by libjpeg in one read of its header.
 fn inspect_settling(
     bytes: &[u8],
@@ -207,13 +207,13 @@ fn inspect_settling(
     if format != ImageFormat::Jpeg {
         return Ok((inspect_within(bytes, max_pixels, budget)?, false));
     }
-    let ((width, height), settled) = jpeg::check(bytes, max_pixels, budget)?;
+    let (width, height) = jpeg::check(bytes, max_pixels, budget)?;
     let info = ImageInfo {
         format,
         width,
         height,
     };
-    Ok((info, settled))
+    Ok((info, true))
 }
 
 /// Whether an upload is a whole image worth storing. JPEGs get libjpeg's header and
@@ -227,7 +227,7 @@ pub fn validate(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, ImageError> 
 }
 
 /// [`validate`], keeping the image resized and cropped for `transform` where checking it means
-/// decoding it (every format but an RGB JPEG, whose check reads only its headers): a caller
+/// decoding it (every format but JPEG, whose check reads only its headers): a caller
 /// that classifies it next in the same process need not decode it again.
 pub fn validate_keeping(
     bytes: &[u8],
@@ -256,7 +256,7 @@ impl Crop {
 }
 
 /// The part of [`validate`] that decodes nothing, cheap enough to run where the upload
-/// arrived: `Some` when it settles that the upload is whole (an RGB JPEG, whose headers are all
+/// arrived: `Some` when it settles that the upload is whole (a JPEG, whose headers are all
 /// its check reads), `None` when only [`validate`] can tell.
 pub fn validate_headers(bytes: &[u8], max_pixels: u64) -> Result<Option<ImageInfo>, ImageError> {
     let (info, settled) = inspect_settling(bytes, max_pixels, &Budget::start())?;
@@ -320,9 +320,8 @@ fn decode_rgb8_within(
 ) -> Result<image::RgbImage, ImageError> {
     let format = format_of(bytes)?;
     // A JPEG's header and pixels come from libjpeg, which also reads what the `image` crate's
-    // decoder refuses (arithmetic coding); only CMYK and YCCK, which libjpeg does not turn
-    // into RGB, are left to that decoder.
-    let jpeg = match format {
+    // decoder refuses (arithmetic coding) and decodes CMYK as Pillow does.
+    let (mut image, orientation) = match format {
         ImageFormat::Jpeg => jpeg::with_decoder(bytes, budget, |decoder| {
             let header = decoder.header();
             check_pixels(header.width, header.height, max_pixels)?;
@@ -332,14 +331,10 @@ fn decode_rgb8_within(
                 width: header.width as usize,
                 height: header.height as usize,
             };
-            let pixels = decoder.read_rect_pixels(whole);
-            Ok(pixels.map(|pixels| (rgb_image(whole, pixels), header.orientation)))
+            let rgb = rgb_image(whole, decoder.read_rect_pixels(whole));
+            Ok::<_, ImageError>((DynamicImage::ImageRgb8(rgb), Some(header.orientation)))
         })??,
-        _ => None,
-    };
-    let (mut image, orientation) = match jpeg {
-        Some((rgb, orientation)) => (DynamicImage::ImageRgb8(rgb), Some(orientation)),
-        None => {
+        _ => {
             let mut decoder = open_as(format, bytes, max_pixels, budget)?;
             let (width, height) = decoder.dimensions();
             check_pixels(width, height, max_pixels)?;
@@ -535,14 +530,11 @@ impl Transform {
         let budget = Budget::start();
         if image::guess_format(bytes).ok() == Some(ImageFormat::Jpeg) {
             // One libjpeg decoder reads the header and then only the rows the resize needs.
-            let done = jpeg::with_decoder(bytes, &budget, |decoder| {
+            return jpeg::with_decoder(bytes, &budget, |decoder| {
                 let header = decoder.header();
                 let (width, height, orientation) =
                     (header.width, header.height, header.orientation);
                 check_pixels(width, height, max_pixels)?;
-                if !header.rgb {
-                    return Ok(false);
-                }
                 let (shown_w, shown_h) = if turns(orientation) {
                     (height, width)
                 } else {
@@ -645,16 +637,13 @@ impl Transform {
                     }
                 };
                 self.normalise(plan.window().width, &window, out);
-                Ok(true)
-            })??;
-            if done {
-                return Ok(());
-            }
+                Ok(())
+            })?;
         }
         self.tensor_from_decoded(bytes, max_pixels, &budget, out)
     }
 
-    /// Any format but an RGB JPEG: 8-bit grey, grey + alpha, RGB or RGBA shown as stored (the
+    /// Any format but JPEG: 8-bit grey, grey + alpha, RGB or RGBA shown as stored (the
     /// common layouts) is decoded into this thread's reused buffers, anything else through
     /// [`decode_rgb8`]; the same pixels either way.
     fn tensor_from_decoded(

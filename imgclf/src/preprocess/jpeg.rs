@@ -773,7 +773,8 @@ fn fill_flat_blocks(cinfo: &mut jpeg_decompress_struct) {
 /// `jidctint.c` computes for it (its shortcut for a lone DC term, which its SIMD versions
 /// match), `(dc * q + 4) >> 3` centred on 128 and clamped. A dequantised DC term outside
 /// ±2048 (only damaged data has one: a flat block's is 8 times its level's distance from
-/// 128), where libjpeg's versions wrap or saturate differently, goes to its IDCT.
+/// 128), where libjpeg's versions wrap or saturate differently, goes to its IDCT, and so does
+/// a component that no scan names: it has no table (libjpeg's IDCT multiplies by zeros).
 unsafe extern "C-unwind" fn idct_or_fill(
     cinfo: *mut jpeg_decompress_struct,
     component: *mut jpeg_component_info,
@@ -781,15 +782,19 @@ unsafe extern "C-unwind" fn idct_or_fill(
     output: JSAMPARRAY_MUT,
     column: JDIMENSION,
 ) {
-    // SAFETY: libjpeg passes one block of 64 coefficients, its component (whose quantisation
-    // table it has latched for the scan) and 8 output rows, each with 8 samples at `column`.
+    // SAFETY: libjpeg passes one block of 64 coefficients, its component (with the
+    // quantisation table it latched at the component's first scan, or null if no scan named
+    // it) and 8 output rows, each with 8 samples at `column`.
     unsafe {
         let block = &*(coefficients as *const [i16; 64]);
         // The two lowest frequencies first: most blocks that are not flat have one of them.
         let flat = (block[1] | block[8]) == 0 && block[1..].iter().fold(0, |any, &c| any | c) == 0;
-        // In range, also the 16-bit product the SIMD IDCT takes.
-        let dc = block[0] as i32 * (*(*component).quant_table).quantval[0] as i32;
-        if flat && (-2048..2048).contains(&dc) {
+        let table = (*component).quant_table;
+        // The dequantised DC term, in range (also the 16-bit product the SIMD IDCT takes).
+        let filled = (flat && !table.is_null())
+            .then(|| block[0] as i32 * (*table).quantval[0] as i32)
+            .filter(|dc| (-2048..2048).contains(dc));
+        if let Some(dc) = filled {
             let level = (((dc + 4) >> 3) + 128).clamp(0, 255) as u8;
             for row in 0..8 {
                 std::ptr::write_bytes((*output.add(row)).add(column as usize), level, 8);
@@ -1345,6 +1350,46 @@ mod entropy_tests {
         let jpeg = small_jpeg(0);
         let last_scan = jpeg.windows(2).rposition(|w| w == [0xFF, 0xDA]).unwrap();
         assert_left_to_libjpeg(&[&jpeg[..last_scan], &[0xFF, 0xD9][..]].concat());
+    }
+
+    /// `jpeg` with `extra` more components in its frame header, which no scan names.
+    fn with_unscanned_components(jpeg: &[u8], extra: u8) -> Vec<u8> {
+        let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC2]).unwrap();
+        let length = u16::from_be_bytes([jpeg[sof + 2], jpeg[sof + 3]]);
+        let count = jpeg[sof + 9];
+        let mut out = jpeg[..sof + 2].to_vec();
+        out.extend_from_slice(&(length + 3 * u16::from(extra)).to_be_bytes());
+        out.extend_from_slice(&jpeg[sof + 4..sof + 9]);
+        out.push(count + extra);
+        out.extend_from_slice(&jpeg[sof + 10..sof + 2 + length as usize]);
+        for id in 0..extra {
+            out.extend_from_slice(&[200 + id, 0x11, 0]);
+        }
+        out.extend_from_slice(&jpeg[sof + 2 + length as usize..]);
+        out
+    }
+
+    /// A component that no scan names has no quantisation table: its blocks go to libjpeg's
+    /// IDCT (which gives them mid-grey), never to a read of the missing table. A grey file
+    /// given two such components is read as YCbCr, a colour one given a fourth as CMYK.
+    #[test]
+    fn a_component_no_scan_names_decodes_as_libjpeg_does() {
+        let grey = Encoding {
+            luma: None,
+            quality: 90,
+            restart_interval: 0,
+            script: Script::Libjpeg,
+        };
+        let ycbcr =
+            with_unscanned_components(&encode(&test_pixels((64, 48), 1), (64, 48), grey), 2);
+        let (pixels, _) = decoded(&ycbcr);
+        assert!(
+            pixels == libjpeg_alone(&ycbcr),
+            "pixels differ from libjpeg's"
+        );
+        let cmyk = with_unscanned_components(&small_jpeg(0), 1);
+        let (pixels, _) = decoded(&cmyk);
+        assert_eq!(pixels.len(), 64 * 48 * 3);
     }
 
     /// A restart marker out of sequence: libjpeg resynchronises in its own way, so the file is

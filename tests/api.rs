@@ -17,7 +17,7 @@ use imgclf::results::MemoryResults;
 use imgclf::storage::MemoryStorage;
 use imgclf::{PipelineConfig, Ports, ResultStore};
 use imgclf_http::{router, AppState};
-use imgclf_suite::{image, with_exif_orientation};
+use imgclf_suite::{encode_cmyk_jpeg, image, with_exif_orientation};
 use serde_json::Value;
 use tower::ServiceExt;
 
@@ -912,22 +912,7 @@ async fn unusual_but_valid_images_are_classified() {
             .map(image::Frame::new);
         encoder.encode_frames(frames).unwrap();
     }
-    let mut cmyk = Vec::new();
-    {
-        let mut compress = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_CMYK);
-        compress.set_size(w as usize, h as usize);
-        let mut started = compress.start_compress(&mut cmyk).unwrap();
-        let pixels: Vec<u8> = cat
-            .pixels()
-            .flat_map(|p| {
-                let [r, g, b] = p.0;
-                let k = 255 - r.max(g).max(b);
-                [255 - r - k, 255 - g - k, 255 - b - k, k].map(|v| 255 - v) // Adobe inverted CMYK
-            })
-            .collect();
-        started.write_scanlines(&pixels).unwrap();
-        started.finish().unwrap();
-    }
+    let cmyk = encode_cmyk_jpeg(cat.as_raw(), (w as usize, h as usize), false);
     // A JPEG without EXIF of its own (a second APP1 would be ignored), and not square.
     let jpeg = image("opencv_messi5.jpg");
     let rotated = with_exif_orientation(&jpeg, 6);

@@ -4,7 +4,7 @@
 //! subsamplings, progressive scans, odd sizes and every EXIF orientation.
 
 use imgclf::preprocess::{decode_rgb8, validate_keeping, Transform};
-use imgclf_suite::{encode_jpeg, image, reference, with_exif_orientation};
+use imgclf_suite::{encode_cmyk_jpeg, encode_jpeg, image, reference, with_exif_orientation};
 
 /// Every shared JPEG the reference results cover.
 fn shared_jpegs() -> Vec<(String, Vec<u8>)> {
@@ -360,12 +360,23 @@ fn decoding_on_two_threads_changes_no_value_and_no_error() {
         .encode_image(&photo.to_luma8())
         .unwrap();
     jpegs.push(("grey".into(), grey));
+    for progressive in [false, true] {
+        let cmyk = encode_cmyk_jpeg(rgb.as_raw(), (2560, 1600), progressive);
+        jpegs.push((format!("CMYK, progressive {progressive}"), cmyk));
+    }
     let transform = Transform::default();
     let thread = HelperThread::spawn().unwrap();
     let two = |bytes: &[u8]| transform.tensor_from_bytes_on_two_threads(bytes, u64::MAX, &thread);
     for (what, jpeg) in &jpegs {
         let one = transform.tensor_from_bytes(jpeg, u64::MAX).expect(what);
         assert!(two(jpeg).expect(what) == one, "{what}: tensors differ");
+        if what.starts_with("CMYK") {
+            let decoded = decode_rgb8(jpeg, u64::MAX).unwrap();
+            assert!(
+                transform.tensor_from_rgb(&decoded) == one,
+                "{what}: the window's tensor differs from the whole image's"
+            );
+        }
     }
     // The last scan names a Huffman table that was never defined: libjpeg stops once decoding
     // has started, before the first row, on both threads.

@@ -88,6 +88,28 @@ pub fn encode_jpeg(
     started.finish().unwrap()
 }
 
+/// Packed RGB8 rows (`width` x `height`) as a CMYK JPEG (black taken out as far as it goes),
+/// its inks inverted as Adobe's applications store them, encoded by libjpeg at quality 90,
+/// with progressive scans if asked.
+pub fn encode_cmyk_jpeg(rgb: &[u8], (width, height): (usize, usize), progressive: bool) -> Vec<u8> {
+    let mut compress = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_CMYK);
+    compress.set_size(width, height);
+    compress.set_quality(90.0);
+    if progressive {
+        compress.set_progressive_mode();
+    }
+    let inks: Vec<u8> = rgb
+        .chunks_exact(3)
+        .flat_map(|p| {
+            let k = 255 - p[0].max(p[1]).max(p[2]);
+            [255 - p[0] - k, 255 - p[1] - k, 255 - p[2] - k, k].map(|v| 255 - v)
+        })
+        .collect();
+    let mut started = compress.start_compress(Vec::new()).unwrap();
+    started.write_scanlines(&inks).unwrap();
+    started.finish().unwrap()
+}
+
 /// Inserts an EXIF APP1 segment with `orientation` right after a JPEG's SOI marker.
 pub fn with_exif_orientation(jpeg: &[u8], orientation: u16) -> Vec<u8> {
     let mut tiff = b"MM\x00\x2a\x00\x00\x00\x08".to_vec();

@@ -381,18 +381,27 @@ async fn a_redis_killed_under_a_run_loses_nothing_when_redis_persists() {
         command.args(args);
         start_listening(command, port, "redis-server")
     };
+    killed_under_a_run(format!("redis://127.0.0.1:{port}"), &[], start).await;
+}
+
+/// A server of the test's own, started by `start`, killed with SIGKILL under a run on `queue`
+/// and started again.
+async fn killed_under_a_run(
+    queue: String,
+    settings: &[(&str, String)],
+    start: impl Fn() -> Process,
+) {
     let server = std::cell::RefCell::new(Some(start()));
     restart_during_a_run(
-        format!("redis://127.0.0.1:{port}"),
-        &[],
+        queue,
+        settings,
         || {
             if let Some(process) = server.borrow_mut().take() {
                 process.signal("-KILL");
-                drop(process);
             }
         },
         || {
-            server.borrow_mut().get_or_insert_with(start);
+            server.borrow_mut().get_or_insert_with(&start);
         },
     )
     .await;
@@ -447,23 +456,10 @@ async fn an_s3_server_killed_under_a_run_loses_nothing() {
         command.arg(&data);
         start_listening(command, port, "s3s-fs")
     };
-    let server = std::cell::RefCell::new(Some(start()));
-    restart_during_a_run(
-        amqp,
-        &[
-            ("IMGCLF_S3_ENDPOINT", format!("http://127.0.0.1:{port}")),
-            ("IMGCLF_S3_ACCESS_KEY", key.into()),
-            ("IMGCLF_S3_SECRET_KEY", secret.into()),
-        ],
-        || {
-            if let Some(process) = server.borrow_mut().take() {
-                process.signal("-KILL");
-                drop(process);
-            }
-        },
-        || {
-            server.borrow_mut().get_or_insert_with(start);
-        },
-    )
-    .await;
+    let settings = [
+        ("IMGCLF_S3_ENDPOINT", format!("http://127.0.0.1:{port}")),
+        ("IMGCLF_S3_ACCESS_KEY", key.into()),
+        ("IMGCLF_S3_SECRET_KEY", secret.into()),
+    ];
+    killed_under_a_run(amqp, &settings, start).await;
 }

@@ -163,6 +163,17 @@ fn every_format_and_layout_gives_the_tensor_of_its_decoded_image() {
     }
 }
 
+/// A file of `tests/data`.
+fn fixture(name: &str) -> Vec<u8> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    std::fs::read(path.join(name)).unwrap()
+}
+
+/// The RGB of a reference PNG of `tests/data`.
+fn fixture_rgb(name: &str) -> image::RgbImage {
+    decode_rgb8(&fixture(name), u64::MAX).unwrap()
+}
+
 /// TIFF layouts that the `image` crate alone refuses decode from their samples to what Pillow
 /// shows for them (each a Pillow-made file of `darknet_dog.jpg` at 64x48 beside Pillow's
 /// `convert("RGB")` of it as a PNG): 8-bit palette, plain and LZW, with and without alpha; grey
@@ -174,33 +185,38 @@ fn every_format_and_layout_gives_the_tensor_of_its_decoded_image() {
 #[test]
 fn tiffs_the_image_crate_refuses_decode_to_their_colours() {
     use imgclf::preprocess::validate;
-    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
-    let read = |name: &str| std::fs::read(data.join(name)).unwrap();
-    let png = |name: &str| decode_rgb8(&read(name), u64::MAX).unwrap();
-    let turned = image::imageops::rotate90(&png("palette8_rgb.png"));
+    let turned = image::imageops::rotate90(&fixture_rgb("palette8_rgb.png"));
     // File, the RGB it shows, the largest difference allowed to any sample.
     let cases = [
-        ("palette8.tif", png("palette8_rgb.png"), 0),
-        ("palette8_lzw.tif", png("palette8_rgb.png"), 0),
-        ("palette8_alpha.tif", png("palette8_alpha_rgb.png"), 0),
-        ("greyalpha8.tif", png("greyalpha8_rgb.png"), 0),
-        ("int32.tif", png("int32_rgb.png"), 0),
-        ("float32.tif", png("float32_rgb.png"), 0),
-        ("ycbcr8.tif", png("ycbcr8_rgb.png"), 1),
-        ("lab8.tif", png("lab8_rgb.png"), 5),
+        ("palette8.tif", fixture_rgb("palette8_rgb.png"), 0),
+        ("palette8_lzw.tif", fixture_rgb("palette8_rgb.png"), 0),
+        (
+            "palette8_alpha.tif",
+            fixture_rgb("palette8_alpha_rgb.png"),
+            0,
+        ),
+        ("greyalpha8.tif", fixture_rgb("greyalpha8_rgb.png"), 0),
+        ("int32.tif", fixture_rgb("int32_rgb.png"), 0),
+        ("float32.tif", fixture_rgb("float32_rgb.png"), 0),
+        ("ycbcr8.tif", fixture_rgb("ycbcr8_rgb.png"), 1),
+        ("lab8.tif", fixture_rgb("lab8_rgb.png"), 5),
         ("palette8_orient6.tif", turned, 0),
         // The same images in other layouts: planar, tiled, big-endian, with a predictor.
         (
             "palette8_alpha_planar.tif",
-            png("palette8_alpha_rgb.png"),
+            fixture_rgb("palette8_alpha_rgb.png"),
             0,
         ),
-        ("greyalpha8_tiled_be.tif", png("greyalpha8_rgb.png"), 0),
-        ("lab8_planar_be.tif", png("lab8_rgb.png"), 5),
+        (
+            "greyalpha8_tiled_be.tif",
+            fixture_rgb("greyalpha8_rgb.png"),
+            0,
+        ),
+        ("lab8_planar_be.tif", fixture_rgb("lab8_rgb.png"), 5),
     ];
     let transform = Transform::default();
     for (name, expected, tolerance) in cases {
-        let bytes = read(name);
+        let bytes = fixture(name);
         assert!(
             image::load_from_memory(&bytes).is_err(),
             "{name}: `image` decodes it now"
@@ -247,12 +263,10 @@ fn tiffs_the_image_crate_refuses_decode_to_their_colours() {
 /// imgclf's own entropy decoders, the arithmetic files through libjpeg's.
 #[test]
 fn arithmetic_coded_jpegs_decode_as_their_huffman_twins() {
-    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
-    let read = |name: &str| std::fs::read(data.join(name)).unwrap();
     let transform = Transform::default();
     for kind in ["", "_progressive", "_grey"] {
-        let arithmetic = read(&format!("arithmetic{kind}.jpg"));
-        let huffman = read(&format!("huffman{kind}.jpg"));
+        let arithmetic = fixture(&format!("arithmetic{kind}.jpg"));
+        let huffman = fixture(&format!("huffman{kind}.jpg"));
         assert!(
             imgclf::preprocess::validate(&arithmetic, u64::MAX).is_ok(),
             "arithmetic{kind}: the upload check refuses it"
@@ -277,17 +291,14 @@ fn arithmetic_coded_jpegs_decode_as_their_huffman_twins() {
 #[test]
 fn cmyk_jpegs_decode_to_pillows_colours() {
     use imgclf::preprocess::validate;
-    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
-    let read = |name: &str| std::fs::read(data.join(name)).unwrap();
-    let png = |name: &str| decode_rgb8(&read(name), u64::MAX).unwrap();
     let transform = Transform::default();
     for (name, expected) in [
-        ("cmyk.jpg", png("cmyk_rgb.png")),
-        ("cmyk_progressive.jpg", png("cmyk_rgb.png")),
-        ("cmyk_arithmetic.jpg", png("cmyk_rgb.png")),
-        ("ycck.jpg", png("ycck_rgb.png")),
+        ("cmyk.jpg", fixture_rgb("cmyk_rgb.png")),
+        ("cmyk_progressive.jpg", fixture_rgb("cmyk_rgb.png")),
+        ("cmyk_arithmetic.jpg", fixture_rgb("cmyk_rgb.png")),
+        ("ycck.jpg", fixture_rgb("ycck_rgb.png")),
     ] {
-        let bytes = read(name);
+        let bytes = fixture(name);
         assert_eq!(validate(&bytes, u64::MAX).expect(name).width, 128, "{name}");
         let decoded = decode_rgb8(&bytes, u64::MAX).expect(name);
         assert!(decoded == expected, "{name}: pixels differ from Pillow's");
@@ -319,8 +330,7 @@ fn cmyk_jpegs_decode_to_pillows_colours() {
 /// refused, not decoded to wrong colours.
 #[test]
 fn a_subsampled_ycbcr_tiff_is_refused() {
-    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
-    let mut bytes = std::fs::read(data.join("ycbcr8.tif")).unwrap();
+    let mut bytes = fixture("ycbcr8.tif");
     // The YCbCrSubSampling entry (tag 530, two SHORTs: 1, 1) in the little-endian IFD.
     let entry = [0x12, 0x02, 3, 0, 2, 0, 0, 0, 1, 0, 1, 0];
     let at = bytes

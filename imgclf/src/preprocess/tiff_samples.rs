@@ -1,10 +1,11 @@
 //! TIFF layouts that the `image` crate refuses but whose samples the `tiff` crate reads:
 //! palette (8-bit, with or without alpha), grey with alpha (8 or 16 bits), 32-bit grey
-//! (integer or float), YCbCr without subsampling and 8-bit CIELab. Strips, tiles, compression,
-//! predictors, byte order and planes are all the `tiff` crate's; this turns its samples into
-//! RGB as Pillow's `convert("RGB")` does. The crate refuses palette and CIELab files outright,
-//! so those are read with the photometric tag changed as the bytes go by (to grey: each
-//! pixel's palette index; to RGB: the L, a and b samples), without copying the file.
+//! (integer or float), 8-bit YCbCr (its chroma subsampled or not) and 8-bit CIELab. Strips,
+//! tiles, compression, predictors, byte order and planes are all the `tiff` crate's; this turns
+//! its samples into RGB as Pillow's `convert("RGB")` does. The crate refuses palette, CIELab and
+//! subsampled YCbCr files outright, so those are read with some tags changed as the bytes go by,
+//! without copying the file: palette as grey (each pixel's palette index), CIELab as RGB (the
+//! L, a and b samples), and subsampled YCbCr as grey with one row of bytes per row of blocks.
 
 use std::io::{BufReader, Read, Seek, SeekFrom};
 
@@ -18,8 +19,20 @@ use tiff::{ColorType as Samples, TiffError};
 
 use super::budget::{Budget, BudgetReader};
 
+const IMAGE_WIDTH: u16 = 256;
+const IMAGE_LENGTH: u16 = 257;
+const BITS_PER_SAMPLE: u16 = 258;
+const COMPRESSION: u16 = 259;
 const PHOTOMETRIC: u16 = 262;
+const SAMPLES_PER_PIXEL: u16 = 277;
+const ROWS_PER_STRIP: u16 = 278;
+const PLANAR_CONFIGURATION: u16 = 284;
+const PREDICTOR: u16 = 317;
+const TILE_WIDTH: u16 = 322;
+const TILE_LENGTH: u16 = 323;
+const YCBCR_SUBSAMPLING: u16 = 530;
 const SHORT: u16 = 3;
+const LONG: u16 = 4;
 const BLACK_IS_ZERO: u16 = 1;
 const RGB: u16 = 2;
 const RGB_PALETTE: u16 = 3;
@@ -33,6 +46,8 @@ pub(super) struct TiffSamples<'a> {
     /// Samples per pixel; the first ones are the colour, the rest (alpha) are dropped.
     samples: usize,
     colour: Colour,
+    /// Where the samples are subsampled YCbCr, read as grey: its blocks.
+    blocks: Option<Blocks>,
     /// The decode's CPU budget, which the conversion after the last read spends too.
     budget: &'a Budget,
 }
@@ -59,18 +74,19 @@ pub(super) fn open<'a>(
 ) -> Option<TiffSamples<'a>> {
     let ifd = Ifd::first(bytes)?;
     let photometric = ifd.short(PHOTOMETRIC)?;
-    let read_as = match photometric {
-        RGB_PALETTE => Some(BLACK_IS_ZERO),
-        CIELAB => Some(RGB),
-        _ => None,
+    let (blocks, patches) = match photometric {
+        RGB_PALETTE => (None, vec![ifd.rewrite(PHOTOMETRIC, BLACK_IS_ZERO.into())?]),
+        CIELAB => (None, vec![ifd.rewrite(PHOTOMETRIC, RGB.into())?]),
+        YCBCR => {
+            let (blocks, patches) = Blocks::of(&ifd)?.unzip();
+            (blocks, patches.unwrap_or_default())
+        }
+        _ => (None, Vec::new()),
     };
     let patched = Patched {
         inner: BudgetReader::new(bytes, budget),
         position: 0,
-        patch: match read_as {
-            Some(value) => Some((ifd.value_at(PHOTOMETRIC)? as u64, ifd.encode(value))),
-            None => None,
-        },
+        patches,
     };
     let max_alloc = usize::try_from(limits.max_alloc.unwrap_or(u64::MAX)).unwrap_or(usize::MAX);
     let mut tiff_limits = tiff::decoder::Limits::default();
@@ -91,15 +107,20 @@ pub(super) fn open<'a>(
     let colour = match (photometric, depth, samples) {
         (RGB_PALETTE, 8, _) => palette(&mut decoder)?,
         (BLACK_IS_ZERO, 32, 1) | (BLACK_IS_ZERO, 8 | 16, 2..) => Colour::Grey,
-        (YCBCR, 8, 3) => Colour::YCbCr(YCbCr::of(&mut decoder)?),
+        (YCBCR, 8, 3) if blocks.is_none() => Colour::YCbCr(YCbCr::of(&mut decoder)?),
+        (YCBCR, 8, 1) if blocks.is_some() => Colour::YCbCr(YCbCr::of(&mut decoder)?),
         (CIELAB, 8, 3) => Colour::Lab,
         _ => return None,
     };
     Some(TiffSamples {
-        dimensions: decoder.dimensions().ok()?,
+        dimensions: match &blocks {
+            Some(blocks) => (blocks.width, blocks.height),
+            None => decoder.dimensions().ok()?,
+        },
         decoder,
         samples: usize::from(samples),
         colour,
+        blocks,
         budget,
     })
 }
@@ -126,17 +147,8 @@ struct YCbCr {
 }
 
 impl YCbCr {
-    /// The file's coefficients and reference, if it is stored without subsampling and not as
-    /// JPEG (whose decoder gives RGB itself).
+    /// The file's coefficients and reference.
     fn of<R: Read + Seek>(decoder: &mut Decoder<R>) -> Option<Self> {
-        // TIFF's default subsampling is 2x2, which the `tiff` crate does not undo.
-        let subsampling: Vec<u16> = decoder
-            .find_tag_unsigned_vec(Tag::ChromaSubsampling)
-            .ok()??;
-        let compression = decoder.find_tag_unsigned::<u16>(Tag::Compression).ok()?;
-        if subsampling != [1, 1] || matches!(compression, Some(6 | 7)) {
-            return None;
-        }
         let mut numbers = |tag| match decoder.find_tag(Tag::Unknown(tag)).ok()? {
             Some(Value::List(values)) => values.into_iter().map(number).collect(),
             Some(one) => Some(vec![number(one)?]),
@@ -165,6 +177,113 @@ impl YCbCr {
         let b = y + cb * (2.0 - 2.0 * lb);
         let g = (y - lb * b - lr * r) / lg;
         [r, g, b].map(to_u8)
+    }
+}
+
+/// How a YCbCr TIFF with subsampled chroma stores its pixels (TIFF 6.0, section 21): in blocks
+/// of `across` x `down` luma samples, each followed by the block's Cb and Cr.
+struct Blocks {
+    across: usize,
+    down: usize,
+    /// The image's size in pixels.
+    width: u32,
+    height: u32,
+}
+
+impl Blocks {
+    /// The blocks of a contiguous 8-bit YCbCr file, and the tags that make the `tiff` crate
+    /// read its strips or tiles as grey, one row of bytes per row of blocks; `Some(None)` if
+    /// its chroma is not subsampled; `None` for what cannot be read so: planes and strips that
+    /// cut blocks (which libtiff, and so Pillow, does not read either), blocks other than 1, 2
+    /// or 4 pixels a side, a predictor (its differences run over the blocks' bytes) and JPEG
+    /// (whose own decoder gives RGB, and which the `image` crate reads when it can).
+    fn of(ifd: &Ifd) -> Option<Option<(Self, Vec<Patch>)>> {
+        if matches!(ifd.unsigned(COMPRESSION), Some(6 | 7)) {
+            return None;
+        }
+        // TIFF's default is 2x2.
+        let [across, down] = match ifd.entry_at(YCBCR_SUBSAMPLING) {
+            None => [2, 2],
+            Some(_) => ifd.shorts(YCBCR_SUBSAMPLING)?,
+        };
+        if [across, down] == [1, 1] {
+            return Some(None);
+        }
+        let absent_or_one = |tag| ifd.entry_at(tag).is_none() || ifd.unsigned(tag) == Some(1);
+        if ![across, down].iter().all(|n| [1, 2, 4].contains(n))
+            || ifd.unsigned(SAMPLES_PER_PIXEL)? != 3
+            || ifd.shorts(BITS_PER_SAMPLE)? != [8, 8, 8]
+            || !absent_or_one(PLANAR_CONFIGURATION)
+            || !absent_or_one(PREDICTOR)
+        {
+            return None;
+        }
+        let (across, down) = (u32::from(across), u32::from(down));
+        let width = ifd.unsigned(IMAGE_WIDTH)?;
+        let height = ifd.unsigned(IMAGE_LENGTH)?;
+        let block_bytes = across * down + 2;
+        // Bytes for `pixels` across, and rows for `pixels` down, each a whole number of blocks.
+        let row_bytes = |pixels: u32| pixels.div_ceil(across).checked_mul(block_bytes);
+        let rows = |pixels: u32| pixels.div_ceil(down);
+        let mut patches = vec![
+            ifd.rewrite(IMAGE_WIDTH, row_bytes(width)?)?,
+            ifd.rewrite(IMAGE_LENGTH, rows(height))?,
+            ifd.rewrite(BITS_PER_SAMPLE, 8)?,
+            ifd.rewrite(SAMPLES_PER_PIXEL, 1)?,
+            ifd.rewrite(PHOTOMETRIC, BLACK_IS_ZERO.into())?,
+        ];
+        if ifd.entry_at(TILE_WIDTH).is_some() {
+            let (tile_width, tile_length) = (ifd.unsigned(TILE_WIDTH)?, ifd.unsigned(TILE_LENGTH)?);
+            if tile_width % across != 0 || tile_length % down != 0 {
+                return None;
+            }
+            patches.push(ifd.rewrite(TILE_WIDTH, row_bytes(tile_width)?)?);
+            patches.push(ifd.rewrite(TILE_LENGTH, rows(tile_length))?);
+        } else if ifd.entry_at(ROWS_PER_STRIP).is_some() {
+            let strip = ifd.unsigned(ROWS_PER_STRIP)?;
+            if strip % down != 0 && strip < height {
+                return None;
+            }
+            patches.push(ifd.rewrite(ROWS_PER_STRIP, rows(strip))?);
+        }
+        let blocks = Blocks {
+            across: across as usize,
+            down: down as usize,
+            width,
+            height,
+        };
+        Some(Some((blocks, patches)))
+    }
+
+    /// `rgb` from the blocks, each block's chroma repeated over its pixels as libtiff's RGBA
+    /// interface (which Pillow reads these files through) does.
+    fn rgb_into(
+        &self,
+        samples: &[u8],
+        ycbcr: &YCbCr,
+        rgb: &mut [u8],
+        budget: &Budget,
+    ) -> ImageResult<()> {
+        let width = self.width as usize;
+        let block_len = self.across * self.down + 2;
+        let row = width.div_ceil(self.across) * block_len;
+        if width == 0 || samples.len() < (self.height as usize).div_ceil(self.down) * row {
+            return Err(short());
+        }
+        for (y, out) in rgb.chunks_exact_mut(width * 3).enumerate() {
+            if y % 64 == 0 && budget.exceeded() {
+                return Err(over_budget(budget));
+            }
+            let blocks = &samples[y / self.down * row..][..row];
+            let line = y % self.down * self.across;
+            for (x, pixel) in out.chunks_exact_mut(3).enumerate() {
+                let block = &blocks[x / self.across * block_len..][..block_len];
+                let luma = block[line + x % self.across];
+                let [cb, cr] = [block[block_len - 2], block[block_len - 1]];
+                pixel.copy_from_slice(&ycbcr.rgb([luma, cb, cr]));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -272,9 +391,7 @@ impl Layout<'_> {
         }
         for (i, out) in rgb.chunks_exact_mut(3).enumerate() {
             if i % (1 << 16) == 0 && self.budget.exceeded() {
-                return Err(image::ImageError::IoError(std::io::Error::other(
-                    self.budget.why(),
-                )));
+                return Err(over_budget(self.budget));
             }
             let sample = |s: usize| match self.planar {
                 true => samples[(s % n) * pixels + i],
@@ -314,7 +431,13 @@ impl ImageDecoder for TiffSamples<'_> {
         if decoded.as_buffer(0).as_bytes().len() < layout.complete_len {
             return Err(tiff_error(TiffError::LimitsExceeded));
         }
-        self.rgb_into(&decoded, layout.planes > 1, buf)
+        match (&self.blocks, &self.colour, &decoded) {
+            (Some(blocks), Colour::YCbCr(ycbcr), DecodingResult::U8(v)) => {
+                blocks.rgb_into(v, ycbcr, buf, self.budget)
+            }
+            (Some(_), ..) => Err(short()),
+            (None, ..) => self.rgb_into(&decoded, layout.planes > 1, buf),
+        }
     }
 
     fn read_image_boxed(self: Box<Self>, buf: &mut [u8]) -> ImageResult<()> {
@@ -333,6 +456,11 @@ fn tiff_error(error: TiffError) -> image::ImageError {
     }
 }
 
+/// The error once the decode's CPU budget is spent.
+fn over_budget(budget: &Budget) -> image::ImageError {
+    image::ImageError::IoError(std::io::Error::other(budget.why()))
+}
+
 /// Fewer samples than pixels: the decoder stopped early.
 fn short() -> image::ImageError {
     image::ImageError::Decoding(DecodingError::new(
@@ -341,26 +469,28 @@ fn short() -> image::ImageError {
     ))
 }
 
-/// `inner`, with the two bytes at a position (if any) read as others.
+/// `inner`, with the directory entries at some positions read as others.
 struct Patched<R> {
     inner: R,
     position: u64,
-    patch: Option<(u64, [u8; 2])>,
+    patches: Vec<Patch>,
 }
+
+/// A directory entry's position in the file, and the bytes read there instead.
+type Patch = (u64, [u8; 12]);
 
 impl<R: Read> Read for Patched<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let read = self.inner.read(buf)?;
-        let Some((at, value)) = self.patch else {
-            return Ok(read);
-        };
-        for (i, &byte) in value.iter().enumerate() {
-            let slot = (at + i as u64)
-                .checked_sub(self.position)
-                .and_then(|at| usize::try_from(at).ok())
-                .and_then(|at| buf[..read].get_mut(at));
-            if let Some(slot) = slot {
-                *slot = byte;
+        for (at, value) in &self.patches {
+            for (i, &byte) in value.iter().enumerate() {
+                let slot = (at + i as u64)
+                    .checked_sub(self.position)
+                    .and_then(|at| usize::try_from(at).ok())
+                    .and_then(|at| buf[..read].get_mut(at));
+                if let Some(slot) = slot {
+                    *slot = byte;
+                }
             }
         }
         self.position += read as u64;
@@ -420,35 +550,84 @@ impl<'a> Ifd<'a> {
         })
     }
 
-    fn encode(&self, value: u16) -> [u8; 2] {
-        if self.little_endian {
-            value.to_le_bytes()
-        } else {
-            value.to_be_bytes()
+    fn encode_u16(&self, value: u16) -> [u8; 2] {
+        match self.little_endian {
+            true => value.to_le_bytes(),
+            false => value.to_be_bytes(),
         }
     }
 
-    /// The entry of `tag` if it holds SHORTs: where it starts, and how many it holds.
-    fn entry(&self, tag: u16) -> Option<(usize, usize)> {
+    fn encode_u32(&self, value: u32) -> [u8; 4] {
+        match self.little_endian {
+            true => value.to_le_bytes(),
+            false => value.to_be_bytes(),
+        }
+    }
+
+    /// Where the entry of `tag` starts.
+    fn entry_at(&self, tag: u16) -> Option<usize> {
         (0..self.count)
             .map(|i| self.entries + 12 * i)
             .find(|&at| self.u16_at(at) == Some(tag))
-            .filter(|&at| self.u16_at(at + 2) == Some(SHORT))
-            .and_then(|at| Some((at, self.u32_at(at + 4)? as usize)))
     }
 
-    /// Where the first SHORT of `tag` lies: in the entry when it holds two or fewer.
-    fn value_at(&self, tag: u16) -> Option<usize> {
-        let (at, count) = self.entry(tag)?;
-        match count {
-            0 => None,
-            1 | 2 => Some(at + 8),
-            _ => Some(self.u32_at(at + 8)? as usize),
+    /// Where the values of a SHORT tag lie (in the entry when it holds two or fewer), and how
+    /// many it holds.
+    fn shorts_at(&self, tag: u16) -> Option<(usize, usize)> {
+        let at = self.entry_at(tag)?;
+        if self.u16_at(at + 2)? != SHORT {
+            return None;
         }
+        let count = self.u32_at(at + 4)? as usize;
+        let first = match count {
+            0..=2 => at + 8,
+            _ => self.u32_at(at + 8)? as usize,
+        };
+        Some((first, count))
+    }
+
+    /// The `N` values of a SHORT tag that holds `N`.
+    fn shorts<const N: usize>(&self, tag: u16) -> Option<[u16; N]> {
+        let (first, count) = self.shorts_at(tag)?;
+        if count != N {
+            return None;
+        }
+        let mut values = [0; N];
+        for (i, value) in values.iter_mut().enumerate() {
+            *value = self.u16_at(first.checked_add(2 * i)?)?;
+        }
+        Some(values)
+    }
+
+    /// The value of a tag that holds one SHORT or LONG.
+    fn unsigned(&self, tag: u16) -> Option<u32> {
+        let at = self.entry_at(tag)?;
+        if self.u32_at(at + 4)? != 1 {
+            return None;
+        }
+        match self.u16_at(at + 2)? {
+            SHORT => self.u16_at(at + 8).map(u32::from),
+            LONG => self.u32_at(at + 8),
+            _ => None,
+        }
+    }
+
+    /// The entry of `tag`, rewritten to hold one LONG: `value`.
+    fn rewrite(&self, tag: u16, value: u32) -> Option<Patch> {
+        let at = self.entry_at(tag)?;
+        let mut entry = [0; 12];
+        entry[..2].copy_from_slice(&self.encode_u16(tag));
+        entry[2..4].copy_from_slice(&self.encode_u16(LONG));
+        entry[4..8].copy_from_slice(&self.encode_u32(1));
+        entry[8..].copy_from_slice(&self.encode_u32(value));
+        Some((at as u64, entry))
     }
 
     /// The first value of a SHORT tag (a tag that gives one per sample gives them all alike).
     fn short(&self, tag: u16) -> Option<u16> {
-        self.u16_at(self.value_at(tag)?)
+        match self.shorts_at(tag)? {
+            (_, 0) => None,
+            (first, _) => self.u16_at(first),
+        }
     }
 }

@@ -1764,7 +1764,8 @@ mod tests {
     async fn ready_classifier() -> ClassifierHandle {
         let spec = crate::ModelSpec::load(crate::config::default_model_dir()).unwrap();
         let model = crate::classifier::TractClassifier::new(spec).unwrap();
-        let classifier = ClassifierHandle::spawn_preprocessing(vec![Box::new(model)], 1, None);
+        let classifier =
+            ClassifierHandle::spawn_preprocessing(vec![Box::new(model)], 1, None, false);
         while !classifier.is_ready() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

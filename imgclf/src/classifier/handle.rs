@@ -12,6 +12,7 @@ use prometheus::Histogram;
 
 use tokio::sync::oneshot;
 
+use super::under_load::{thread_cpu_time, UnderLoad};
 use super::{Classifier, ClassifyError};
 use crate::affinity::OnFirstCore;
 use crate::model::ModelSpec;
@@ -136,6 +137,8 @@ impl Idle {
 struct Pool {
     queue: Mutex<Queue>,
     max_batch: usize,
+    /// The cap below `max_batch` that load shows best, where the service chooses it.
+    under_load: Option<UnderLoad>,
     batch_sizes: OnceLock<Histogram>,
     /// Instances started, and warmed up.
     instances: AtomicUsize,
@@ -163,6 +166,14 @@ struct Growth {
     /// Batches in a row after which images were still waiting.
     backlog_streak: AtomicUsize,
     growing: std::sync::atomic::AtomicBool,
+}
+
+/// What a pool whose instances preprocess may have besides.
+#[derive(Default)]
+struct Preprocessing {
+    /// The model for a lone image (see [`ClassifierHandle::spawn_preprocessing`]).
+    wide: Option<Box<dyn Classifier>>,
+    under_load: Option<UnderLoad>,
 }
 
 /// Builds one more instance of the model.
@@ -195,12 +206,22 @@ impl ClassifierHandle {
     /// `wide`, if given, one more model whose runs spread over every core. So an image under
     /// light load is preprocessed and classified in the time the cores take together rather
     /// than one core's.
+    ///
+    /// With `cap_under_load`, batches are capped at what runs cheapest while the service is
+    /// busy, up to `max_batch` (see [`super::under_load`]).
     pub fn spawn_preprocessing(
         classifiers: Vec<Box<dyn Classifier>>,
         max_batch: usize,
         wide: Option<Box<dyn Classifier>>,
+        cap_under_load: bool,
     ) -> Self {
-        Self::start(classifiers, max_batch, None, Some(wide))
+        let under_load = cap_under_load.then(|| UnderLoad::new(max_batch)).flatten();
+        Self::start(
+            classifiers,
+            max_batch,
+            None,
+            Some(Preprocessing { wide, under_load }),
+        )
     }
 
     /// Like [`Self::spawn_pool`], and adds instances built by `build`, up to `limit` in all,
@@ -220,29 +241,32 @@ impl ClassifierHandle {
         Self::start(classifiers, max_batch, Some(growth), None)
     }
 
-    /// `preprocessing`: given when the instances preprocess, with the wide model if any.
+    /// `preprocessing`: given when the instances preprocess.
     fn start(
         classifiers: Vec<Box<dyn Classifier>>,
         max_batch: usize,
         growth: Option<Growth>,
-        preprocessing: Option<Option<Box<dyn Classifier>>>,
+        preprocessing: Option<Preprocessing>,
     ) -> Self {
         assert!(!classifiers.is_empty(), "at least one classifier");
         let max_batch = max_batch.max(1);
         let spec = Arc::new(classifiers[0].spec().clone());
         let backend = classifiers[0].backend();
+        let preprocesses = preprocessing.is_some();
+        let Preprocessing { wide, under_load } = preprocessing.unwrap_or_default();
         let pool = Arc::new(Pool {
             queue: Mutex::default(),
             max_batch,
+            under_load,
             batch_sizes: OnceLock::new(),
             instances: AtomicUsize::new(classifiers.len()),
             warmed: AtomicUsize::new(0),
             initial: classifiers.len(),
             growth,
-            preprocesses: preprocessing.is_some(),
+            preprocesses,
             busy: AtomicUsize::new(0),
-            helper_thread: helper_thread(preprocessing.is_some()),
-            wide: preprocessing.flatten().map(Mutex::new),
+            helper_thread: helper_thread(preprocesses),
+            wide: wide.map(Mutex::new),
             threads: Mutex::default(),
         });
         for (i, classifier) in classifiers.into_iter().enumerate() {
@@ -437,12 +461,19 @@ impl Pool {
         idle.iter().for_each(Idle::wake);
     }
 
-    /// The first `max_batch` images waiting, with the number left waiting; else `me` joins the
+    /// The batch cap now: `max_batch`, or what load has shown best below it.
+    fn cap(&self) -> usize {
+        self.under_load
+            .as_ref()
+            .map_or(self.max_batch, UnderLoad::cap)
+    }
+
+    /// The first `cap` images waiting, with the number left waiting; else `me` joins the
     /// idle instances (last, so first in line).
-    fn next(&self, me: &Idle) -> Next {
+    fn next(&self, me: &Idle, cap: usize) -> Next {
         let mut queue = self.queue();
         if !queue.waiting.is_empty() {
-            let n = queue.waiting.len().min(self.max_batch);
+            let n = queue.waiting.len().min(cap);
             let batch: Vec<Request> = queue.waiting.drain(..n).collect();
             self.busy.fetch_add(1, Ordering::AcqRel);
             return Next::Batch(batch, queue.waiting.len());
@@ -490,7 +521,8 @@ impl Pool {
         let mut answers: Vec<(Reply, Result<Classified, ClassifyImageError>)> = Vec::new();
         let me = Idle::current();
         loop {
-            let next = self.next(&me);
+            let cap = self.cap();
+            let next = self.next(&me, cap);
             // Answered once this instance is back in line: a client that sends its next image
             // on the answer finds this instance, its cache warm, first.
             for (reply, answer) in answers.drain(..) {
@@ -572,6 +604,11 @@ impl Pool {
                 }
                 _ => None,
             };
+            // What the model and the answers cost this thread, for the cap's trials.
+            let cpu_before = match (&self.under_load, &wide) {
+                (Some(_), None) => thread_cpu_time(),
+                _ => None,
+            };
             let classified = match wide {
                 Some(mut wide) => {
                     if on_first_core.is_none() {
@@ -595,6 +632,11 @@ impl Pool {
                     let error = ClassifyImageError::Classify(Arc::new(error));
                     answers.extend(replies.drain(..).map(|reply| (reply, Err(error.clone()))));
                 }
+            }
+            if let (Some(under_load), Some(before), Some(after)) =
+                (&self.under_load, cpu_before, thread_cpu_time())
+            {
+                under_load.record(cap, n, after.saturating_sub(before));
             }
             batch.clear();
             preprocessed.clear();
@@ -676,6 +718,7 @@ fn preprocess(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::classifier::under_load::TRIAL_IMAGES;
     use std::time::Duration;
 
     /// A model that takes 2 ms per batch and answers zeros.
@@ -845,6 +888,7 @@ mod tests {
             vec![counting(0), counting(1)],
             2,
             Some(counting(2)),
+            false,
         );
         until_ready(&handle).await;
         let served = || counts.each_ref().map(|c| c.load(Ordering::Relaxed));
@@ -899,7 +943,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_instance_that_preprocesses_gives_the_tensor_a_worker_would_make() {
-        let handle = ClassifierHandle::spawn_preprocessing(vec![Box::new(Echo(spec()))], 4, None);
+        let handle =
+            ClassifierHandle::spawn_preprocessing(vec![Box::new(Echo(spec()))], 4, None, false);
         assert!(handle.preprocesses());
         let mut png = Vec::new();
         image::RgbImage::from_fn(40, 30, |x, y| image::Rgb([x as u8 * 6, y as u8 * 8, 77]))
@@ -938,5 +983,44 @@ mod tests {
         let handle = ClassifierHandle::spawn_pool(vec![Box::new(Slow(spec()))], 1);
         load(&handle, 500).await;
         assert_eq!(handle.instances(), 1);
+    }
+
+    /// A model whose CPU time per image depends on the batch's size: least at two.
+    struct Costly(ModelSpec);
+
+    impl Classifier for Costly {
+        fn spec(&self) -> &ModelSpec {
+            &self.0
+        }
+
+        fn classify(&mut self, _: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ClassifyError> {
+            let per_image = Duration::from_micros(match n {
+                2 => 100,
+                _ => 200,
+            });
+            let start = thread_cpu_time().expect("a thread's CPU time");
+            while thread_cpu_time().unwrap() - start < per_image * n as u32 {
+                std::hint::spin_loop();
+            }
+            Ok(vec![vec![0.0; 2]; n])
+        }
+    }
+
+    #[tokio::test]
+    async fn under_load_the_batch_cap_becomes_the_cheapest_per_image() {
+        let costly = || Box::new(Costly(spec())) as Box<dyn Classifier>;
+        let handle = ClassifierHandle::spawn_preprocessing(vec![costly(), costly()], 4, None, true);
+        until_ready(&handle).await;
+        assert_eq!(handle.pool.cap(), 1, "the first trial");
+        // Enough waiting images for every trial (1, 2, then 4) to fill its batches.
+        for _ in 0..4 {
+            load(&handle, TRIAL_IMAGES * 2).await;
+        }
+        assert_eq!(handle.pool.cap(), 2);
+        assert_eq!(handle.max_batch(), 4, "the start-up choice stays the limit");
+        // Where the cap is set, it stays.
+        let fixed = ClassifierHandle::spawn_preprocessing(vec![costly()], 4, None, false);
+        load(&fixed, TRIAL_IMAGES * 4).await;
+        assert_eq!(fixed.pool.cap(), 4);
     }
 }

@@ -7,6 +7,7 @@ mod ort;
 #[cfg(feature = "tract")]
 mod tract;
 pub mod tuning;
+mod under_load;
 
 #[cfg(feature = "ort")]
 pub use self::ort::OrtClassifier;
@@ -248,10 +249,12 @@ pub fn spawn(
             None => wide_instance(name, &spec, options)?,
             Some(_) => None,
         };
+        // A cap the settings leave open is re-checked under load.
         return Ok(ClassifierHandle::spawn_preprocessing(
             classifiers,
             choice.max_batch,
             wide,
+            max_batch.is_none(),
         ));
     }
     if instances.is_some() {

@@ -19,8 +19,10 @@
 //! On the CPU there is one instance per core, and each decodes, preprocesses and classifies
 //! its own images (see [`super::ClassifierHandle::spawn_preprocessing`]): every core does both
 //! stages for the images it takes, so the cores split between them exactly as each image
-//! needs, whatever the model, the CPU or the photos, and nothing needs re-checking while
-//! running. This is the arrangement `cores / (t_pre + t_inf)` describes.
+//! needs, whatever the model, the CPU or the photos, and the split needs no re-checking while
+//! running. This is the arrangement `cores / (t_pre + t_inf)` describes. The batch size chosen
+//! here is then a limit: under load the instances try every cap up to it, one included, and
+//! keep what runs cheapest (see [`super::under_load`]).
 //!
 //! With an accelerator (or fewer instances than cores, as set), preprocessing runs on the
 //! worker's threads beside the instances, and the instance count is the cores' share that
@@ -41,14 +43,15 @@ use crate::model::ModelSpec;
 const ROUNDS: usize = 3;
 
 /// How much slower per image than the best a smaller batch may be and still be chosen.
-const MARGIN: f64 = 0.01;
+pub(super) const MARGIN: f64 = 0.01;
 
 /// Batch sizes tried at start when none is set. Not 1: the size is a cap, not a wait (an image
 /// that finds nothing else waiting runs alone), and under load the images of a batch share the
 /// service's work per run, which zero tensors timed here do not show. On two cores of an AMD
 /// EPYC (Zen 3 class), EfficientNet-Lite0 under 16 clients ran 3–7% slower at batch 1 than at
 /// 2 or 4 (12 alternating rounds), though timed here the sizes were within noise of each other
-/// and batch 1 was chosen at one start in four; ResNet18 ran alike at 1 and 2.
+/// and batch 1 was chosen at one start in four; ResNet18 ran alike at 1 and 2. Under load the
+/// instances try it again (see [`super::under_load`]).
 pub const BATCHES: [usize; 3] = [2, 4, 8];
 
 /// What [`choose`] settled on.

@@ -1,0 +1,224 @@
+//! The batch cap, re-checked while the service is busy.
+//!
+//! The start-up tuning times zero tensors with nothing else running, and cannot rank batch
+//! sizes within a few percent of each other, nor a batch of one (see [`super::tuning`]). Under
+//! load the instances share the cores with decoding, uploads and records, and the ranking can
+//! differ: EfficientNet-Lite0 embedded under 16 clients on two cores of an Intel Xeon (model
+//! 167) ran 2–3% faster at a cap of one than at the 2 or 4 the tuning chose, and on an AMD EPYC
+//! of the Zen 3 class 3–7% slower. So, when the cap is left to the service, the instances try
+//! every cap from one up to the start-up choice (never more: ONNX Runtime keeps the buffers of
+//! the largest batch it ran) in turns, each for [`TRIAL_IMAGES`] images, and keep the smallest
+//! whose CPU time per image was within 1% of the best, for [`HOLD_IMAGES`] images, then try
+//! again: what the model, the photos and the machine's other work make best now. A cap only
+//! binds when images wait, so only busy periods advance the trials.
+//!
+//! The cost of a batch is the CPU time its instance's thread spent running the model and
+//! answering, per image: the model's input has one size whatever the photo, so it is steady
+//! from batch to batch, where the photos' decoding is not.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::tuning::MARGIN;
+
+/// Images each cap runs in a round of trials.
+pub const TRIAL_IMAGES: usize = 64;
+
+/// Images run at the chosen cap before the next round of trials (a couple of minutes under
+/// load, against a second or two of trials).
+pub const HOLD_IMAGES: usize = 20_000;
+
+/// The cap the instances take batches up to, and its trials.
+pub struct UnderLoad {
+    /// Powers of two up to the start-up choice, and the choice itself.
+    caps: Vec<usize>,
+    cap: AtomicUsize,
+    trials: Mutex<Trials>,
+}
+
+struct Trials {
+    /// The cap being tried (an index into `caps`), or `None` while the choice is held.
+    trying: Option<usize>,
+    /// CPU time and images at each cap in this round.
+    spent: Vec<(Duration, usize)>,
+    /// Images run at the chosen cap since it was chosen.
+    held: usize,
+}
+
+impl UnderLoad {
+    /// Trials of every cap up to `largest` (the start-up choice), the smallest first; `None`
+    /// where a thread's CPU time cannot be read, or `largest` is one.
+    pub fn new(largest: usize) -> Option<Self> {
+        thread_cpu_time()?;
+        let mut caps: Vec<usize> = (0..usize::BITS)
+            .map(|shift| 1 << shift)
+            .take_while(|&cap| cap < largest)
+            .collect();
+        caps.push(largest);
+        (largest > 1).then(|| UnderLoad {
+            cap: AtomicUsize::new(caps[0]),
+            trials: Mutex::new(Trials {
+                trying: Some(0),
+                spent: vec![(Duration::ZERO, 0); caps.len()],
+                held: 0,
+            }),
+            caps,
+        })
+    }
+
+    /// The most images a batch may take now.
+    pub fn cap(&self) -> usize {
+        self.cap.load(Ordering::Relaxed)
+    }
+
+    /// Counts a batch of `images` taken under `cap` that cost its thread `spent`; moves to the
+    /// next trial, or chooses, once this one has run enough images.
+    pub fn record(&self, cap: usize, images: usize, spent: Duration) {
+        let mut trials = self.trials.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(i) = trials.trying else {
+            trials.held += images;
+            if trials.held >= HOLD_IMAGES {
+                trials.held = 0;
+                trials.spent.fill((Duration::ZERO, 0));
+                trials.trying = Some(0);
+                self.cap.store(self.caps[0], Ordering::Relaxed);
+            }
+            return;
+        };
+        // A batch taken before the trial began.
+        if self.caps[i] != cap {
+            return;
+        }
+        let (time, count) = &mut trials.spent[i];
+        *time += spent;
+        *count += images;
+        if *count < TRIAL_IMAGES {
+            return;
+        }
+        if i + 1 < self.caps.len() {
+            trials.trying = Some(i + 1);
+            self.cap.store(self.caps[i + 1], Ordering::Relaxed);
+            return;
+        }
+        let per_image: Vec<f64> = trials
+            .spent
+            .iter()
+            .map(|(time, count)| time.as_secs_f64() / *count as f64)
+            .collect();
+        let best = per_image.iter().copied().fold(f64::INFINITY, f64::min);
+        let chosen = self.caps[per_image
+            .iter()
+            .position(|&t| t <= best * (1.0 + MARGIN))
+            .unwrap_or(0)];
+        trials.trying = None;
+        let before = self.cap.swap(chosen, Ordering::Relaxed);
+        let ms: Vec<String> = self
+            .caps
+            .iter()
+            .zip(&per_image)
+            .map(|(cap, t)| format!("{cap}: {:.2}", t * 1e3))
+            .collect();
+        let ms = ms.join(", ");
+        if chosen != before {
+            tracing::info!(
+                chosen,
+                "classifier: batches of up to {chosen} under load (CPU ms per image by cap: {ms})"
+            );
+        } else {
+            tracing::debug!(
+                chosen,
+                "classifier: batches of up to {chosen} under load (CPU ms per image by cap: {ms})"
+            );
+        }
+    }
+}
+
+/// The CPU time the calling thread has used.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+pub fn thread_cpu_time() -> Option<Duration> {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec for the call to fill.
+    let read = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    (read == 0).then(|| Duration::new(now.tv_sec as u64, now.tv_nsec as u32))
+}
+
+/// The CPU time the calling thread has used: unknown here.
+#[cfg(not(unix))]
+pub fn thread_cpu_time() -> Option<Duration> {
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `images` at the current cap, each costing `cost(cap)` ms.
+    fn run(under_load: &UnderLoad, images: usize, cost: impl Fn(usize) -> f64) {
+        let mut left = images;
+        while left > 0 {
+            let cap = under_load.cap();
+            let n = cap.min(left);
+            let spent = Duration::from_secs_f64(cost(cap) * n as f64 / 1e3);
+            under_load.record(cap, n, spent);
+            left -= n;
+        }
+    }
+
+    #[test]
+    fn tries_every_cap_up_to_the_start_up_choice_and_keeps_the_cheapest() {
+        let under_load = UnderLoad::new(4).expect("a thread's CPU time is readable here");
+        assert_eq!(under_load.caps, [1, 2, 4]);
+        assert_eq!(under_load.cap(), 1, "the first trial");
+        let cost = |cap| match cap {
+            1 => 6.0,
+            2 => 5.0,
+            _ => 5.4,
+        };
+        run(&under_load, 3 * TRIAL_IMAGES, cost);
+        assert_eq!(under_load.cap(), 2);
+        // Held, then tried again: the machine's work has changed, and one is best now.
+        run(&under_load, HOLD_IMAGES - 1, cost);
+        assert_eq!(under_load.cap(), 2, "held");
+        run(&under_load, 2, cost);
+        assert_eq!(under_load.cap(), 1, "a new round");
+        run(&under_load, 3 * TRIAL_IMAGES, |cap| 5.0 + cap as f64 / 10.0);
+        assert_eq!(under_load.cap(), 1);
+    }
+
+    #[test]
+    fn keeps_the_smallest_cap_within_the_margin_of_the_best() {
+        let under_load = UnderLoad::new(8).unwrap();
+        assert_eq!(under_load.caps, [1, 2, 4, 8]);
+        run(&under_load, 4 * TRIAL_IMAGES, |cap| match cap {
+            1 => 7.0,
+            2 => 6.05,
+            _ => 6.0,
+        });
+        assert_eq!(under_load.cap(), 2);
+    }
+
+    #[test]
+    fn a_batch_taken_under_another_cap_counts_for_nothing() {
+        let under_load = UnderLoad::new(2).unwrap();
+        under_load.record(2, 2 * TRIAL_IMAGES, Duration::from_secs(1));
+        assert_eq!(under_load.cap(), 1, "still the first trial");
+        // An odd start-up choice is tried too.
+        assert_eq!(UnderLoad::new(6).unwrap().caps, [1, 2, 4, 6]);
+        assert!(UnderLoad::new(1).is_none(), "nothing to try");
+    }
+
+    #[test]
+    fn the_threads_cpu_time_advances_with_its_work() {
+        let before = thread_cpu_time().unwrap();
+        let mut x = 0u64;
+        for i in 0..5_000_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+        }
+        assert!(thread_cpu_time().unwrap() > before, "{x}");
+    }
+}

@@ -7,7 +7,7 @@ mod ort;
 #[cfg(feature = "tract")]
 mod tract;
 pub mod tuning;
-mod under_load;
+pub mod under_load;
 
 #[cfg(feature = "ort")]
 pub use self::ort::OrtClassifier;

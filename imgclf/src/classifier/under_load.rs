@@ -44,6 +44,8 @@ struct Trials {
     spent: Vec<(Duration, usize)>,
     /// Images run at the chosen cap since it was chosen.
     held: usize,
+    /// The last round's choice.
+    chosen: Option<usize>,
 }
 
 impl UnderLoad {
@@ -62,6 +64,7 @@ impl UnderLoad {
                 trying: Some(0),
                 spent: vec![(Duration::ZERO, 0); caps.len()],
                 held: 0,
+                chosen: None,
             }),
             caps,
         })
@@ -112,7 +115,8 @@ impl UnderLoad {
             .position(|&t| t <= best * (1.0 + MARGIN))
             .unwrap_or(0)];
         trials.trying = None;
-        let before = self.cap.swap(chosen, Ordering::Relaxed);
+        self.cap.store(chosen, Ordering::Relaxed);
+        let before = trials.chosen.replace(chosen);
         let ms: Vec<String> = self
             .caps
             .iter()
@@ -120,7 +124,8 @@ impl UnderLoad {
             .map(|(cap, t)| format!("{cap}: {:.2}", t * 1e3))
             .collect();
         let ms = ms.join(", ");
-        if chosen != before {
+        // The first choice, and any change, in one line each.
+        if before != Some(chosen) {
             tracing::info!(
                 chosen,
                 "classifier: batches of up to {chosen} under load (CPU ms per image by cap: {ms})"

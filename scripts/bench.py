@@ -258,8 +258,11 @@ class Service:
             return None
         # One more on every core for an image that finds the others idle (ort, unset count).
         wide = "one more instance, on all" in text
+        # The caps chosen under load, in turn (the first choice and each change).
+        under_load = [int(c) for c in re.findall(r"batches of up to (\d+) under load", text)]
         return {"instances_at_start": int(start.group(1)), "max_batch": int(start.group(2)),
-                "instances": max([int(start.group(1))] + [int(g) for g in grown]) + wide, "wide": wide}
+                "instances": max([int(start.group(1))] + [int(g) for g in grown]) + wide, "wide": wide,
+                "under_load": under_load}
 
     def __exit__(self, *exc):
         for p in self.procs:

@@ -536,6 +536,8 @@ impl Pool {
                 }
                 Next::Closed => return,
             };
+            // Whether the cap held images back: only then does it tell anything.
+            let capped = requests.len() == cap && (waiting > 0 || cap > 1);
             // Before any pin below: a thread started from a pinned one would inherit the pin.
             self.watch_backlog(waiting);
             // The only image in hand, and no other instance working: every core is free for it.
@@ -606,7 +608,7 @@ impl Pool {
             };
             // What the model and the answers cost this thread, for the cap's trials.
             let cpu_before = match (&self.under_load, &wide) {
-                (Some(_), None) => thread_cpu_time(),
+                (Some(_), None) if capped => thread_cpu_time(),
                 _ => None,
             };
             let classified = match wide {
@@ -718,7 +720,7 @@ fn preprocess(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::classifier::under_load::TRIAL_IMAGES;
+    use crate::classifier::under_load::{PASSES, TRIAL_IMAGES};
     use std::time::Duration;
 
     /// A model that takes 2 ms per batch and answers zeros.
@@ -1014,7 +1016,7 @@ mod tests {
         assert_eq!(handle.pool.cap(), 1, "the first trial");
         // Enough waiting images for every trial (1, 2, then 4) to fill its batches.
         for _ in 0..4 {
-            load(&handle, TRIAL_IMAGES * 2).await;
+            load(&handle, TRIAL_IMAGES * PASSES * 2).await;
         }
         assert_eq!(handle.pool.cap(), 2);
         assert_eq!(handle.max_batch(), 4, "the start-up choice stays the limit");

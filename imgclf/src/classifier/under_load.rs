@@ -7,10 +7,12 @@
 //! 167) ran 2–3% faster at a cap of one than at the 2 or 4 the tuning chose, and on an AMD EPYC
 //! of the Zen 3 class 3–7% slower. So, when the cap is left to the service, the instances try
 //! every cap from one up to the start-up choice (never more: ONNX Runtime keeps the buffers of
-//! the largest batch it ran) in turns, each for [`TRIAL_IMAGES`] images, and keep the smallest
-//! whose CPU time per image was within 1% of the best, for [`HOLD_IMAGES`] images, then try
-//! again: what the model, the photos and the machine's other work make best now. A cap only
-//! binds when images wait, so only busy periods advance the trials.
+//! the largest batch it ran) in turns, [`TRIAL_IMAGES`] images at a time, [`PASSES`] times
+//! over, and keep the smallest whose CPU time per image in its cheapest pass was within 1% of
+//! the best, for [`HOLD_IMAGES`] images, then try again: what the model, the photos and the
+//! machine's other work make best now. Taking turns, as the start-up tuning does, lets a drift
+//! of the machine's speed touch every cap alike. A cap only binds when images wait, so only
+//! busy periods advance the trials.
 //!
 //! The cost of a batch is the CPU time its instance's thread spent running the model and
 //! answering, per image: the model's input has one size whatever the photo, so it is steady
@@ -22,11 +24,14 @@ use std::time::Duration;
 
 use super::tuning::MARGIN;
 
-/// Images each cap runs in a round of trials.
-pub const TRIAL_IMAGES: usize = 64;
+/// Images each cap runs in one turn of a round of trials.
+pub const TRIAL_IMAGES: usize = 16;
 
-/// Images run at the chosen cap before the next round of trials (a couple of minutes under
-/// load, against a second or two of trials).
+/// Turns of every cap in a round of trials.
+pub const PASSES: usize = 4;
+
+/// Images run at the chosen cap, in batches it held back, before the next round of trials (a
+/// couple of minutes under load, against a second or two of trials).
 pub const HOLD_IMAGES: usize = 20_000;
 
 /// The cap the instances take batches up to, and its trials.
@@ -40,8 +45,12 @@ pub struct UnderLoad {
 struct Trials {
     /// The cap being tried (an index into `caps`), or `None` while the choice is held.
     trying: Option<usize>,
-    /// CPU time and images at each cap in this round.
+    /// The pass of this round.
+    pass: usize,
+    /// CPU time and images at each cap in this pass.
     spent: Vec<(Duration, usize)>,
+    /// The CPU time per image of each cap's cheapest pass so far.
+    cheapest: Vec<f64>,
     /// Images run at the chosen cap since it was chosen.
     held: usize,
     /// The last round's choice.
@@ -62,7 +71,9 @@ impl UnderLoad {
             cap: AtomicUsize::new(caps[0]),
             trials: Mutex::new(Trials {
                 trying: Some(0),
+                pass: 0,
                 spent: vec![(Duration::ZERO, 0); caps.len()],
+                cheapest: vec![f64::INFINITY; caps.len()],
                 held: 0,
                 chosen: None,
             }),
@@ -75,15 +86,18 @@ impl UnderLoad {
         self.cap.load(Ordering::Relaxed)
     }
 
-    /// Counts a batch of `images` taken under `cap` that cost its thread `spent`; moves to the
-    /// next trial, or chooses, once this one has run enough images.
+    /// Counts a batch of `images` that `cap` held back (as many as it allows, or one while
+    /// others waited), which cost its thread `spent`; moves to the next trial, or chooses, once
+    /// this one has run enough images.
     pub fn record(&self, cap: usize, images: usize, spent: Duration) {
         let mut trials = self.trials.lock().unwrap_or_else(|e| e.into_inner());
         let Some(i) = trials.trying else {
             trials.held += images;
             if trials.held >= HOLD_IMAGES {
                 trials.held = 0;
+                trials.pass = 0;
                 trials.spent.fill((Duration::ZERO, 0));
+                trials.cheapest.fill(f64::INFINITY);
                 trials.trying = Some(0);
                 self.cap.store(self.caps[0], Ordering::Relaxed);
             }
@@ -99,16 +113,22 @@ impl UnderLoad {
         if *count < TRIAL_IMAGES {
             return;
         }
-        if i + 1 < self.caps.len() {
-            trials.trying = Some(i + 1);
-            self.cap.store(self.caps[i + 1], Ordering::Relaxed);
+        let per_image = time.as_secs_f64() / *count as f64;
+        trials.spent[i] = (Duration::ZERO, 0);
+        trials.cheapest[i] = trials.cheapest[i].min(per_image);
+        let next = match i + 1 {
+            next if next < self.caps.len() => Some(next),
+            _ => {
+                trials.pass += 1;
+                (trials.pass < PASSES).then_some(0)
+            }
+        };
+        if let Some(next) = next {
+            trials.trying = Some(next);
+            self.cap.store(self.caps[next], Ordering::Relaxed);
             return;
         }
-        let per_image: Vec<f64> = trials
-            .spent
-            .iter()
-            .map(|(time, count)| time.as_secs_f64() / *count as f64)
-            .collect();
+        let per_image = trials.cheapest.clone();
         let best = per_image.iter().copied().fold(f64::INFINITY, f64::min);
         let chosen = self.caps[per_image
             .iter()
@@ -184,14 +204,16 @@ mod tests {
             2 => 5.0,
             _ => 5.4,
         };
-        run(&under_load, 3 * TRIAL_IMAGES, cost);
+        run(&under_load, 3 * TRIAL_IMAGES * PASSES, cost);
         assert_eq!(under_load.cap(), 2);
         // Held, then tried again: the machine's work has changed, and one is best now.
         run(&under_load, HOLD_IMAGES - 1, cost);
         assert_eq!(under_load.cap(), 2, "held");
         run(&under_load, 2, cost);
         assert_eq!(under_load.cap(), 1, "a new round");
-        run(&under_load, 3 * TRIAL_IMAGES, |cap| 5.0 + cap as f64 / 10.0);
+        run(&under_load, 3 * TRIAL_IMAGES * PASSES, |cap| {
+            5.0 + cap as f64 / 10.0
+        });
         assert_eq!(under_load.cap(), 1);
     }
 
@@ -199,10 +221,23 @@ mod tests {
     fn keeps_the_smallest_cap_within_the_margin_of_the_best() {
         let under_load = UnderLoad::new(8).unwrap();
         assert_eq!(under_load.caps, [1, 2, 4, 8]);
-        run(&under_load, 4 * TRIAL_IMAGES, |cap| match cap {
+        run(&under_load, 4 * TRIAL_IMAGES * PASSES, |cap| match cap {
             1 => 7.0,
             2 => 6.05,
             _ => 6.0,
+        });
+        assert_eq!(under_load.cap(), 2);
+    }
+
+    #[test]
+    fn a_machine_slowing_down_during_the_trials_does_not_favour_the_first_cap() {
+        let under_load = UnderLoad::new(4).unwrap();
+        // Every image costs a little more than the one before; two is 3% cheaper throughout.
+        let ran = std::cell::Cell::new(0.0);
+        run(&under_load, 3 * TRIAL_IMAGES * PASSES, |cap| {
+            ran.set(ran.get() + 1.0);
+            let slower = 1.0 + ran.get() / 1000.0;
+            slower * if cap == 2 { 5.82 } else { 6.0 }
         });
         assert_eq!(under_load.cap(), 2);
     }

@@ -137,7 +137,7 @@ impl Idle {
 struct Pool {
     queue: Mutex<Queue>,
     max_batch: usize,
-    /// The cap below `max_batch` that load shows best, where the service chooses it.
+    /// The cap, at most `max_batch`, that load shows best, where the service chooses it.
     under_load: Option<UnderLoad>,
     batch_sizes: OnceLock<Histogram>,
     /// Instances started, and warmed up.
@@ -536,7 +536,8 @@ impl Pool {
                 }
                 Next::Closed => return,
             };
-            // Whether the cap held images back: only then does it tell anything.
+            // Whether the batch filled the cap (with others waiting, for a cap of one): only such
+            // batches tell what the cap costs.
             let capped = requests.len() == cap && (waiting > 0 || cap > 1);
             // Before any pin below: a thread started from a pinned one would inherit the pin.
             self.watch_backlog(waiting);

@@ -30,7 +30,7 @@ pub const TRIAL_IMAGES: usize = 16;
 /// Turns of every cap in a round of trials.
 pub const PASSES: usize = 4;
 
-/// Images run at the chosen cap, in batches it held back, before the next round of trials (a
+/// Images run at the chosen cap, in batches that filled it, before the next round of trials (a
 /// couple of minutes under load, against a second or two of trials).
 pub const HOLD_IMAGES: usize = 20_000;
 
@@ -86,9 +86,9 @@ impl UnderLoad {
         self.cap.load(Ordering::Relaxed)
     }
 
-    /// Counts a batch of `images` that `cap` held back (as many as it allows, or one while
-    /// others waited), which cost its thread `spent`; moves to the next trial, or chooses, once
-    /// this one has run enough images.
+    /// Counts a batch of `images` that filled `cap` (with others waiting, for a cap of one),
+    /// which cost its thread `spent`; moves to the next turn, or chooses, once this one has run
+    /// enough images.
     pub fn record(&self, cap: usize, images: usize, spent: Duration) {
         let mut trials = self.trials.lock().unwrap_or_else(|e| e.into_inner());
         let Some(i) = trials.trying else {

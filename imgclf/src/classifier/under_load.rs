@@ -103,7 +103,7 @@ impl UnderLoad {
             }
             return;
         };
-        // A batch taken before the trial began.
+        // A batch taken under another turn's cap.
         if self.caps[i] != cap {
             return;
         }
@@ -128,9 +128,9 @@ impl UnderLoad {
             self.cap.store(self.caps[next], Ordering::Relaxed);
             return;
         }
-        let per_image = trials.cheapest.clone();
-        let best = per_image.iter().copied().fold(f64::INFINITY, f64::min);
-        let chosen = self.caps[per_image
+        let cheapest = trials.cheapest.clone();
+        let best = cheapest.iter().copied().fold(f64::INFINITY, f64::min);
+        let chosen = self.caps[cheapest
             .iter()
             .position(|&t| t <= best * (1.0 + MARGIN))
             .unwrap_or(0)];
@@ -140,7 +140,7 @@ impl UnderLoad {
         let ms: Vec<String> = self
             .caps
             .iter()
-            .zip(&per_image)
+            .zip(&cheapest)
             .map(|(cap, t)| format!("{cap}: {:.2}", t * 1e3))
             .collect();
         let ms = ms.join(", ");

@@ -247,7 +247,10 @@ mod tests {
         let under_load = UnderLoad::new(2).unwrap();
         under_load.record(2, 2 * TRIAL_IMAGES, Duration::from_secs(1));
         assert_eq!(under_load.cap(), 1, "still the first trial");
-        // An odd start-up choice is tried too.
+    }
+
+    #[test]
+    fn the_caps_are_powers_of_two_up_to_the_start_up_choice_and_it() {
         assert_eq!(UnderLoad::new(6).unwrap().caps, [1, 2, 4, 6]);
         assert!(UnderLoad::new(1).is_none(), "nothing to try");
     }

@@ -250,7 +250,7 @@ mod tests {
     }
 
     #[test]
-    fn the_caps_are_powers_of_two_up_to_the_start_up_choice_and_it() {
+    fn the_caps_are_powers_of_two_up_to_the_start_up_choice() {
         assert_eq!(UnderLoad::new(6).unwrap().caps, [1, 2, 4, 6]);
         assert!(UnderLoad::new(1).is_none(), "nothing to try");
     }

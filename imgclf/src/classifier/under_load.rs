@@ -8,7 +8,7 @@
 //! of the Zen 3 class 3–7% slower. So, when the cap is left to the service, the instances try
 //! every cap from one up to the start-up choice (never more: ONNX Runtime keeps the buffers of
 //! the largest batch it ran) in turns, [`TRIAL_IMAGES`] images at a time, [`PASSES`] times
-//! over, and keep the smallest whose CPU time per image in its cheapest pass was within 1% of
+//! over, and keep the largest whose CPU time per image in its cheapest pass was within 1% of
 //! the best, for [`HOLD_IMAGES`] images, then try again: what the model, the photos and the
 //! machine's other work make best now. Taking turns, as the start-up tuning does, lets a drift
 //! of the machine's speed touch every cap alike. A cap only binds when images wait, so only
@@ -16,7 +16,12 @@
 //!
 //! The cost of a batch is the CPU time its instance's thread spent running the model and
 //! answering, per image: the model's input has one size whatever the photo, so it is steady
-//! from batch to batch, where the photos' decoding is not.
+//! from batch to batch, where the photos' decoding is not. A near tie goes to the larger cap,
+//! unlike at start: the work a batch causes on other threads (waking its waiters, writing its
+//! records) is shared by its images but not in this figure, and the trials have already made
+//! the runtime hold the largest cap's buffers. ResNet18 under 16 clients on two cores of an
+//! AMD EPYC (Zen 4 class) ran 2.2% faster at a cap of 4 than of 2 (three alternating rounds),
+//! where the figure put them 0.5% apart.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -132,7 +137,7 @@ impl UnderLoad {
         let best = cheapest.iter().copied().fold(f64::INFINITY, f64::min);
         let chosen = self.caps[cheapest
             .iter()
-            .position(|&t| t <= best * (1.0 + MARGIN))
+            .rposition(|&t| t <= best * (1.0 + MARGIN))
             .unwrap_or(0)];
         trials.trying = None;
         self.cap.store(chosen, Ordering::Relaxed);
@@ -218,15 +223,16 @@ mod tests {
     }
 
     #[test]
-    fn keeps_the_smallest_cap_within_the_margin_of_the_best() {
+    fn keeps_the_largest_cap_within_the_margin_of_the_best() {
         let under_load = UnderLoad::new(8).unwrap();
         assert_eq!(under_load.caps, [1, 2, 4, 8]);
         run(&under_load, 4 * TRIAL_IMAGES * PASSES, |cap| match cap {
             1 => 7.0,
-            2 => 6.05,
-            _ => 6.0,
+            2 => 6.0,
+            4 => 6.05,
+            _ => 6.2,
         });
-        assert_eq!(under_load.cap(), 2);
+        assert_eq!(under_load.cap(), 4, "within 1% of two, and larger");
     }
 
     #[test]

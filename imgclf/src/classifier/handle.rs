@@ -12,7 +12,7 @@ use prometheus::Histogram;
 
 use tokio::sync::oneshot;
 
-use super::under_load::{thread_cpu_time, UnderLoad};
+use super::under_load::{thread_cpu_time, UnderLoad, LEAST_LARGEST};
 use super::{Classifier, ClassifyError};
 use crate::affinity::OnFirstCore;
 use crate::model::ModelSpec;
@@ -208,13 +208,18 @@ impl ClassifierHandle {
     /// than one core's.
     ///
     /// With `cap_under_load`, batches are capped at what runs cheapest while the service is
-    /// busy, up to `max_batch` (see [`super::under_load`]).
+    /// busy, up to `max_batch` or [`LEAST_LARGEST`], whichever is larger (see
+    /// [`super::under_load`]).
     pub fn spawn_preprocessing(
         classifiers: Vec<Box<dyn Classifier>>,
         max_batch: usize,
         wide: Option<Box<dyn Classifier>>,
         cap_under_load: bool,
     ) -> Self {
+        let max_batch = match cap_under_load {
+            true => max_batch.max(LEAST_LARGEST),
+            false => max_batch,
+        };
         let under_load = cap_under_load.then(|| UnderLoad::new(max_batch)).flatten();
         Self::start(
             classifiers,
@@ -988,8 +993,8 @@ mod tests {
         assert_eq!(handle.instances(), 1);
     }
 
-    /// A model whose CPU time per image depends on the batch's size: least at two.
-    struct Costly(ModelSpec);
+    /// A model whose CPU time per image depends on the batch's size: least at the size given.
+    struct Costly(ModelSpec, usize);
 
     impl Classifier for Costly {
         fn spec(&self) -> &ModelSpec {
@@ -997,10 +1002,7 @@ mod tests {
         }
 
         fn classify(&mut self, _: &[f32], n: usize) -> Result<Vec<Vec<f32>>, ClassifyError> {
-            let per_image = Duration::from_micros(match n {
-                2 => 100,
-                _ => 200,
-            });
+            let per_image = Duration::from_micros(if n == self.1 { 100 } else { 200 });
             let start = thread_cpu_time().expect("a thread's CPU time");
             while thread_cpu_time().unwrap() - start < per_image * n as u32 {
                 std::hint::spin_loop();
@@ -1011,7 +1013,7 @@ mod tests {
 
     #[tokio::test]
     async fn under_load_the_batch_cap_becomes_the_cheapest_per_image() {
-        let costly = || Box::new(Costly(spec())) as Box<dyn Classifier>;
+        let costly = || Box::new(Costly(spec(), 2)) as Box<dyn Classifier>;
         let handle = ClassifierHandle::spawn_preprocessing(vec![costly(), costly()], 4, None, true);
         until_ready(&handle).await;
         assert_eq!(handle.pool.cap(), 1, "the first trial");
@@ -1022,8 +1024,23 @@ mod tests {
         assert_eq!(handle.pool.cap(), 2);
         assert_eq!(handle.max_batch(), 4, "the start-up choice stays the limit");
         // Where the cap is set, it stays.
-        let fixed = ClassifierHandle::spawn_preprocessing(vec![costly()], 4, None, false);
+        let fixed = ClassifierHandle::spawn_preprocessing(vec![costly()], 2, None, false);
         load(&fixed, TRIAL_IMAGES * 4).await;
-        assert_eq!(fixed.pool.cap(), 4);
+        assert_eq!(fixed.pool.cap(), 2);
+        assert_eq!(fixed.max_batch(), 2);
+    }
+
+    #[tokio::test]
+    async fn under_load_caps_above_a_smaller_start_up_choice_are_tried_too() {
+        // Four is cheapest per image, above the two the start chose.
+        let cheaper = || Box::new(Costly(spec(), 4)) as Box<dyn Classifier>;
+        let handle =
+            ClassifierHandle::spawn_preprocessing(vec![cheaper(), cheaper()], 2, None, true);
+        until_ready(&handle).await;
+        assert_eq!(handle.max_batch(), LEAST_LARGEST);
+        for _ in 0..4 {
+            load(&handle, TRIAL_IMAGES * PASSES * 2).await;
+        }
+        assert_eq!(handle.pool.cap(), 4);
     }
 }

@@ -230,9 +230,10 @@ pub fn spawn(
     let mut timed: Vec<&mut dyn Classifier> = classifiers.iter_mut().map(|c| &mut **c).collect();
     let choice = tuning::choose(&mut timed, instances, max_batch, preprocess)?;
     // ONNX Runtime keeps the buffers of the largest batch a session ran: the instances timed
-    // on every batch size are built again, so that they hold only what the chosen size needs
-    // (ResNet18 at batch 8 against 1: tens of MiB). Dropped first: instances of a model share
-    // a session on the CPU, and theirs must be new.
+    // on every batch size are built again, so that they hold only what the sizes they will run
+    // need (the chosen one, and up to 4 under load; ResNet18 at batch 8 against 1: tens of
+    // MiB). Dropped first: instances of a model share a session on the CPU, and theirs must be
+    // new.
     let largest_timed = tuning::BATCHES[tuning::BATCHES.len() - 1];
     if name == "ort" && max_batch.is_none() && choice.max_batch < largest_timed {
         let count = classifiers.len();

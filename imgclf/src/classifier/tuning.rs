@@ -21,8 +21,8 @@
 //! stages for the images it takes, so the cores split between them exactly as each image
 //! needs, whatever the model, the CPU or the photos, and the split needs no re-checking while
 //! running. This is the arrangement `cores / (t_pre + t_inf)` describes. The batch size chosen
-//! here is then a limit: under load the instances try every cap up to it, one included, and
-//! keep what runs cheapest (see [`super::under_load`]).
+//! here is then a limit, or 4 where it is smaller: under load the instances try every cap up
+//! to it, one included, and keep what runs cheapest (see [`super::under_load`]).
 //!
 //! With an accelerator (or fewer instances than cores, as set), preprocessing runs on the
 //! worker's threads beside the instances, and the instance count is the cores' share that

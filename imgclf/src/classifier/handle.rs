@@ -216,9 +216,10 @@ impl ClassifierHandle {
         wide: Option<Box<dyn Classifier>>,
         cap_under_load: bool,
     ) -> Self {
-        let max_batch = match cap_under_load {
-            true => max_batch.max(LEAST_LARGEST),
-            false => max_batch,
+        let max_batch = if cap_under_load {
+            max_batch.max(LEAST_LARGEST)
+        } else {
+            max_batch
         };
         let under_load = cap_under_load.then(|| UnderLoad::new(max_batch)).flatten();
         Self::start(

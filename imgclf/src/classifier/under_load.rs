@@ -49,7 +49,7 @@ pub const HOLD_IMAGES: usize = 20_000;
 
 /// The cap the instances take batches up to, and its trials.
 pub struct UnderLoad {
-    /// Powers of two up to the start-up choice, and the choice itself.
+    /// Powers of two below `largest`, and `largest` itself.
     caps: Vec<usize>,
     cap: AtomicUsize,
     trials: Mutex<Trials>,
@@ -71,8 +71,8 @@ struct Trials {
 }
 
 impl UnderLoad {
-    /// Trials of every cap up to `largest` (the start-up choice), the smallest first; `None`
-    /// where a thread's CPU time cannot be read, or `largest` is one.
+    /// Trials of every cap up to `largest` (the start-up choice, or [`LEAST_LARGEST`]), the
+    /// smallest first; `None` where a thread's CPU time cannot be read, or `largest` is one.
     pub fn new(largest: usize) -> Option<Self> {
         thread_cpu_time()?;
         let mut caps: Vec<usize> = (0..usize::BITS)

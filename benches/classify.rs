@@ -1,4 +1,5 @@
-//! Classification per model and batch size, and the in-memory pipeline's throughput.
+//! Classification per model and batch size, the answer from the logits, and the in-memory
+//! pipeline's throughput.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -88,5 +89,18 @@ fn pipeline(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, classify, pipeline);
+/// A model's 1,000 logits to the answer (softmax and the 5 most probable), once per image.
+fn answer(c: &mut Criterion) {
+    let spec = ModelSpec::load(default_model_dir()).unwrap();
+    let logits: Vec<f32> = (0..spec.labels.len() as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 8) as f32 * 1e-6)
+        .collect();
+    c.bench_function("answer/top-5-of-1000", |b| {
+        b.iter(|| spec.top_k(std::hint::black_box(&logits), 5))
+    });
+}
+
+// The answer first: tract's kernels leave the vector registers' upper halves in use, and after
+// them the same thread's SSE code (this) runs many times slower.
+criterion_group!(benches, answer, classify, pipeline);
 criterion_main!(benches);

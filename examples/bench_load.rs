@@ -10,7 +10,7 @@
 //! of a photo alone, also as the client sees it (`seen_p50_ms`: from sending the upload to
 //! having the result). With more, clients upload back to back, then each waits for its own
 //! results, oldest first, all clients at once: one loop fetching every result in turn finished
-//! hundreds of fetches after the last result (90–170 ms of a 3.5 s run on EfficientNet-Lite0).
+//! hundreds of fetches after the last result (48–174 ms of a 3.5 s run on EfficientNet-Lite0).
 //! `records_images_per_s` is the throughput that the records' own timestamps give, from the
 //! first acceptance to the last result: the service's, without this program's polling.
 //! `IMGCLF_BENCH_LOAD_THREADS` (2) sets this program's threads, for machines of many cores.

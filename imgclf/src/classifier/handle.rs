@@ -209,19 +209,22 @@ impl ClassifierHandle {
     ///
     /// With `cap_under_load`, batches are capped at what runs cheapest while the service is
     /// busy, up to `max_batch` or [`LEAST_LARGEST`], whichever is larger (see
-    /// [`super::under_load`]).
+    /// [`super::under_load`]), where a thread's CPU time can be read.
     pub fn spawn_preprocessing(
         classifiers: Vec<Box<dyn Classifier>>,
         max_batch: usize,
         wide: Option<Box<dyn Classifier>>,
         cap_under_load: bool,
     ) -> Self {
-        let max_batch = if cap_under_load {
+        let under_load = cap_under_load
+            .then(|| UnderLoad::new(max_batch.max(LEAST_LARGEST)))
+            .flatten();
+        // Without trials (no thread CPU time to read) the start-up choice stays the limit.
+        let max_batch = if under_load.is_some() {
             max_batch.max(LEAST_LARGEST)
         } else {
             max_batch
         };
-        let under_load = cap_under_load.then(|| UnderLoad::new(max_batch)).flatten();
         Self::start(
             classifiers,
             max_batch,

@@ -7,13 +7,15 @@ Measures the bound of a pipeline on this machine and how close imgclf comes to i
 
 t_pre is imgclf's own decode + preprocess time per photo (mean over the benchmark photos), t_inf
 raw onnxruntime's (Python) single-threaded time per image at its best batch size, both measured
-here in this run. For each model it then runs the embedded `imgclf-http` and the distributed
-deployment (imgclf-http + imgclf-worker over RabbitMQ, PostgreSQL and a compiled S3 server) under
-16 clients with no tuning flag set but the backend, one client for latency, and compares
-preprocessing with Pillow (the reference transform) on the 1-4 megapixel photos, and measures
-each result store alone (examples/bench_results). Prints every
-ratio against its target and, for the distributed runs, the ceiling that the servers' own CPU on
-these cores sets; writes docs/bench-results.json and docs/throughput.png.
+here in this run. For each model it then runs the model's instances alone as the service starts
+them (examples/bench_instances: photos from memory, no HTTP, images or records: what the
+embedded service could reach if its own work cost nothing), the embedded `imgclf-http` and the
+distributed deployment (imgclf-http + imgclf-worker over RabbitMQ, PostgreSQL and a compiled S3
+server) under 16 clients with no tuning flag set but the backend, one client for latency, and
+compares preprocessing with Pillow (the reference transform) on the 1-4 megapixel photos, and
+measures each result store alone (examples/bench_results). Prints every ratio against its
+target and, for the distributed runs, the ceiling that the servers' own CPU on these cores sets;
+writes docs/bench-results.json and docs/throughput.png.
 
     scripts/bench.sh        # builds the release binaries, starts the services, runs this
 """
@@ -126,6 +128,20 @@ def imgclf_classifier(binary, backend, model_dir, photo_dir, batch, seconds, thr
     r = json.loads(out)
     return {"images_per_s": r["images_per_s"], "p50_ms": r["batch_p50_ms"], "p95_ms": r["batch_p95_ms"],
             "rss_mib": r["peak_rss_mib"], "preprocess_ms_by_photo": r["preprocess_ms_by_photo"]}
+
+
+def instances_alone(binary, model_dir, images, photos, repeat):
+    """The model's instances as the embedded service starts them, fed photos from memory with
+    nothing else running (examples/bench_instances): the median of `repeat` runs."""
+    env = dict(os.environ, IMGCLF_CLASSIFIER="ort", IMGCLF_MODEL=model_dir, RUST_LOG="warn")
+    for name in ("IMGCLF_INFERENCE_THREADS", "IMGCLF_MAX_BATCH"):
+        env.pop(name, None)
+    runs = sorted((json.loads(subprocess.run([binary, str(images), *photos], env=env, stdout=subprocess.PIPE,
+                                             check=True).stdout) for _ in range(repeat)),
+                  key=lambda r: r["images_per_s"])
+    r = runs[len(runs) // 2]
+    r["runs_images_per_s"] = [round(x["images_per_s"], 1) for x in runs]
+    return r
 
 
 def pillow_preprocess_ms(photos, rounds=7):
@@ -352,6 +368,7 @@ def main():
     bins = {"http": os.path.join(a.bin_dir, "imgclf-http"), "worker": os.path.join(a.bin_dir, "imgclf-worker"),
             "classifier": os.path.join(a.bin_dir, "examples", "bench_classifier"),
             "load": os.path.join(a.bin_dir, "examples", "bench_load"),
+            "instances": os.path.join(a.bin_dir, "examples", "bench_instances"),
             "results": os.path.join(a.bin_dir, "examples", "bench_results")}
     batches = [int(b) for b in a.batches.split(",")]
     cores = os.cpu_count()
@@ -400,6 +417,12 @@ def main():
         m["raw_on_every_core"] = {"images_per_s": at_once, "scaling": at_once / (cores * raw[best]["images_per_s"])}
         print(f"  raw onnxruntime on all {cores} cores at once (a process each, batch {best}): {at_once:.1f} img/s = "
               f"{m['raw_on_every_core']['scaling']:.2f} of {cores} x one alone (the bound assumes 1.00)", flush=True)
+        alone = instances_alone(bins["instances"], model_dir, a.tasks, photos, a.repeat)
+        alone["ratio_to_bound"] = alone["images_per_s"] / bound
+        m["instances_alone"] = alone
+        print(f"  the instances alone, tuned as in the service (no HTTP, images or records): {alone['images_per_s']:.1f} img/s = "
+              f"{alone['ratio_to_bound']:.2f} of the bound (runs {alone['runs_images_per_s']}), "
+              f"{alone['cpu_ms_per_image']:.2f} ms of CPU per image", flush=True)
         for row in m["classifier"]:
             verdict(f"{model}: ort classifier / raw onnxruntime, batch {row['batch']}",
                     row["ort"]["images_per_s"] / row["raw"]["images_per_s"], TARGETS["ort_vs_raw"])

@@ -13,5 +13,6 @@ python3 -m pip install --quiet --disable-pip-version-check numpy pillow onnxrunt
 # The distributed pipeline also runs over the compiled S3 server services.sh started.
 export IMGCLF_BENCH_S3S="$IMGCLF_TEST_S3_SECOND"
 cargo build --release --workspace --bins >&2
-cargo build --release --example bench_classifier --example bench_load --example bench_results >&2
+cargo build --release --example bench_classifier --example bench_instances --example bench_load \
+    --example bench_results >&2
 exec python3 scripts/bench.py --bin-dir "$(realpath "${CARGO_TARGET_DIR:-target}")/release" "$@"

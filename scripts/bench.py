@@ -537,7 +537,7 @@ def plot(results):
         for bar, k in zip(bars, names):
             ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{m[k]['ratio_to_bound']:.2f}", ha="center", va="bottom")
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels([n.replace(" (", "\n(").replace(", ", ",\n") for n in names], fontsize=7)
+        ax.set_xticklabels([n.replace("_", " ").replace(" (", "\n(").replace(", ", ",\n") for n in names], fontsize=7)
         ax.set_ylabel("images/s")
         ax.set_title(model)
         ax.legend(fontsize=8)

@@ -8,13 +8,15 @@
 //!
 //! The bound counts decoding and inference at the speed each has alone, run over and over. An
 //! instance runs them in turns on one core, where each finds the core's caches holding the
-//! other's data: on an Intel Xeon (model 167), EfficientNet-Lite0's inference took 7.3 ms per
-//! image in a row and 7.9–8.3 right after a decode, the decode 2.8 and 3.2–3.4.
+//! other's data: on an Intel Xeon (model 167), EfficientNet-Lite0's inference took 7.3–7.5 ms
+//! per image in a long row and 7.7–8.3 right after a decode, the decode 2.8 and 3.2–3.4.
 //!
 //! cargo run --release --example bench_instances -- IMAGES PHOTO...
 //!
-//! `IMGCLF_CLASSIFIER`, `IMGCLF_MODEL`, `IMGCLF_ORT_LIB` and the other settings of the model are
-//! read as the service reads them.
+//! The model's settings are read from the service's variables (`IMGCLF_CLASSIFIER`,
+//! `IMGCLF_MODEL`, `IMGCLF_ORT_LIB`, `IMGCLF_ORT_PROVIDERS`, `IMGCLF_INTRA_THREADS`,
+//! `IMGCLF_INFERENCE_THREADS`, `IMGCLF_MAX_BATCH`, `IMGCLF_MAX_PIXELS`); unset, they take the
+//! service's defaults.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -44,7 +46,7 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let settings = settings_from_env();
+    let settings = settings_from_env()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -95,19 +97,32 @@ async fn feed(
     Ok(())
 }
 
-/// The model's settings from the service's variables, their defaults elsewhere.
-fn settings_from_env() -> Settings {
-    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-    let number = |name: &str| var(name).and_then(|v| v.to_str()?.parse().ok());
-    let defaults = Settings::default();
-    Settings {
-        classifier: var("IMGCLF_CLASSIFIER")
-            .and_then(|v| v.into_string().ok())
-            .unwrap_or(defaults.classifier.clone()),
-        model: var("IMGCLF_MODEL").map(Into::into),
-        ort_lib: var("IMGCLF_ORT_LIB").map(Into::into),
-        inference_threads: number("IMGCLF_INFERENCE_THREADS"),
-        max_batch: number("IMGCLF_MAX_BATCH"),
-        ..defaults
+/// The model's settings from the service's variables, their defaults where unset; a value that
+/// does not parse is an error.
+fn settings_from_env() -> anyhow::Result<Settings> {
+    fn parsed<T>(name: &str) -> anyhow::Result<Option<T>>
+    where
+        T: std::str::FromStr,
+        T::Err: std::fmt::Display,
+    {
+        match std::env::var(name) {
+            Ok(value) if !value.is_empty() => value
+                .parse()
+                .map(Some)
+                .map_err(|e| anyhow::anyhow!("{name}={value}: {e}")),
+            _ => Ok(None),
+        }
     }
+    let defaults = Settings::default();
+    Ok(Settings {
+        classifier: parsed("IMGCLF_CLASSIFIER")?.unwrap_or(defaults.classifier.clone()),
+        model: parsed("IMGCLF_MODEL")?,
+        ort_lib: parsed("IMGCLF_ORT_LIB")?,
+        ort_providers: parsed("IMGCLF_ORT_PROVIDERS")?.unwrap_or(defaults.ort_providers.clone()),
+        intra_threads: parsed("IMGCLF_INTRA_THREADS")?.unwrap_or(defaults.intra_threads),
+        inference_threads: parsed("IMGCLF_INFERENCE_THREADS")?,
+        max_batch: parsed("IMGCLF_MAX_BATCH")?,
+        max_pixels: parsed("IMGCLF_MAX_PIXELS")?.unwrap_or(defaults.max_pixels),
+        ..defaults
+    })
 }

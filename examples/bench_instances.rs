@@ -13,19 +13,32 @@
 //!
 //! cargo run --release --example bench_instances -- IMAGES PHOTO...
 //!
-//! The model's settings are read from the service's variables (`IMGCLF_CLASSIFIER`,
-//! `IMGCLF_MODEL`, `IMGCLF_ORT_LIB`, `IMGCLF_ORT_PROVIDERS`, `IMGCLF_INTRA_THREADS`,
-//! `IMGCLF_INFERENCE_THREADS`, `IMGCLF_MAX_BATCH`, `IMGCLF_MAX_PIXELS`); unset, they take the
-//! service's defaults.
+//! The settings are the service's own (`Settings`): its flags and `IMGCLF_*` variables, read
+//! and checked as the service reads them (`--help` lists them).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context};
+use std::path::PathBuf;
+
+use anyhow::Context;
 use bytes::Bytes;
+use clap::Parser;
 use imgclf::classifier::{ClassifierHandle, Queued};
 use imgclf::Settings;
 use serde_json::json;
+
+#[derive(Parser)]
+#[command(about = "The model's instances alone, as the embedded service runs them")]
+struct Args {
+    /// Photos to classify, after a warm-up round of twice the photos given.
+    images: usize,
+    /// The photos, taken in turn.
+    #[arg(required = true)]
+    photos: Vec<PathBuf>,
+    #[command(flatten)]
+    settings: Settings,
+}
 
 /// Photos waiting for the instances at any time: as under the benchmark's 16 clients, more than
 /// the largest batch.
@@ -33,12 +46,18 @@ const IN_FLIGHT: usize = 32;
 
 fn main() -> anyhow::Result<()> {
     imgclf::tune_malloc();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    ensure!(args.len() >= 2, "usage: bench_instances IMAGES PHOTO...");
-    let images: usize = args[0].parse()?;
-    let photos: Vec<Bytes> = args[1..]
+    let Args {
+        images,
+        photos,
+        settings,
+    } = Args::parse();
+    let photos: Vec<Bytes> = photos
         .iter()
-        .map(|path| std::fs::read(path).map(Bytes::from).context(path.clone()))
+        .map(|path| {
+            std::fs::read(path)
+                .map(Bytes::from)
+                .context(path.display().to_string())
+        })
         .collect::<Result<_, _>>()?;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -46,7 +65,6 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let settings = settings_from_env()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -95,34 +113,4 @@ async fn feed(
         queued.answer().await?;
     }
     Ok(())
-}
-
-/// The model's settings from the service's variables, their defaults where unset; a value that
-/// does not parse is an error.
-fn settings_from_env() -> anyhow::Result<Settings> {
-    fn parsed<T>(name: &str) -> anyhow::Result<Option<T>>
-    where
-        T: std::str::FromStr,
-        T::Err: std::fmt::Display,
-    {
-        match std::env::var(name) {
-            Ok(value) if !value.is_empty() => value
-                .parse()
-                .map(Some)
-                .map_err(|e| anyhow::anyhow!("{name}={value}: {e}")),
-            _ => Ok(None),
-        }
-    }
-    let defaults = Settings::default();
-    Ok(Settings {
-        classifier: parsed("IMGCLF_CLASSIFIER")?.unwrap_or(defaults.classifier.clone()),
-        model: parsed("IMGCLF_MODEL")?,
-        ort_lib: parsed("IMGCLF_ORT_LIB")?,
-        ort_providers: parsed("IMGCLF_ORT_PROVIDERS")?.unwrap_or(defaults.ort_providers.clone()),
-        intra_threads: parsed("IMGCLF_INTRA_THREADS")?.unwrap_or(defaults.intra_threads),
-        inference_threads: parsed("IMGCLF_INFERENCE_THREADS")?,
-        max_batch: parsed("IMGCLF_MAX_BATCH")?,
-        max_pixels: parsed("IMGCLF_MAX_PIXELS")?.unwrap_or(defaults.max_pixels),
-        ..defaults
-    })
 }

@@ -16,8 +16,10 @@
 //! took 3% of all samples. On an AMD EPYC (Zen 3 class, 2 cores) no gain showed: the normal
 //! policy was ahead in 20 of 32 alternating pairs, by −1% to +10% from one sitting to the next,
 //! within that host's noise. On one of the Zen 4 class the policy gained a little again: 142.9
-//! against 141.2 images/s (eight rounds, ahead in six). `IMGCLF_BATCH_SCHEDULING=false` turns
-//! the policy off. Off Linux nothing changes.
+//! against 141.2 images/s (eight rounds, ahead in six). On one of the Zen 5 class it made no
+//! difference: the normal policy gave 173.6 against 172.7 (ten rounds, ahead in six, 153.8 to
+//! 192.8 from one round to the next). `IMGCLF_BATCH_SCHEDULING=false` turns the policy off. Off
+//! Linux nothing changes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -70,12 +70,7 @@ fn main() -> anyhow::Result<()> {
     let seconds: f64 = args[3].parse()?;
     let threads: usize = args.get(4).map_or(Ok(1), |t| t.parse())?;
     let spec = ModelSpec::load(model)?;
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    imgclf::logs::init(imgclf::logs::LogFormat::Text);
     let providers: classifier::Providers = std::env::var("IMGCLF_ORT_PROVIDERS")
         .unwrap_or_default()
         .parse()?;

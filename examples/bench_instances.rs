@@ -17,9 +17,8 @@
 //! and checked as the service reads them (`--help` lists them).
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
-
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -59,12 +58,7 @@ fn main() -> anyhow::Result<()> {
                 .context(path.display().to_string())
         })
         .collect::<Result<_, _>>()?;
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    imgclf::logs::init(imgclf::logs::LogFormat::Text);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

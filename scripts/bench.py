@@ -136,9 +136,13 @@ def instances_alone(binary, model_dir, images, photos, repeat):
     env = dict(os.environ, IMGCLF_CLASSIFIER="ort", IMGCLF_MODEL=model_dir, RUST_LOG="warn")
     for name in ("IMGCLF_INFERENCE_THREADS", "IMGCLF_MAX_BATCH"):
         env.pop(name, None)
-    runs = sorted((json.loads(subprocess.run([binary, str(images), *photos], env=env, stdout=subprocess.PIPE,
-                                             check=True).stdout) for _ in range(repeat)),
-                  key=lambda r: r["images_per_s"])
+    return median_run(json.loads(subprocess.run([binary, str(images), *photos], env=env, stdout=subprocess.PIPE,
+                                                check=True).stdout) for _ in range(repeat))
+
+
+def median_run(runs):
+    """The run of median throughput, with every run's throughput beside it."""
+    runs = sorted(runs, key=lambda r: r["images_per_s"])
     r = runs[len(runs) // 2]
     r["runs_images_per_s"] = [round(x["images_per_s"], 1) for x in runs]
     return r
@@ -428,10 +432,8 @@ def main():
                     row["ort"]["images_per_s"] / row["raw"]["images_per_s"], TARGETS["ort_vs_raw"])
 
         def run(name, env, workers, tasks, clients):
-            runs = sorted((pipeline(bins, dict(env, IMGCLF_MODEL=model_dir), workers, tasks, clients, photos)
-                           for _ in range(a.repeat if clients > 1 else 1)), key=lambda r: r["images_per_s"])
-            r = runs[len(runs) // 2]
-            r["runs_images_per_s"] = [round(x["images_per_s"], 1) for x in runs]
+            r = median_run(pipeline(bins, dict(env, IMGCLF_MODEL=model_dir), workers, tasks, clients, photos)
+                           for _ in range(a.repeat if clients > 1 else 1))
             r["ratio_to_bound"] = r["images_per_s"] / bound
             m[name] = r
             print(f"  {name:38s} {r['images_per_s']:6.1f} img/s = {r['ratio_to_bound']:.2f} of the bound "
